@@ -1,0 +1,48 @@
+"""Load a PyTorch state_dict of this architecture, with a precise error for anything that does not fit."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from export.model import BreakHisNet, build_model
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded into BreakHisNet; the message names the file and every mismatch."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_checkpoint(path: Path) -> BreakHisNet:
+    """A state_dict saved with ``torch.save(model.state_dict())`` (or a dict holding one under 'state_dict')."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for corrupt or foreign files
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors)")
+    model = build_model()
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = ([f"missing keys: {', '.join(missing)}"] if missing else []) + \
+               ([f"unexpected keys: {', '.join(unexpected)}"] if unexpected else []) + \
+               ([f"shape mismatches: {'; '.join(shapes)}"] if shapes else [])
+    if problems:
+        raise CheckpointError(f"{path}: does not match the VGG16-BiLSTM architecture:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -1,0 +1,68 @@
+"""ONNX Runtime backend (CPU, or the CUDA execution provider where onnxruntime-gpu and a GPU are present)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.manifest import Contract, Manifest, ModelError
+
+
+def providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def cuda_available() -> bool:
+    return "CUDAExecutionProvider" in providers()
+
+
+def check_model_against_manifest(sess: ort.InferenceSession, manifest: Manifest, path: Path) -> None:
+    """Refuse an ONNX file whose inputs, outputs or embedded contract do not fit the manifest beside it."""
+    c = manifest.contract
+    inputs = {i.name: i for i in sess.get_inputs()}
+    if manifest.input_name not in inputs:
+        raise ModelError(f"{path}: has inputs {sorted(inputs)}, but the manifest says {manifest.input_name!r}")
+    want = [c.seq_len, 3, c.patch, c.patch]
+    got = inputs[manifest.input_name].shape
+    if len(got) != 5 or list(got[1:]) != want:
+        raise ModelError(f"{path}: input {manifest.input_name} has shape {got}, but the manifest's contract needs "
+                         f"[batch, {', '.join(map(str, want))}] ({c.grid[0]}x{c.grid[1]} patches of {c.patch} px)")
+    outputs = [o.name for o in sess.get_outputs()]
+    if "probability" not in outputs:
+        raise ModelError(f"{path}: has no 'probability' output (outputs: {outputs})")
+    meta = sess.get_modelmeta().custom_metadata_map
+    if "contract" in meta and Contract.from_dict(json.loads(meta["contract"])) != c:
+        raise ModelError(f"{path}: the contract stored in the ONNX file differs from {manifest.name}'s manifest.json "
+                         "(the two files come from different exports)")
+
+
+class OrtBackend:
+    def __init__(self, model_dir: Path, manifest: Manifest, cuda: bool = False, threads: int | None = None,
+                 max_batch: int = 8) -> None:
+        fname = "model.fp16.onnx" if cuda and (Path(model_dir) / "model.fp16.onnx").is_file() else "model.onnx"
+        path = Path(model_dir) / fname
+        if not path.is_file():
+            raise ModelError(f"{path}: model file not found")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        provs = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=provs)
+        except Exception as e:  # ORT reports corrupt/foreign files with its own exception types
+            raise ModelError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
+        check_model_against_manifest(self.session, manifest, path)
+        self.input_name = manifest.input_name
+        self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
+        self.model_file = fname
+        self.max_batch = max_batch
+
+    def run(self, fields: np.ndarray) -> np.ndarray:
+        (prob,) = self.session.run(["probability"], {self.input_name: fields})
+        return np.asarray(prob, np.float32).reshape(-1)
+
+    def close(self) -> None:
+        del self.session

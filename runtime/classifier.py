@@ -1,0 +1,172 @@
+"""``Classifier(model_dir).classify(images)``: decode, tile, preprocess, batch fields across images, infer, report.
+
+Image verdict (screening rule): every field is classified; the image's probability is the highest field
+probability, so one malignant field makes the image Malignant.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.backends import Backend, open_backend
+from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, read_image, to_bgr8
+from runtime.manifest import Manifest
+from runtime.preprocess import preprocess_fields
+from runtime.tiling import FieldPlan, TilingError, plan_fields
+
+UNTRAINED_WARNING = "UNTRAINED reference weights: this verdict is NOT a diagnosis (demo/test model)."
+
+
+@dataclass
+class FieldResult:
+    row: int  # field position in the image's field grid
+    col: int
+    y: int  # top-left pixel of the field
+    x: int
+    height: int
+    width: int
+    patches: int
+    probability: float
+    label: str
+
+
+@dataclass
+class Result:
+    path: str
+    label: str | None = None
+    probability: float | None = None
+    fields: list[FieldResult] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    size: tuple[int, int] | None = None  # (width, height)
+    conversions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Pending:
+    result: Result
+    plan: FieldPlan
+    fields: np.ndarray  # (F, T, 3, P, P) float32
+    probs: list[np.ndarray] = field(default_factory=list)
+    done: int = 0  # fields inferred so far
+    t_infer: float = 0.0
+
+
+class Classifier:
+    """One model, one backend, chosen once. ``backend``: "auto", "cpu" or "onnxruntime-cuda"."""
+
+    def __init__(self, model_dir: Path | str = "models/reference", backend: str = "auto", batch_size: int = 8,
+                 threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.model_dir = Path(model_dir)
+        self.manifest = Manifest.load(self.model_dir)
+        self.contract = self.manifest.contract
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.backend: Backend = open_backend(backend, self.model_dir, self.manifest, threads, batch_size)
+        self.model_info = self.manifest.model_info() | {"backend": self.backend.name}
+        if not self.manifest.provenance.trained:
+            self.model_info["warning"] = UNTRAINED_WARNING
+
+    def classify(self, images: Iterable[str | Path | np.ndarray] | str | Path | np.ndarray) -> list[Result]:
+        """Classify images (paths or BGR uint8 arrays); one Result each, in order. Failures are Result.error."""
+        if isinstance(images, (str, Path, np.ndarray)):
+            images = [images]
+        return list(self.classify_iter(images))
+
+    def classify_iter(self, images: Iterable[str | Path | np.ndarray | tuple[str, str]]) -> Iterator[Result]:
+        """Stream results in input order while batching fields of consecutive images together.
+        An item may be ``(name, error)`` for an input that already failed upstream (e.g. a missing path)."""
+        queue: list[_Pending] = []
+        for item in images:
+            queue.append(self._prepare(item))
+            while sum(len(p.fields) - p.done for p in queue) >= self.batch_size:
+                self._infer_batch(queue)
+                yield from self._pop_finished(queue)
+            yield from self._pop_finished(queue)
+        while any(p.done < len(p.fields) for p in queue):
+            self._infer_batch(queue)
+        yield from self._pop_finished(queue)
+
+    def _prepare(self, item: str | Path | np.ndarray | tuple[str, str]) -> _Pending:
+        empty = np.empty((0,), np.float32)
+        if isinstance(item, tuple):
+            return _Pending(Result(path=item[0], error=item[1], model=self.model_info), None, empty)  # type: ignore[arg-type]
+        name = "<array>" if isinstance(item, np.ndarray) else str(item)
+        res = Result(path=name, model=self.model_info)
+        t0 = time.perf_counter()
+        try:
+            dec = to_bgr8(item, name) if isinstance(item, np.ndarray) else read_image(item, self.max_pixels)
+            t1 = time.perf_counter()
+            h, w = dec.bgr.shape[:2]
+            res.size, res.conversions = (w, h), dec.conversions
+            plan = plan_fields(h, w, self.contract)
+            fields = preprocess_fields(dec.bgr, plan, self.contract)
+        except (ImageError, TilingError) as e:
+            res.error = str(e) if isinstance(e, ImageError) else f"{name}: {e}"
+            return _Pending(res, None, empty)  # type: ignore[arg-type]
+        t2 = time.perf_counter()
+        res.timings_ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
+        return _Pending(res, plan, fields)
+
+    def _infer_batch(self, queue: list[_Pending]) -> None:
+        """Run up to batch_size pending fields (from one or several images) through the backend at once."""
+        parts, owners, n = [], [], 0
+        for p in queue:
+            take = min(len(p.fields) - p.done, self.batch_size - n)
+            if take > 0:
+                parts.append(p.fields[p.done:p.done + take])
+                owners.append((p, take))
+                n += take
+            if n == self.batch_size:
+                break
+        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        t0 = time.perf_counter()
+        probs = self.backend.run(batch)
+        dt = time.perf_counter() - t0
+        k = 0
+        for p, take in owners:
+            p.probs.append(probs[k:k + take])
+            p.done += take
+            p.t_infer += dt * take / n  # each image is charged its share of the batch
+            k += take
+
+    def _pop_finished(self, queue: list[_Pending]) -> Iterator[Result]:
+        while queue and queue[0].done >= len(queue[0].fields):
+            p = queue.pop(0)
+            if p.result.error is None:
+                self._finish(p)
+            yield p.result
+
+    def _finish(self, p: _Pending) -> None:
+        c, plan, res = self.contract, p.plan, p.result
+        probs = np.concatenate(p.probs)
+        fh, fw = c.field_size
+        cols = plan.grid[1]
+        res.fields = [FieldResult(row=i // cols, col=i % cols, y=int(y), x=int(x), height=fh, width=fw,
+                                  patches=c.seq_len, probability=float(pr), label=c.label(float(pr)))
+                      for i, ((y, x), pr) in enumerate(zip(plan.field_origins, probs))]
+        res.probability = float(probs.max())
+        res.label = c.label(res.probability)
+        res.timings_ms["inference"] = p.t_infer * 1e3
+        res.timings_ms["total"] = sum(res.timings_ms.values())
+        p.fields = p.fields[:0]  # release the preprocessed pixels as soon as the image is done
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,102 @@
+"""python -m runtime.classify: Benign / Malignant for 100X H&E images (files, folders, globs).
+
+Exit status: 0 every input classified, 1 some inputs failed (the others are still reported),
+2 usage error or unusable model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime.imageio import DEFAULT_MAX_PIXELS
+
+EPILOG = f"""examples:
+  python -m runtime.classify slide.png
+  python -m runtime.classify ../shared/data/breakhis-100x --batch-size 8
+  python -m runtime.classify 'captures/*.png' --json > results.json
+  python -m runtime.classify img.tif --model models/breakhis-v1 --backend cpu --threads 2
+
+Large images are tiled into non-overlapping fields (2x3 patches of 224 px each for the shipped contract);
+every field is classified and the image is Malignant if any field is (screening rule).
+Images above --max-pixels (default {DEFAULT_MAX_PIXELS:,}) are refused before decoding.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from runtime.backends import BACKENDS
+
+    ap = argparse.ArgumentParser(prog="python -m runtime.classify", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders of images, or glob patterns")
+    ap.add_argument("--model", type=Path, default=Path("models/reference"),
+                    help="model directory with manifest.json (default: models/reference)")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto",
+                    help="inference backend (default: auto = the fastest available here)")
+    ap.add_argument("--batch-size", type=int, default=8, help="fields per inference batch (default: 8)")
+    ap.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    ap.add_argument("--json", action="store_true", help="print a JSON list (one object per input) instead of a table")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error("--batch-size must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be at least 1")
+    return args
+
+
+def table(results: list, model_info: dict) -> str:
+    """A short, fixed-width table for people."""
+    lines = [f"model: {model_info['name']} ({model_info['backend']})"]
+    if "warning" in model_info:
+        lines.append(f"WARNING: {model_info['warning']}")
+    lines.append(f"{'image':40s} {'verdict':10s} {'p(malig)':>8s} {'fields':>6s} {'ms':>8s}")
+    for r in results:
+        name = Path(r.path).name[-40:]
+        if r.error:
+            lines.append(f"{name:40s} ERROR      {r.error}")
+        else:
+            lines.append(f"{name:40s} {r.label:10s} {r.probability:8.4f} {len(r.fields):6d} "
+                         f"{r.timings_ms['total']:8.1f}")
+            lines += [f"{'':40s}   note: {c}" for c in r.conversions]
+    n_err = sum(r.error is not None for r in results)
+    lines.append(f"{len(results) - n_err} classified, {n_err} failed")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from runtime.backends import BackendUnavailable
+    from runtime.classifier import Classifier
+    from runtime.inputs import expand_inputs
+    from runtime.manifest import ModelError
+
+    try:
+        clf = Classifier(args.model, backend=args.backend, batch_size=args.batch_size, threads=args.threads,
+                         max_pixels=args.max_pixels)
+    except (ModelError, BackendUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    items = [(p, err) if err else p for p, err in expand_inputs(args.inputs)]
+    stream = clf.classify_iter(items)
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        stream = tqdm(stream, total=len(items), unit="img", file=sys.stderr, disable=None, leave=False)
+    results = list(stream)
+    clf.close()
+    if args.json:
+        json.dump([r.to_dict() for r in results], sys.stdout, indent=2)
+        print()
+    else:
+        print(table(results, clf.model_info))
+    for r in results:
+        if r.error and args.json:
+            print(f"error: {r.error}", file=sys.stderr)
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

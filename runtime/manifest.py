@@ -1,0 +1,144 @@
+"""The preprocessing contract and provenance stored beside a model artefact.
+
+This module names the contract's fields; their *values* come from the export stage (export/model.py) and are
+read back here from ``manifest.json``, so the runtime never re-types 224, the means or the threshold.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ModelError(Exception):
+    """A model directory that cannot be used: missing or corrupt files, or a manifest that does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Contract:
+    """How an image becomes the model's input, and how its output becomes a label."""
+
+    patch: int  # square patch side, pixels
+    stride: int  # distance between patch origins, pixels
+    grid: tuple[int, int]  # (rows, cols) of patches in one field, row-major
+    channel_order: str  # "BGR" or "RGB": the order the model expects
+    mean: tuple[float, float, float]  # subtracted per channel, in channel_order
+    scale: tuple[float, float, float]  # multiplied after the subtraction (1.0 = none)
+    threshold: float  # probability > threshold -> labels[1]
+    labels: tuple[str, str]  # (negative, positive)
+
+    @property
+    def seq_len(self) -> int:
+        """Patches per field: the length of the sequence the LSTM reads."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def field_size(self) -> tuple[int, int]:
+        """(height, width) in pixels covered by one field's patches."""
+        rows, cols = self.grid
+        return (rows - 1) * self.stride + self.patch, (cols - 1) * self.stride + self.patch
+
+    def label(self, probability: float) -> str:
+        return self.labels[1] if probability > self.threshold else self.labels[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Contract:
+        try:
+            c = cls(
+                patch=int(d["patch"]),
+                stride=int(d["stride"]),
+                grid=(int(d["grid"][0]), int(d["grid"][1])),
+                channel_order=str(d["channel_order"]),
+                mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
+                scale=tuple(float(v) for v in d.get("scale", (1.0, 1.0, 1.0))),  # type: ignore[arg-type]
+                threshold=float(d["threshold"]),
+                labels=(str(d["labels"][0]), str(d["labels"][1])),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ModelError(f"contract is incomplete or malformed: {e!r}") from e
+        if c.channel_order not in ("BGR", "RGB") or len(c.mean) != 3 or len(c.scale) != 3:
+            raise ModelError(f"contract has an unsupported channel order or mean/scale length: {d}")
+        if c.patch <= 0 or c.stride <= 0 or min(c.grid) <= 0:
+            raise ModelError(f"contract sizes must be positive: {d}")
+        return c
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the weights came from. ``trained`` is False for the seeded reference model."""
+
+    source: str
+    sha256: str
+    trained: bool
+    checkpoint: str | None = None  # path of the weights file the baseline can load (relative to the model dir)
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    contract: Contract
+    provenance: Provenance
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    input_name: str = "fields"
+    output_names: tuple[str, ...] = ("logit", "probability")
+
+    def to_json(self) -> str:
+        d = {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "contract": self.contract.to_dict(),
+            "provenance": asdict(self.provenance),
+            "files": dict(sorted(self.files.items())),
+            "input_name": self.input_name,
+            "output_names": list(self.output_names),
+        }
+        return json.dumps(d, indent=2) + "\n"
+
+    def save(self, model_dir: Path) -> Path:
+        path = Path(model_dir) / MANIFEST_NAME
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, model_dir: Path | str) -> Manifest:
+        path = Path(model_dir) / MANIFEST_NAME
+        if not path.is_file():
+            hint = " (create the untrained reference model with `python -m export reference`)" if not Path(
+                model_dir).exists() else ""
+            raise ModelError(f"{path}: manifest not found{hint}")
+        try:
+            d = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelError(f"{path}: manifest is not valid JSON: {e}") from e
+        if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
+            raise ModelError(f"{path}: unsupported manifest format_version {d.get('format_version')!r}"
+                             if isinstance(d, dict) else f"{path}: manifest is not a JSON object")
+        try:
+            prov = Provenance(**d["provenance"])
+            return cls(
+                name=str(d["name"]),
+                contract=Contract.from_dict(d["contract"]),
+                provenance=prov,
+                files=dict(d.get("files", {})),
+                input_name=str(d.get("input_name", "fields")),
+                output_names=tuple(d.get("output_names", ("logit", "probability"))),
+            )
+        except (KeyError, TypeError) as e:
+            raise ModelError(f"{path}: manifest is missing a field: {e}") from e
+
+    def model_info(self) -> dict[str, Any]:
+        """The short provenance block every result carries."""
+        return {
+            "name": self.name,
+            "trained": self.provenance.trained,
+            "source": self.provenance.source,
+            "sha256": self.provenance.sha256,
+        }
