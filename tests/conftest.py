@@ -1,0 +1,52 @@
+"""Shared fixtures: the real BreakHis samples (one fixture, skipped with a reason where absent) and a freshly
+exported reference model."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3 is a test-only reference; never TensorFlow
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("BREAKHIS_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data with breakhis-100x/MANIFEST.csv; skips where the samples are not beside the repo."""
+    if not (SHARED_DATA / "breakhis-100x" / "MANIFEST.csv").is_file():
+        pytest.skip(f"BreakHis samples not found at {SHARED_DATA} (set BREAKHIS_DATA to their folder)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def images_100x(shared_data: Path) -> list[Path]:
+    with open(shared_data / "breakhis-100x" / "MANIFEST.csv") as f:
+        rows = list(csv.DictReader(f))
+    paths = [shared_data / "breakhis-100x" / r["filename"] for r in rows]
+    assert len(paths) == 48 and all(p.is_file() for p in paths)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """The reference model exported by the real CLI into a temporary directory (once per session)."""
+    out = tmp_path_factory.mktemp("models") / "reference"
+    run_module("export", "reference", "-o", str(out), "--parity-images", str(shared_data / "breakhis-100x"),
+               check=True)
+    return out
+
+
+def run_module(module: str, *args: str, check: bool = False, env: dict | None = None,
+               cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` as a user would; output captured as text."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc

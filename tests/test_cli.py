@@ -1,0 +1,132 @@
+"""python -m runtime.classify as a user runs it: table, JSON, exit codes, and every bad input from the issue."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import run_module
+
+
+def classify(*args):
+    return run_module("runtime.classify", "--no-progress", *args)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, images_100x):
+    d = tmp_path_factory.mktemp("inputs")
+    good = images_100x[0]
+    (d / "zero.png").write_bytes(b"")
+    data = good.read_bytes()
+    (d / "truncated.png").write_bytes(data[:5000])
+    (d / "text.png").write_text("hello, I am not an image\n")
+    cv2.imwrite(str(d / "small.png"), np.zeros((300, 400, 3), np.uint8))
+    return d
+
+
+def test_table_for_people(model_dir, images_100x):
+    proc = classify(str(images_100x[0]), "--model", str(model_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert "UNTRAINED" in proc.stdout and "NOT a diagnosis" in proc.stdout
+    assert images_100x[0].name in proc.stdout and "1 classified, 0 failed" in proc.stdout
+
+
+def test_json_schema(model_dir, images_100x):
+    proc = classify(str(images_100x[0]), str(images_100x[-1]), "--model", str(model_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out) == 2
+    for r in out:
+        assert set(r) >= {"path", "label", "probability", "fields", "timings_ms", "model", "error"}
+        assert r["error"] is None and r["label"] in ("Benign", "Malignant")
+        assert r["model"]["trained"] is False and r["model"]["backend"] == "onnxruntime-cpu"
+        assert r["fields"] == [{**r["fields"][0], "row": 0, "col": 0, "y": 0, "x": 0, "patches": 6}]
+        assert (r["probability"] > 0.5) == (r["label"] == "Malignant")
+        assert {"decode", "preprocess", "inference", "total"} <= set(r["timings_ms"])
+
+
+def test_bad_inputs_are_reported_and_others_still_classified(model_dir, images_100x, bad_inputs):
+    args = [str(images_100x[0]), *(str(bad_inputs / n) for n in ("zero.png", "truncated.png", "text.png",
+                                                                   "small.png")), str(bad_inputs / "missing.png")]
+    proc = classify(*args, "--model", str(model_dir), "--json")
+    assert proc.returncode == 1
+    out = {r["path"]: r for r in json.loads(proc.stdout)}
+    assert out[str(images_100x[0])]["error"] is None
+    reasons = {"zero.png": "empty file", "truncated.png": "truncated or corrupt",
+               "text.png": "not a PNG, JPEG, TIFF or BMP", "small.png": "at least 672x448",
+               "missing.png": "file not found"}
+    for name, reason in reasons.items():
+        err = out[str(bad_inputs / name)]["error"]
+        assert reason in err and name in err
+
+
+def test_folder_glob_and_empty_folder(model_dir, images_100x, tmp_path):
+    for p in images_100x[:2]:
+        shutil.copy(p, tmp_path)
+    (tmp_path / "empty").mkdir()
+    proc = classify(str(tmp_path), str(tmp_path / "*.png"), str(tmp_path / "empty"), str(tmp_path / "*.jpg"),
+                    "--model", str(model_dir), "--json")
+    out = json.loads(proc.stdout)
+    assert proc.returncode == 1
+    assert [r["error"] is None for r in out] == [True, True, True, True, False, False]
+    assert "directory contains no images" in out[4]["error"] and "pattern matches no files" in out[5]["error"]
+
+
+def test_conversions_are_reported(model_dir, images_100x, tmp_path):
+    img = cv2.imread(str(images_100x[0]))
+    cv2.imwrite(str(tmp_path / "gray.png"), cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
+    cv2.imwrite(str(tmp_path / "deep.png"), img.astype(np.uint16) * 257)
+    proc = classify(str(tmp_path / "gray.png"), str(tmp_path / "deep.png"), "--model", str(model_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    gray, deep = json.loads(proc.stdout)
+    assert gray["conversions"] == ["grayscale -> BGR (channel replicated)"]
+    assert deep["conversions"] == ["16-bit -> 8-bit (value / 257, rounded)"]
+
+
+def test_usage_errors_exit_2(model_dir):
+    assert classify().returncode == 2
+    proc = classify("x.png", "--batch-size", "0", "--model", str(model_dir))
+    assert proc.returncode == 2 and "--batch-size" in proc.stderr
+
+
+def test_missing_model(tmp_path, images_100x):
+    proc = classify(str(images_100x[0]), "--model", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and "manifest not found" in proc.stderr and "python -m export reference" in proc.stderr
+
+
+@pytest.fixture
+def model_copy(model_dir, tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in ("manifest.json", "model.onnx"):
+        shutil.copy(model_dir / f, d)
+    return d
+
+
+def test_corrupt_model_file(model_copy, images_100x):
+    (model_copy / "model.onnx").write_bytes(b"\x00" * 100)
+    proc = classify(str(images_100x[0]), "--model", str(model_copy))
+    assert proc.returncode == 2 and "model.onnx" in proc.stderr and "cannot load" in proc.stderr
+
+
+def test_manifest_that_does_not_match_the_onnx(model_copy, images_100x):
+    m = json.loads((model_copy / "manifest.json").read_text())
+    m["contract"]["grid"] = [3, 3]
+    (model_copy / "manifest.json").write_text(json.dumps(m))
+    proc = classify(str(images_100x[0]), "--model", str(model_copy))
+    assert proc.returncode == 2 and "[batch, 9, 3, 224, 224]" in proc.stderr
+
+    m["contract"]["grid"] = [2, 3]
+    m["contract"]["mean"] = [0, 0, 0]
+    (model_copy / "manifest.json").write_text(json.dumps(m))
+    proc = classify(str(images_100x[0]), "--model", str(model_copy))
+    assert proc.returncode == 2 and "differs" in proc.stderr
+
+
+def test_corrupt_manifest(model_copy, images_100x):
+    (model_copy / "manifest.json").write_text("{not json")
+    proc = classify(str(images_100x[0]), "--model", str(model_copy))
+    assert proc.returncode == 2 and "manifest is not valid JSON" in proc.stderr

@@ -1,0 +1,70 @@
+"""python -m export: artefacts, parity report, FP16 layout, determinism, checkpoint errors."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from export.onnx_export import fp16_structure
+from runtime.manifest import Manifest
+from tests.conftest import run_module
+
+
+def test_reference_artefacts(model_dir):
+    m = Manifest.load(model_dir)
+    assert m.provenance.trained is False and "UNTRAINED" in m.provenance.notes
+    assert m.contract.grid == (2, 3) and m.contract.patch == 224 and m.contract.channel_order == "BGR"
+    assert set(m.files) == {"model.onnx", "model.fp16.onnx", "weights.pt"}
+    report = json.loads((model_dir / "export_report.json").read_text())
+    assert "real images" in report["parity_inputs"]
+    assert all(r["ok"] for r in report["fp32"]) and report["fp32"][0]["max_abs"] <= 1e-4
+    onx = onnx.load(str(model_dir / "model.onnx"))
+    dims = [d.dim_param or d.dim_value for d in onx.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 6, 3, 224, 224]
+    meta = {p.key: p.value for p in onx.metadata_props}
+    assert json.loads(meta["contract"])["mean"] == [103.939, 116.779, 123.68]
+    f16 = onnx.load(str(model_dir / "model.fp16.onnx"))
+    assert fp16_structure(f16) == []
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in f16.graph.initializer)
+    lstm = next(n for n in onx.graph.node if n.op_type == "LSTM")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in lstm.attribute}
+    assert attrs.get("layout", 0) == 0 and attrs.get("input_forget", 0) == 0 and attrs["direction"] == b"bidirectional"
+
+
+def test_fp16_structure_check_catches_fp32_conv(model_dir):
+    assert any("not float16" in p for p in fp16_structure(onnx.load(str(model_dir / "model.onnx"))))
+
+
+def test_same_checkpoint_gives_byte_identical_onnx(model_dir, tmp_path, shared_data):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        run_module("export", "onnx", "--checkpoint", str(model_dir / "weights.pt"), "-o", str(out),
+                   "--parity-count", "2", "--parity-images", str(shared_data / "breakhis-100x"), check=True)
+        outs.append(out)
+    for f in ("model.onnx", "model.fp16.onnx"):
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    assert Manifest.load(outs[0]).provenance.trained is True
+
+
+def test_mismatched_checkpoint_is_refused_with_every_problem(model_dir, tmp_path):
+    sd = torch.load(model_dir / "weights.pt", weights_only=True)
+    del sd["head.dense.bias"]
+    sd["encoder.dense.weight"] = sd["encoder.dense.weight"][:, :10]
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "bad.pt")
+    proc = run_module("export", "onnx", "--checkpoint", str(tmp_path / "bad.pt"), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    for needle in ("missing keys: head.dense.bias", "unexpected keys: extra.weight",
+                   "encoder.dense.weight: checkpoint (512, 10) vs model (512, 512)"):
+        assert needle in proc.stderr
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint"])
+def test_corrupt_checkpoint(tmp_path, content):
+    (tmp_path / "c.pt").write_bytes(content)
+    proc = run_module("export", "onnx", "--checkpoint", str(tmp_path / "c.pt"), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 1 and "not a readable PyTorch checkpoint" in proc.stderr and "c.pt" in proc.stderr

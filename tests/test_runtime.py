@@ -1,0 +1,70 @@
+"""The runtime gives the framework's answer: Classifier (ONNX Runtime CPU, our preprocessing) vs the PyTorch FP32
+baseline with the original per-patch preprocessing, on real images; batching does not change results."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks.baseline import Baseline
+from runtime.classifier import Classifier
+
+
+@pytest.fixture(scope="module")
+def clf(model_dir):
+    with Classifier(model_dir, backend="cpu", batch_size=8) as c:
+        yield c
+
+
+def test_matches_pytorch_baseline_on_real_images(clf, model_dir, images_100x):
+    paths = images_100x[::4]
+    results = clf.classify(paths)
+    base = Baseline(model_dir)
+    want = np.array([base.classify(p) for p in paths])
+    got = np.array([r.probability for r in results])
+    assert all(r.error is None for r in results)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert [r.label for r in results] == ["Malignant" if p > 0.5 else "Benign" for p in want]
+    assert got.std() > 1e-3  # the model's answers differ between images: the comparison is meaningful
+
+
+def test_batch_size_does_not_change_results(model_dir, images_100x, clf):
+    paths = images_100x[:5]
+    with Classifier(model_dir, backend="cpu", batch_size=1) as one:
+        a = [r.probability for r in one.classify(paths)]
+    b = [r.probability for r in clf.classify(paths)]
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_errors_do_not_cost_the_batch(clf, images_100x, tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    good = images_100x[0]
+    res = clf.classify([good, tmp_path / "empty.png", good, np.zeros((100, 100, 3), np.uint8)])
+    assert [r.error is None for r in res] == [True, False, True, False]
+    assert res[0].probability == res[2].probability
+    assert "empty.png: empty file" in res[1].error and "at least 672x448" in res[3].error
+
+
+def test_large_image_is_tiled_into_fields(clf, images_100x):
+    import cv2
+
+    img = cv2.imread(str(images_100x[0]))
+    big = np.tile(img, (2, 2, 1))  # 1400x920 -> 2x2 fields of 672x448
+    (r,) = clf.classify([big])
+    assert [(f.row, f.col, f.y, f.x, f.patches) for f in r.fields] == [
+        (0, 0, 0, 0, 6), (0, 1, 0, 672, 6), (1, 0, 448, 0, 6), (1, 1, 448, 672, 6)]
+    single = clf.classify([img])[0].probability
+    assert r.fields[0].probability == pytest.approx(single, abs=1e-6)  # same pixels, same answer
+    assert r.probability == max(f.probability for f in r.fields)
+
+
+def test_runtime_never_imports_torch(model_dir, images_100x):
+    code = ("import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
+            "from runtime.classifier import Classifier\n"
+            f"r = Classifier({str(model_dir)!r}, backend='cpu').classify([{str(images_100x[0])!r}])[0]\n"
+            "assert r.error is None, r.error; print(r.label)")
+    import subprocess
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() in ("Benign", "Malignant")
