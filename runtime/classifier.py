@@ -64,16 +64,16 @@ class _Pending:
 class Classifier:
     """One model, one backend, chosen once. ``backend``: "auto", "cpu" or "onnxruntime-cuda"."""
 
-    def __init__(self, model_dir: Path | str = "models/reference", backend: str = "auto", batch_size: int = 8,
+    def __init__(self, model_dir: Path | str = "models/reference", backend: str = "auto", batch_size: int | None = None,
                  threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model_dir = Path(model_dir)
         self.manifest = Manifest.load(self.model_dir)
         self.contract = self.manifest.contract
-        self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.backend: Backend = open_backend(backend, self.model_dir, self.manifest, threads, batch_size)
+        self.backend: Backend = open_backend(backend, self.model_dir, self.manifest, threads)
+        self.batch_size = batch_size or self.backend.preferred_batch
         self.model_info = self.manifest.model_info() | {"backend": self.backend.name}
         if not self.manifest.provenance.trained:
             self.model_info["warning"] = UNTRAINED_WARNING

@@ -34,13 +34,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="model directory with manifest.json (default: models/reference)")
     ap.add_argument("--backend", choices=BACKENDS, default="auto",
                     help="inference backend (default: auto = the fastest available here)")
-    ap.add_argument("--batch-size", type=int, default=8, help="fields per inference batch (default: 8)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="fields per inference batch, across images (default: the backend's best: 1 on CPU, 8 on GPU)")
     ap.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
     ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     ap.add_argument("--json", action="store_true", help="print a JSON list (one object per input) instead of a table")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = ap.parse_args(argv)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be at least 1")

@@ -17,7 +17,7 @@ class BackendUnavailable(RuntimeError):
 
 class Backend(Protocol):
     name: str  # what actually runs, e.g. "onnxruntime-cpu"
-    max_batch: int
+    preferred_batch: int  # fields per run() when the user does not say: the measured sweet spot
 
     def run(self, fields: np.ndarray) -> np.ndarray:
         """(B, T, 3, P, P) float32 preprocessed fields -> (B,) float32 probabilities."""
@@ -26,8 +26,7 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | None = None,
-                 max_batch: int = 8) -> Backend:
+def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | None = None) -> Backend:
     """Open the named backend; "auto" takes the fastest that is available here and never fails over silently
     from an explicitly named one."""
     from runtime.backends import ort
@@ -38,5 +37,5 @@ def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | 
         if not ort.cuda_available():
             raise BackendUnavailable("backend onnxruntime-cuda needs onnxruntime-gpu and a CUDA GPU; "
                                      "this machine's onnxruntime offers only " + ", ".join(ort.providers()))
-        return ort.OrtBackend(model_dir, manifest, cuda=True, threads=threads, max_batch=max_batch)
-    return ort.OrtBackend(model_dir, manifest, cuda=False, threads=threads, max_batch=max_batch)
+        return ort.OrtBackend(model_dir, manifest, cuda=True, threads=threads)
+    return ort.OrtBackend(model_dir, manifest, cuda=False, threads=threads)

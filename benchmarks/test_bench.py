@@ -1,0 +1,49 @@
+"""pytest-benchmark suite (reports only, never asserts a time):
+    .venv/bin/python -m pytest benchmarks --benchmark-enable
+Uses models/reference (made by setup.sh) and the shared BreakHis samples."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import pytest
+
+from runtime.manifest import Manifest
+from runtime.preprocess import preprocess_fields
+from runtime.tiling import plan_fields
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = REPO / "models" / "reference"
+IMAGE = REPO.parent / "shared" / "data" / "breakhis-100x" / "SOB_M_DC-14-10926-100-003.png"
+
+pytestmark = [
+    pytest.mark.skipif(not (MODEL / "manifest.json").is_file(), reason="models/reference missing: run setup.sh"),
+    pytest.mark.skipif(not IMAGE.is_file(), reason=f"sample image not found at {IMAGE}"),
+]
+
+
+def test_preprocess_runtime(benchmark):
+    c = Manifest.load(MODEL).contract
+    bgr = cv2.imread(str(IMAGE))
+    plan = plan_fields(*bgr.shape[:2], c)
+    benchmark(preprocess_fields, bgr, plan, c)
+
+
+def test_preprocess_baseline(benchmark):
+    from benchmarks.baseline import Baseline
+
+    benchmark(Baseline(MODEL).preprocess, IMAGE)
+
+
+def test_classify_runtime_cpu(benchmark):
+    from runtime.classifier import Classifier
+
+    clf = Classifier(MODEL, backend="cpu")
+    benchmark.pedantic(clf.classify, args=([IMAGE],), rounds=5, warmup_rounds=1)
+
+
+def test_classify_baseline(benchmark):
+    from benchmarks.baseline import Baseline
+
+    base = Baseline(MODEL)
+    benchmark.pedantic(base.classify, args=(IMAGE,), rounds=5, warmup_rounds=1)
