@@ -15,10 +15,11 @@ import numpy as np
 
 from runtime.backends import Backend, open_backend
 from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, read_image, to_bgr8
-from runtime.manifest import Manifest
+from runtime.manifest import Contract, Manifest
 from runtime.preprocess import preprocess_fields
 from runtime.tiling import FieldPlan, TilingError, plan_fields
 
+PREPROCESSORS = ("auto", "cpu", "gpu")
 UNTRAINED_WARNING = "UNTRAINED reference weights: this verdict is NOT a diagnosis (demo/test model)."
 
 
@@ -62,10 +63,12 @@ class _Pending:
 
 
 class Classifier:
-    """One model, one backend, chosen once. ``backend``: "auto", "cpu" or "onnxruntime-cuda"."""
+    """One model, one backend, chosen once. ``backend``: "auto", "cpu" or "onnxruntime-cuda".
+    ``preprocess``: "cpu" (numpy), "gpu" (our CUDA kernel via pycuda) or "auto" (GPU when inference runs on a GPU
+    and pycuda is usable, else CPU)."""
 
     def __init__(self, model_dir: Path | str = "models/reference", backend: str = "auto", batch_size: int | None = None,
-                 threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: str = "auto") -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model_dir = Path(model_dir)
@@ -74,7 +77,9 @@ class Classifier:
         self.max_pixels = max_pixels
         self.backend: Backend = open_backend(backend, self.model_dir, self.manifest, threads)
         self.batch_size = batch_size or self.backend.preferred_batch
-        self.model_info = self.manifest.model_info() | {"backend": self.backend.name}
+        self.gpu = _open_gpu_preprocessor(preprocess, self.backend.name, self.contract)
+        self.model_info = self.manifest.model_info() | {"backend": self.backend.name,
+                                                        "preprocess": "gpu" if self.gpu else "cpu"}
         if not self.manifest.provenance.trained:
             self.model_info["warning"] = UNTRAINED_WARNING
 
@@ -111,7 +116,10 @@ class Classifier:
             h, w = dec.bgr.shape[:2]
             res.size, res.conversions = (w, h), dec.conversions
             plan = plan_fields(h, w, self.contract)
-            fields = preprocess_fields(dec.bgr, plan, self.contract)
+            if self.gpu is not None:
+                fields = self.gpu.to_host([dec.bgr], [plan])
+            else:
+                fields = preprocess_fields(dec.bgr, plan, self.contract)
         except (ImageError, TilingError) as e:
             res.error = str(e) if isinstance(e, ImageError) else f"{name}: {e}"
             return _Pending(res, None, empty)  # type: ignore[arg-type]
@@ -164,9 +172,27 @@ class Classifier:
 
     def close(self) -> None:
         self.backend.close()
+        if self.gpu is not None:
+            self.gpu.close()
 
     def __enter__(self) -> Classifier:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_gpu_preprocessor(choice: str, backend: str, contract: Contract):  # -> GpuPreprocessor | None
+    """None for the CPU path. "gpu" fails loudly when impossible; "auto" uses the GPU only next to a GPU backend."""
+    if choice not in PREPROCESSORS:
+        raise ValueError(f"preprocess must be one of {', '.join(PREPROCESSORS)}, not {choice!r}")
+    if choice == "cpu" or (choice == "auto" and not backend.endswith(("cuda", "tensorrt"))):
+        return None
+    from runtime.gpu import GpuPreprocessor, GpuUnavailable
+
+    try:
+        return GpuPreprocessor(contract)
+    except GpuUnavailable:
+        if choice == "gpu":
+            raise
+        return None

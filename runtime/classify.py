@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="model directory with manifest.json (default: models/reference)")
     ap.add_argument("--backend", choices=BACKENDS, default="auto",
                     help="inference backend (default: auto = the fastest available here)")
+    ap.add_argument("--preprocess", choices=("auto", "cpu", "gpu"), default="auto",
+                    help="where tiling + normalisation run (default: auto = GPU next to a GPU backend, else CPU)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="fields per inference batch, across images (default: the backend's best: 1 on CPU, 8 on GPU)")
     ap.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
@@ -72,12 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.backends import BackendUnavailable
     from runtime.classifier import Classifier
     from runtime.inputs import expand_inputs
+    from runtime.gpu import GpuUnavailable
     from runtime.manifest import ModelError
 
     try:
         clf = Classifier(args.model, backend=args.backend, batch_size=args.batch_size, threads=args.threads,
-                         max_pixels=args.max_pixels)
-    except (ModelError, BackendUnavailable) as e:
+                         max_pixels=args.max_pixels, preprocess=args.preprocess)
+    except (ModelError, BackendUnavailable, GpuUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     items = [(p, err) if err else p for p, err in expand_inputs(args.inputs)]

@@ -1,0 +1,136 @@
+"""GPU preprocessing through pycuda: the one place that owns the CUDA context, stream, buffers and kernel.
+
+Per call: images are packed into a reused page-locked staging buffer, copied to the device as uint8 (the only bus
+crossing), and one kernel launch writes every field of the batch as NCHW FP32/FP16 into the destination: our own
+buffer, or a consumer's (e.g. a TensorRT input binding) at a batch offset. Copy, kernel and the consumer are
+ordered on one stream; the host waits only when it needs a result.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+
+from runtime import kernel_abi as abi
+from runtime.manifest import Contract
+from runtime.tiling import FieldPlan
+
+
+class GpuUnavailable(RuntimeError):
+    """GPU preprocessing was asked for but cannot run here; the message says why."""
+
+
+def _import_pycuda() -> Any:
+    try:
+        import pycuda.driver as cuda
+    except ImportError as e:
+        raise GpuUnavailable(f"GPU preprocessing needs pycuda ({e}); install it with `pip install pycuda` on a "
+                             "machine with the CUDA toolkit, or use --preprocess cpu") from None
+    try:
+        cuda.init()
+        if cuda.Device.count() == 0:
+            raise GpuUnavailable("GPU preprocessing: no CUDA device found")
+    except cuda.Error as e:
+        raise GpuUnavailable(f"GPU preprocessing: CUDA driver not usable ({e})") from None
+    return cuda
+
+
+class GpuPreprocessor:
+    """uint8 images -> preprocessed fields on the GPU. Buffers are sized for the largest batch seen and reused."""
+
+    def __init__(self, contract: Contract, fp16: bool = False, device: int = 0) -> None:
+        cuda = self.cuda = _import_pycuda()
+        from runtime.kernel_build import build_cubin
+
+        self.contract, self.fp16 = contract, fp16
+        self.device = cuda.Device(device)
+        # The device's primary context (shared with TensorRT / ONNX Runtime in this process), pushed around each
+        # call so any thread (e.g. an HTTP worker) can use this object; calls are serialised by a lock.
+        self.ctx = self.device.retain_primary_context()
+        self.lock = threading.Lock()
+        major, minor = self.device.compute_capability()
+        self.arch = f"sm_{major}{minor}"
+        with self.active():
+            self.module = cuda.module_from_file(str(build_cubin(self.arch)))  # compiled once, cached on disk
+            self.kernel = self.module.get_function("bhx_preprocess")
+            self.kernel.prepare("PPPP")
+            self.stream = cuda.Stream()
+            self.copied = cuda.Event()  # staging may be refilled once the previous upload has finished
+        self.field_bytes = contract.seq_len * 3 * contract.patch * contract.patch * (2 if fp16 else 4)
+        self._bufs: dict[str, tuple[Any, Any, int]] = {}  # name -> (host pinned or None, device, bytes)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        with self.lock:
+            self.ctx.push()
+            try:
+                yield
+            finally:
+                self.cuda.Context.pop()
+
+    def _buffer(self, name: str, nbytes: int, pinned: bool) -> tuple[Any, Any]:
+        """(page-locked host array or None, device allocation) of at least nbytes, grown only when needed."""
+        host, dev, size = self._bufs.get(name, (None, None, 0))
+        if size < nbytes:
+            size = max(nbytes, size * 2)
+            host = self.cuda.pagelocked_empty(size, np.uint8) if pinned else None
+            dev = self.cuda.mem_alloc(size)
+            self._bufs[name] = (host, dev, size)
+        return host, dev
+
+    def submit(self, images: list[np.ndarray], plans: list[FieldPlan], bgr: bool = True,
+               dst: int | None = None, dst_field0: int = 0) -> tuple[int, int]:
+        """Queue the upload and the kernel for all fields of ``images``; returns (device pointer, fields).
+
+        ``dst`` is a device pointer to a (B, T, 3, P, P) tensor of the right dtype (default: our own buffer);
+        fields are written from batch index ``dst_field0``. Nothing waits on the host; consumers must use
+        ``self.stream`` (or synchronise) before reading.
+        """
+        cuda = self.cuda
+        with self.active():
+            srcs = [abi.SourceImage(a.shape[0], a.shape[1], a.shape[2], bgr) for a in images]
+            offsets, total = abi.layout(srcs)
+            jobs = abi.job_table(srcs, offsets, plans)
+            n = len(jobs)
+            params = abi.params(self.contract, n, self.fp16, dst_field0)
+            self.copied.synchronize()  # the previous upload has left the staging buffers
+            staging, d_src = self._buffer("src", total, pinned=True)
+            abi.pack(images, staging, bgr)
+            meta = jobs.tobytes() + params.tobytes()
+            h_meta, d_meta = self._buffer("meta", len(meta), pinned=True)
+            h_meta[: len(meta)] = np.frombuffer(meta, np.uint8)
+            cuda.memcpy_htod_async(d_src, staging[:total], self.stream)
+            cuda.memcpy_htod_async(d_meta, h_meta[: len(meta)], self.stream)
+            self.copied.record(self.stream)
+            if dst is None:
+                _, d_out = self._buffer("out", (dst_field0 + n) * self.field_bytes, pinned=False)
+                dst = int(d_out)
+            threads = abi.thread_count(self.contract, n)
+            grid = (-(-threads // abi.BLOCK), 1)
+            # kept so the benchmark can time the kernel alone by re-launching it on the same device data
+            self.last_launch = (grid, (abi.BLOCK, 1, 1), self.stream, d_src, d_meta, int(d_meta) + jobs.nbytes, dst)
+            self.kernel.prepared_async_call(*self.last_launch)
+        return dst, n
+
+
+    def to_host(self, images: list[np.ndarray], plans: list[FieldPlan], bgr: bool = True) -> np.ndarray:
+        """Preprocess and bring the fields back: for CPU consumers, tests and the CPU-vs-GPU benchmark."""
+        dptr, n = self.submit(images, plans, bgr)
+        c = self.contract
+        out = np.empty((n, c.seq_len, 3, c.patch, c.patch), np.float16 if self.fp16 else np.float32)
+        with self.active():
+            host, _ = self._buffer("download", out.nbytes, pinned=True)
+            self.cuda.memcpy_dtoh_async(host[: out.nbytes], dptr, self.stream)
+            self.stream.synchronize()
+            out.reshape(-1).view(np.uint8)[:] = host[: out.nbytes]
+        return out
+
+    def close(self) -> None:
+        with self.active():
+            self.stream.synchronize()
+            for _, dev, _ in self._bufs.values():
+                dev.free()
+            self._bufs.clear()
+        self.ctx.detach()

@@ -1,0 +1,61 @@
+"""The kernel on a real GPU through pycuda against the CPU path, on the real images. Skips without pycuda/a GPU."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from export.model import CONTRACT
+from runtime.preprocess import preprocess_fields
+from runtime.tiling import plan_fields
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["fp32", "fp16"])
+def gpu(request):
+    from runtime.gpu import GpuPreprocessor, GpuUnavailable
+
+    try:
+        g = GpuPreprocessor(CONTRACT, fp16=request.param)
+    except GpuUnavailable as e:
+        pytest.skip(str(e))
+    yield g
+    g.close()
+
+
+def _cpu(img):
+    return preprocess_fields(img, plan_fields(*img.shape[:2], CONTRACT), CONTRACT)
+
+
+def _same(got, want, fp16):
+    if fp16:
+        np.testing.assert_array_equal(got.view(np.uint16), want.astype(np.float16).view(np.uint16))
+    else:
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_every_real_image_matches_cpu(gpu, images_100x):
+    for p in images_100x:
+        img = cv2.imread(str(p))
+        _same(gpu.to_host([img], [plan_fields(*img.shape[:2], CONTRACT)]), _cpu(img), gpu.fp16)
+
+
+def test_one_launch_many_images_rgba_and_large(gpu, images_100x):
+    imgs = [cv2.imread(str(p)) for p in images_100x[:8]]
+    imgs.append(cv2.resize(imgs[0], (2100, 1400)))
+    srcs = imgs[:-2] + [cv2.cvtColor(imgs[-2], cv2.COLOR_BGR2BGRA), imgs[-1]]
+    got = gpu.to_host(srcs, [plan_fields(*i.shape[:2], CONTRACT) for i in srcs])
+    _same(got, np.concatenate([_cpu(i) for i in imgs]), gpu.fp16)
+
+
+def test_classifier_gpu_preprocess_gives_cpu_answers(model_dir, images_100x):
+    from runtime.classifier import Classifier
+    from runtime.gpu import GpuUnavailable
+
+    try:
+        g = Classifier(model_dir, backend="cpu", preprocess="gpu")
+    except GpuUnavailable as e:
+        pytest.skip(str(e))
+    with g, Classifier(model_dir, backend="cpu", preprocess="cpu") as c:
+        a = [r.probability for r in g.classify(images_100x[:4])]
+        b = [r.probability for r in c.classify(images_100x[:4])]
+    assert a == b
