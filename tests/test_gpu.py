@@ -10,14 +10,22 @@ from runtime.preprocess import preprocess_fields
 from runtime.tiling import plan_fields
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["fp32", "fp16"])
-def gpu(request):
-    from runtime.gpu import GpuPreprocessor, GpuUnavailable
+@pytest.fixture(scope="session")
+def gpu_ok():
+    """Skips (before any costly fixture) where pycuda or a CUDA device is missing."""
+    from runtime.gpu import GpuUnavailable, _import_pycuda
 
     try:
-        g = GpuPreprocessor(CONTRACT, fp16=request.param)
+        _import_pycuda()
     except GpuUnavailable as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["fp32", "fp16"])
+def gpu(gpu_ok, request):
+    from runtime.gpu import GpuPreprocessor
+
+    g = GpuPreprocessor(CONTRACT, fp16=request.param)
     yield g
     g.close()
 
@@ -47,15 +55,10 @@ def test_one_launch_many_images_rgba_and_large(gpu, images_100x):
     _same(got, np.concatenate([_cpu(i) for i in imgs]), gpu.fp16)
 
 
-def test_classifier_gpu_preprocess_gives_cpu_answers(model_dir, images_100x):
+def test_classifier_gpu_preprocess_gives_cpu_answers(gpu_ok, model_dir, images_100x):
     from runtime.classifier import Classifier
-    from runtime.gpu import GpuUnavailable
 
-    try:
-        g = Classifier(model_dir, backend="cpu", preprocess="gpu")
-    except GpuUnavailable as e:
-        pytest.skip(str(e))
-    with g, Classifier(model_dir, backend="cpu", preprocess="cpu") as c:
+    with Classifier(model_dir, backend="cpu", preprocess="gpu") as g, Classifier(model_dir, backend="cpu", preprocess="cpu") as c:
         a = [r.probability for r in g.classify(images_100x[:4])]
         b = [r.probability for r in c.classify(images_100x[:4])]
     assert a == b
