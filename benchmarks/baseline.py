@@ -32,7 +32,10 @@ class Baseline:
     def preprocess(self, path: Path | str) -> np.ndarray:
         """(1 field, T, 3, P, P) float32 for the top-left field, the way the original code made it."""
         c = self.contract
-        rgb = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"{path}: cannot read image")
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         grid = patchify(rgb, (c.patch, c.patch, 3), step=c.stride)
         rows, cols = c.grid
         out = []

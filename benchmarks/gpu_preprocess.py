@@ -13,12 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from runtime.imageio import read_image
 from runtime.manifest import Manifest
 from runtime.preprocess import preprocess_fields
-from runtime.tiling import plan_fields
+from runtime.tiling import plan_image
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,11 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
     contract = Manifest.load(args.model).contract
     paths = image_files(args.images)
-    imgs = [cv2.imread(str(p)) for p in paths]
-    imgs = [i for i in imgs if i is not None][: args.batch]
+    imgs = [read_image(p).bgr for p in paths[: args.batch]]
     while len(imgs) < args.batch:  # one field per BreakHis image: repeat them to fill the batch
         imgs += imgs[: args.batch - len(imgs)]
-    plans = [plan_fields(*i.shape[:2], contract) for i in imgs]
+    plans = [plan_image(i, contract) for i in imgs]
     try:
         gpu = GpuPreprocessor(contract, fp16=args.fp16)
     except GpuUnavailable as e:

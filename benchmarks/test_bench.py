@@ -10,7 +10,7 @@ import pytest
 
 from runtime.manifest import Manifest
 from runtime.preprocess import preprocess_fields
-from runtime.tiling import plan_fields
+from runtime.tiling import plan_image
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "models" / "reference"
@@ -25,7 +25,7 @@ pytestmark = [
 def test_preprocess_runtime(benchmark):
     c = Manifest.load(MODEL).contract
     bgr = cv2.imread(str(IMAGE))
-    plan = plan_fields(*bgr.shape[:2], c)
+    plan = plan_image(bgr, c)
     benchmark(preprocess_fields, bgr, plan, c)
 
 

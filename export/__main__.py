@@ -9,6 +9,9 @@ from pathlib import Path
 EPILOG = """examples:
   python -m export reference                      # seeded UNTRAINED model -> models/reference
   python -m export onnx --checkpoint my.pt -o models/breakhis-v1 --source "trained by X, 2026-11"
+  python -m export trt -m models/reference --precision fp16          # on the Jetson / GPU box itself
+  python -m export verify -m models/reference --images DIR --backend tensorrt --precision fp16
+  python -m export verify -m models/reference --images DIR --onnx model.fp16.onnx   # FP16 ONNX on the CPU
 """
 
 
@@ -34,7 +37,29 @@ def main(argv: list[str] | None = None) -> int:
     onx.add_argument("--source", default="", help="where the weights come from (recorded in the manifest)")
     onx.add_argument("--untrained", action="store_true", help="mark the weights as untrained")
     _common(onx, None)
+    trt = sub.add_parser("trt", help="build a TensorRT engine for this GPU (TensorRT 10 or 11)")
+    trt.add_argument("-m", "--model", type=Path, default=Path("models/reference"), help="model directory")
+    trt.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
+    trt.add_argument("--min-batch", type=int, default=1)
+    trt.add_argument("--opt-batch", type=int, default=8)
+    trt.add_argument("--max-batch", type=int, default=32)
+    trt.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace (default 1024: 8 GB Jetson)")
+    trt.add_argument("--dla-core", type=int, default=None, help="build for this DLA core, GPU fallback (Jetson)")
+    trt.add_argument("--timing-cache", type=Path, default=Path("models/timing.cache"),
+                     help="timing cache loaded and saved (default: models/timing.cache)")
+    trt.add_argument("--calib-images", type=Path, default=None, help="INT8 on TensorRT 10: calibration images")
+    ver = sub.add_parser("verify", help="fidelity of a backend/engine vs the FP32 ONNX Runtime CPU reference")
+    ver.add_argument("-m", "--model", type=Path, default=Path("models/reference"), help="model directory")
+    ver.add_argument("--images", type=Path, required=True, help="folder of real images")
+    ver.add_argument("--backend", default="tensorrt", choices=("tensorrt", "onnxruntime-cuda", "cpu"))
+    ver.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
+    ver.add_argument("--onnx", default=None, help="instead: run this ONNX file of the model dir on ONNX Runtime CPU")
+    ver.add_argument("--limit", type=int, default=None, help="use only the first N images")
     args = ap.parse_args(argv)
+    if args.cmd == "trt":
+        return _trt(args)
+    if args.cmd == "verify":
+        return _verify(args)
 
     # Heavy imports after argument parsing so that --help is instant.
     from export.artefacts import ExportError, default_parity_images, write_model_dir
@@ -73,6 +98,41 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+def _trt(args: argparse.Namespace) -> int:
+    from export.trt_build import TrtOptions, build_engine
+    from runtime.backends.trt import TrtUnavailable
+    from runtime.gpu import GpuUnavailable
+    from runtime.manifest import ModelError
+
+    opts = TrtOptions(precision=args.precision, min_batch=args.min_batch, opt_batch=args.opt_batch,
+                      max_batch=args.max_batch, workspace_mb=args.workspace_mb, dla_core=args.dla_core,
+                      timing_cache=str(args.timing_cache) if args.timing_cache else None,
+                      calib_images=str(args.calib_images) if args.calib_images else None)
+    try:
+        build_engine(args.model, opts, log=lambda m: print(m, file=sys.stderr))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (TrtUnavailable, GpuUnavailable, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from export.verify import verify
+    from runtime.backends import BackendUnavailable
+    from runtime.manifest import ModelError
+
+    try:
+        fid = verify(args.model, args.images, args.backend, args.precision, args.onnx, args.limit)
+    except (BackendUnavailable, ModelError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(fid.lines()))
+    return 0 if fid.ok else 1
 
 
 def _state_sha256(model, torch) -> str:

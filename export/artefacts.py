@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from export import onnx_export as ox
@@ -16,8 +14,8 @@ from export.weights import sha256_file
 from runtime.imageio import ImageError, read_image
 from runtime.inputs import image_files
 from runtime.manifest import Manifest, Provenance
-from runtime.preprocess import preprocess_fields
-from runtime.tiling import TilingError, plan_fields
+from runtime.preprocess import preprocess_image
+from runtime.tiling import TilingError
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_IMAGES = REPO.parent / "shared" / "data" / "breakhis-100x"
@@ -43,7 +41,7 @@ def parity_fields(folder: Path | None, n: int, seed: int = 0) -> tuple[np.ndarra
         for path in image_files(folder):
             try:
                 img = read_image(path).bgr
-                fields.append(preprocess_fields(img, plan_fields(*img.shape[:2], CONTRACT), CONTRACT)[0])
+                fields.append(preprocess_image(img, CONTRACT)[0])
             except (ImageError, TilingError):
                 continue
             if len(fields) == n:

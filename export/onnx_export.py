@@ -36,7 +36,7 @@ def export_onnx(model: BreakHisNet, path: Path, contract: Contract, provenance: 
         # batch through Shape -> ConstantOfShape, which the parity check at two batch sizes confirms).
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model.eval(), (dummy,), buf, dynamo=False, opset_version=OPSET,
+            model.eval(), (dummy,), buf, dynamo=False,  # type: ignore[arg-type]  # accepts file objects opset_version=OPSET,
             input_names=[INPUT], output_names=list(OUTPUTS),
             dynamic_axes={name: {0: "batch"} for name in (INPUT, *OUTPUTS)},
         )

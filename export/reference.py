@@ -30,6 +30,7 @@ def _synthetic_fields(rng: np.random.Generator, n: int) -> torch.Tensor:
 
 
 def _set_bn(bn: nn.BatchNorm1d, x: torch.Tensor) -> None:
+    assert bn.running_mean is not None and bn.running_var is not None
     bn.running_mean.copy_(x.mean(0).float())
     bn.running_var.copy_(x.var(0, unbiased=False).float())
 
@@ -42,7 +43,7 @@ def reference_model(seed: int = DEFAULT_SEED) -> BreakHisNet:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
+            nn.init.zeros_(m.bias)  # type: ignore[arg-type]  # VGG convs have biases
         elif isinstance(m, nn.BatchNorm1d):
             nn.init.normal_(m.weight, 1.0, 0.1)
             nn.init.normal_(m.bias, 0.0, 0.1)

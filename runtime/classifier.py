@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from runtime.backends import Backend, open_backend
+from runtime.backends import Backend, DeviceInputBackend, open_backend
 from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, read_image, to_bgr8
 from runtime.manifest import Contract, Manifest
 from runtime.preprocess import preprocess_fields
@@ -55,31 +55,42 @@ class Result:
 @dataclass
 class _Pending:
     result: Result
-    plan: FieldPlan
-    fields: np.ndarray  # (F, T, 3, P, P) float32
+    plan: FieldPlan | None = None
+    fields: np.ndarray | None = None  # (F, T, 3, P, P) float32 from the CPU path, or ...
+    bgr: np.ndarray | None = None  # ... the decoded image, preprocessed on the GPU straight into the engine input
     probs: list[np.ndarray] = field(default_factory=list)
     done: int = 0  # fields inferred so far
     t_infer: float = 0.0
 
+    @property
+    def todo(self) -> int:
+        return (self.plan.n_fields if self.plan is not None and self.result.error is None else 0) - self.done
+
 
 class Classifier:
-    """One model, one backend, chosen once. ``backend``: "auto", "cpu" or "onnxruntime-cuda".
-    ``preprocess``: "cpu" (numpy), "gpu" (our CUDA kernel via pycuda) or "auto" (GPU when inference runs on a GPU
-    and pycuda is usable, else CPU)."""
+    """One model, one backend, chosen once. ``backend``: "auto", "cpu", "onnxruntime-cuda" or "tensorrt"
+    (``precision`` picks the TensorRT engine). ``preprocess``: "cpu" (numpy), "gpu" (our CUDA kernel via pycuda) or
+    "auto" (GPU when inference runs on a GPU and pycuda is usable, else CPU). With a GPU backend the kernel writes
+    straight into the backend's device input, so images cross the bus once, as uint8."""
 
     def __init__(self, model_dir: Path | str = "models/reference", backend: str = "auto", batch_size: int | None = None,
-                 threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: str = "auto") -> None:
+                 threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: str = "auto",
+                 precision: str = "fp16", allow_build: bool = False) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model_dir = Path(model_dir)
         self.manifest = Manifest.load(self.model_dir)
         self.contract = self.manifest.contract
         self.max_pixels = max_pixels
-        self.backend: Backend = open_backend(backend, self.model_dir, self.manifest, threads)
-        self.batch_size = batch_size or self.backend.preferred_batch
-        self.gpu = _open_gpu_preprocessor(preprocess, self.backend.name, self.contract)
+        self.backend, notes = open_backend(backend, self.model_dir, self.manifest, threads, precision, allow_build)
+        self.batch_size = min(batch_size or self.backend.preferred_batch,
+                              getattr(self.backend, "max_batch", None) or 1 << 30)
+        self.gpu = _open_gpu_preprocessor(preprocess, self.backend, self.contract)
+        self.device_input = self.gpu is not None and getattr(self.backend, "input_ptr", None) is not None
         self.model_info = self.manifest.model_info() | {"backend": self.backend.name,
                                                         "preprocess": "gpu" if self.gpu else "cpu"}
+        if notes:
+            self.model_info["backend_notes"] = notes
         if not self.manifest.provenance.trained:
             self.model_info["warning"] = UNTRAINED_WARNING
 
@@ -95,18 +106,17 @@ class Classifier:
         queue: list[_Pending] = []
         for item in images:
             queue.append(self._prepare(item))
-            while sum(len(p.fields) - p.done for p in queue) >= self.batch_size:
+            while sum(p.todo for p in queue) >= self.batch_size:
                 self._infer_batch(queue)
                 yield from self._pop_finished(queue)
             yield from self._pop_finished(queue)
-        while any(p.done < len(p.fields) for p in queue):
+        while any(p.todo > 0 for p in queue):
             self._infer_batch(queue)
         yield from self._pop_finished(queue)
 
     def _prepare(self, item: str | Path | np.ndarray | tuple[str, str]) -> _Pending:
-        empty = np.empty((0,), np.float32)
         if isinstance(item, tuple):
-            return _Pending(Result(path=item[0], error=item[1], model=self.model_info), None, empty)  # type: ignore[arg-type]
+            return _Pending(Result(path=item[0], error=item[1], model=self.model_info))
         name = "<array>" if isinstance(item, np.ndarray) else str(item)
         res = Result(path=name, model=self.model_info)
         t0 = time.perf_counter()
@@ -116,31 +126,42 @@ class Classifier:
             h, w = dec.bgr.shape[:2]
             res.size, res.conversions = (w, h), dec.conversions
             plan = plan_fields(h, w, self.contract)
-            if self.gpu is not None:
-                fields = self.gpu.to_host([dec.bgr], [plan])
+            if self.device_input:
+                pending = _Pending(res, plan, bgr=dec.bgr)  # preprocessed at batch time, on the GPU
+            elif self.gpu is not None:
+                pending = _Pending(res, plan, fields=self.gpu.to_host([dec.bgr], [plan]))
             else:
-                fields = preprocess_fields(dec.bgr, plan, self.contract)
+                pending = _Pending(res, plan, fields=preprocess_fields(dec.bgr, plan, self.contract))
         except (ImageError, TilingError) as e:
             res.error = str(e) if isinstance(e, ImageError) else f"{name}: {e}"
-            return _Pending(res, None, empty)  # type: ignore[arg-type]
+            return _Pending(res)
         t2 = time.perf_counter()
         res.timings_ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
-        return _Pending(res, plan, fields)
+        return pending
 
     def _infer_batch(self, queue: list[_Pending]) -> None:
         """Run up to batch_size pending fields (from one or several images) through the backend at once."""
-        parts, owners, n = [], [], 0
+        owners, n = [], 0
         for p in queue:
-            take = min(len(p.fields) - p.done, self.batch_size - n)
+            take = min(p.todo, self.batch_size - n)
             if take > 0:
-                parts.append(p.fields[p.done:p.done + take])
                 owners.append((p, take))
                 n += take
             if n == self.batch_size:
                 break
-        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
         t0 = time.perf_counter()
-        probs = self.backend.run(batch)
+        if self.device_input:  # one kernel launch for every field of the batch, written into the engine input
+            backend = cast(DeviceInputBackend, self.backend)
+            images, plans = [], []
+            for p, take in owners:
+                assert p.plan is not None and p.bgr is not None
+                images.append(p.bgr)
+                plans.append(replace(p.plan, field_origins=p.plan.field_origins[p.done:p.done + take]))
+            self.gpu.submit(images, plans, dst=backend.input_ptr)
+            probs = backend.run_device(n)
+        else:
+            parts = [cast(np.ndarray, p.fields)[p.done:p.done + take] for p, take in owners]
+            probs = self.backend.run(parts[0] if len(parts) == 1 else np.concatenate(parts))
         dt = time.perf_counter() - t0
         k = 0
         for p, take in owners:
@@ -150,7 +171,7 @@ class Classifier:
             k += take
 
     def _pop_finished(self, queue: list[_Pending]) -> Iterator[Result]:
-        while queue and queue[0].done >= len(queue[0].fields):
+        while queue and queue[0].todo <= 0:
             p = queue.pop(0)
             if p.result.error is None:
                 self._finish(p)
@@ -158,6 +179,7 @@ class Classifier:
 
     def _finish(self, p: _Pending) -> None:
         c, plan, res = self.contract, p.plan, p.result
+        assert plan is not None
         probs = np.concatenate(p.probs)
         fh, fw = c.field_size
         cols = plan.grid[1]
@@ -168,7 +190,7 @@ class Classifier:
         res.label = c.label(res.probability)
         res.timings_ms["inference"] = p.t_infer * 1e3
         res.timings_ms["total"] = sum(res.timings_ms.values())
-        p.fields = p.fields[:0]  # release the preprocessed pixels as soon as the image is done
+        p.fields = p.bgr = None  # release the pixels as soon as the image is done
 
     def close(self) -> None:
         self.backend.close()
@@ -182,15 +204,19 @@ class Classifier:
         self.close()
 
 
-def _open_gpu_preprocessor(choice: str, backend: str, contract: Contract):  # -> GpuPreprocessor | None
-    """None for the CPU path. "gpu" fails loudly when impossible; "auto" uses the GPU only next to a GPU backend."""
+def _open_gpu_preprocessor(choice: str, backend: Backend, contract: Contract):  # -> GpuPreprocessor | None
+    """None for the CPU path. "gpu" fails loudly when impossible; "auto" uses the GPU only next to a GPU backend,
+    sharing its stream and writing its input dtype."""
     if choice not in PREPROCESSORS:
         raise ValueError(f"preprocess must be one of {', '.join(PREPROCESSORS)}, not {choice!r}")
-    if choice == "cpu" or (choice == "auto" and not backend.endswith(("cuda", "tensorrt"))):
+    device_input = getattr(backend, "input_ptr", None) is not None
+    if choice == "cpu" or (choice == "auto" and not device_input):
         return None
     from runtime.gpu import GpuPreprocessor, GpuUnavailable
 
     try:
+        if device_input:
+            return GpuPreprocessor(contract, fp16=getattr(backend, "input_fp16"), stream=getattr(backend, "stream"))
         return GpuPreprocessor(contract)
     except GpuUnavailable:
         if choice == "gpu":

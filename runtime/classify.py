@@ -17,6 +17,7 @@ EPILOG = f"""examples:
   python -m runtime.classify ../shared/data/breakhis-100x --batch-size 8
   python -m runtime.classify 'captures/*.png' --json > results.json
   python -m runtime.classify img.tif --model models/breakhis-v1 --backend cpu --threads 2
+  python -m runtime.classify img.png --backend tensorrt --precision fp16 --build-engine   # Jetson / GPU
 
 Large images are tiled into non-overlapping fields (2x3 patches of 224 px each for the shipped contract);
 every field is classified and the image is Malignant if any field is (screening rule).
@@ -34,6 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="model directory with manifest.json (default: models/reference)")
     ap.add_argument("--backend", choices=BACKENDS, default="auto",
                     help="inference backend (default: auto = the fastest available here)")
+    ap.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
+                    help="TensorRT engine precision (default: fp16)")
+    ap.add_argument("--build-engine", action="store_true",
+                    help="build the TensorRT engine for this GPU if the model has none (takes minutes)")
     ap.add_argument("--preprocess", choices=("auto", "cpu", "gpu"), default="auto",
                     help="where tiling + normalisation run (default: auto = GPU next to a GPU backend, else CPU)")
     ap.add_argument("--batch-size", type=int, default=None,
@@ -52,7 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def table(results: list, model_info: dict) -> str:
     """A short, fixed-width table for people."""
-    lines = [f"model: {model_info['name']} ({model_info['backend']})"]
+    lines = [f"model: {model_info['name']} (backend {model_info['backend']}, preprocessing on "
+             f"{model_info['preprocess'].upper()})"]
+    lines += [f"note: {n}" for n in model_info.get("backend_notes", [])]
     if "warning" in model_info:
         lines.append(f"WARNING: {model_info['warning']}")
     lines.append(f"{'image':40s} {'verdict':10s} {'p(malig)':>8s} {'fields':>6s} {'ms':>8s}")
@@ -79,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         clf = Classifier(args.model, backend=args.backend, batch_size=args.batch_size, threads=args.threads,
-                         max_pixels=args.max_pixels, preprocess=args.preprocess)
+                         max_pixels=args.max_pixels, preprocess=args.preprocess, precision=args.precision,
+                         allow_build=args.build_engine)
     except (ModelError, BackendUnavailable, GpuUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,10 +37,18 @@ def _import_pycuda() -> Any:
     return cuda
 
 
+def device_info(device: int = 0) -> tuple[str, str]:
+    """(GPU name, compute capability "major.minor"): what engines are keyed by."""
+    cuda = _import_pycuda()
+    d = cuda.Device(device)
+    major, minor = d.compute_capability()
+    return d.name(), f"{major}.{minor}"
+
+
 class GpuPreprocessor:
     """uint8 images -> preprocessed fields on the GPU. Buffers are sized for the largest batch seen and reused."""
 
-    def __init__(self, contract: Contract, fp16: bool = False, device: int = 0) -> None:
+    def __init__(self, contract: Contract, fp16: bool = False, device: int = 0, stream: Any = None) -> None:
         cuda = self.cuda = _import_pycuda()
         from runtime.kernel_build import build_cubin
 
@@ -56,7 +64,7 @@ class GpuPreprocessor:
             self.module = cuda.module_from_file(str(build_cubin(self.arch)))  # compiled once, cached on disk
             self.kernel = self.module.get_function("bhx_preprocess")
             self.kernel.prepare("PPPP")
-            self.stream = cuda.Stream()
+            self.stream = stream or cuda.Stream()  # share the consumer's stream to order kernel -> engine
             self.copied = cuda.Event()  # staging may be refilled once the previous upload has finished
         self.field_bytes = contract.seq_len * 3 * contract.patch * contract.patch * (2 if fp16 else 4)
         self._bufs: dict[str, tuple[Any, Any, int]] = {}  # name -> (host pinned or None, device, bytes)

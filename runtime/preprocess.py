@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.manifest import Contract
-from runtime.tiling import FieldPlan
+from runtime.tiling import FieldPlan, plan_image
 
 
 def preprocess_fields(bgr: np.ndarray, plan: FieldPlan, contract: Contract, out: np.ndarray | None = None) -> np.ndarray:
@@ -31,3 +31,8 @@ def preprocess_fields(bgr: np.ndarray, plan: FieldPlan, contract: Contract, out:
     if any(s != 1.0 for s in contract.scale):
         flat *= np.asarray(contract.scale, np.float32)[:, None, None]
     return out
+
+
+def preprocess_image(bgr: np.ndarray, contract: Contract) -> np.ndarray:
+    """All fields of a BGR image, default (non-overlapping) tiling."""
+    return preprocess_fields(bgr, plan_image(bgr, contract), contract)

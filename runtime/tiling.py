@@ -46,3 +46,8 @@ def plan_fields(height: int, width: int, contract: Contract, field_stride: tuple
     pr, pc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     offsets = np.stack([pr.ravel(), pc.ravel()], axis=-1).astype(np.int64) * contract.stride
     return FieldPlan(height, width, origins, offsets, (len(ys), len(xs)))
+
+
+def plan_image(image: np.ndarray, contract: Contract) -> FieldPlan:
+    """plan_fields for an HxWxC array."""
+    return plan_fields(int(image.shape[0]), int(image.shape[1]), contract)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from export.model import CONTRACT
-from runtime.preprocess import preprocess_fields
-from runtime.tiling import plan_fields
+from runtime.preprocess import preprocess_image
+from runtime.tiling import plan_image
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def gpu(gpu_ok, request):
 
 
 def _cpu(img):
-    return preprocess_fields(img, plan_fields(*img.shape[:2], CONTRACT), CONTRACT)
+    return preprocess_image(img, CONTRACT)
 
 
 def _same(got, want, fp16):
@@ -44,14 +44,14 @@ def _same(got, want, fp16):
 def test_every_real_image_matches_cpu(gpu, images_100x):
     for p in images_100x:
         img = cv2.imread(str(p))
-        _same(gpu.to_host([img], [plan_fields(*img.shape[:2], CONTRACT)]), _cpu(img), gpu.fp16)
+        _same(gpu.to_host([img], [plan_image(img, CONTRACT)]), _cpu(img), gpu.fp16)
 
 
 def test_one_launch_many_images_rgba_and_large(gpu, images_100x):
     imgs = [cv2.imread(str(p)) for p in images_100x[:8]]
     imgs.append(cv2.resize(imgs[0], (2100, 1400)))
     srcs = imgs[:-2] + [cv2.cvtColor(imgs[-2], cv2.COLOR_BGR2BGRA), imgs[-1]]
-    got = gpu.to_host(srcs, [plan_fields(*i.shape[:2], CONTRACT) for i in srcs])
+    got = gpu.to_host(srcs, [plan_image(i, CONTRACT) for i in srcs])
     _same(got, np.concatenate([_cpu(i) for i in imgs]), gpu.fp16)
 
 

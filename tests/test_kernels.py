@@ -13,7 +13,7 @@ from export.model import CONTRACT
 from runtime import kernel_abi as abi
 from runtime.kernel_build import build_cubin, build_harness
 from runtime.manifest import Contract
-from runtime.preprocess import preprocess_fields
+from runtime.preprocess import preprocess_image
 from runtime.tiling import plan_fields
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
@@ -58,7 +58,7 @@ def source(bgr, channels=3, bgr_order=True, pad=0):
 
 
 def reference(bgrs, contract=CONTRACT):
-    return np.concatenate([preprocess_fields(b, plan_fields(*b.shape[:2], contract), contract) for b in bgrs])
+    return np.concatenate([preprocess_image(b, contract) for b in bgrs])
 
 
 def assert_matches(got, want, fp16):

@@ -8,8 +8,7 @@ import torch
 from export.model import CONTRACT, build_model
 from export.reference import reference_model
 from runtime.imageio import read_image
-from runtime.preprocess import preprocess_fields
-from runtime.tiling import plan_fields
+from runtime.preprocess import preprocess_image
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,7 @@ def test_probabilities_match_keras_on_real_images(ref, images_100x):
     fields = []
     for p in images_100x[::12]:
         img = read_image(p).bgr
-        fields.append(preprocess_fields(img, plan_fields(*img.shape[:2], CONTRACT), CONTRACT)[0])
+        fields.append(preprocess_image(img, CONTRACT)[0])
     fields = np.stack(fields)
     want = keras_predict(fe, cls, fields)
     with torch.no_grad():

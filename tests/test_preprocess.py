@@ -9,7 +9,7 @@ import pytest
 from export.model import CONTRACT
 from runtime.manifest import Contract
 from runtime.preprocess import preprocess_fields
-from runtime.tiling import TilingError, plan_fields
+from runtime.tiling import TilingError, plan_fields, plan_image
 
 
 
@@ -32,7 +32,7 @@ def test_contract_derived_sizes():
 @pytest.mark.parametrize("name", ["SOB_B_A-14-22549AB-100-006.png", "SOB_M_PC-14-12465-100-010.png"])
 def test_bit_exact_against_patchify_and_keras(shared_data, name):
     bgr = cv2.imread(str(shared_data / "breakhis-100x" / name), cv2.IMREAD_COLOR)
-    plan = plan_fields(*bgr.shape[:2], CONTRACT)
+    plan = plan_image(bgr, CONTRACT)
     ours = preprocess_fields(bgr, plan, CONTRACT)
     ref = seed_path(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
     assert ours.shape == (1, 6, 3, 224, 224) and ours.dtype == np.float32
@@ -62,7 +62,7 @@ def test_patch_order_is_row_major_and_channels_bgr():
 def test_many_fields_match_per_field_reference(shared_data):
     bgr = cv2.imread(str(shared_data / "breakhis-100x" / "SOB_M_DC-14-10926-100-003.png"))
     big = np.concatenate([np.concatenate([bgr, bgr[:, ::-1]], 1), np.concatenate([bgr[::-1], bgr], 1)], 0)
-    plan = plan_fields(*big.shape[:2], CONTRACT)  # 1400x920 -> 2x2 fields
+    plan = plan_image(big, CONTRACT)  # 1400x920 -> 2x2 fields
     assert plan.grid == (2, 2)
     out = preprocess_fields(big, plan, CONTRACT)
     for f, (y, x) in enumerate(plan.field_origins):

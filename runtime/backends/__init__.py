@@ -8,7 +8,7 @@ import numpy as np
 
 from runtime.manifest import Manifest
 
-BACKENDS = ("auto", "cpu", "onnxruntime-cuda")
+BACKENDS = ("auto", "cpu", "onnxruntime-cuda", "tensorrt")
 
 
 class BackendUnavailable(RuntimeError):
@@ -16,7 +16,7 @@ class BackendUnavailable(RuntimeError):
 
 
 class Backend(Protocol):
-    name: str  # what actually runs, e.g. "onnxruntime-cpu"
+    name: str  # what actually runs, e.g. "onnxruntime-cpu", "tensorrt-fp16"
     preferred_batch: int  # fields per run() when the user does not say: the measured sweet spot
 
     def run(self, fields: np.ndarray) -> np.ndarray:
@@ -26,16 +26,41 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | None = None) -> Backend:
-    """Open the named backend; "auto" takes the fastest that is available here and never fails over silently
-    from an explicitly named one."""
+class DeviceInputBackend(Backend, Protocol):
+    """A GPU backend whose input the preprocessing kernel can write directly (``input_ptr``, on ``stream``)."""
+
+    input_ptr: int
+    input_fp16: bool
+    stream: object
+
+    def run_device(self, n: int) -> np.ndarray: ...
+
+
+def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | None = None,
+                 precision: str = "fp16", allow_build: bool = False) -> tuple[Backend, list[str]]:
+    """(backend, notes). "auto" tries TensorRT, then ONNX Runtime CUDA, then CPU, noting why each one it skipped
+    could not be used; a backend named explicitly fails loudly instead."""
     from runtime.backends import ort
 
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "onnxruntime-cuda" or (name == "auto" and ort.cuda_available()):
-        if not ort.cuda_available():
-            raise BackendUnavailable("backend onnxruntime-cuda needs onnxruntime-gpu and a CUDA GPU; "
-                                     "this machine's onnxruntime offers only " + ", ".join(ort.providers()))
-        return ort.OrtBackend(model_dir, manifest, cuda=True, threads=threads)
-    return ort.OrtBackend(model_dir, manifest, cuda=False, threads=threads)
+    notes: list[str] = []
+    if name in ("auto", "tensorrt"):
+        from runtime.backends import trt
+        from runtime.engine_cache import EngineMismatch
+        from runtime.gpu import GpuUnavailable
+
+        try:
+            return trt.TensorRTBackend(model_dir, manifest, precision, allow_build), notes
+        except (trt.TrtUnavailable, GpuUnavailable, EngineMismatch) as e:
+            if name == "tensorrt":
+                raise BackendUnavailable(f"backend tensorrt: {e}") from None
+            notes.append(f"tensorrt skipped: {str(e).splitlines()[0]}")
+    if name in ("auto", "onnxruntime-cuda"):
+        if ort.cuda_available():
+            return ort.OrtBackend(model_dir, manifest, cuda=True, threads=threads), notes
+        msg = "needs onnxruntime-gpu and a CUDA GPU; this onnxruntime offers " + ", ".join(ort.providers())
+        if name == "onnxruntime-cuda":
+            raise BackendUnavailable(f"backend onnxruntime-cuda {msg}")
+        notes.append(f"onnxruntime-cuda skipped: {msg}")
+    return ort.OrtBackend(model_dir, manifest, cuda=False, threads=threads), notes
