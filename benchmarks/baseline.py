@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from patchify import patchify
 
-from export.model import build_model
+from export.weights import load_checkpoint
 from runtime.manifest import Manifest
 
 
@@ -24,8 +24,7 @@ class Baseline:
         ckpt = self.manifest.provenance.checkpoint
         if not ckpt:
             raise FileNotFoundError(f"{model_dir}: manifest names no PyTorch checkpoint for the baseline")
-        self.model = build_model(self.contract)
-        self.model.load_state_dict(torch.load(Path(model_dir) / ckpt, map_location="cpu", weights_only=True))
+        self.model = load_checkpoint(Path(model_dir) / ckpt)
         if threads:
             torch.set_num_threads(threads)
 

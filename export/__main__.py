@@ -9,6 +9,7 @@ from pathlib import Path
 EPILOG = """examples:
   python -m export reference                      # seeded UNTRAINED model -> models/reference
   python -m export onnx --checkpoint my.pt -o models/breakhis-v1 --source "trained by X, 2026-11"
+  python -m export keras --feature-extractor fe.h5 --classifier lstm.h5 -o models/breakhis-keras
   python -m export trt -m models/reference --precision fp16          # on the Jetson / GPU box itself
   python -m export verify -m models/reference --images DIR --backend tensorrt --precision fp16
   python -m export verify -m models/reference --images DIR --onnx model.fp16.onnx   # FP16 ONNX on the CPU
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     onx.add_argument("--source", default="", help="where the weights come from (recorded in the manifest)")
     onx.add_argument("--untrained", action="store_true", help="mark the weights as untrained")
     _common(onx, None)
+    ker = sub.add_parser("keras", help="import the original Keras .h5 pair (no TensorFlow needed)")
+    ker.add_argument("--feature-extractor", type=Path, required=True, help="VGG16 + GAP + Dense + BN model (.h5)")
+    ker.add_argument("--classifier", type=Path, required=True, help="Bidirectional LSTM + BN + Dense model (.h5)")
+    _common(ker, None)
     trt = sub.add_parser("trt", help="build a TensorRT engine for this GPU (TensorRT 10 or 11)")
     trt.add_argument("-m", "--model", type=Path, default=Path("models/reference"), help="model directory")
     trt.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Heavy imports after argument parsing so that --help is instant.
     from export.artefacts import ExportError, default_parity_images, write_model_dir
+    from export.keras_h5 import KerasImportError
     from export.weights import CheckpointError, load_checkpoint, sha256_file
     from runtime.manifest import Provenance
 
@@ -82,6 +88,18 @@ def main(argv: list[str] | None = None) -> int:
                               checkpoint="weights.pt",
                               notes="UNTRAINED: random weights. Its verdicts are not a diagnosis.")
             name = "reference-untrained"
+        elif args.cmd == "keras":
+            from export.keras_h5 import import_pair
+
+            model, arch = import_pair(args.feature_extractor, args.classifier)
+            files = {p.name: sha256_file(p) for p in (args.feature_extractor, args.classifier)}
+            prov = Provenance(source=f"Keras HDF5 pair {args.feature_extractor.name} + {args.classifier.name} "
+                                     f"(Keras {', '.join(sorted(set(arch['keras_versions'])))})",
+                              sha256=_combined_sha256(files), trained=True, checkpoint="weights.pt",
+                              notes=f"imported architecture: {arch}", source_files=files)
+            name = args.out.name
+            print(f"imported: LSTM({arch['lstm_units']}), bidirectional={arch['bidirectional']}, "
+                  f"BatchNorm eps {arch['bn_epsilon']}", file=sys.stderr)
         else:
             model = load_checkpoint(args.checkpoint)
             prov = Provenance(source=args.source or f"PyTorch state_dict {args.checkpoint.name}",
@@ -93,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--parity-images {args.parity_images}: not a directory")
         write_model_dir(model, args.out, name, prov, images, args.parity_count,
                         log=lambda m: print(m, file=sys.stderr))
-    except (CheckpointError, ExportError) as e:
+    except (CheckpointError, ExportError, KerasImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -133,6 +151,13 @@ def _verify(args: argparse.Namespace) -> int:
         return 1
     print("\n".join(fid.lines()))
     return 0 if fid.ok else 1
+
+
+def _combined_sha256(files: dict[str, str]) -> str:
+    """One identity for a set of source files: sha256 over their sorted names and hashes."""
+    import hashlib
+
+    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
 
 
 def _state_sha256(model, torch) -> str:

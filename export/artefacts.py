@@ -79,7 +79,7 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
             raise ExportError("FP16 variant has the wrong precision layout:\n  " + "\n  ".join(problems))
         report["fp16_structure"] = "ok: Conv/Gemm weights float16, LSTM weights float32, graph I/O float32"
         report["fp16"] = fp16_numeric(tmp["model.onnx"], tmp["model.fp16.onnx"], fields, log)
-        torch.save(model.state_dict(), tmp["weights.pt"])
+        torch.save({"state_dict": model.state_dict(), "arch": model.arch}, tmp["weights.pt"])
         for final, t in tmp.items():
             t.replace(out_dir / final)
     finally:

@@ -66,28 +66,35 @@ class PatchEncoder(nn.Module):
 class SequenceHead(nn.Module):
     """Bidirectional LSTM over a field's patch features -> BatchNorm -> Dense(1): (B, T, 512) -> logit (B, 1)."""
 
-    def __init__(self, units: int = LSTM_UNITS) -> None:
+    def __init__(self, units: int = LSTM_UNITS, bidirectional: bool = True) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(FEATURES, units, batch_first=True, bidirectional=True)
-        self.bn = nn.BatchNorm1d(2 * units, eps=BN_EPS)
-        self.dense = nn.Linear(2 * units, 1)
+        width = units * (2 if bidirectional else 1)
+        self.lstm = nn.LSTM(FEATURES, units, batch_first=True, bidirectional=bidirectional)
+        self.bn = nn.BatchNorm1d(width, eps=BN_EPS)
+        self.dense = nn.Linear(width, 1)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         _, (h_n, _) = self.lstm(seq)
         # Keras Bidirectional(return_sequences=False): forward final state, then backward final state.
-        last = torch.cat([h_n[0], h_n[1]], dim=1)
+        last = torch.cat(list(h_n), dim=1)
         return self.dense(self.bn(last))
 
 
 class BreakHisNet(nn.Module):
     """fields (B, T, 3, P, P) float32, preprocessed per the contract -> (logit (B, 1), probability (B, 1))."""
 
-    def __init__(self, contract: Contract = CONTRACT, units: int = LSTM_UNITS) -> None:
+    def __init__(self, contract: Contract = CONTRACT, units: int = LSTM_UNITS, bidirectional: bool = True) -> None:
         super().__init__()
         self.seq_len = contract.seq_len
         self.patch = contract.patch
+        self.arch: dict = {"units": units, "bidirectional": bidirectional, "bn_eps": [BN_EPS, BN_EPS]}  # saved too
         self.encoder = PatchEncoder()
-        self.head = SequenceHead(units)
+        self.head = SequenceHead(units, bidirectional)
+
+    def set_bn_eps(self, encoder: float, head: float) -> None:
+        """Epsilons read from an imported model's config (Keras default 1e-3)."""
+        self.encoder.bn.eps, self.head.bn.eps = encoder, head
+        self.arch["bn_eps"] = [encoder, head]
 
     def forward(self, fields: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.encoder(fields.reshape(-1, 3, self.patch, self.patch))
@@ -95,6 +102,6 @@ class BreakHisNet(nn.Module):
         return logit, torch.sigmoid(logit)
 
 
-def build_model(contract: Contract = CONTRACT, units: int = LSTM_UNITS) -> BreakHisNet:
+def build_model(contract: Contract = CONTRACT, units: int = LSTM_UNITS, bidirectional: bool = True) -> BreakHisNet:
     """A fresh model in eval mode (BatchNorm uses its stored statistics, as Keras does at inference)."""
-    return BreakHisNet(contract, units).eval()
+    return BreakHisNet(contract, units, bidirectional).eval()

@@ -22,7 +22,8 @@ def sha256_file(path: Path) -> str:
 
 
 def load_checkpoint(path: Path) -> BreakHisNet:
-    """A state_dict saved with ``torch.save(model.state_dict())`` (or a dict holding one under 'state_dict')."""
+    """A state_dict saved with ``torch.save(model.state_dict())``, or a dict holding one under 'state_dict' (and
+    optionally the architecture parameters under 'arch', as model directories' weights.pt do)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -33,7 +34,8 @@ def load_checkpoint(path: Path) -> BreakHisNet:
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors)")
-    model = build_model()
+    arch = obj.get("arch", {}) if isinstance(obj, dict) else {}
+    model = build_model(units=int(arch.get("units", 500)), bidirectional=bool(arch.get("bidirectional", True)))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -45,4 +47,6 @@ def load_checkpoint(path: Path) -> BreakHisNet:
     if problems:
         raise CheckpointError(f"{path}: does not match the VGG16-BiLSTM architecture:\n  " + "\n  ".join(problems))
     model.load_state_dict(state, strict=True)
+    if "bn_eps" in arch:
+        model.set_bn_eps(*map(float, arch["bn_eps"]))
     return model.eval()

@@ -79,6 +79,7 @@ class Provenance:
     trained: bool
     checkpoint: str | None = None  # path of the weights file the baseline can load (relative to the model dir)
     notes: str = ""
+    source_files: dict[str, str] = field(default_factory=dict)  # original file name -> sha256
 
 
 @dataclass(frozen=True)

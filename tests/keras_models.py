@@ -12,11 +12,12 @@ from keras import layers  # noqa: E402
 def feature_extractor() -> "keras.Model":
     """VGG16 -> GaussianNoise -> GlobalAveragePooling2D -> Dense(512, relu) -> BatchNormalization."""
     base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(224, 224, 3))
-    x = layers.GaussianNoise(0.1)(base.output)
+    inp = keras.Input((224, 224, 3))
+    x = layers.GaussianNoise(0.1)(base(inp))  # VGG16 nested as one layer named "vgg16", as in the original
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dense(512, activation="relu")(x)
     x = layers.BatchNormalization()(x)
-    return keras.Model(base.input, x, name="feature_extractor")
+    return keras.Model(inp, x, name="feature_extractor")
 
 
 def sequence_classifier(seq_len: int = 6, units: int = 500) -> "keras.Model":
@@ -31,7 +32,7 @@ def sequence_classifier(seq_len: int = 6, units: int = 500) -> "keras.Model":
 def copy_torch_to_keras(model, fe: "keras.Model", cls: "keras.Model") -> None:
     """Our PyTorch weights into the Keras models: OIHW -> HWIO, dense transposes, LSTM biases summed."""
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    convs = [layer for layer in fe.layers if isinstance(layer, layers.Conv2D)]
+    convs = [layer for layer in fe.get_layer("vgg16").layers if isinstance(layer, layers.Conv2D)]
     torch_convs = sorted({k.rsplit(".", 1)[0] for k in sd if k.startswith("encoder.vgg16.layers.")},
                          key=lambda k: int(k.split(".")[-1]))
     assert len(convs) == len(torch_convs) == 13

@@ -50,7 +50,7 @@ def test_same_checkpoint_gives_byte_identical_onnx(model_dir, tmp_path, shared_d
 
 
 def test_mismatched_checkpoint_is_refused_with_every_problem(model_dir, tmp_path):
-    sd = torch.load(model_dir / "weights.pt", weights_only=True)
+    sd = torch.load(model_dir / "weights.pt", weights_only=True)["state_dict"]
     del sd["head.dense.bias"]
     sd["encoder.dense.weight"] = sd["encoder.dense.weight"][:, :10]
     sd["extra.weight"] = torch.zeros(1)
