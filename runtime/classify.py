@@ -18,6 +18,8 @@ EPILOG = f"""examples:
   python -m runtime.classify 'captures/*.png' --json > results.json
   python -m runtime.classify img.tif --model models/breakhis-v1 --backend cpu --threads 2
   python -m runtime.classify img.png --backend tensorrt --precision fp16 --build-engine   # Jetson / GPU
+  python -m runtime.classify --camera 0 --rate 2 --out-video session.mp4
+  python -m runtime.classify --video capture.avi --out-video annotated.avi
 
 Large images are tiled into non-overlapping fields (2x3 patches of 224 px each for the shipped contract);
 every field is classified and the image is Malignant if any field is (screening rule).
@@ -30,7 +32,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     ap = argparse.ArgumentParser(prog="python -m runtime.classify", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders of images, or glob patterns")
+    ap.add_argument("inputs", nargs="*", metavar="PATH", help="image files, folders of images, or glob patterns")
+    src = ap.add_argument_group("camera / video (instead of PATHs)")
+    src.add_argument("--camera", type=int, default=None, metavar="N", help="classify frames of camera N")
+    src.add_argument("--video", type=Path, default=None, help="classify frames of a video file")
+    src.add_argument("--rate", type=float, default=2.0, help="classifications per second (default 2)")
+    src.add_argument("--out-video", type=Path, default=None, help="write the annotated stream (.mp4 or .avi)")
+    src.add_argument("--show", action="store_true", help="show the annotated stream in a window")
+    src.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
     ap.add_argument("--model", type=Path, default=Path("models/reference"),
                     help="model directory with manifest.json (default: models/reference)")
     ap.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -48,6 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="print a JSON list (one object per input) instead of a table")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = ap.parse_args(argv)
+    streams = (args.camera is not None) + (args.video is not None)
+    if streams > 1 or (streams and args.inputs) or not (streams or args.inputs):
+        ap.error("give image PATHs, or one of --camera / --video")
+    if args.rate <= 0:
+        ap.error("--rate must be positive")
     if args.batch_size is not None and args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
     if args.threads is not None and args.threads < 1:
@@ -91,6 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelError, BackendUnavailable, GpuUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.camera is not None or args.video is not None:
+        from runtime.stream import run_stream
+
+        try:
+            stats = run_stream(clf, args.camera if args.camera is not None else str(args.video), args.rate,
+                               args.out_video, args.max_frames, args.show)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            clf.close()
+        print(json.dumps(stats.summary()) if args.json else
+              "\n".join(f"{k:18s} {v:.2f}" if isinstance(v, float) else f"{k:18s} {v}"
+                        for k, v in stats.summary().items()))
+        return 0
     items = [(p, err) if err else p for p, err in expand_inputs(args.inputs)]
     stream = clf.classify_iter(items)
     if not args.no_progress:

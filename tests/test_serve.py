@@ -1,0 +1,183 @@
+"""The HTTP server for real, on a random free localhost port: API, bad uploads, concurrency, and the page in
+headless Chromium."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, run_module
+
+pytest.importorskip("fastapi", reason="fastapi not installed (setup.sh installs the serve extra)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(model_dir), "--port", str(port),
+                             "--backend", "cpu", "--max-upload-mb", "2"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stdout.read()}")
+            time.sleep(0.25)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def post(url, data: bytes, ctype="application/octet-stream", path="/v1/classify"):
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": ctype}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    b = "----breakhis-test-boundary"
+    body = (f"--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{b}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={b}"
+
+
+def test_model_and_health(server):
+    m = json.loads(urllib.request.urlopen(server + "/v1/model").read())
+    assert m["trained"] is False and m["contract"]["grid"] == [2, 3] and m["backend"] == "onnxruntime-cpu"
+    assert "UNTRAINED" in m["warning"]
+
+
+def test_classify_matches_the_cli(server, model_dir, images_100x):
+    img = images_100x[3]
+    cli = json.loads(run_module("runtime.classify", "--no-progress", "--json", "--model", str(model_dir),
+                                "--backend", "cpu", str(img)).stdout)[0]
+    status, raw = post(server, img.read_bytes())
+    body, ctype = multipart(img.name, img.read_bytes())
+    status2, form = post(server, body, ctype)
+    assert status == status2 == 200
+    for out in (raw, form):
+        assert out["probability"] == cli["probability"] and out["label"] == cli["label"]
+        assert set(out) >= {"path", "label", "probability", "fields", "timings_ms", "model", "error"}
+    assert form["path"] == img.name
+
+
+@pytest.mark.parametrize("kind,status,reason", [
+    ("empty", 400, "empty file"), ("text", 422, "not a PNG, JPEG, TIFF or BMP"),
+    ("truncated", 422, "truncated or corrupt"), ("small", 422, "at least 672x448"),
+    ("huge", 422, "above the limit"), ("too_big", 413, "above the limit of 2,097,152"),
+    ("no_file_field", 400, "no file field"),
+])
+def test_bad_uploads_get_4xx_with_reason(server, images_100x, kind, status, reason):
+    good = images_100x[0].read_bytes()
+    ok, png = cv2.imencode(".png", np.zeros((300, 400, 3), np.uint8))
+    header = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + (100_000).to_bytes(4, "big") * 2 + b"\x08\x02\x00\x00\x00"
+    data = {"empty": b"", "text": b"hello", "truncated": good[:4000], "small": png.tobytes(), "huge": header,
+            "too_big": b"\x00" * (3 << 20), "no_file_field": b""}[kind]
+    if kind == "no_file_field":
+        b = "----x"
+        got = post(server, f"--{b}\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nv\r\n--{b}--\r\n".encode(),
+                   f"multipart/form-data; boundary={b}")
+    else:
+        got = post(server, data)
+    assert got[0] == status and reason in got[1]["error"], got
+
+
+def test_conversions_reported(server, images_100x):
+    img = cv2.imread(str(images_100x[0]))
+    ok, gray = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
+    status, out = post(server, gray.tobytes())
+    assert status == 200 and out["conversions"] == ["grayscale -> BGR (channel replicated)"]
+
+
+def test_concurrent_clients_get_the_cli_answers(server, images_100x):
+    """8 clients x 4 requests at once: no errors, every answer identical to a sequential request."""
+    imgs = images_100x[:4]
+    want = {p.name: post(server, p.read_bytes())[1]["probability"] for p in imgs}
+    got, errors = [], []
+
+    def client():
+        for p in imgs:
+            status, out = post(server, p.read_bytes())
+            (got if status == 200 else errors).append((p.name, out.get("probability"), status))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(got) == 32
+    assert all(prob == want[name] for name, prob, _ in got)
+    metrics = json.loads(urllib.request.urlopen(server + "/metrics").read())
+    assert metrics["requests"]["200"] >= 32 and metrics["latency_ms"]["p50"] > 0
+
+
+def test_views_for_the_page(server, images_100x):
+    status, out = post(server, images_100x[0].read_bytes(), path="/v1/classify?views=1")
+    assert status == 200 and len(out["views"]["patches"]) == 6 and len(out["views"]["preprocessed"]) == 6
+    assert all(v.startswith("data:image/jpeg;base64,") for v in out["views"]["patches"])
+
+
+def _chromium():
+    for b, d in (("/usr/bin/chromium", "/usr/bin/chromedriver"),):
+        if os.path.exists(b) and os.path.exists(d):
+            return b, d
+    return None
+
+
+def test_page_in_headless_chromium(server, images_100x, tmp_path):
+    found = _chromium()
+    if found is None:
+        pytest.skip("Chromium/ChromeDriver not installed (.ci/run installs Debian's chromium and chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = found[0]
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,1800"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=found[1]))
+    try:
+        driver.get(server + "/")
+        WebDriverWait(driver, 30).until(lambda d: "backend" in d.find_element(By.ID, "model").text)
+        assert "UNTRAINED" in driver.find_element(By.ID, "warning").text
+        driver.find_element(By.ID, "file").send_keys(str(images_100x[0]))
+        WebDriverWait(driver, 120).until(lambda d: d.find_element(By.ID, "verdict").is_displayed())
+        verdict = driver.find_element(By.ID, "verdict").text
+        assert ("Malignant" in verdict or "Benign" in verdict) and "p(malignant)" in verdict
+        for row in ("patches", "preprocessed"):
+            WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+                f"return [...document.querySelectorAll('#{row} img')].filter(i => i.naturalWidth > 0).length") == 6)
+        assert driver.execute_script("return document.getElementById('canvas').width") == 700
+        shot = tmp_path / "page.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("BREAKHIS_SCREENSHOT_DIR"):
+            shutil.copy(shot, os.environ["BREAKHIS_SCREENSHOT_DIR"])
+    finally:
+        driver.quit()
