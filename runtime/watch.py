@@ -55,6 +55,11 @@ def record(out: Path, result: dict[str, Any]) -> None:
         line = buf.getvalue()
     else:
         line = json.dumps(result | {"finished_at": row["finished_at"]}) + "\n"
+    if out.is_file() and out.stat().st_size:
+        with open(out, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line  # a crash left a torn line: start afresh, the fragment is ignored on reading
     fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())

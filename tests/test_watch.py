@@ -1,0 +1,88 @@
+"""python -m runtime.watch for real: files written slowly in pieces, a corrupt file among good ones, and a restart
+in the middle (no result lost, none done twice)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def start(model_dir, folder, out, idle=None):
+    args = [sys.executable, "-m", "runtime.watch", str(folder), "--out", str(out), "--model", str(model_dir),
+            "--backend", "cpu", "--interval", "0.1", "--settle", "0.6"]
+    if idle is not None:
+        args += ["--exit-when-idle", str(idle)]
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def lines(out):
+    return [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
+
+
+def wait_for(pred, timeout=90):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("fmt", ["jsonl"])
+def test_slow_writes_corrupt_file_and_restart(model_dir, images_100x, tmp_path, fmt):
+    inbox, out = tmp_path / "inbox", tmp_path / f"results.{fmt}"
+    inbox.mkdir()
+    good = [p.read_bytes() for p in images_100x[:3]]
+    proc = start(model_dir, inbox, out)
+    try:
+        # 1: written in three pieces with pauses shorter than --settle: must be read only once complete
+        with open(inbox / "a.png", "wb") as f:
+            for k in range(3):
+                f.write(good[0][k * len(good[0]) // 3:(k + 1) * len(good[0]) // 3])
+                f.flush()
+                time.sleep(0.3)
+        (inbox / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+        assert wait_for(lambda: len(lines(out)) >= 2)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # crash, not a clean stop
+        proc.wait()
+    first = {r["path"]: r for r in lines(out)}
+    assert first[str(inbox / "a.png")]["error"] is None
+    assert "bad.png" in first[str(inbox / "bad.png")]["error"]
+    # 2: more files arrive while it is down; on restart only those are done
+    (inbox / "b.png").write_bytes(good[1])
+    (inbox / "c.png").write_bytes(good[2])
+    proc = start(model_dir, inbox, out, idle=3)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "2 already done" in err
+    rows = lines(out)
+    paths = [r["path"] for r in rows]
+    assert sorted(paths) == sorted(str(inbox / n) for n in ("a.png", "bad.png", "b.png", "c.png"))  # no duplicates
+    by = {r["path"]: r for r in rows}
+    assert by[str(inbox / "b.png")]["label"] in ("Benign", "Malignant")
+
+
+def test_csv_output_and_torn_last_line(model_dir, images_100x, tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "results.csv"
+    inbox.mkdir()
+    (inbox / "a.png").write_bytes(images_100x[0].read_bytes())
+    proc = start(model_dir, inbox, out, idle=2)
+    proc.communicate(timeout=120)
+    text = out.read_text().splitlines()
+    assert text[0].startswith("path,label,probability") and len(text) == 2 and "a.png" in text[1]
+    with open(out, "a") as f:
+        f.write(str(inbox / "b.png")[:10])  # a crash mid-line leaves a fragment; it must not count as done
+    (inbox / "b.png").write_bytes(images_100x[1].read_bytes())
+    proc = start(model_dir, inbox, out, idle=2)
+    proc.communicate(timeout=120)
+    import csv
+
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert [r["path"] for r in rows if r["label"]] == [str(inbox / "a.png"), str(inbox / "b.png")]
