@@ -1,8 +1,8 @@
 """python -m benchmarks: the runtime against the PyTorch FP32 eager baseline, interleaved on the same images.
 
 Per-image variants run one after another on each image (baseline, runtime, baseline, ...) so that machine noise
-hits both alike; the batch variant runs the whole list per repeat. Warm-up passes are excluded. Peak RSS is measured
-per variant in a fresh child process.
+hits all alike; throughput variants run the whole list per repeat. Warm-up passes are excluded. Peak RSS is
+measured per variant in a fresh child process. A variant that cannot run here is reported with the reason.
 """
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.variants import BASELINE, RUNTIME_CPU, RUNTIME_CPU_BATCH, VARIANTS, open_variant
+from benchmarks.variants import RUNTIME_TRT_FP16, SUITES, open_variant
 
 EPILOG = """examples:
   python -m benchmarks --images ../shared/data/breakhis-100x --json benchmarks/results/cpu.json
-  python -m benchmarks --images DIR --limit 8 --repeats 1     # quick look
+  python -m benchmarks --images DIR --limit 8 --repeats 1                   # quick look
+  python -m benchmarks --suite gpu --images DIR --json benchmarks/results/gpu.json --fp16-tflops 989
 """
+GFLOP_PER_FIELD = 184.0  # 6 VGG16 passes at 224x224 (2 x 15.4 GMAC each) plus the head
+FP16_DENSE_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H200": 989.0}  # datasheet, dense tensor
 
 
 def machine() -> dict:
@@ -31,14 +34,14 @@ def machine() -> dict:
 
     cpu = platform.processor()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "platform": platform.platform()}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            "platform": platform.platform()}
 
 
 def summarise(total_s: list[float], pre_s: list[float], inf_s: list[float]) -> dict:
@@ -58,62 +61,100 @@ def peak_rss(variant: str, model: Path, threads: int, images: list[Path]) -> flo
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"])
 
 
+def tensor_core_floor(variant, gpu_name: str | None, tflops: float | None, batch: int = 32) -> dict:
+    """TensorRT FP16 at a full batch against the tensor-core floor: GFLOP per field / the GPU's dense FP16 rate."""
+    backend = variant.keep.backend
+    n = min(batch, backend.max_batch)
+    times = []
+    for _ in range(3):
+        backend.run_device(n)
+    for _ in range(20):
+        t0 = time.perf_counter()
+        backend.run_device(n)
+        times.append(time.perf_counter() - t0)
+    ms_per_field = float(np.median(times)) * 1e3 / n
+    rate = tflops or FP16_DENSE_TFLOPS.get(gpu_name or "")
+    out = {"batch": n, "ms_per_field": ms_per_field}
+    if rate:
+        floor = GFLOP_PER_FIELD / (rate * 1e3) * 1e3  # ms per field
+        out |= {"fp16_dense_tflops": rate, "floor_ms_per_field": floor, "vs_floor": ms_per_field / floor}
+    else:
+        out["note"] = "pass --fp16-tflops (the GPU's dense FP16 tensor rate) for the floor"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path, required=True, help="folder of images (all must be classifiable)")
     ap.add_argument("--model", type=Path, default=Path("models/reference"), help="model directory")
+    ap.add_argument("--suite", choices=sorted(SUITES), default="cpu", help="cpu (default) or gpu variants")
     ap.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N images")
     ap.add_argument("--repeats", type=int, default=2, help="timed passes over the images (default: 2)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed images per variant first (default: 2)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every variant")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant peak RSS children")
+    ap.add_argument("--fp16-tflops", type=float, default=None, help="GPU dense FP16 rate for the floor (gpu suite)")
     args = ap.parse_args(argv)
     from runtime.inputs import image_files
 
     images = image_files(args.images)[: args.limit]
     if not images:
         ap.error(f"--images {args.images}: no images found")
-    runners = {}
-    for v in VARIANTS:
-        runners[v] = open_variant(v, args.model, args.threads)
-    per_image = [BASELINE, RUNTIME_CPU]
+    baseline, per_image, throughput = SUITES[args.suite]
+    variants, skipped = {}, {}
+    for v in (*per_image, *throughput):
+        try:
+            variants[v] = open_variant(v, args.model, args.threads)
+        except Exception as e:  # each backend fails in its own way where it cannot run; report, don't crash
+            skipped[v] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"  {v} skipped: {skipped[v]}", file=sys.stderr)
+    if baseline not in variants:
+        print(f"error: the baseline {baseline} cannot run here: {skipped[baseline]}", file=sys.stderr)
+        return 1
+    per_image = [v for v in per_image if v in variants]
+    throughput = [v for v in throughput if v in variants]
     for v in per_image:
         for p in images[: args.warmup]:
-            runners[v][0](p)
-    runners[RUNTIME_CPU_BATCH][1](images[: max(args.warmup, 1) * 4])
+            variants[v].run(p)
+    for v in throughput:
+        variants[v].run_all(images[: max(args.warmup, 1) * 4])
 
-    times: dict[str, tuple[list[float], list[float], list[float]]] = {v: ([], [], []) for v in VARIANTS}
+    times: dict[str, tuple[list[float], list[float], list[float]]] = {v: ([], [], []) for v in variants}
     n = len(images) * args.repeats
     print(f"timing {len(per_image)} per-image variants on {len(images)} images x {args.repeats} repeats "
           f"({args.threads} threads) ...", file=sys.stderr)
     for rep in range(args.repeats):
         for i, p in enumerate(images):
-            for v in (per_image if (i + rep) % 2 == 0 else per_image[::-1]):  # alternate who goes first
+            order = per_image if (i + rep) % 2 == 0 else per_image[::-1]  # alternate who goes first
+            for v in order:
                 t0 = time.perf_counter()
-                pre, inf = runners[v][0](p)
+                pre, inf = variants[v].run(p)
                 times[v][0].append(time.perf_counter() - t0)
                 times[v][1].append(pre)
                 times[v][2].append(inf)
-            done = rep * len(images) + i + 1
-            print(f"\r  {done}/{n} images", end="", file=sys.stderr)
-        t0 = time.perf_counter()
-        runners[RUNTIME_CPU_BATCH][1](images)
-        times[RUNTIME_CPU_BATCH][0].append((time.perf_counter() - t0) / len(images))
+            print(f"\r  {rep * len(images) + i + 1}/{n} images", end="", file=sys.stderr)
+        for v in throughput:
+            t0 = time.perf_counter()
+            variants[v].run_all(images)
+            times[v][0].append((time.perf_counter() - t0) / len(images))
     print(file=sys.stderr)
 
-    result = {"machine": machine(), "model": str(args.model), "images": len(images), "repeats": args.repeats,
-              "warmup_images": args.warmup, "threads": args.threads, "variants": {}}
-    for v in VARIANTS:
-        result["variants"][v] = summarise(*times[v])
-    result["variants"][RUNTIME_CPU_BATCH]["note"] = "throughput: whole list at batch 4; ms are per image, amortised"
-    base_p50 = result["variants"][BASELINE]["p50_ms"]
-    for v, r in result["variants"].items():
+    m = machine()
+    result = {"machine": m, "suite": args.suite, "model": str(args.model), "images": len(images),
+              "repeats": args.repeats, "warmup_images": args.warmup, "threads": args.threads, "baseline": baseline,
+              "variants": {v: summarise(*times[v]) for v in variants}, "skipped": skipped}
+    for v in throughput:
+        result["variants"][v]["note"] = "throughput: whole list per call; ms are per image, amortised"
+    base_p50 = result["variants"][baseline]["p50_ms"]
+    for r in result["variants"].values():
         r["speedup_vs_baseline"] = base_p50 / r["p50_ms"]
+    if RUNTIME_TRT_FP16 in variants:
+        result["tensor_core_floor"] = tensor_core_floor(variants[RUNTIME_TRT_FP16], m["gpu"], args.fp16_tflops)
     if not args.no_memory:
         print("measuring peak RSS per variant (one child process each) ...", file=sys.stderr)
-        for v in VARIANTS:
+        for v in variants:
             result["variants"][v]["peak_rss_mb"] = peak_rss(v, args.model, args.threads, images[:8])
     print(table(result))
     if args.json:
@@ -125,16 +166,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(result: dict) -> str:
     m = result["machine"]
-    lines = [f"{m['cpu']}, {m['cores']} cores; {result['images']} images x {result['repeats']} repeats, "
-             f"{result['threads']} threads",
+    lines = [f"{m['gpu'] or m['cpu']}, {m['cores']} cores; {result['images']} images x {result['repeats']} "
+             f"repeats, {result['threads']} threads",
              f"{'variant':34s} {'p50 ms':>8s} {'p95 ms':>8s} {'img/s':>7s} {'pre ms':>7s} {'inf ms':>7s} "
              f"{'RSS MB':>7s} {'speedup':>8s}"]
+
+    def f(x: float | None, fmt: str) -> str:
+        return format(x, fmt) if x is not None else "-"
+
     for v, r in result["variants"].items():
-        def f(x, fmt):
-            return format(x, fmt) if x is not None else "-"
         lines.append(f"{v:34s} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['images_per_s']:7.2f} "
                      f"{f(r['preprocess_p50_ms'], '7.1f'):>7s} {f(r['inference_p50_ms'], '7.1f'):>7s} "
                      f"{f(r.get('peak_rss_mb'), '7.0f'):>7s} {r['speedup_vs_baseline']:7.2f}x")
+    lines += [f"{v:34s} skipped: {why}" for v, why in result["skipped"].items()]
+    if "tensor_core_floor" in result:
+        lines.append(f"tensor-core floor: {json.dumps(result['tensor_core_floor'])}")
     return "\n".join(lines)
 
 

@@ -18,13 +18,16 @@ from runtime.manifest import Manifest
 
 
 class Baseline:
-    def __init__(self, model_dir: Path | str, threads: int | None = None) -> None:
+    def __init__(self, model_dir: Path | str, threads: int | None = None, device: str = "cpu") -> None:
         self.manifest = Manifest.load(model_dir)
         self.contract = self.manifest.contract
         ckpt = self.manifest.provenance.checkpoint
         if not ckpt:
             raise FileNotFoundError(f"{model_dir}: manifest names no PyTorch checkpoint for the baseline")
-        self.model = load_checkpoint(Path(model_dir) / ckpt)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("this PyTorch build has no CUDA device (install a CUDA build of torch on the GPU box)")
+        self.device = torch.device(device)
+        self.model = load_checkpoint(Path(model_dir) / ckpt).to(self.device)
         if threads:
             torch.set_num_threads(threads)
 
@@ -50,7 +53,8 @@ class Baseline:
 
     @torch.no_grad()
     def infer(self, fields: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(np.ascontiguousarray(fields)))[1].numpy().reshape(-1)
+        x = torch.from_numpy(np.ascontiguousarray(fields)).to(self.device)
+        return self.model(x)[1].cpu().numpy().reshape(-1)  # .cpu() waits for the GPU
 
     def classify(self, path: Path | str) -> float:
         return float(self.infer(self.preprocess(path))[0])

@@ -18,8 +18,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("images", nargs="+", type=Path)
     a = ap.parse_args()
-    _, run_all, _keep = open_variant(a.variant, a.model, a.threads)
-    run_all(a.images)
+    open_variant(a.variant, a.model, a.threads).run_all(a.images)
     # VmHWM, not getrusage: Linux carries ru_maxrss across exec, so a child would report its parent's peak.
     hwm_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                   if line.startswith("VmHWM:"))

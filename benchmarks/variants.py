@@ -1,51 +1,84 @@
-"""The things being timed, each behind the same call: ``run(path) -> (preprocess_s, inference_s)``."""
+"""The things being timed, each behind the same calls: ``run(path) -> (preprocess_s, inference_s)`` per image and
+``run_all(paths)`` for throughput. Two suites: CPU (the embedded default) and GPU (same GPU for every variant)."""
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BASELINE = "baseline_pytorch_fp32_eager"
 RUNTIME_CPU = "runtime_onnxruntime_cpu"
 RUNTIME_CPU_BATCH = "runtime_onnxruntime_cpu_batch4"  # throughput: 4 fields per inference call
-VARIANTS = (BASELINE, RUNTIME_CPU, RUNTIME_CPU_BATCH)
+BASELINE_CUDA = "baseline_pytorch_fp32_eager_cuda"
+RUNTIME_ORT_CUDA = "runtime_onnxruntime_cuda"
+RUNTIME_TRT_FP16 = "runtime_tensorrt_fp16"
+RUNTIME_TRT_INT8 = "runtime_tensorrt_int8"
 
-Runner = Callable[[Path], tuple[float, float]]
+# suite -> (baseline, per-image variants, throughput variants)
+SUITES = {
+    "cpu": (BASELINE, (BASELINE, RUNTIME_CPU), (RUNTIME_CPU_BATCH,)),
+    "gpu": (BASELINE_CUDA, (BASELINE_CUDA, RUNTIME_ORT_CUDA, RUNTIME_TRT_FP16, RUNTIME_TRT_INT8), ()),
+}
+VARIANTS = tuple(dict.fromkeys(v for _, per, thr in SUITES.values() for v in (*per, *thr)))
 
 
-def open_variant(name: str, model_dir: Path, threads: int) -> tuple[Runner, Callable[[list[Path]], None], object]:
-    """(per-image runner, whole-list runner, object to keep alive) for a variant."""
-    if name == BASELINE:
-        from benchmarks.baseline import Baseline
+@dataclass
+class Variant:
+    run: Callable[[Path], tuple[float, float]]  # one image -> (preprocess s, inference s)
+    run_all: Callable[[list[Path]], None]  # a list of images at the variant's batch size
+    keep: Any  # the object behind it (kept alive while timing)
 
-        base = Baseline(model_dir, threads=threads)
 
-        def run_base(p: Path) -> tuple[float, float]:
-            t0 = time.perf_counter()
-            x = base.preprocess(p)  # decode + the original per-patch preprocessing
-            t1 = time.perf_counter()
-            base.infer(x)
-            return t1 - t0, time.perf_counter() - t1
+def _baseline(model_dir: Path, threads: int, device: str) -> Variant:
+    from benchmarks.baseline import Baseline
 
-        def run_all_base(ps: list[Path]) -> None:
-            for p in ps:
-                run_base(p)
+    base = Baseline(model_dir, threads=threads, device=device)
 
-        return run_base, run_all_base, base
-    if name in (RUNTIME_CPU, RUNTIME_CPU_BATCH):
-        from runtime.classifier import Classifier
+    def run(p: Path) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        x = base.preprocess(p)  # decode + the original per-patch preprocessing
+        t1 = time.perf_counter()
+        base.infer(x)
+        return t1 - t0, time.perf_counter() - t1
 
-        clf = Classifier(model_dir, backend="cpu", threads=threads, batch_size=4 if name == RUNTIME_CPU_BATCH else 1)
+    def run_all(ps: list[Path]) -> None:
+        for p in ps:
+            run(p)
 
-        def run_rt(p: Path) -> tuple[float, float]:
-            (r,) = clf.classify([p])
-            if r.error:
-                raise RuntimeError(r.error)
-            t = r.timings_ms
-            return (t["decode"] + t["preprocess"]) / 1e3, t["inference"] / 1e3
+    return Variant(run, run_all, base)
 
-        def run_all_rt(ps: list[Path]) -> None:
-            clf.classify(ps)
 
-        return run_rt, run_all_rt, clf
-    raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+def _runtime(model_dir: Path, threads: int, **kw: Any) -> Variant:
+    from runtime.classifier import Classifier
+
+    clf = Classifier(model_dir, threads=threads, **kw)
+
+    def run(p: Path) -> tuple[float, float]:
+        (r,) = clf.classify([p])
+        if r.error:
+            raise RuntimeError(r.error)
+        t = r.timings_ms
+        return (t["decode"] + t["preprocess"]) / 1e3, t["inference"] / 1e3
+
+    def run_all(ps: list[Path]) -> None:
+        clf.classify(ps)
+
+    return Variant(run, run_all, clf)
+
+
+def open_variant(name: str, model_dir: Path, threads: int) -> Variant:
+    """Open a variant; raises (BackendUnavailable, GpuUnavailable, ...) where it cannot run on this machine."""
+    openers: dict[str, Callable[[], Variant]] = {
+        BASELINE: lambda: _baseline(model_dir, threads, "cpu"),
+        BASELINE_CUDA: lambda: _baseline(model_dir, threads, "cuda"),
+        RUNTIME_CPU: lambda: _runtime(model_dir, threads, backend="cpu", batch_size=1),
+        RUNTIME_CPU_BATCH: lambda: _runtime(model_dir, threads, backend="cpu", batch_size=4),
+        RUNTIME_ORT_CUDA: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", batch_size=1),
+        RUNTIME_TRT_FP16: lambda: _runtime(model_dir, threads, backend="tensorrt", precision="fp16", batch_size=1),
+        RUNTIME_TRT_INT8: lambda: _runtime(model_dir, threads, backend="tensorrt", precision="int8", batch_size=1),
+    }
+    if name not in openers:
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(openers)}")
+    return openers[name]()

@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     ker.add_argument("--feature-extractor", type=Path, required=True, help="VGG16 + GAP + Dense + BN model (.h5)")
     ker.add_argument("--classifier", type=Path, required=True, help="Bidirectional LSTM + BN + Dense model (.h5)")
     _common(ker, None)
+    i8 = sub.add_parser("int8", help="INT8 Q/DQ ONNX (for TensorRT 11), calibrated on real images and gated")
+    i8.add_argument("-m", "--model", type=Path, default=Path("models/reference"), help="model directory")
+    i8.add_argument("--calib-images", type=Path, required=True, help="folder of real images")
+    i8.add_argument("--calib-count", type=int, default=32, help="the first N images calibrate (default 32); the "
+                    "fidelity gate runs on the folder's remaining images")
     trt = sub.add_parser("trt", help="build a TensorRT engine for this GPU (TensorRT 10 or 11)")
     trt.add_argument("-m", "--model", type=Path, default=Path("models/reference"), help="model directory")
     trt.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
@@ -65,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return _trt(args)
     if args.cmd == "verify":
         return _verify(args)
+    if args.cmd == "int8":
+        return _int8(args)
 
     # Heavy imports after argument parsing so that --help is instant.
     from export.artefacts import ExportError, default_parity_images, write_model_dir
@@ -137,6 +144,37 @@ def _trt(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _int8(args: argparse.Namespace) -> int:
+    import onnx
+
+    from export.int8 import accept, quantize
+    from export.trt_support import check_onnx
+    from export.verify import verify
+    from runtime.manifest import ModelError
+
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    try:
+        tmp = quantize(args.model, args.calib_images, args.calib_count, log)
+    except (ModelError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        problems = check_onnx(onnx.load(str(tmp)))
+        if problems:
+            log("the Q/DQ model is outside TensorRT's ONNX support:\n  " + "\n  ".join(problems))
+            return 1
+        fid = verify(args.model, args.calib_images, onnx_file=tmp.name, start=args.calib_count)
+        print("\n".join(fid.lines()).replace(tmp.name, "model.int8.qdq.onnx (held-out images)"))
+        if not fid.ok:
+            log("INT8 rejected by the fidelity gate: not added to the model directory")
+            return 1
+        accept(args.model, tmp)
+        log(f"wrote {args.model / 'model.int8.qdq.onnx'} and listed it in manifest.json")
+        return 0
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _verify(args: argparse.Namespace) -> int:

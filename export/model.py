@@ -76,7 +76,7 @@ class SequenceHead(nn.Module):
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         _, (h_n, _) = self.lstm(seq)
         # Keras Bidirectional(return_sequences=False): forward final state, then backward final state.
-        last = torch.cat(list(h_n), dim=1)
+        last = torch.cat([h_n[i] for i in range(h_n.shape[0])], dim=1)
         return self.dense(self.bn(last))
 
 

@@ -45,8 +45,8 @@ def field_probs(clf: Classifier, images: list[Path]) -> np.ndarray:
 
 
 def verify(model_dir: Path, images_dir: Path, backend: str = "tensorrt", precision: str = "fp16",
-           onnx_file: str | None = None, limit: int | None = None) -> Fidelity:
-    images = image_files(images_dir)[:limit]
+           onnx_file: str | None = None, limit: int | None = None, start: int = 0) -> Fidelity:
+    images = image_files(images_dir)[start:][:limit]
     if not images:
         raise RuntimeError(f"{images_dir}: no images")
     with Classifier(model_dir, backend="cpu", preprocess="cpu") as ref:

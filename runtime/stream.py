@@ -68,7 +68,7 @@ def run_stream(clf: Any, source: int | str, rate: float, out_path: Path | None =
             shown = annotate(frame, result) if result is not None else frame
             if out_path is not None:
                 if writer is None:
-                    fourcc = cv2.VideoWriter_fourcc(*("mp4v" if out_path.suffix == ".mp4" else "MJPG"))
+                    fourcc = cv2.VideoWriter.fourcc(*("mp4v" if out_path.suffix == ".mp4" else "MJPG"))
                     writer = cv2.VideoWriter(str(out_path), fourcc, fps, (frame.shape[1], frame.shape[0]))
                 writer.write(shown)
             if show:
