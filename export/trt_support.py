@@ -79,6 +79,8 @@ def check_onnx(model: onnx.ModelProto) -> list[str]:
         problems.append(f"opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}")
     consts = {i.name for i in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    # Explicitly quantised weights (initializer -> DequantizeLinear) count as constant weights for the parser.
+    consts |= {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts}
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         check = SUPPORTED.get(node.op_type) if node.domain in ("", "ai.onnx") else None

@@ -166,3 +166,26 @@ def test_tampered_sidecar_is_refused_before_deserialising(engine_dir, images_100
     side.write_text(json.dumps(d))
     with pytest.raises(BackendUnavailable, match="built for another tensorrt"):
         Classifier(engine_dir, backend="tensorrt")
+
+
+def test_int8_qdq_is_parser_clean_and_gated(model_dir, shared_data, tmp_path):
+    """The Q/DQ model (TensorRT 11's INT8 input) is symmetric and parser-clean; the export ships it only if it
+    passes the fidelity gate on held-out images, and says which way it went."""
+    from export.int8 import QDQ_FILE, quantize
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d, ignore=shutil.ignore_patterns("engines"))
+    tmp = quantize(d, shared_data / "breakhis-100x", calib_count=4, log=lambda m: None)
+    q = onnx.load(str(tmp))
+    assert check_onnx(q) == []
+    assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) >= 14  # 13 convs + dense, at least
+    assert not any(n.op_type == "LSTM" and any("quant" in i.lower() for i in n.input) for n in q.graph.node)
+    tmp.unlink()
+    proc = run_module("export", "int8", "-m", str(d), "--calib-images", str(shared_data / "breakhis-100x"),
+                      "--calib-count", "8")
+    listed = QDQ_FILE in json.loads((d / "manifest.json").read_text())["files"]
+    if proc.returncode == 0:
+        assert "PASS" in proc.stdout and listed and (d / QDQ_FILE).is_file()
+    else:
+        assert "FAIL" in proc.stdout and "rejected by the fidelity gate" in proc.stderr
+        assert not listed and not (d / QDQ_FILE).exists()
