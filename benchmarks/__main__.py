@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     images = image_files(args.images)[: args.limit]
     if not images:
         ap.error(f"--images {args.images}: no images found")
-    baseline, per_image, throughput = SUITES[args.suite]
+    baseline, wanted_per_image, wanted_throughput = SUITES[args.suite]
     variants, skipped = {}, {}
-    for v in (*per_image, *throughput):
+    for v in (*wanted_per_image, *wanted_throughput):
         try:
             variants[v] = open_variant(v, args.model, args.threads)
         except Exception as e:  # each backend fails in its own way where it cannot run; report, don't crash
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if baseline not in variants:
         print(f"error: the baseline {baseline} cannot run here: {skipped[baseline]}", file=sys.stderr)
         return 1
-    per_image = [v for v in per_image if v in variants]
-    throughput = [v for v in throughput if v in variants]
+    per_image = [v for v in wanted_per_image if v in variants]
+    throughput = [v for v in wanted_throughput if v in variants]
     for v in per_image:
         for p in images[: args.warmup]:
             variants[v].run(p)

@@ -56,10 +56,10 @@ class Result:
 class _Pending:
     result: Result
     plan: FieldPlan | None = None
-    fields: np.ndarray | None = None  # (F, T, 3, P, P) float32 from the CPU path, or ...
-    bgr: np.ndarray | None = None  # ... the decoded image, preprocessed on the GPU straight into the engine input
+    bgr: np.ndarray | None = None  # the decoded image; its fields are preprocessed batch by batch
     probs: list[np.ndarray] = field(default_factory=list)
     done: int = 0  # fields inferred so far
+    t_pre: float = 0.0
     t_infer: float = 0.0
 
     @property
@@ -87,6 +87,8 @@ class Classifier:
                               getattr(self.backend, "max_batch", None) or 1 << 30)
         self.gpu = _open_gpu_preprocessor(preprocess, self.backend, self.contract)
         self.device_input = self.gpu is not None and getattr(self.backend, "input_ptr", None) is not None
+        c = self.contract
+        self._batch = np.empty((self.batch_size, c.seq_len, 3, c.patch, c.patch), np.float32)  # reused
         self.model_info = self.manifest.model_info() | {"backend": self.backend.name,
                                                         "preprocess": "gpu" if self.gpu else "cpu"}
         if notes:
@@ -126,18 +128,11 @@ class Classifier:
             h, w = dec.bgr.shape[:2]
             res.size, res.conversions = (w, h), dec.conversions
             plan = plan_fields(h, w, self.contract)
-            if self.device_input:
-                pending = _Pending(res, plan, bgr=dec.bgr)  # preprocessed at batch time, on the GPU
-            elif self.gpu is not None:
-                pending = _Pending(res, plan, fields=self.gpu.to_host([dec.bgr], [plan]))
-            else:
-                pending = _Pending(res, plan, fields=preprocess_fields(dec.bgr, plan, self.contract))
         except (ImageError, TilingError) as e:
             res.error = str(e) if isinstance(e, ImageError) else f"{name}: {e}"
             return _Pending(res)
-        t2 = time.perf_counter()
-        res.timings_ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
-        return pending
+        res.timings_ms = {"decode": (t1 - t0) * 1e3}
+        return _Pending(res, plan, dec.bgr)
 
     def _infer_batch(self, queue: list[_Pending]) -> None:
         """Run up to batch_size pending fields (from one or several images) through the backend at once."""
@@ -149,25 +144,35 @@ class Classifier:
                 n += take
             if n == self.batch_size:
                 break
+        images, plans = [], []
+        for p, take in owners:  # only the fields going into this batch are preprocessed: memory stays bounded
+            assert p.plan is not None and p.bgr is not None
+            images.append(p.bgr)
+            plans.append(replace(p.plan, field_origins=p.plan.field_origins[p.done:p.done + take]))
         t0 = time.perf_counter()
-        if self.device_input:  # one kernel launch for every field of the batch, written into the engine input
+        if self.device_input:  # one kernel launch for the whole batch, written into the engine's input
             backend = cast(DeviceInputBackend, self.backend)
-            images, plans = [], []
-            for p, take in owners:
-                assert p.plan is not None and p.bgr is not None
-                images.append(p.bgr)
-                plans.append(replace(p.plan, field_origins=p.plan.field_origins[p.done:p.done + take]))
             self.gpu.submit(images, plans, dst=backend.input_ptr)
+            t1 = time.perf_counter()
             probs = backend.run_device(n)
         else:
-            parts = [cast(np.ndarray, p.fields)[p.done:p.done + take] for p, take in owners]
-            probs = self.backend.run(parts[0] if len(parts) == 1 else np.concatenate(parts))
-        dt = time.perf_counter() - t0
+            if self.gpu is not None:  # GPU kernel, result brought back for a CPU-side backend
+                batch = self.gpu.to_host(images, plans)
+            else:
+                batch = self._batch[:n]
+                k = 0
+                for img, plan in zip(images, plans):
+                    preprocess_fields(img, plan, self.contract, out=batch[k:k + plan.n_fields])
+                    k += plan.n_fields
+            t1 = time.perf_counter()
+            probs = self.backend.run(batch)
+        t2 = time.perf_counter()
         k = 0
-        for p, take in owners:
+        for p, take in owners:  # each image is charged its share of the batch
             p.probs.append(probs[k:k + take])
             p.done += take
-            p.t_infer += dt * take / n  # each image is charged its share of the batch
+            p.t_pre += (t1 - t0) * take / n
+            p.t_infer += (t2 - t1) * take / n
             k += take
 
     def _pop_finished(self, queue: list[_Pending]) -> Iterator[Result]:
@@ -188,9 +193,10 @@ class Classifier:
                       for i, ((y, x), pr) in enumerate(zip(plan.field_origins, probs))]
         res.probability = float(probs.max())
         res.label = c.label(res.probability)
+        res.timings_ms["preprocess"] = p.t_pre * 1e3
         res.timings_ms["inference"] = p.t_infer * 1e3
         res.timings_ms["total"] = sum(res.timings_ms.values())
-        p.fields = p.bgr = None  # release the pixels as soon as the image is done
+        p.bgr = None  # release the pixels as soon as the image is done
 
     def close(self) -> None:
         self.backend.close()
