@@ -8,17 +8,20 @@
   GET  /healthz       liveness
   GET  /metrics       request counts and latency percentiles
 
-One model and backend are loaded once and shared by all requests; inference calls are serialised (one model,
-one set of cores or one GPU stream). Bad uploads get a 4xx with the reason, never a 500.
+One model and backend are loaded once and owned by one worker thread; concurrent requests are batched together
+(their fields share inference calls, up to the backend's batch size). Bad uploads get a 4xx with the reason.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import queue
 import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,38 @@ def patch_views(bgr: np.ndarray, result: dict[str, Any], contract: Any) -> dict[
     return {"field": best, "patches": raw, "preprocessed": shown}
 
 
+class Batcher:
+    """One worker thread owns the classifier: requests queue their decoded images, the worker takes all that are
+    waiting (up to max_items) and classifies them together, so concurrent requests share GPU batches, and the
+    event loop never blocks on inference."""
+
+    def __init__(self, clf: Any, max_items: int = 16) -> None:
+        self.clf, self.max_items = clf, max_items
+        self.queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()
+        threading.Thread(target=self._work, name="classifier", daemon=True).start()
+
+    def submit(self, bgr: np.ndarray) -> Future:
+        fut: Future = Future()
+        self.queue.put((bgr, fut))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            items = [self.queue.get()]
+            while len(items) < self.max_items:
+                try:
+                    items.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                for (_, fut), res in zip(items, self.clf.classify([bgr for bgr, _ in items])):
+                    fut.set_result(res)
+            except Exception as e:  # never leave a request waiting forever
+                for _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(e)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -85,7 +120,7 @@ def create_app(model_dir: Path, backend: str = "auto", threads: int | None = Non
     from runtime.classifier import Classifier
 
     clf = Classifier(model_dir, backend=backend, threads=threads, max_pixels=max_pixels)
-    infer_lock = threading.Lock()
+    batcher = Batcher(clf)
     metrics = Metrics()
     app = FastAPI(title="breakhis-edge", docs_url=None, redoc_url=None)
 
@@ -148,8 +183,7 @@ def create_app(model_dir: Path, backend: str = "auto", threads: int | None = Non
         except ImageError as e:
             return error(422 if data else 400, str(e))
         t1 = time.perf_counter()
-        with infer_lock:
-            (res,) = clf.classify([dec.bgr])
+        res = await asyncio.wrap_future(batcher.submit(dec.bgr))
         if res.error:
             return error(422, res.error.replace("<array>", name))
         out = res.to_dict()
