@@ -78,13 +78,15 @@ class GpuPreprocessor:
             finally:
                 self.cuda.Context.pop()
 
-    def _buffer(self, name: str, nbytes: int, pinned: bool) -> tuple[Any, Any]:
-        """(page-locked host array or None, device allocation) of at least nbytes, grown only when needed."""
+    def _buffer(self, name: str, nbytes: int, pinned: bool, device: bool = True) -> tuple[Any, Any]:
+        """(page-locked host array or None, device allocation or None) of at least nbytes, grown only when needed."""
         host, dev, size = self._bufs.get(name, (None, None, 0))
         if size < nbytes:
             size = max(nbytes, size * 2)
+            if dev is not None:
+                dev.free()
             host = self.cuda.pagelocked_empty(size, np.uint8) if pinned else None
-            dev = self.cuda.mem_alloc(size)
+            dev = self.cuda.mem_alloc(size) if device else None
             self._bufs[name] = (host, dev, size)
         return host, dev
 
@@ -118,7 +120,8 @@ class GpuPreprocessor:
             threads = abi.thread_count(self.contract, n)
             grid = (-(-threads // abi.BLOCK), 1)
             # kept so the benchmark can time the kernel alone by re-launching it on the same device data
-            self.last_launch = (grid, (abi.BLOCK, 1, 1), self.stream, d_src, d_meta, int(d_meta) + jobs.nbytes, dst)
+            self.last_launch = (grid, (abi.BLOCK, 1, 1), self.stream, int(d_src), int(d_meta),
+                                int(d_meta) + jobs.nbytes, int(dst))
             self.kernel.prepared_async_call(*self.last_launch)
         return dst, n
 
@@ -129,7 +132,7 @@ class GpuPreprocessor:
         c = self.contract
         out = np.empty((n, c.seq_len, 3, c.patch, c.patch), np.float16 if self.fp16 else np.float32)
         with self.active():
-            host, _ = self._buffer("download", out.nbytes, pinned=True)
+            host, _ = self._buffer("download", out.nbytes, pinned=True, device=False)
             self.cuda.memcpy_dtoh_async(host[: out.nbytes], dptr, self.stream)
             self.stream.synchronize()
             out.reshape(-1).view(np.uint8)[:] = host[: out.nbytes]
@@ -139,6 +142,7 @@ class GpuPreprocessor:
         with self.active():
             self.stream.synchronize()
             for _, dev, _ in self._bufs.values():
-                dev.free()
+                if dev is not None:
+                    dev.free()
             self._bufs.clear()
         self.ctx.detach()
