@@ -35,16 +35,25 @@ struct Params {
 
 constexpr int kVec = 8;  // outputs per channel per thread: 8 halves = 16 bytes, 8 floats = 2 x 16 bytes
 
-// The value of one output element: destination channel c of pixel (y, x) of patch t of a field.
-// float(v) - mean, then * scale, each rounded once in FP32: the same operations numpy performs.
-__host__ __device__ inline float element(const uint8_t* src, const FieldJob& job, const Params& p, int t, int c,
-                                         int y, int x) {
-    const int sy = job.origin_y + (t / p.cols) * p.stride + y;
-    const int sx = job.origin_x + (t % p.cols) * p.stride + x;
-    const int sc = (job.src_bgr == p.dst_bgr) ? c : 2 - c;
-    const uint8_t v = src[job.src_offset + (int64_t)sy * job.pitch + (int64_t)sx * job.channels + sc];
+// The per-element arithmetic: float(v) - mean, then * scale, each rounded once in FP32, as numpy does it.
+__host__ __device__ inline float normalise(uint8_t v, const Params& p, int c) {
     const float d = (float)v - p.mean[c];
     return p.scale[c] == 1.0f ? d : d * p.scale[c];
+}
+
+// Copy n (<= 32) contiguous bytes using the widest loads the address allows (16, 8 or 4 bytes, then single
+// bytes): a warp's threads read adjacent runs, so the warp's loads are coalesced as well as wide.
+__host__ __device__ inline void load_run(const uint8_t* src, int n, uint8_t* out) {
+    const uintptr_t a = (uintptr_t)src;
+    int i = 0;
+    if ((a & 15) == 0) {
+        for (; i + 16 <= n; i += 16) *reinterpret_cast<uint4*>(out + i) = *reinterpret_cast<const uint4*>(src + i);
+    } else if ((a & 7) == 0) {
+        for (; i + 8 <= n; i += 8) *reinterpret_cast<uint2*>(out + i) = *reinterpret_cast<const uint2*>(src + i);
+    } else if ((a & 3) == 0) {
+        for (; i + 4 <= n; i += 4) *reinterpret_cast<uint32_t*>(out + i) = *reinterpret_cast<const uint32_t*>(src + i);
+    }
+    for (; i < n; ++i) out[i] = src[i];
 }
 
 // Threads needed for a launch: one per (field, patch, row, group of kVec columns).
@@ -53,8 +62,8 @@ __host__ __device__ inline int64_t thread_count(const Params& p) {
     return (int64_t)p.n_fields * p.rows * p.cols * p.patch * groups;
 }
 
-// Everything thread `tid` does: read kVec pixels of one patch row (all channels, adjacent bytes, so a warp reads
-// one contiguous span) and write kVec outputs to each of the 3 channel planes, 16-byte stores when aligned.
+// Everything thread `tid` does: read kVec pixels of one patch row (all channels: one run of adjacent bytes, wide
+// loads where aligned) and write kVec outputs to each of the 3 channel planes, 16-byte stores when aligned.
 __host__ __device__ inline void thread_work(int64_t tid, const uint8_t* src, const FieldJob* jobs, const Params& p,
                                             void* dst) {
     const int groups = (p.patch + kVec - 1) / kVec;
@@ -70,9 +79,14 @@ __host__ __device__ inline void thread_work(int64_t tid, const uint8_t* src, con
     const int n = (p.patch - x0) < kVec ? (p.patch - x0) : kVec;
     const int64_t plane = (int64_t)p.patch * p.patch;
     const int64_t base = ((int64_t)(p.dst_field0 + f) * T + t) * 3 * plane + (int64_t)y * p.patch + x0;
+    const int sy = job.origin_y + (t / p.cols) * p.stride + y;
+    const int sx = job.origin_x + (t % p.cols) * p.stride + x0;
+    alignas(16) uint8_t px[kVec * 4];  // n pixels x (3 or 4) channels, as stored
+    load_run(src + job.src_offset + (int64_t)sy * job.pitch + (int64_t)sx * job.channels, n * job.channels, px);
     for (int c = 0; c < 3; ++c) {
+        const int sc = (job.src_bgr == p.dst_bgr) ? c : 2 - c;
         float v[kVec];
-        for (int i = 0; i < n; ++i) v[i] = element(src, job, p, t, c, y, x0 + i);
+        for (int i = 0; i < n; ++i) v[i] = normalise(px[i * job.channels + sc], p, c);
         const int64_t o = base + c * plane;
         if (p.fp16) {
             __half* out = static_cast<__half*>(dst) + o;
