@@ -1,4 +1,5 @@
-"""python -m export: turn weights into the artefacts under models/ (ONNX FP32 + FP16, manifest, report)."""
+"""python -m export: turn weights into the artefacts under models/ (ONNX FP32 + FP16, manifest, report), and
+build / check what is deployed from them (INT8 Q/DQ ONNX, TensorRT engines, fidelity against FP32)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ EPILOG = """examples:
   python -m export reference                      # seeded UNTRAINED model -> models/reference
   python -m export onnx --checkpoint my.pt -o models/breakhis-v1 --source "trained by X, 2026-11"
   python -m export keras --feature-extractor fe.h5 --classifier lstm.h5 -o models/breakhis-keras
+  python -m export int8 -m models/reference --calib-images DIR       # Q/DQ ONNX, kept only if it passes the gate
   python -m export trt -m models/reference --precision fp16          # on the Jetson / GPU box itself
   python -m export verify -m models/reference --images DIR --backend tensorrt --precision fp16
   python -m export verify -m models/reference --images DIR --onnx model.fp16.onnx   # FP16 ONNX on the CPU
