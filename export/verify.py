@@ -53,11 +53,7 @@ def verify(model_dir: Path, images_dir: Path, backend: str = "tensorrt", precisi
         want = field_probs(ref, images)
         threshold = ref.contract.threshold
     if onnx_file:  # an ONNX variant on ONNX Runtime CPU, e.g. model.fp16.onnx
-        from runtime.backends.ort import OrtBackend
-
-        cand = Classifier(model_dir, backend="cpu", preprocess="cpu")
-        cand.backend.close()
-        cand.backend = OrtBackend(model_dir, cand.manifest, filename=onnx_file)
+        cand = Classifier(model_dir, backend="cpu", preprocess="cpu", onnx_file=onnx_file)
         precision = "fp16" if "fp16" in onnx_file else "int8" if "int8" in onnx_file else "fp32"
     else:
         cand = Classifier(model_dir, backend=backend, precision=precision)

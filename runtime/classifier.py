@@ -75,14 +75,15 @@ class Classifier:
 
     def __init__(self, model_dir: Path | str = "models/reference", backend: str = "auto", batch_size: int | None = None,
                  threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: str = "auto",
-                 precision: str = "fp16", allow_build: bool = False) -> None:
+                 precision: str = "fp16", allow_build: bool = False, onnx_file: str | None = None) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model_dir = Path(model_dir)
         self.manifest = Manifest.load(self.model_dir)
         self.contract = self.manifest.contract
         self.max_pixels = max_pixels
-        self.backend, notes = open_backend(backend, self.model_dir, self.manifest, threads, precision, allow_build)
+        self.backend, notes = open_backend(backend, self.model_dir, self.manifest, threads, precision, allow_build,
+                                           onnx_file)
         self.batch_size = min(batch_size or self.backend.preferred_batch,
                               getattr(self.backend, "max_batch", None) or 1 << 30)
         self.gpu = _open_gpu_preprocessor(preprocess, self.backend, self.contract)
@@ -222,7 +223,8 @@ def _open_gpu_preprocessor(choice: str, backend: Backend, contract: Contract):  
 
     try:
         if device_input:
-            return GpuPreprocessor(contract, fp16=getattr(backend, "input_fp16"), stream=getattr(backend, "stream"))
+            gpu_backend = cast(DeviceInputBackend, backend)
+            return GpuPreprocessor(contract, fp16=gpu_backend.input_fp16, stream=gpu_backend.stream)
         return GpuPreprocessor(contract)
     except GpuUnavailable:
         if choice == "gpu":

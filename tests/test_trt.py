@@ -112,8 +112,11 @@ def test_auto_backend_says_what_it_skipped(model_dir, shared_data):
     proc = run_module("runtime.classify", "--no-progress", "--json", "--model", str(model_dir),
                       str(shared_data / "breakhis-100x" / "SOB_B_F-14-14134E-100-007.png"))
     info = json.loads(proc.stdout)[0]["model"]
-    if info["backend"] == "onnxruntime-cpu":
+    if info["backend"] == "onnxruntime-cpu":  # no GPU here: each skipped backend is explained
         assert any(n.startswith("tensorrt skipped") for n in info["backend_notes"])
+        assert any(n.startswith("onnxruntime-cuda skipped") for n in info["backend_notes"])
+    else:
+        assert info["backend"].startswith(("tensorrt", "onnxruntime-cuda")) and info["preprocess"] == "gpu"
 
 
 # ---- real TensorRT + GPU (skipped elsewhere) ----

@@ -37,9 +37,11 @@ class DeviceInputBackend(Backend, Protocol):
 
 
 def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | None = None,
-                 precision: str = "fp16", allow_build: bool = False) -> tuple[Backend, list[str]]:
+                 precision: str = "fp16", allow_build: bool = False,
+                 onnx_file: str | None = None) -> tuple[Backend, list[str]]:
     """(backend, notes). "auto" tries TensorRT, then ONNX Runtime CUDA, then CPU, noting why each one it skipped
-    could not be used; a backend named explicitly fails loudly instead."""
+    could not be used; a backend named explicitly fails loudly instead. ``onnx_file`` picks another ONNX file of
+    the model directory for the ONNX Runtime backends (e.g. model.fp16.onnx on the CPU, for verification)."""
     from runtime.backends import ort
 
     if name not in BACKENDS:
@@ -58,9 +60,9 @@ def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | 
             notes.append(f"tensorrt skipped: {str(e).splitlines()[0]}")
     if name in ("auto", "onnxruntime-cuda"):
         if ort.cuda_available():
-            return ort.OrtBackend(model_dir, manifest, cuda=True, threads=threads), notes
+            return ort.OrtBackend(model_dir, manifest, cuda=True, threads=threads, filename=onnx_file), notes
         msg = "needs onnxruntime-gpu and a CUDA GPU; this onnxruntime offers " + ", ".join(ort.providers())
         if name == "onnxruntime-cuda":
             raise BackendUnavailable(f"backend onnxruntime-cuda {msg}")
         notes.append(f"onnxruntime-cuda skipped: {msg}")
-    return ort.OrtBackend(model_dir, manifest, cuda=False, threads=threads), notes
+    return ort.OrtBackend(model_dir, manifest, cuda=False, threads=threads, filename=onnx_file), notes
