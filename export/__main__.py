@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after argument parsing so that --help is instant.
     from export.artefacts import ExportError, default_parity_images, write_model_dir
     from export.keras_h5 import KerasImportError
-    from export.weights import CheckpointError, load_checkpoint, sha256_file
-    from runtime.manifest import Provenance
+    from export.weights import CheckpointError, load_checkpoint
+    from runtime.manifest import Provenance, sha256_file
 
     if args.parity_count < 1:
         ap.error("--parity-count must be at least 1")

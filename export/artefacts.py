@@ -10,12 +10,8 @@ import torch
 
 from export import onnx_export as ox
 from export.model import CONTRACT, BreakHisNet
-from export.weights import sha256_file
-from runtime.imageio import ImageError, read_image
-from runtime.inputs import image_files
-from runtime.manifest import Manifest, Provenance
-from runtime.preprocess import preprocess_image
-from runtime.tiling import TilingError
+from runtime.manifest import Manifest, Provenance, sha256_file
+from runtime.preprocess import folder_fields
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_IMAGES = REPO.parent / "shared" / "data" / "breakhis-100x"
@@ -34,20 +30,12 @@ def default_parity_images() -> Path | None:
 
 
 def parity_fields(folder: Path | None, n: int, seed: int = 0) -> tuple[np.ndarray, str]:
-    """Up to ``n`` real fields (the first field of each image) and a description of where they came from; seeded
+    """The first field of each of the first ``n`` real images, and a description of where they came from; seeded
     synthetic fields only when no image folder is available."""
-    fields = []
     if folder is not None:
-        for path in image_files(folder):
-            try:
-                img = read_image(path).bgr
-                fields.append(preprocess_image(img, CONTRACT)[0])
-            except (ImageError, TilingError):
-                continue
-            if len(fields) == n:
-                break
-    if fields:
-        return np.stack(fields), f"{len(fields)} real images from {folder}"
+        fields = folder_fields(folder, CONTRACT, n, first_only=True)
+        if len(fields):
+            return fields, f"{len(fields)} real images from {folder}"
     p, t = CONTRACT.patch, CONTRACT.seq_len
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (n, t, 3, p, p)).astype(np.float32) - np.asarray(CONTRACT.mean, np.float32)[:, None, None]

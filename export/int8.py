@@ -11,27 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from export.weights import sha256_file
-from runtime.imageio import ImageError, read_image
-from runtime.inputs import image_files
-from runtime.manifest import Manifest
-from runtime.preprocess import preprocess_image
-from runtime.tiling import TilingError
+from runtime.manifest import Manifest, sha256_file
+from runtime.preprocess import folder_fields
 
 QDQ_FILE = "model.int8.qdq.onnx"
-
-
-def real_fields(folder: Path, manifest: Manifest, n_images: int) -> np.ndarray:
-    """Every field of the first `n_images` images of `folder` (sorted by name); unreadable ones are skipped."""
-    out: list[np.ndarray] = []
-    for p in image_files(folder)[:n_images]:
-        try:
-            out.extend(preprocess_image(read_image(p).bgr, manifest.contract))
-        except (ImageError, TilingError):
-            continue
-    if not out:
-        raise ValueError(f"{folder}: no usable images for INT8 calibration")
-    return np.stack(out)
 
 
 def quantize(model_dir: Path, calib_images: Path, calib_count: int = 32, log: Any = print) -> Path:
@@ -40,7 +23,9 @@ def quantize(model_dir: Path, calib_images: Path, calib_count: int = 32, log: An
         quantize_static
 
     manifest = Manifest.load(model_dir)
-    fields = real_fields(calib_images, manifest, calib_count)
+    fields = folder_fields(calib_images, manifest.contract, calib_count)
+    if not len(fields):
+        raise ValueError(f"{calib_images}: no usable images for INT8 calibration")
     log(f"calibrating INT8 on {len(fields)} real fields from {calib_images} ...")
 
     class Reader(CalibrationDataReader):

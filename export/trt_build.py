@@ -36,7 +36,7 @@ class TrtOptions:
     dla_core: int | None = None
     timing_cache: str | None = None
     calib_images: str | None = None  # TensorRT 10 INT8: folder of real images for the entropy calibrator
-    calib_fields: int = 64
+    calib_count: int = 64  # images (all their fields) used for calibration
 
     def validate(self) -> None:
         if self.precision not in engine_cache.PRECISIONS:
@@ -125,7 +125,7 @@ def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] =
     if plan.calibrate:
         if not opts.calib_images:
             raise TrtUnavailable("INT8 on TensorRT 10 needs --calib-images DIR (real images for calibration)")
-        config.int8_calibrator = make_calibrator(trt, manifest, Path(opts.calib_images), opts.calib_fields,
+        config.int8_calibrator = make_calibrator(trt, manifest, Path(opts.calib_images), opts.calib_count,
                                                    Path(model_dir) / "engines" / "int8.calib")
         config.set_calibration_profile(profile)
     if opts.dla_core is not None:
@@ -199,29 +199,16 @@ def make_progress_monitor(trt: Any, log: Callable[[str], None]) -> Any:
     return Monitor()
 
 
-def make_calibrator(trt: Any, manifest: Manifest, folder: Path, n_fields: int, cache: Path) -> Any:
+def make_calibrator(trt: Any, manifest: Manifest, folder: Path, n_images: int, cache: Path) -> Any:
     """TensorRT 10 INT8 entropy calibration fed with real fields (CPU preprocessing, same contract); the
     calibration cache is saved so a rebuild does not calibrate again."""
     import pycuda.driver as cuda
 
-    from runtime.imageio import ImageError, read_image
-    from runtime.inputs import image_files
-    from runtime.preprocess import preprocess_image
-    from runtime.tiling import TilingError
+    from runtime.preprocess import folder_fields
 
-    c = manifest.contract
-    fields: list[np.ndarray] = []
-    for p in image_files(folder):
-        try:
-            img = read_image(p).bgr
-            fields.extend(preprocess_image(img, c))
-        except (ImageError, TilingError):
-            continue
-        if len(fields) >= n_fields:
-            break
-    if not fields:
+    data = folder_fields(folder, manifest.contract, n_images)
+    if not len(data):
         raise TrtUnavailable(f"--calib-images {folder}: no usable images for INT8 calibration")
-    data = np.stack(fields[:n_fields])
     batch = 8
 
     class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]

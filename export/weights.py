@@ -1,7 +1,6 @@
 """Load a PyTorch state_dict of this architecture, with a precise error for anything that does not fit."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -11,14 +10,6 @@ from export.model import BreakHisNet, build_model
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be loaded into BreakHisNet; the message names the file and every mismatch."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_checkpoint(path: Path) -> BreakHisNet:

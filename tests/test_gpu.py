@@ -8,6 +8,7 @@ import pytest
 from export.model import CONTRACT
 from runtime.preprocess import preprocess_image
 from runtime.tiling import plan_image
+from tests.test_kernels import assert_matches  # same FP32 bit-exact / FP16 rounding rule
 
 
 @pytest.fixture(scope="session")
@@ -34,17 +35,10 @@ def _cpu(img):
     return preprocess_image(img, CONTRACT)
 
 
-def _same(got, want, fp16):
-    if fp16:
-        np.testing.assert_array_equal(got.view(np.uint16), want.astype(np.float16).view(np.uint16))
-    else:
-        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
-
-
 def test_every_real_image_matches_cpu(gpu, images_100x):
     for p in images_100x:
         img = cv2.imread(str(p))
-        _same(gpu.to_host([img], [plan_image(img, CONTRACT)]), _cpu(img), gpu.fp16)
+        assert_matches(gpu.to_host([img], [plan_image(img, CONTRACT)]), _cpu(img), gpu.fp16)
 
 
 def test_one_launch_many_images_rgba_and_large(gpu, images_100x):
@@ -52,7 +46,7 @@ def test_one_launch_many_images_rgba_and_large(gpu, images_100x):
     imgs.append(cv2.resize(imgs[0], (2100, 1400)))
     srcs = imgs[:-2] + [cv2.cvtColor(imgs[-2], cv2.COLOR_BGR2BGRA), imgs[-1]]
     got = gpu.to_host(srcs, [plan_image(i, CONTRACT) for i in srcs])
-    _same(got, np.concatenate([_cpu(i) for i in imgs]), gpu.fp16)
+    assert_matches(got, np.concatenate([_cpu(i) for i in imgs]), gpu.fp16)
 
 
 def test_classifier_gpu_preprocess_gives_cpu_answers(gpu_ok, model_dir, images_100x):
