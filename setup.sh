@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtual environment with the runtime, the export stage and the test tools, then the
-# seeded UNTRAINED reference model under models/reference. Safe to run again.
+# models under models/: the TRAINED model from ../shared/models where it exists (the default everywhere), and the
+# seeded UNTRAINED reference (tests, and machines without ../shared). Safe to run again: a model whose manifest
+# this code can read is kept.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -11,7 +13,15 @@ PY=${PYTHON:-python3}
 # Test-only references installed without their dependency pins: patchify's metadata caps numpy < 2 (its code runs
 # on numpy 2), and tensorrt-stubs would pull the real TensorRT wheel, which fetches from another index.
 .venv/bin/python -m pip install -q --no-deps patchify==0.2.3 tensorrt-stubs==10.13.0.35.1
-if [ ! -f models/reference/manifest.json ]; then
-  .venv/bin/python -m export reference
+usable() { .venv/bin/python -c 'import sys; from runtime.manifest import Manifest; Manifest.load(sys.argv[1])' "$1" \
+  2>/dev/null; }
+usable models/reference || .venv/bin/python -m export reference -o models/reference
+TRAINED=../shared/models/breakhis-scratch-v1
+if [ -f "$TRAINED/weights.pt" ]; then
+  usable models/breakhis-scratch-v1 || .venv/bin/python -m export onnx --checkpoint "$TRAINED/weights.pt" \
+    --train-report "$TRAINED/train_report.json" -o models/breakhis-scratch-v1 \
+    --source "VGG16-BiLSTM trained from scratch on public BreakHis 100X images (../shared/models/README.md)"
+else
+  echo "note: $TRAINED not found: the untrained reference model is the default" >&2
 fi
 echo "ready: .venv/bin/python -m runtime.classify IMAGE..." >&2

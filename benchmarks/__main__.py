@@ -25,7 +25,8 @@ EPILOG = """examples:
   python -m benchmarks --suite gpu --images DIR --json benchmarks/results/gpu.json --fp16-tflops 989
 """
 GFLOP_PER_FIELD = 184.0  # 6 VGG16 passes at 224x224 (2 x 15.4 GMAC each) plus the head
-FP16_DENSE_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H200": 989.0}  # datasheet, dense tensor
+# datasheet dense FP16 tensor rates, matched as substrings of the device name ("NVIDIA H200", ...); PCIe first
+FP16_DENSE_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0}
 
 
 def machine() -> dict:
@@ -73,7 +74,7 @@ def tensor_core_floor(variant, gpu_name: str | None, tflops: float | None, batch
         backend.run_device(n)
         times.append(time.perf_counter() - t0)
     ms_per_field = float(np.median(times)) * 1e3 / n
-    rate = tflops or FP16_DENSE_TFLOPS.get(gpu_name or "")
+    rate = tflops or next((v for k, v in FP16_DENSE_TFLOPS.items() if k in (gpu_name or "")), None)
     out = {"batch": n, "ms_per_field": ms_per_field}
     if rate:
         floor = GFLOP_PER_FIELD / (rate * 1e3) * 1e3  # ms per field
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path, required=True, help="folder of images (all must be classifiable)")
-    ap.add_argument("--model", type=Path, default=Path("models/reference"), help="model directory")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="model directory (default: the trained model where setup.sh exported it, else the reference)")
     ap.add_argument("--suite", choices=sorted(SUITES), default="cpu", help="cpu (default) or gpu variants")
     ap.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N images")
@@ -98,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp16-tflops", type=float, default=None, help="GPU dense FP16 rate for the floor (gpu suite)")
     args = ap.parse_args(argv)
     from runtime.inputs import image_files
+    from runtime.manifest import default_model_dir
+
+    args.model = args.model or default_model_dir()
 
     images = image_files(args.images)[: args.limit]
     if not images:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.imageio import read_image
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, default_model_dir
 from runtime.preprocess import preprocess_fields
 from runtime.tiling import plan_image
 
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_preprocess", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path, required=True)
-    ap.add_argument("--model", type=Path, default=Path("models/reference"))
+    ap.add_argument("--model", type=Path, default=None,
+                    help="model directory whose contract is used (default: as runtime.classify)")
     ap.add_argument("--batch", type=int, default=32, help="fields per kernel launch (default: 32)")
     ap.add_argument("--launches", type=int, default=200)
     ap.add_argument("--fp16", action="store_true", help="write FP16 (the TensorRT FP16 engine's input)")
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.gpu import GpuPreprocessor, GpuUnavailable
     from runtime.inputs import image_files
 
-    contract = Manifest.load(args.model).contract
+    contract = Manifest.load(args.model or default_model_dir()).contract
     paths = image_files(args.images)
     imgs = [read_image(p).bgr for p in paths[: args.batch]]
     while len(imgs) < args.batch:  # one field per BreakHis image: repeat them to fill the batch

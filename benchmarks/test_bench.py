@@ -1,6 +1,6 @@
 """pytest-benchmark suite (reports only, never asserts a time):
     .venv/bin/python -m pytest benchmarks --benchmark-enable
-Uses models/reference (made by setup.sh) and the shared BreakHis samples."""
+Uses the default model (made by setup.sh: the trained one where ../shared has it) and the shared BreakHis samples."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,16 +8,16 @@ from pathlib import Path
 import cv2
 import pytest
 
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, default_model_dir
 from runtime.preprocess import preprocess_fields
 from runtime.tiling import plan_image
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = REPO / "models" / "reference"
+MODEL = default_model_dir()
 IMAGE = REPO.parent / "shared" / "data" / "breakhis-100x" / "SOB_M_DC-14-10926-100-003.png"
 
 pytestmark = [
-    pytest.mark.skipif(not (MODEL / "manifest.json").is_file(), reason="models/reference missing: run setup.sh"),
+    pytest.mark.skipif(not (MODEL / "manifest.json").is_file(), reason=f"{MODEL} missing: run setup.sh"),
     pytest.mark.skipif(not IMAGE.is_file(), reason=f"sample image not found at {IMAGE}"),
 ]
 

@@ -12,14 +12,16 @@ BASELINE = "baseline_pytorch_fp32_eager"
 RUNTIME_CPU = "runtime_onnxruntime_cpu"
 RUNTIME_CPU_BATCH = "runtime_onnxruntime_cpu_batch4"  # throughput: 4 fields per inference call
 BASELINE_CUDA = "baseline_pytorch_fp32_eager_cuda"
-RUNTIME_ORT_CUDA = "runtime_onnxruntime_cuda"
+RUNTIME_ORT_CUDA = "runtime_onnxruntime_cuda_fp16"
+RUNTIME_ORT_CUDA_FP32 = "runtime_onnxruntime_cuda_fp32"
 RUNTIME_TRT_FP16 = "runtime_tensorrt_fp16"
 RUNTIME_TRT_INT8 = "runtime_tensorrt_int8"
 
 # suite -> (baseline, per-image variants, throughput variants)
 SUITES = {
     "cpu": (BASELINE, (BASELINE, RUNTIME_CPU), (RUNTIME_CPU_BATCH,)),
-    "gpu": (BASELINE_CUDA, (BASELINE_CUDA, RUNTIME_ORT_CUDA, RUNTIME_TRT_FP16, RUNTIME_TRT_INT8), ()),
+    "gpu": (BASELINE_CUDA, (BASELINE_CUDA, RUNTIME_ORT_CUDA_FP32, RUNTIME_ORT_CUDA, RUNTIME_TRT_FP16,
+                            RUNTIME_TRT_INT8), ()),
 }
 VARIANTS = tuple(dict.fromkeys(v for _, per, thr in SUITES.values() for v in (*per, *thr)))
 
@@ -73,9 +75,12 @@ def open_variant(name: str, model_dir: Path, threads: int) -> Variant:
     openers: dict[str, Callable[[], Variant]] = {
         BASELINE: lambda: _baseline(model_dir, threads, "cpu"),
         BASELINE_CUDA: lambda: _baseline(model_dir, threads, "cuda"),
-        RUNTIME_CPU: lambda: _runtime(model_dir, threads, backend="cpu", batch_size=1),
-        RUNTIME_CPU_BATCH: lambda: _runtime(model_dir, threads, backend="cpu", batch_size=4),
-        RUNTIME_ORT_CUDA: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", batch_size=1),
+        RUNTIME_CPU: lambda: _runtime(model_dir, threads, backend="cpu", precision="fp32", batch_size=1),
+        RUNTIME_CPU_BATCH: lambda: _runtime(model_dir, threads, backend="cpu", precision="fp32", batch_size=4),
+        RUNTIME_ORT_CUDA_FP32: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", precision="fp32",
+                                                batch_size=1),
+        RUNTIME_ORT_CUDA: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", precision="fp16",
+                                           batch_size=1),
         RUNTIME_TRT_FP16: lambda: _runtime(model_dir, threads, backend="tensorrt", precision="fp16", batch_size=1),
         RUNTIME_TRT_INT8: lambda: _runtime(model_dir, threads, backend="tensorrt", precision="int8", batch_size=1),
     }

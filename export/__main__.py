@@ -14,7 +14,7 @@ EPILOG = """examples:
   python -m export int8 -m models/reference --calib-images DIR       # Q/DQ ONNX, kept only if it passes the gate
   python -m export trt -m models/reference --precision fp16          # on the Jetson / GPU box itself
   python -m export verify -m models/reference --images DIR --backend tensorrt --precision fp16
-  python -m export verify -m models/reference --images DIR --onnx model.fp16.onnx   # FP16 ONNX on the CPU
+  python -m export verify -m models/reference --images DIR --backend cpu --precision fp16   # FP16 ONNX on the CPU
 """
 
 
@@ -23,9 +23,15 @@ def _common(p: argparse.ArgumentParser, default_out: str | None) -> None:
                    required=default_out is None, help="model directory to write" +
                    (f" (default: {default_out})" if default_out else ""))
     p.add_argument("--parity-images", type=Path, default=None,
-                   help="folder of real images for the parity check (default: $BREAKHIS_SAMPLES, else "
-                        "../shared/data/breakhis-100x beside the repo; seeded synthetic fields if neither exists)")
-    p.add_argument("--parity-count", type=int, default=6, help="images used for the parity check (default: 6)")
+                   help="folder of real images for the ranges, the parity check and the variants' gates (default: "
+                        "$BREAKHIS_SAMPLES, else ../shared/data/breakhis-100x beside the repo; seeded synthetic "
+                        "fields if neither exists)")
+    p.add_argument("--parity-count", type=int, default=6,
+                   help="fields compared PyTorch vs ONNX Runtime at batch 1 and 4 (default: 6)")
+    p.add_argument("--gate-count", type=int, default=None,
+                   help="images that calibrate the FP16 ranges and gate the FP16 variant (default: all)")
+    p.add_argument("--no-range-safe", action="store_true",
+                   help="skip the power-of-two rescaling (to see the FP16 gate refuse an overflowing variant)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,35 +45,46 @@ def main(argv: list[str] | None = None) -> int:
     onx.add_argument("--checkpoint", type=Path, required=True, help="state_dict saved with torch.save")
     onx.add_argument("--source", default="", help="where the weights come from (recorded in the manifest)")
     onx.add_argument("--untrained", action="store_true", help="mark the weights as untrained")
+    onx.add_argument("--train-report", type=Path, default=None,
+                     help="the trainer's JSON report: its held-out metrics and patients go into the manifest")
     _common(onx, None)
     ker = sub.add_parser("keras", help="import the original Keras .h5 pair (no TensorFlow needed)")
     ker.add_argument("--feature-extractor", type=Path, required=True, help="VGG16 + GAP + Dense + BN model (.h5)")
     ker.add_argument("--classifier", type=Path, required=True, help="Bidirectional LSTM + BN + Dense model (.h5)")
     _common(ker, None)
     i8 = sub.add_parser("int8", help="INT8 Q/DQ ONNX (for TensorRT 11), calibrated on real images and gated")
-    i8.add_argument("-m", "--model", type=Path, default=Path("models/reference"), help="model directory")
+    i8.add_argument("-m", "--model", type=Path, default=None,
+                    help="model directory (default: the trained model where setup.sh exported it, else the reference)")
     i8.add_argument("--calib-images", type=Path, required=True, help="folder of real images")
     i8.add_argument("--calib-count", type=int, default=32, help="the first N images calibrate (default 32); the "
                     "fidelity gate runs on the folder's remaining images")
     trt = sub.add_parser("trt", help="build a TensorRT engine for this GPU (TensorRT 10 or 11)")
-    trt.add_argument("-m", "--model", type=Path, default=Path("models/reference"), help="model directory")
+    trt.add_argument("-m", "--model", type=Path, default=None,
+                    help="model directory (default: the trained model where setup.sh exported it, else the reference)")
     trt.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
     trt.add_argument("--min-batch", type=int, default=1)
     trt.add_argument("--opt-batch", type=int, default=8)
     trt.add_argument("--max-batch", type=int, default=32)
     trt.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace (default 1024: 8 GB Jetson)")
     trt.add_argument("--dla-core", type=int, default=None, help="build for this DLA core, GPU fallback (Jetson)")
-    trt.add_argument("--timing-cache", type=Path, default=Path("models/timing.cache"),
-                     help="timing cache loaded and saved (default: models/timing.cache)")
+    trt.add_argument("--timing-cache", type=Path, default=None,
+                     help="timing cache loaded and saved (default: the model's engines/timing.cache)")
     trt.add_argument("--calib-images", type=Path, default=None, help="INT8 on TensorRT 10: calibration images")
     ver = sub.add_parser("verify", help="fidelity of a backend/engine vs the FP32 ONNX Runtime CPU reference")
-    ver.add_argument("-m", "--model", type=Path, default=Path("models/reference"), help="model directory")
+    ver.add_argument("-m", "--model", type=Path, default=None,
+                    help="model directory (default: the trained model where setup.sh exported it, else the reference)")
     ver.add_argument("--images", type=Path, required=True, help="folder of real images")
-    ver.add_argument("--backend", default="tensorrt", choices=("tensorrt", "onnxruntime-cuda", "cpu"))
-    ver.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
-    ver.add_argument("--onnx", default=None, help="instead: run this ONNX file of the model dir on ONNX Runtime CPU")
+    ver.add_argument("--backend", default="tensorrt", choices=("tensorrt", "onnxruntime-cuda", "cpu"),
+                     help="the backend to check (default: tensorrt)")
+    ver.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
+                     help="the model variant to check (default: fp16); tolerances from runtime/fidelity.py")
     ver.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    ver.add_argument("--json", type=Path, default=None, help="also write the comparison here as JSON")
     args = ap.parse_args(argv)
+    if getattr(args, "model", "") is None:
+        from runtime.manifest import default_model_dir
+
+        args.model = default_model_dir()
     if args.cmd == "trt":
         return _trt(args)
     if args.cmd == "verify":
@@ -76,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         return _int8(args)
 
     # Heavy imports after argument parsing so that --help is instant.
-    from export.artefacts import ExportError, default_parity_images, write_model_dir
-    from export.keras_h5 import KerasImportError
-    from export.weights import CheckpointError, load_checkpoint
+    from export.artefacts import default_parity_images, write_model_dir
+    from export.weights import load_checkpoint
+    from runtime.errors import BreakhisError, report
     from runtime.manifest import Provenance, sha256_file
 
     if args.parity_count < 1:
@@ -111,86 +128,114 @@ def main(argv: list[str] | None = None) -> int:
                   f"BatchNorm eps {arch['bn_epsilon']}", file=sys.stderr)
         else:
             model = load_checkpoint(args.checkpoint)
+            metrics, held_out = _train_report(args.train_report) if args.train_report else ({}, [])
             prov = Provenance(source=args.source or f"PyTorch state_dict {args.checkpoint.name}",
                               sha256=sha256_file(args.checkpoint), trained=not args.untrained,
-                              checkpoint="weights.pt")
+                              checkpoint="weights.pt", metrics=metrics, held_out_patients=held_out)
             name = args.out.name
         images = args.parity_images or default_parity_images()
         if args.parity_images is not None and not args.parity_images.is_dir():
             ap.error(f"--parity-images {args.parity_images}: not a directory")
-        write_model_dir(model, args.out, name, prov, images, args.parity_count,
-                        log=lambda m: print(m, file=sys.stderr))
-    except (CheckpointError, ExportError, KerasImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        write_model_dir(model, args.out, name, prov, images, args.parity_count, args.gate_count,
+                        range_safe=not args.no_range_safe, log=lambda m: print(m, file=sys.stderr))
+    except BreakhisError as e:
+        return report(e)
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
 
 def _trt(args: argparse.Namespace) -> int:
-    from export.trt_build import TrtOptions, build_engine
-    from runtime.backends.trt import TrtUnavailable
-    from runtime.gpu import GpuUnavailable
-    from runtime.manifest import ModelError
+    from runtime.errors import BreakhisError, report
+    from runtime.trt_build import TrtOptions, build_engine
 
     opts = TrtOptions(precision=args.precision, min_batch=args.min_batch, opt_batch=args.opt_batch,
                       max_batch=args.max_batch, workspace_mb=args.workspace_mb, dla_core=args.dla_core,
                       timing_cache=str(args.timing_cache) if args.timing_cache else None,
                       calib_images=str(args.calib_images) if args.calib_images else None)
     try:
+        opts.validate()
         build_engine(args.model, opts, log=lambda m: print(m, file=sys.stderr))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (TrtUnavailable, GpuUnavailable, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except BreakhisError as e:
+        return report(e)
     return 0
 
 
 def _int8(args: argparse.Namespace) -> int:
     import onnx
 
-    from export.int8 import accept, quantize
+    from export.int8 import accept, gate, quantize, reject
     from export.trt_support import check_onnx
-    from export.verify import verify
-    from runtime.manifest import ModelError
+    from runtime.errors import BreakhisError, report
 
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     try:
         tmp = quantize(args.model, args.calib_images, args.calib_count, log)
-    except (ModelError, ValueError) as e:
+    except BreakhisError as e:
+        return report(e)
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     try:
         problems = check_onnx(onnx.load(str(tmp)))
         if problems:
+            reject(args.model, "outside TensorRT's ONNX support: " + "; ".join(problems))
             log("the Q/DQ model is outside TensorRT's ONNX support:\n  " + "\n  ".join(problems))
             return 1
-        fid = verify(args.model, args.calib_images, onnx_file=tmp.name, start=args.calib_count)
-        print("\n".join(fid.lines()).replace(tmp.name, "model.int8.qdq.onnx (held-out images)"))
-        if not fid.ok:
+        result = gate(args.model, tmp, args.calib_images, args.calib_count)
+        print("\n".join(result.lines()))
+        if not result.ok:
+            reject(args.model, result)
             log("INT8 rejected by the fidelity gate: not added to the model directory")
             return 1
-        accept(args.model, tmp)
+        accept(args.model, tmp, result)
         log(f"wrote {args.model / 'model.int8.qdq.onnx'} and listed it in manifest.json")
         return 0
+    except BreakhisError as e:
+        return report(e)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _verify(args: argparse.Namespace) -> int:
     from export.verify import verify
-    from runtime.backends import BackendUnavailable
-    from runtime.manifest import ModelError
+    from runtime.errors import BreakhisError, report
 
     try:
-        fid = verify(args.model, args.images, args.backend, args.precision, args.onnx, args.limit)
-    except (BackendUnavailable, ModelError, RuntimeError) as e:
+        result = verify(args.model, args.images, args.backend, args.precision, args.limit)
+    except BreakhisError as e:
+        return report(e)
+    except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    print("\n".join(fid.lines()))
-    return 0 if fid.ok else 1
+        return 2
+    print("\n".join(result.lines()))
+    if args.json:
+        import json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0 if result.ok else 1
+
+
+def _train_report(path: Path) -> tuple[dict, list[str]]:
+    """(held-out metrics, held-out patient ids) from a trainer's report: {"final": {...}, "val_patients": [...]}."""
+    import json
+
+    from export.weights import CheckpointError
+
+    try:
+        d = json.loads(path.read_text())
+        final = d.get("final", {})
+        metrics = {k: final[k] for k in ("val_acc", "val_auc", "train_acc") if k in final}
+        metrics |= {k: d[k] for k in ("split", "train_images", "val_images") if k in d}
+        return metrics, [str(p) for p in d.get("val_patients", [])]
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable training report ({e})") from None
 
 
 def _combined_sha256(files: dict[str, str]) -> str:

@@ -1,4 +1,5 @@
-"""Write a model directory: model.onnx (FP32, parity-checked), model.fp16.onnx, weights.pt, manifest.json, report."""
+"""Write a model directory: model.onnx (FP32, range-safe, parity-checked), model.fp16.onnx (only if it passed its
+gate), weights.pt, manifest.json (the variant table), export_report.json."""
 from __future__ import annotations
 
 import json
@@ -6,18 +7,23 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from export import onnx_export as ox
+from export import range_safe as rs
 from export.model import CONTRACT, BreakHisNet
-from runtime.manifest import Manifest, Provenance, sha256_file
-from runtime.preprocess import folder_fields
+from export.verify import ort_outputs
+from runtime.fidelity import compare
+from runtime.manifest import REPORT_NAME, Manifest, Provenance, Variant, sha256_file
+from runtime.inputs import folder_fields
+from runtime.errors import CheckFailed
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_IMAGES = REPO.parent / "shared" / "data" / "breakhis-100x"
 
 
-class ExportError(Exception):
+class ExportError(CheckFailed):
     """The export produced something that failed its checks; nothing was written to the model directory."""
 
 
@@ -29,69 +35,116 @@ def default_parity_images() -> Path | None:
     return None
 
 
-def parity_fields(folder: Path | None, n: int, seed: int = 0) -> tuple[np.ndarray, str]:
-    """The first field of each of the first ``n`` real images, and a description of where they came from; seeded
+def gate_fields(folder: Path | None, n_images: int | None, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Every field of the first ``n_images`` real images (all when None), and where they came from; seeded
     synthetic fields only when no image folder is available."""
     if folder is not None:
-        fields = folder_fields(folder, CONTRACT, n, first_only=True)
+        fields = folder_fields(folder, CONTRACT, n_images)
         if len(fields):
-            return fields, f"{len(fields)} real images from {folder}"
+            return fields, f"{len(fields)} fields of real images from {folder}"
     p, t = CONTRACT.patch, CONTRACT.seq_len
     rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, (n, t, 3, p, p)).astype(np.float32) - np.asarray(CONTRACT.mean, np.float32)[:, None, None]
-    return x, f"{n} synthetic random fields (no image folder found: pass --parity-images)"
+    x = rng.integers(0, 256, (6, t, 3, p, p)).astype(np.float32) - np.asarray(CONTRACT.mean, np.float32)[:, None, None]
+    return x, "6 synthetic random fields (no image folder found: pass --parity-images)"
 
 
-def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Provenance,
-                    parity_images: Path | None, n_parity: int = 6, log=print) -> Manifest:
-    """Export, check and write every artefact. Files are written under temporary names and renamed only when all
-    checks pass, so a failed export leaves an existing model directory untouched."""
+def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Provenance, images: Path | None,
+                    n_parity: int = 6, n_gate: int | None = None, range_safe: bool = True, log=print) -> Manifest:
+    """Export, gate and write every artefact; a variant that fails its gate is reported and not written.
+
+    model.onnx is the range-safe (rescaled) FP32 model, identical in output to ``model``; model.fp16.onnx runs its
+    convolution chain in float16. Files are written under temporary names and renamed only when the FP32 model
+    passed, so a failed export leaves an existing model directory untouched."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = {k: out_dir / f".{k}.tmp" for k in ("model.onnx", "model.fp16.onnx", "weights.pt")}
+    unscaled = out_dir / ".model.unscaled.onnx.tmp"
+    threshold = CONTRACT.threshold
     try:
+        fields, where = gate_fields(images, n_gate)
         log(f"exporting ONNX (opset {ox.OPSET}, dynamic batch) ...")
-        ox.export_onnx(model, tmp["model.onnx"], CONTRACT, provenance)
-        fields, where = parity_fields(parity_images, n_parity)
-        log(f"parity PyTorch vs ONNX Runtime CPU on {where}:")
-        report: dict = {"parity_inputs": where, "fp32": [], "fp16": []}
-        parity = ox.fp32_parity(model, tmp["model.onnx"], fields)
-        for r in parity:
-            log("  " + r.line())
-            report["fp32"].append(r.__dict__ | {"ok": r.ok})
-        if not all(r.ok for r in parity):
-            raise ExportError(f"FP32 parity failed: max |logit difference| above {ox.FP32_TOLERANCE:g}")
-        log("making the FP16 variant (conv/dense FP16, LSTM FP32, float32 I/O) ...")
-        f16 = ox.make_fp16(tmp["model.onnx"], tmp["model.fp16.onnx"])
-        problems = ox.fp16_structure(f16)
+        ox.export_onnx(model, unscaled, CONTRACT, provenance)
+        conv_names = ox.conv_outputs(onnx.load(str(unscaled)))
+        log(f"FP32 reference and convolution ranges on {where} (ONNX Runtime CPU) ...")
+        ref = ort_outputs(unscaled, fields, extra_max=conv_names)
+        maxima = [float(ref[n]) for n in conv_names]
+        shifts = rs.plan_shifts(maxima) if range_safe else [0] * len(maxima)
+        deployed = rs.rescale(model, shifts)
+        ox.export_onnx(deployed, tmp["model.onnx"], CONTRACT, provenance)
+        report: dict = {"gate_inputs": where, "opset": ox.OPSET, "range_safe": range_safe, "gates": {},
+                        "rejected": {}}
+
+        p = fields[:n_parity]
+        want = ox.torch_outputs(model, p)
+        log(f"FP32 parity, PyTorch vs ONNX Runtime CPU on {len(p)} fields, batch 1 and 4:")
+        for batch in (1, 4):
+            got = ort_outputs(tmp["model.onnx"], p, batch=batch)
+            fp32 = compare(want, got, "fp32", threshold, f"onnxruntime-cpu model.onnx batch {batch}")
+            for line in fp32.lines():
+                log("  " + line)
+            report["gates"][f"fp32_batch{batch}"] = fp32.to_dict()
+            if not fp32.ok:
+                raise ExportError(f"FP32 parity failed: {fp32.reason()}")
+        exact = {k: float(np.abs(got[k] - ref[k][:len(p)]).max()) for k in ox.OUTPUTS}
+        report["rescaled_vs_original"] = exact
+        log(f"  range-safe rescaling vs the original FP32 model: max|d| {exact}")
+
+        log("making the FP16 variant (convolution chain float16; pooling, Dense, BatchNorm, LSTM float32) ...")
+        problems = ox.fp16_structure(ox.make_fp16(tmp["model.onnx"], tmp["model.fp16.onnx"]))
         if problems:
             raise ExportError("FP16 variant has the wrong precision layout:\n  " + "\n  ".join(problems))
-        report["fp16_structure"] = "ok: Conv/Gemm weights float16, LSTM weights float32, graph I/O float32"
-        report["fp16"] = fp16_numeric(tmp["model.onnx"], tmp["model.fp16.onnx"], fields, log)
+        try:
+            got16 = ort_outputs(tmp["model.fp16.onnx"], fields, extra_max=conv_names)
+        except Exception as e:  # ORT raises its own types; a variant that cannot be checked is not shipped
+            got16 = None
+            report["rejected"]["fp16"] = f"could not be checked: ONNX Runtime CPU cannot run it ({str(e)[:200]})"
+        after = [float(got16[n]) for n in conv_names] if got16 is not None else \
+            [m * 2.0 ** s for m, s in zip(maxima, shifts)]
+        report["ranges"] = [rs.LayerRange(layer, m, s, a).to_dict()
+                            for (layer, _), m, s, a in zip(rs.convs(model), maxima, shifts, after)]
+        log(f"  {'layer':24s} {'max before':>11s} {'shift':>6s} {'max after':>10s} {'headroom':>9s}")
+        for r in report["ranges"]:
+            log(f"  {r['layer']:24s} {r['max_before']:11.4g} {r['shift']:6d} {r['max_after']:10.4g} "
+                f"{r['headroom']:8.3g}x")
+        variants = {"fp32": Variant("model.onnx", _summary(report["gates"]["fp32_batch1"]))}
+        if got16 is not None:
+            fp16 = compare(_outputs(ref), _outputs(got16), "fp16", threshold, "onnxruntime-cpu model.fp16.onnx")
+            for line in fp16.lines():
+                log("  " + line)
+            report["gates"]["fp16"] = fp16.to_dict()
+            # ONNX Runtime CPU keeps float32 between the ops of the chain, so an overflow can hide from the
+            # outputs here; it cannot hide from the float16 convolution outputs themselves.
+            over = [r["layer"] for r in report["ranges"] if not r["max_after"] < rs.FP16_MAX]
+            if over:
+                report["rejected"]["fp16"] = f"convolution outputs beyond float16's range ({rs.FP16_MAX:g}) " \
+                                             f"in {', '.join(over)}"
+            elif not fp16.ok:
+                report["rejected"]["fp16"] = fp16.reason()
+            else:
+                variants["fp16"] = Variant("model.fp16.onnx", _summary(report["gates"]["fp16"]))
+        if "fp16" in report["rejected"]:
+            log(f"FP16 variant REJECTED ({report['rejected']['fp16']}): not written, not listed")
+            tmp.pop("model.fp16.onnx").unlink(missing_ok=True)
+            (out_dir / "model.fp16.onnx").unlink(missing_ok=True)  # never leave an old one a backend could load
         torch.save({"state_dict": model.state_dict(), "arch": model.arch}, tmp["weights.pt"])
         for final, t in tmp.items():
             t.replace(out_dir / final)
     finally:
-        for t in tmp.values():
+        for t in [*tmp.values(), unscaled]:
             t.unlink(missing_ok=True)
     files = {f: sha256_file(out_dir / f) for f in tmp}
     manifest = Manifest(name=name, contract=CONTRACT, provenance=provenance, files=files,
-                        input_name=ox.INPUT, output_names=ox.OUTPUTS)
+                        input_name=ox.INPUT, output_names=ox.OUTPUTS, variants=variants)
     manifest.save(out_dir)
-    (out_dir / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {out_dir}: {', '.join(sorted(files))}, manifest.json, export_report.json")
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {out_dir}: {', '.join(sorted(files))}, manifest.json ({', '.join(variants)}), {REPORT_NAME}")
     return manifest
 
 
-def fp16_numeric(fp32: Path, fp16: Path, fields: np.ndarray, log=print) -> list[dict] | str:
-    """Run the FP16 variant where ONNX Runtime CPU can; report (not gate: the GPU runtimes are where it is used)."""
-    try:
-        ref, got = ox.onnx_outputs(fp32, fields), ox.onnx_outputs(fp16, fields)
-    except Exception as e:  # ORT raises its own Fail/NotImplemented types; any of them means "cannot run here"
-        msg = f"not run: ONNX Runtime CPU cannot execute the FP16 model here ({str(e).splitlines()[0][:200]})"
-        log("  " + msg)
-        return msg
-    rows = [ox.compare("probability", ref["probability"], got["probability"], ox.FP16_TOLERANCE),
-            ox.compare("logit", ref["logit"], got["logit"], None)]
-    for r in rows:
-        log("  fp16 vs fp32 " + r.line())
-    return [r.__dict__ | {"ok": r.ok} for r in rows]
+def _outputs(res: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: res[k] for k in ox.OUTPUTS}
+
+
+def _summary(gate: dict) -> dict:
+    """The part of a gate result the manifest keeps beside the variant."""
+    return {"fields": gate["fields"], "label_agreement": gate["label_agreement"],
+            "max_abs": {o["output"]: o["max_abs"] for o in gate["outputs"]}}

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from export.model import BN_EPS, CONTRACT, VGG16_BLOCKS, BreakHisNet
+from runtime.errors import BreakhisError
 
 IGNORED = {"InputLayer", "GaussianNoise", "Dropout", "GaussianDropout", "SpatialDropout2D"}  # identity at inference
 
 
-class KerasImportError(Exception):
+class KerasImportError(BreakhisError):
     """The files are not the expected Keras pair; the message names the file and what is wrong."""
 
 
@@ -91,11 +92,17 @@ def _check_known(m: H5Model, known: set[str]) -> None:
 
 
 def _w(m: H5Model, layer: str, name: str) -> np.ndarray:
-    try:
-        return m.weights[layer][name]
-    except KeyError:
-        have = ", ".join(sorted(m.weights.get(layer, {}))) or "none"
-        raise KerasImportError(f"{m.path}: layer {layer!r} has no weight {name!r} (it has: {have})") from None
+    """A layer's weight by its layer-relative name ("kernel", "block1_conv1/kernel"). Saving Keras versions prefix
+    the stored paths differently ("kernel:0", "dense/kernel:0", "sequential/dense/kernel"), so a stored path
+    matches when it is the name or ends with "/" + name; more than one match is refused as ambiguous."""
+    stored = m.weights.get(layer, {})
+    found = [p for p in stored if p == name or p.endswith("/" + name)]
+    if len(found) == 1:
+        return stored[found[0]]
+    have = ", ".join(sorted(stored)) or "none"
+    if found:
+        raise KerasImportError(f"{m.path}: layer {layer!r}: weight {name!r} is ambiguous ({', '.join(found)})")
+    raise KerasImportError(f"{m.path}: layer {layer!r} has no weight {name!r} (it has: {have})")
 
 
 def _bn(m: H5Model, layer: str) -> list[np.ndarray]:

@@ -1,65 +1,61 @@
-"""Fidelity of a deployed variant (TensorRT engine, ONNX Runtime CUDA, an ONNX file) against the FP32 ONNX Runtime
-CPU reference on real images: per output max/median |difference| of the probability and label agreement, gated."""
+"""Fidelity of a deployed variant against the FP32 reference on real images, through ``runtime.fidelity.compare``
+(one comparison, one tolerance table): a backend/precision as the runtime runs it (``verify``), or an ONNX file
+that is not yet part of a model (``ort_outputs``, used by the export's gates). Torch-free: runs on the target."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from runtime.classifier import Classifier
+from runtime.classifier import Classifier, Result
+from runtime.fidelity import Comparison, compare
 from runtime.inputs import image_files
 
-# max |probability difference| allowed, and labels must agree on every field (INT8 is held to the FP16 gate)
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 1e-2}
+OUTPUTS = ("logit", "probability")
 
 
-@dataclass
-class Fidelity:
-    candidate: str
-    fields: int
-    max_abs: float
-    median_abs: float
-    label_agreement: float
-    tolerance: float
+def ort_outputs(path: Path, fields: np.ndarray, batch: int = 4, extra_max: tuple[str, ...] | list[str] = (),
+                input_name: str = "fields") -> dict[str, np.ndarray]:
+    """Run an ONNX file on ONNX Runtime CPU in batches: each output concatenated over the batches, and for each
+    tensor named in ``extra_max`` its max |value| over all fields (exposed as an extra graph output)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
 
-    @property
-    def ok(self) -> bool:
-        return self.max_abs <= self.tolerance and self.label_agreement == 1.0
+    m = onnx.load(str(path))
+    for name in extra_max:
+        m.graph.output.append(helper.make_empty_tensor_value_info(name))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [*OUTPUTS, *extra_max]
+    res: dict[str, list] = {n: [] for n in names}
+    for i in range(0, len(fields), batch):
+        for name, v in zip(names, sess.run(names, {input_name: fields[i:i + batch]})):
+            res[name].append(v.astype(np.float32) if name in OUTPUTS else np.abs(v.astype(np.float32)).max())
+    return {n: np.concatenate(res[n]).reshape(-1) if n in OUTPUTS else np.asarray(max(res[n]), np.float32)
+            for n in names}
 
-    def lines(self) -> list[str]:
-        return [f"candidate {self.candidate} vs onnxruntime-cpu FP32 on {self.fields} fields:",
-                f"  probability  max|d|={self.max_abs:.3e} median|d|={self.median_abs:.3e} "
-                f"(tolerance {self.tolerance:g})",
-                f"  labels       {self.label_agreement:.1%} agree (required 100%)",
-                f"  {'PASS' if self.ok else 'FAIL'}"]
 
-
-def field_probs(clf: Classifier, images: list[Path]) -> np.ndarray:
-    out = []
-    for r in clf.classify(images):
-        if r.error:
-            raise RuntimeError(r.error)
-        out += [f.probability for f in r.fields]
-    return np.asarray(out)
+def _field_probs(results: list[Result], like: list[Result]) -> np.ndarray:
+    """Field probabilities in order; an image the candidate failed on (e.g. a non-finite output) counts as NaN."""
+    out: list[float] = []
+    for got, ref in zip(results, like):
+        out += [f.probability for f in got.fields] if got.error is None else [np.nan] * len(ref.fields)
+    return np.asarray(out, np.float64)
 
 
 def verify(model_dir: Path, images_dir: Path, backend: str = "tensorrt", precision: str = "fp16",
-           onnx_file: str | None = None, limit: int | None = None, start: int = 0) -> Fidelity:
-    images = image_files(images_dir)[start:][:limit]
-    if not images:
-        raise RuntimeError(f"{images_dir}: no images")
-    with Classifier(model_dir, backend="cpu", preprocess="cpu") as ref:
-        want = field_probs(ref, images)
+           limit: int | None = None) -> Comparison:
+    """The backend/precision as ``python -m runtime.classify`` would run it vs ONNX Runtime CPU FP32."""
+    images = image_files(images_dir)[:limit]
+    with Classifier(model_dir, backend="cpu", preprocess="cpu", precision="fp32") as ref:
+        want = ref.classify(images)
         threshold = ref.contract.threshold
-    if onnx_file:  # an ONNX variant on ONNX Runtime CPU, e.g. model.fp16.onnx
-        cand = Classifier(model_dir, backend="cpu", preprocess="cpu", onnx_file=onnx_file)
-        precision = "fp16" if "fp16" in onnx_file else "int8" if "int8" in onnx_file else "fp32"
-    else:
-        cand = Classifier(model_dir, backend=backend, precision=precision)
-    with cand:
-        got = field_probs(cand, images)
-        name = cand.backend.name
-    d = np.abs(got - want)
-    agree = float(np.mean((got > threshold) == (want > threshold)))
-    return Fidelity(name, len(d), float(d.max()), float(np.median(d)), agree, TOLERANCE[precision])
+    keep = [i for i, r in enumerate(want) if r.error is None]  # unreadable images are nobody's fidelity
+    if not keep:
+        raise RuntimeError(f"{images_dir}: no usable images")
+    images, want = [images[i] for i in keep], [want[i] for i in keep]
+    with Classifier(model_dir, backend=backend, precision=precision) as cand:
+        got = cand.classify(images)
+        name, prec = cand.backend.name, cand.backend.precision
+    return compare({"probability": _field_probs(want, want)}, {"probability": _field_probs(got, want)}, prec,
+                   threshold, name)

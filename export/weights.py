@@ -6,9 +6,10 @@ from pathlib import Path
 import torch
 
 from export.model import BreakHisNet, build_model
+from runtime.errors import BreakhisError
 
 
-class CheckpointError(Exception):
+class CheckpointError(BreakhisError):
     """A checkpoint that cannot be loaded into BreakHisNet; the message names the file and every mismatch."""
 
 

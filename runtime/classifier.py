@@ -13,13 +13,13 @@ from typing import Any, cast
 
 import numpy as np
 
-from runtime.backends import Backend, DeviceInputBackend, open_backend
+from runtime.backends import PREPROCESSORS, Backend, DeviceInputBackend, open_backend
 from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, read_image, to_bgr8
-from runtime.manifest import Contract, Manifest
+from runtime.errors import Unavailable
+from runtime.manifest import Contract, Manifest, default_model_dir
 from runtime.preprocess import preprocess_fields
 from runtime.tiling import FieldPlan, TilingError, plan_fields
 
-PREPROCESSORS = ("auto", "cpu", "gpu")
 UNTRAINED_WARNING = "UNTRAINED reference weights: this verdict is NOT a diagnosis (demo/test model)."
 
 
@@ -58,6 +58,7 @@ class _Pending:
     plan: FieldPlan | None = None
     bgr: np.ndarray | None = None  # the decoded image; its fields are preprocessed batch by batch
     probs: list[np.ndarray] = field(default_factory=list)
+    non_finite: list[str] = field(default_factory=list)  # "field 3: probability nan, logit inf", ...
     done: int = 0  # fields inferred so far
     t_pre: float = 0.0
     t_infer: float = 0.0
@@ -68,29 +69,31 @@ class _Pending:
 
 
 class Classifier:
-    """One model, one backend, chosen once. ``backend``: "auto", "cpu", "onnxruntime-cuda" or "tensorrt"
-    (``precision`` picks the TensorRT engine). ``preprocess``: "cpu" (numpy), "gpu" (our CUDA kernel via pycuda) or
-    "auto" (GPU when inference runs on a GPU and pycuda is usable, else CPU). With a GPU backend the kernel writes
-    straight into the backend's device input, so images cross the bus once, as uint8."""
+    """One model, one backend, chosen once. ``model_dir``: default the trained model where setup.sh exported it,
+    else the untrained reference. ``backend``: "auto", "cpu", "onnxruntime-cuda" or "tensorrt". ``precision``:
+    "auto" (FP16 on a GPU where the model has a passing FP16 variant, else FP32), or a listed variant.
+    ``preprocess``: "cpu" (numpy), "gpu" (our CUDA kernel via pycuda) or "auto" (GPU when inference runs on a GPU
+    and pycuda is usable, else CPU). With a GPU backend the kernel writes straight into the backend's device input,
+    so images cross the bus once, as uint8. A NaN or inf from the model makes that image's result an error."""
 
-    def __init__(self, model_dir: Path | str = "models/reference", backend: str = "auto", batch_size: int | None = None,
+    def __init__(self, model_dir: Path | str | None = None, backend: str = "auto", batch_size: int | None = None,
                  threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: str = "auto",
-                 precision: str = "fp16", allow_build: bool = False, onnx_file: str | None = None) -> None:
+                 precision: str = "auto", allow_build: bool = False) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.model_dir = Path(model_dir)
+        self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.manifest = Manifest.load(self.model_dir)
         self.contract = self.manifest.contract
         self.max_pixels = max_pixels
-        self.backend, notes = open_backend(backend, self.model_dir, self.manifest, threads, precision, allow_build,
-                                           onnx_file)
+        self.backend, notes = open_backend(backend, self.model_dir, self.manifest, threads, precision, allow_build)
         self.batch_size = min(batch_size or self.backend.preferred_batch,
                               getattr(self.backend, "max_batch", None) or 1 << 30)
-        self.gpu = _open_gpu_preprocessor(preprocess, self.backend, self.contract)
+        self.gpu = _open_gpu_preprocessor(preprocess, self.backend, self.contract, notes)
         self.device_input = self.gpu is not None and getattr(self.backend, "input_ptr", None) is not None
         c = self.contract
         self._batch = np.empty((self.batch_size, c.seq_len, 3, c.patch, c.patch), np.float32)  # reused
         self.model_info = self.manifest.model_info() | {"backend": self.backend.name,
+                                                        "precision": self.backend.precision,
                                                         "preprocess": "gpu" if self.gpu else "cpu"}
         if notes:
             self.model_info["backend_notes"] = notes
@@ -155,7 +158,7 @@ class Classifier:
             backend = cast(DeviceInputBackend, self.backend)
             self.gpu.submit(images, plans, dst=backend.input_ptr)
             t1 = time.perf_counter()
-            probs = backend.run_device(n)
+            outs = backend.run_device(n)
         else:
             if self.gpu is not None:  # GPU kernel, result brought back for a CPU-side backend
                 batch = self.gpu.to_host(images, plans)
@@ -166,11 +169,15 @@ class Classifier:
                     preprocess_fields(img, plan, self.contract, out=batch[k:k + plan.n_fields])
                     k += plan.n_fields
             t1 = time.perf_counter()
-            probs = self.backend.run(batch)
+            outs = self.backend.run(batch)
         t2 = time.perf_counter()
+        probs = outs["probability"]
+        finite = np.logical_and.reduce([np.isfinite(v) for v in outs.values()])
         k = 0
         for p, take in owners:  # each image is charged its share of the batch
             p.probs.append(probs[k:k + take])
+            p.non_finite += [f"field {p.done + i}: " + ", ".join(f"{name} {v[k + i]}" for name, v in outs.items())
+                             for i in range(take) if not finite[k + i]]
             p.done += take
             p.t_pre += (t1 - t0) * take / n
             p.t_infer += (t2 - t1) * take / n
@@ -179,7 +186,11 @@ class Classifier:
     def _pop_finished(self, queue: list[_Pending]) -> Iterator[Result]:
         while queue and queue[0].todo <= 0:
             p = queue.pop(0)
-            if p.result.error is None:
+            if p.non_finite:  # an overflow must never read as a verdict (NaN > 0.5 is False: "Benign")
+                p.result.error = (f"{p.result.path}: the model gave a non-finite output ({'; '.join(p.non_finite)}) "
+                                  f"on backend {self.backend.name}, precision {self.backend.precision}: no verdict")
+                p.bgr = None
+            elif p.result.error is None:
                 self._finish(p)
             yield p.result
 
@@ -211,22 +222,24 @@ class Classifier:
         self.close()
 
 
-def _open_gpu_preprocessor(choice: str, backend: Backend, contract: Contract):  # -> GpuPreprocessor | None
+def _open_gpu_preprocessor(choice: str, backend: Backend, contract: Contract, notes: list[str]):
     """None for the CPU path. "gpu" fails loudly when impossible; "auto" uses the GPU only next to a GPU backend,
-    sharing its stream and writing its input dtype."""
+    sharing its stream and writing its input dtype, and falls back to the CPU (with a note) when the kernel cannot
+    run here (no pycuda, no GPU, no nvcc to build it)."""
     if choice not in PREPROCESSORS:
         raise ValueError(f"preprocess must be one of {', '.join(PREPROCESSORS)}, not {choice!r}")
     device_input = getattr(backend, "input_ptr", None) is not None
     if choice == "cpu" or (choice == "auto" and not device_input):
         return None
-    from runtime.gpu import GpuPreprocessor, GpuUnavailable
-
     try:
+        from runtime.gpu import GpuPreprocessor
+
         if device_input:
             gpu_backend = cast(DeviceInputBackend, backend)
             return GpuPreprocessor(contract, fp16=gpu_backend.input_fp16, stream=gpu_backend.stream)
         return GpuPreprocessor(contract)
-    except GpuUnavailable:
+    except Unavailable as e:
         if choice == "gpu":
             raise
+        notes.append(f"preprocess auto chose the CPU: {str(e).splitlines()[0]}")
         return None

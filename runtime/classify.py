@@ -1,7 +1,7 @@
 """python -m runtime.classify: Benign / Malignant for 100X H&E images (files, folders, globs).
 
 Exit status: 0 every input classified, 1 some inputs failed (the others are still reported),
-2 usage error or unusable model.
+2 usage error, unusable model or unavailable backend.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ Images above --max-pixels (default {DEFAULT_MAX_PIXELS:,}) are refused before de
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from runtime.backends import BACKENDS
+    from runtime.cli import add_model_options
 
     ap = argparse.ArgumentParser(prog="python -m runtime.classify", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,20 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--out-video", type=Path, default=None, help="write the annotated stream (.mp4 or .avi)")
     src.add_argument("--show", action="store_true", help="show the annotated stream in a window")
     src.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
-    ap.add_argument("--model", type=Path, default=Path("models/reference"),
-                    help="model directory with manifest.json (default: models/reference)")
-    ap.add_argument("--backend", choices=BACKENDS, default="auto",
-                    help="inference backend (default: auto = the fastest available here)")
-    ap.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
-                    help="TensorRT engine precision (default: fp16)")
-    ap.add_argument("--build-engine", action="store_true",
-                    help="build the TensorRT engine for this GPU if the model has none (takes minutes)")
-    ap.add_argument("--preprocess", choices=("auto", "cpu", "gpu"), default="auto",
-                    help="where tiling + normalisation run (default: auto = GPU next to a GPU backend, else CPU)")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="fields per inference batch, across images (default: the backend's best: 1 on CPU, 8 on GPU)")
-    ap.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
-    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    add_model_options(ap)
     ap.add_argument("--json", action="store_true", help="print a JSON list (one object per input) instead of a table")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = ap.parse_args(argv)
@@ -62,17 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("give image PATHs, or one of --camera / --video")
     if args.rate <= 0:
         ap.error("--rate must be positive")
-    if args.batch_size is not None and args.batch_size < 1:
-        ap.error("--batch-size must be at least 1")
-    if args.threads is not None and args.threads < 1:
-        ap.error("--threads must be at least 1")
     return args
 
 
 def table(results: list, model_info: dict) -> str:
     """A short, fixed-width table for people."""
-    lines = [f"model: {model_info['name']} (backend {model_info['backend']}, preprocessing on "
-             f"{model_info['preprocess'].upper()})"]
+    lines = [f"model: {model_info['name']} ({'trained' if model_info['trained'] else 'UNTRAINED'}; backend "
+             f"{model_info['backend']}, preprocessing on {model_info['preprocess'].upper()})"]
     lines += [f"note: {n}" for n in model_info.get("backend_notes", [])]
     if "warning" in model_info:
         lines.append(f"WARNING: {model_info['warning']}")
@@ -92,19 +75,14 @@ def table(results: list, model_info: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from runtime.backends import BackendUnavailable
-    from runtime.classifier import Classifier
+    from runtime.cli import open_classifier
+    from runtime.errors import BreakhisError, report
     from runtime.inputs import expand_inputs
-    from runtime.gpu import GpuUnavailable
-    from runtime.manifest import ModelError
 
     try:
-        clf = Classifier(args.model, backend=args.backend, batch_size=args.batch_size, threads=args.threads,
-                         max_pixels=args.max_pixels, preprocess=args.preprocess, precision=args.precision,
-                         allow_build=args.build_engine)
-    except (ModelError, BackendUnavailable, GpuUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        clf = open_classifier(args)
+    except BreakhisError as e:
+        return report(e)
     if args.camera is not None or args.video is not None:
         from runtime.stream import run_stream
 

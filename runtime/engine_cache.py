@@ -12,11 +12,68 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-PRECISIONS = ("fp32", "fp16", "int8")
+from runtime.manifest import Manifest, ModelError
+from runtime.errors import Unavailable
 
 
-class EngineMismatch(RuntimeError):
+class EngineMismatch(Unavailable):
     """No engine in the model directory fits this machine/model; the message lists what differs."""
+
+
+class TrtUnavailable(Unavailable):
+    """TensorRT (or what a build needs) is not usable here; the message says what is missing."""
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise TrtUnavailable(f"TensorRT is not installed ({e}). On JetPack 6 it comes with the OS "
+                             "(python3-libnvinfer); on x86 use NVIDIA's tensorrt wheel") from None
+    if not hasattr(trt, "Runtime"):  # tensorrt-stubs alone provides an importable, empty namespace package
+        raise TrtUnavailable("only TensorRT type stubs are installed here, not the TensorRT runtime")
+    return trt
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How a precision is reached on a TensorRT generation: which ONNX, typing mode, builder flags."""
+
+    onnx_file: str
+    strongly_typed: bool
+    flags: tuple[str, ...]
+    constrain_tail_fp32: bool  # TensorRT 10: everything after the convolution chain pinned to FP32
+    calibrate: bool
+
+
+def plan_build(trt_major: int, precision: str, manifest: Manifest, model_dir: Path) -> BuildPlan:
+    """TensorRT 10 takes the range-safe FP32 ONNX and precision flags (the FP32 tail pinned, constraints obeyed);
+    TensorRT 11 has no FP16/INT8 flags and builds strongly typed networks from the variant's own ONNX. Either way
+    the precision must be a variant that passed its gate (ModelError naming the gate result otherwise)."""
+    if trt_major < 10:
+        raise TrtUnavailable(f"TensorRT {trt_major}.x is not supported (needs the TensorRT 10+ named-tensor API)")
+    variant = manifest.variant(precision, model_dir).file
+    if trt_major == 10:
+        fp32 = manifest.variant("fp32", model_dir).file
+        return {
+            "fp32": BuildPlan(fp32, False, (), False, False),
+            "fp16": BuildPlan(fp32, False, ("FP16", "OBEY_PRECISION_CONSTRAINTS"), True, False),
+            "int8": BuildPlan(fp32, False, ("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"), True, True),
+        }[precision]
+    return BuildPlan(variant, True, (), False, False)
+
+
+def device_target(model_dir: Path, manifest: Manifest, precision: str, trt: Any) -> EngineTarget:
+    """The engine key for this machine: TensorRT version, GPU, compute capability, ONNX hash, precision."""
+    from runtime.gpu import device_info
+
+    name, cc = device_info()
+    onnx_file = plan_build(int(trt.__version__.split(".")[0]), precision, manifest, model_dir).onnx_file
+    sha = manifest.files.get(onnx_file)
+    if sha is None:
+        raise ModelError(f"{model_dir}: {onnx_file} has no sha256 in manifest.json (export the model again)")
+    return EngineTarget(tensorrt=trt.__version__, gpu=name, compute_capability=cc, onnx_sha256=sha,
+                        precision=precision)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,10 @@ import numpy as np
 from runtime import kernel_abi as abi
 from runtime.manifest import Contract
 from runtime.tiling import FieldPlan
+from runtime.errors import Unavailable
 
 
-class GpuUnavailable(RuntimeError):
+class GpuUnavailable(Unavailable):
     """GPU preprocessing was asked for but cannot run here; the message says why."""
 
 

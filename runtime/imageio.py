@@ -6,6 +6,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from runtime.errors import BreakhisError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # Refuse images above this many pixels before decoding them (a 100X BreakHis field is 0.32 MP; 64 MP is a
@@ -13,7 +14,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
-class ImageError(Exception):
+class ImageError(BreakhisError):
     """An input that cannot be turned into a BGR uint8 image. The message names the file and the reason."""
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
+import numpy as np
+
 from runtime.imageio import IMAGE_SUFFIXES
+from runtime.manifest import Contract
 
 
 def expand_inputs(items: list[str]) -> list[tuple[str, str | None]]:
@@ -30,3 +33,19 @@ def expand_inputs(items: list[str]) -> list[tuple[str, str | None]]:
 def image_files(folder: Path) -> list[Path]:
     """The images directly inside ``folder``, sorted by name."""
     return [Path(p) for p, err in expand_inputs([str(folder)]) if err is None]
+
+
+def folder_fields(folder: Path, contract: Contract, n_images: int | None = None, start: int = 0) -> np.ndarray:
+    """Every preprocessed field of images ``start .. start + n_images`` of ``folder`` (sorted by name), for
+    calibration and fidelity gates. Unreadable or too-small images are skipped. (N, T, 3, P, P); N may be 0."""
+    from runtime.imageio import ImageError, read_image
+    from runtime.preprocess import preprocess_image
+    from runtime.tiling import TilingError
+
+    out: list[np.ndarray] = []
+    for path in image_files(folder)[start:][:n_images]:
+        try:
+            out.extend(preprocess_image(read_image(path).bgr, contract))
+        except (ImageError, TilingError):
+            continue
+    return np.stack(out) if out else np.empty((0, *contract.field_shape), np.float32)

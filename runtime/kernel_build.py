@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from functools import lru_cache
 from pathlib import Path
+from runtime.errors import Unavailable
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 SOURCES = ("preprocess.cuh", "preprocess.cu", "harness.cu")
@@ -19,8 +20,8 @@ DEVICE_FLAGS = ("--fmad=false", "-O3", "-std=c++14")
 HOST_FLAGS = ("-Xcompiler", "-fPIC,-ffp-contract=off", "-O2", "-std=c++14")
 
 
-class KernelBuildError(RuntimeError):
-    pass
+class KernelBuildError(Unavailable):
+    """The kernel cannot be compiled here (no nvcc, or nvcc failed): GPU preprocessing is unavailable."""
 
 
 def cache_dir() -> Path:

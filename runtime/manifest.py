@@ -7,12 +7,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from runtime.errors import BreakhisError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+REPORT_NAME = "export_report.json"
+FORMAT_VERSION = 2  # 2: the variant table (precision -> file + the gate it passed)
+MODELS = Path(__file__).resolve().parent.parent / "models"
+TRAINED_DEFAULT = "breakhis-scratch-v1"  # exported by setup.sh where ../shared holds the trained weights
+UNTRAINED_DEFAULT = "reference"
+
+
+def default_model_dir() -> Path:
+    """The model used when none is named: $BREAKHIS_MODEL, else the trained model where setup.sh exported it,
+    else the seeded untrained reference (machines without ../shared)."""
+    env = os.environ.get("BREAKHIS_MODEL")
+    if env:
+        return Path(env)
+    trained = MODELS / TRAINED_DEFAULT
+    return trained if (trained / MANIFEST_NAME).is_file() else MODELS / UNTRAINED_DEFAULT
 
 
 def sha256_file(path: Path) -> str:
@@ -24,7 +40,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-class ModelError(Exception):
+class ModelError(BreakhisError):
     """A model directory that cannot be used: missing or corrupt files, or a manifest that does not fit the model."""
 
 
@@ -45,6 +61,11 @@ class Contract:
     def seq_len(self) -> int:
         """Patches per field: the length of the sequence the LSTM reads."""
         return self.grid[0] * self.grid[1]
+
+    @property
+    def field_shape(self) -> tuple[int, int, int, int]:
+        """One field as the model reads it: (T, 3, P, P)."""
+        return self.seq_len, 3, self.patch, self.patch
 
     @property
     def field_size(self) -> tuple[int, int]:
@@ -90,6 +111,16 @@ class Provenance:
     checkpoint: str | None = None  # path of the weights file the baseline can load (relative to the model dir)
     notes: str = ""
     source_files: dict[str, str] = field(default_factory=dict)  # original file name -> sha256
+    metrics: dict[str, Any] = field(default_factory=dict)  # the trainer's held-out figures, where known
+    held_out_patients: list[str] = field(default_factory=list)  # BreakHis patient ids never trained on
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the artefact table: the ONNX file that gives this precision, and the gate it passed."""
+
+    file: str
+    gate: dict[str, Any] = field(default_factory=dict)  # fields, max |d| per output, label agreement
 
 
 @dataclass(frozen=True)
@@ -100,6 +131,21 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     input_name: str = "fields"
     output_names: tuple[str, ...] = ("logit", "probability")
+    variants: dict[str, Variant] = field(default_factory=dict)  # precision -> passing variant; nothing else listed
+
+    def variant(self, precision: str, model_dir: Path) -> Variant:
+        """The listed variant of this precision, or ModelError saying why there is none (its gate result)."""
+        if precision in self.variants:
+            return self.variants[precision]
+        why = "it was never made"
+        try:
+            rejected = json.loads((Path(model_dir) / REPORT_NAME).read_text()).get("rejected", {})
+            if precision in rejected:
+                why = f"it failed its fidelity gate at export: {rejected[precision]}"
+        except (OSError, ValueError, AttributeError):
+            pass
+        raise ModelError(f"{model_dir}: no {precision} variant ({why}); this model has "
+                         f"{', '.join(sorted(self.variants)) or 'none'}")
 
     def to_json(self) -> str:
         d = {
@@ -110,6 +156,7 @@ class Manifest:
             "files": dict(sorted(self.files.items())),
             "input_name": self.input_name,
             "output_names": list(self.output_names),
+            "variants": {k: asdict(v) for k, v in sorted(self.variants.items())},
         }
         return json.dumps(d, indent=2) + "\n"
 
@@ -122,16 +169,16 @@ class Manifest:
     def load(cls, model_dir: Path | str) -> Manifest:
         path = Path(model_dir) / MANIFEST_NAME
         if not path.is_file():
-            hint = " (create the untrained reference model with `python -m export reference`)" if not Path(
-                model_dir).exists() else ""
-            raise ModelError(f"{path}: manifest not found{hint}")
+            raise ModelError(f"{path}: manifest not found (name a model directory with --model; `bash setup.sh` "
+                             "exports the models into models/)")
         try:
             d = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelError(f"{path}: manifest is not valid JSON: {e}") from e
         if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
-            raise ModelError(f"{path}: unsupported manifest format_version {d.get('format_version')!r}"
-                             if isinstance(d, dict) else f"{path}: manifest is not a JSON object")
+            raise ModelError(f"{path}: manifest format_version {d.get('format_version')!r}, this runtime reads "
+                             f"{FORMAT_VERSION}: export the model again" if isinstance(d, dict)
+                             else f"{path}: manifest is not a JSON object")
         try:
             prov = Provenance(**d["provenance"])
             return cls(
@@ -141,6 +188,7 @@ class Manifest:
                 files=dict(d.get("files", {})),
                 input_name=str(d.get("input_name", "fields")),
                 output_names=tuple(d.get("output_names", ("logit", "probability"))),
+                variants={k: Variant(**v) for k, v in d.get("variants", {}).items()},
             )
         except (KeyError, TypeError) as e:
             raise ModelError(f"{path}: manifest is missing a field: {e}") from e

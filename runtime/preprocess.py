@@ -1,8 +1,6 @@
 """CPU preprocessing: BGR uint8 image -> the model's float32 (F, T, 3, P, P) input, vectorised with numpy views."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from runtime.manifest import Contract
@@ -38,21 +36,3 @@ def preprocess_fields(bgr: np.ndarray, plan: FieldPlan, contract: Contract, out:
 def preprocess_image(bgr: np.ndarray, contract: Contract) -> np.ndarray:
     """All fields of a BGR image, default (non-overlapping) tiling."""
     return preprocess_fields(bgr, plan_image(bgr, contract), contract)
-
-
-def folder_fields(folder: Path, contract: Contract, n_images: int | None = None, first_only: bool = False) -> np.ndarray:
-    """Preprocessed fields of the first ``n_images`` images of ``folder`` (sorted by name): all their fields, or
-    only each image's first. Unreadable or too-small images are skipped. (N, T, 3, P, P); N may be 0."""
-    from runtime.imageio import ImageError, read_image
-    from runtime.inputs import image_files
-    from runtime.tiling import TilingError
-
-    out: list[np.ndarray] = []
-    for path in image_files(folder)[:n_images]:
-        try:
-            fields = preprocess_image(read_image(path).bgr, contract)
-        except (ImageError, TilingError):
-            continue
-        out.extend(fields[:1] if first_only else fields)
-    p = contract.patch
-    return np.stack(out) if out else np.empty((0, contract.seq_len, 3, p, p), np.float32)

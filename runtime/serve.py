@@ -31,7 +31,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, decode
+from runtime.imageio import ImageError, decode
 from runtime.tiling import plan_image
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
@@ -115,11 +115,9 @@ class Metrics:
                 "max": float(lat.max()), "window": len(self.latency_ms)}}
 
 
-def create_app(model_dir: Path, backend: str = "auto", threads: int | None = None,
-               max_upload: int = MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
-    from runtime.classifier import Classifier
-
-    clf = Classifier(model_dir, backend=backend, threads=threads, max_pixels=max_pixels)
+def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES) -> Any:
+    """The app around an open Classifier (which it owns from now on, through one worker thread)."""
+    max_pixels = clf.max_pixels
     batcher = Batcher(clf)
     metrics = Metrics()
     app = FastAPI(title="breakhis-edge", docs_url=None, redoc_url=None)
@@ -199,32 +197,32 @@ def create_app(model_dir: Path, backend: str = "auto", threads: int | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime.cli import add_model_options
+
     ap = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=Path("models/reference"))
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1: this machine only). WARNING: another address exposes "
                          "the service, which has no authentication, to the network")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES >> 20)
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    ap.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES >> 20,
+                    help=f"refuse larger uploads with 413 (default {MAX_UPLOAD_BYTES >> 20})")
+    add_model_options(ap)
     args = ap.parse_args(argv)
     import uvicorn
 
-    from runtime.backends import BackendUnavailable
-    from runtime.manifest import ModelError
+    from runtime.cli import open_classifier
+    from runtime.errors import BreakhisError, report
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: binding to {args.host}: anyone who can reach this address can use the service "
               "(no authentication).", file=sys.stderr)
     try:
-        app = create_app(args.model, args.backend, args.threads, args.max_upload_mb << 20)
-    except (ModelError, BackendUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"serving {app.state.classifier.manifest.name} ({app.state.classifier.backend.name}) on "
-          f"http://{args.host}:{args.port}/", file=sys.stderr)
+        app = create_app(open_classifier(args), args.max_upload_mb << 20)
+    except BreakhisError as e:
+        return report(e)
+    clf = app.state.classifier
+    print(f"serving {clf.manifest.name} ({clf.backend.name}) on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.manifest import Contract
+from runtime.errors import BreakhisError
 
 
-class TilingError(ValueError):
+class TilingError(BreakhisError, ValueError):
     """The image cannot be tiled under the contract (too small)."""
 
 

@@ -107,30 +107,29 @@ class Watcher:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime.cli import add_model_options
+
     ap = argparse.ArgumentParser(prog="python -m runtime.watch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folder", type=Path)
+    ap.add_argument("folder", type=Path, help="the folder the microscope camera writes into")
     ap.add_argument("--out", type=Path, required=True, help="results file: .jsonl (full results) or .csv")
-    ap.add_argument("--model", type=Path, default=Path("models/reference"))
-    ap.add_argument("--backend", default="auto")
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between folder scans (default 0.5)")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds a file must stay unchanged (default 1)")
     ap.add_argument("--exit-when-idle", type=float, default=None, metavar="S",
                     help="stop after S seconds without new files (for scripts and tests)")
+    add_model_options(ap)
     args = ap.parse_args(argv)
     if not args.folder.is_dir():
         ap.error(f"{args.folder}: not a directory")
     if args.out.suffix not in (".jsonl", ".csv"):
         ap.error("--out must end in .jsonl or .csv")
-    from runtime.backends import BackendUnavailable
-    from runtime.classifier import Classifier
-    from runtime.manifest import ModelError
+    from runtime.cli import open_classifier
+    from runtime.errors import BreakhisError, report
 
     try:
-        clf = Classifier(args.model, backend=args.backend)
-    except (ModelError, BackendUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        clf = open_classifier(args)
+    except BreakhisError as e:
+        return report(e)
     w = Watcher(args.folder, args.out, clf, args.settle)
     print(f"watching {args.folder} -> {args.out} ({len(w.done)} already done); Ctrl-C to stop", file=sys.stderr)
     stop = []

@@ -14,6 +14,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3 is a test-only refere
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("BREAKHIS_DATA", REPO.parent / "shared" / "data"))
+TRAINED = SHARED_DATA.parent / "models" / "breakhis-scratch-v1"
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +39,25 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Pa
     """The reference model exported by the real CLI into a temporary directory (once per session)."""
     out = tmp_path_factory.mktemp("models") / "reference"
     run_module("export", "reference", "-o", str(out), "--parity-images", str(shared_data / "breakhis-100x"),
-               check=True)
+               "--gate-count", "8", check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(shared_data: Path) -> Path:
+    """The trained model's weights in ../shared/models; skips where they are absent."""
+    if not (TRAINED / "weights.pt").is_file():
+        pytest.skip(f"trained model not found at {TRAINED}")
+    return TRAINED
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory: pytest.TempPathFactory, trained_checkpoint: Path, shared_data: Path) -> Path:
+    """The trained model exported by the real CLI, as setup.sh does: ranges and the FP16 gate on all 48 images."""
+    out = tmp_path_factory.mktemp("models") / "breakhis-scratch-v1"
+    run_module("export", "onnx", "--checkpoint", str(trained_checkpoint / "weights.pt"), "-o", str(out),
+               "--train-report", str(trained_checkpoint / "train_report.json"),
+               "--parity-images", str(shared_data / "breakhis-100x"), check=True)
     return out
 
 

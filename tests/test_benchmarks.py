@@ -19,3 +19,15 @@ def test_benchmark_json_schema(model_dir, shared_data, tmp_path):
         assert v["peak_rss_mb"] > 50
     assert res["variants"]["baseline_pytorch_fp32_eager"]["speedup_vs_baseline"] == 1.0
     assert "speedup" in proc.stdout
+
+
+def test_device_check_dry_run_plans_every_gpu_step(tmp_path):
+    """The one-command GPU check, without a GPU: the plan holds every step and each command it would run exists."""
+    proc = run_module("benchmarks.device_check", "--dry-run", "--out", str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    steps = [s["step"] for s in summary["steps"]]
+    for want in ("tests-gpu", "verify-onnxruntime-cuda-fp16", "verify-onnxruntime-cuda-fp32", "verify-tensorrt-fp16",
+                 "bench-gpu", "bench-kernel"):
+        assert want in steps
+    assert all(s["rc"] == 0 for s in summary["steps"]), summary
+    assert proc.returncode == 0 and "gpu" in json.loads((tmp_path / "machine.json").read_text())

@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from export.onnx_export import fp16_structure
+from export.onnx_export import OPSET, fp16_structure
 from runtime.manifest import Manifest
 from tests.conftest import run_module
 
@@ -17,10 +17,14 @@ def test_reference_artefacts(model_dir):
     assert m.provenance.trained is False and "UNTRAINED" in m.provenance.notes
     assert m.contract.grid == (2, 3) and m.contract.patch == 224 and m.contract.channel_order == "BGR"
     assert set(m.files) == {"model.onnx", "model.fp16.onnx", "weights.pt"}
+    assert {k: v.file for k, v in m.variants.items()} == {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
     report = json.loads((model_dir / "export_report.json").read_text())
-    assert "real images" in report["parity_inputs"]
-    assert all(r["ok"] for r in report["fp32"]) and report["fp32"][0]["max_abs"] <= 1e-4
+    assert "real images" in report["gate_inputs"] and report["rejected"] == {}
+    for batch in (1, 4):
+        gate = report["gates"][f"fp32_batch{batch}"]
+        assert gate["ok"] and {o["output"]: o["max_abs"] for o in gate["outputs"]}["logit"] <= 1e-4
     onx = onnx.load(str(model_dir / "model.onnx"))
+    assert {o.domain: o.version for o in onx.opset_import}[""] == OPSET == 17  # the declared opset, not the default
     dims = [d.dim_param or d.dim_value for d in onx.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 6, 3, 224, 224]
     meta = {p.key: p.value for p in onx.metadata_props}
@@ -42,7 +46,8 @@ def test_same_checkpoint_gives_byte_identical_onnx(model_dir, tmp_path, shared_d
     for name in ("a", "b"):
         out = tmp_path / name
         run_module("export", "onnx", "--checkpoint", str(model_dir / "weights.pt"), "-o", str(out),
-                   "--parity-count", "2", "--parity-images", str(shared_data / "breakhis-100x"), check=True)
+                   "--parity-count", "2", "--gate-count", "2", "--parity-images", str(shared_data / "breakhis-100x"),
+                   check=True)
         outs.append(out)
     for f in ("model.onnx", "model.fp16.onnx"):
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
@@ -56,7 +61,7 @@ def test_mismatched_checkpoint_is_refused_with_every_problem(model_dir, tmp_path
     sd["extra.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "bad.pt")
     proc = run_module("export", "onnx", "--checkpoint", str(tmp_path / "bad.pt"), "-o", str(tmp_path / "out"))
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # an unusable input, as in every CLI
     for needle in ("missing keys: head.dense.bias", "unexpected keys: extra.weight",
                    "encoder.dense.weight: checkpoint (512, 10) vs model (512, 512)"):
         assert needle in proc.stderr
@@ -67,4 +72,4 @@ def test_mismatched_checkpoint_is_refused_with_every_problem(model_dir, tmp_path
 def test_corrupt_checkpoint(tmp_path, content):
     (tmp_path / "c.pt").write_bytes(content)
     proc = run_module("export", "onnx", "--checkpoint", str(tmp_path / "c.pt"), "-o", str(tmp_path / "out"))
-    assert proc.returncode == 1 and "not a readable PyTorch checkpoint" in proc.stderr and "c.pt" in proc.stderr
+    assert proc.returncode == 2 and "not a readable PyTorch checkpoint" in proc.stderr and "c.pt" in proc.stderr

@@ -42,7 +42,8 @@ def test_imported_onnx_matches_keras_predict_on_real_images(keras_pair, images_1
     fe, cls, fe_h5, cls_h5 = keras_pair
     out = tmp_path / "breakhis-keras"
     run_module("export", "keras", "--feature-extractor", str(fe_h5), "--classifier", str(cls_h5), "-o", str(out),
-               "--parity-images", str(shared_data / "breakhis-100x"), "--parity-count", "2", check=True)
+               "--parity-images", str(shared_data / "breakhis-100x"), "--parity-count", "2", "--gate-count", "4",
+               check=True)
     m = Manifest.load(out)
     assert m.provenance.trained is True
     assert set(m.provenance.source_files) == {"fe.h5", "cls.h5"} and all(len(v) == 64 for v in
@@ -121,3 +122,43 @@ def test_other_architectures_are_refused_or_adapted(keras_pair, tmp_path):
     keras.Model(img, y).save(tmp_path / "not_vgg.h5")
     with pytest.raises(KerasImportError, match="is not VGG16"):
         import_pair(tmp_path / "not_vgg.h5", tmp_path / "small.h5")
+
+
+def test_sequential_layouts_import_and_match_keras(keras_pair, images_100x, tmp_path):
+    """The usual way of the original code: a feature extractor cut out of a Sequential model
+    (`keras.Model(seq.inputs, seq.layers[-2].output)`, weights stored as "sequential/dense/kernel") and a Sequential
+    classifier import to the same weights as the Functional pair, and give Keras `predict`'s probabilities."""
+    keras = km.keras
+    fe, cls, fe_h5, cls_h5 = keras_pair
+    seq = keras.Sequential([keras.Input((224, 224, 3)),
+                            keras.applications.VGG16(weights=None, include_top=False, input_shape=(224, 224, 3)),
+                            keras.layers.GaussianNoise(0.1), keras.layers.GlobalAveragePooling2D(),
+                            keras.layers.Dense(512, activation="relu"), keras.layers.BatchNormalization(),
+                            keras.layers.Dense(1, activation="sigmoid")])
+    cut = keras.Model(seq.inputs, seq.layers[-2].output)
+    seq_cls = keras.Sequential([keras.Input((6, 512)), keras.layers.Bidirectional(keras.layers.LSTM(500)),
+                                keras.layers.BatchNormalization(), keras.layers.Dense(1, activation="sigmoid")])
+    weighted = [layer for layer in fe.layers if layer.weights]
+    for src, dst in zip(weighted, [layer for layer in cut.layers if layer.weights]):
+        dst.set_weights(src.get_weights())
+    for src, dst in zip([layer for layer in cls.layers if layer.weights], seq_cls.layers):
+        dst.set_weights(src.get_weights())
+    cut.save(tmp_path / "cut.h5")
+    seq_cls.save(tmp_path / "seq_cls.h5")
+    a, _ = import_pair(fe_h5, cls_h5)
+    b, _ = import_pair(tmp_path / "cut.h5", tmp_path / "seq_cls.h5")
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
+    fields = np.stack([preprocess_image(read_image(p).bgr, CONTRACT)[0] for p in images_100x[:2]])
+    with torch.no_grad():
+        got = b(torch.from_numpy(fields))[1].numpy().reshape(-1)
+    np.testing.assert_allclose(got, km.keras_predict(cut, seq_cls, fields), atol=1e-5)
+
+
+def test_ambiguous_weight_names_are_refused(tmp_path):
+    from export.keras_h5 import H5Model, _w
+
+    m = H5Model(tmp_path / "x.h5", [], {"dense": {"a/dense/kernel": np.zeros(1), "b/dense/kernel": np.ones(1)}}, "3")
+    with pytest.raises(KerasImportError, match="ambiguous"):
+        _w(m, "dense", "kernel")
+    assert _w(m, "dense", "b/dense/kernel")[0] == 1

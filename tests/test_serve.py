@@ -66,7 +66,7 @@ def multipart(name: str, data: bytes) -> tuple[bytes, str]:
 
 def test_model_and_health(server):
     m = json.loads(urllib.request.urlopen(server + "/v1/model").read())
-    assert m["trained"] is False and m["contract"]["grid"] == [2, 3] and m["backend"] == "onnxruntime-cpu"
+    assert m["trained"] is False and m["contract"]["grid"] == [2, 3] and m["backend"] == "onnxruntime-cpu-fp32"
     assert "UNTRAINED" in m["warning"]
 
 

@@ -8,15 +8,16 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
 import pytest
 
-from export.trt_build import plan_build
 from export.trt_support import check_onnx
 from runtime import engine_cache
-from runtime.engine_cache import EngineInfo, EngineMismatch, EngineTarget
+from runtime.engine_cache import EngineInfo, EngineMismatch, EngineTarget, plan_build
+from runtime.manifest import Manifest, ModelError, Variant
 from tests.conftest import REPO, run_module
 
 
@@ -35,15 +36,23 @@ def test_parser_check_catches_lstm_restrictions_and_unknown_ops(model_dir):
     assert "odd: operator ai.onnx::NonZero is not in the table" in problems
 
 
-def test_build_plans_per_tensorrt_generation():
-    fp16_10 = plan_build(10, "fp16")
+def test_build_plans_per_tensorrt_generation(model_dir):
+    m = Manifest.load(model_dir)
+    m = replace(m, variants={**m.variants, "int8": Variant("model.int8.qdq.onnx")})  # as if INT8 had passed
+
+    def plan(major, precision):
+        return plan_build(major, precision, m, model_dir)
+
+    fp16_10 = plan(10, "fp16")
     assert fp16_10.onnx_file == "model.onnx" and not fp16_10.strongly_typed
-    assert set(fp16_10.flags) == {"FP16", "OBEY_PRECISION_CONSTRAINTS"} and fp16_10.constrain_lstm_fp32
-    assert plan_build(10, "int8").calibrate
-    fp16_11 = plan_build(11, "fp16")
-    assert fp16_11 == plan_build(11, "fp16") and fp16_11.onnx_file == "model.fp16.onnx"
+    assert set(fp16_10.flags) == {"FP16", "OBEY_PRECISION_CONSTRAINTS"} and fp16_10.constrain_tail_fp32
+    assert plan(10, "int8").calibrate
+    fp16_11 = plan(11, "fp16")
+    assert fp16_11 == plan(11, "fp16") and fp16_11.onnx_file == "model.fp16.onnx"
     assert fp16_11.strongly_typed and fp16_11.flags == ()  # TensorRT 11: no precision flags exist
-    assert plan_build(11, "int8").onnx_file == "model.int8.qdq.onnx"
+    assert plan(11, "int8").onnx_file == "model.int8.qdq.onnx"
+    with pytest.raises(ModelError, match="no int8 variant"):  # INT8 that never passed its gate is never built
+        plan_build(11, "int8", Manifest.load(model_dir), model_dir)
 
 
 def _target(**kw):
@@ -89,7 +98,7 @@ def _mypy(stubs, *files):
 
 
 def test_tensorrt_code_typechecks_against_stubs(trt_stubs, tmp_path):
-    files = ["runtime", "export/trt_build.py", "export/trt_support.py", "export/verify.py"]  # all torch-free
+    files = ["runtime", "export/trt_support.py", "export/verify.py"]  # all torch-free
     proc = _mypy(trt_stubs, *files)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # ... and the check has teeth: a wrong call against the TensorRT API is caught.
@@ -103,7 +112,7 @@ def test_tensorrt_code_typechecks_against_stubs(trt_stubs, tmp_path):
 
 def test_fp16_variant_passes_the_fidelity_gate_on_the_cpu(model_dir, shared_data):
     proc = run_module("export", "verify", "-m", str(model_dir), "--images", str(shared_data / "breakhis-100x"),
-                      "--onnx", "model.fp16.onnx", "--limit", "12")
+                      "--backend", "cpu", "--precision", "fp16", "--limit", "12")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout and "100.0% agree" in proc.stdout and "tolerance 0.01" in proc.stdout
 
@@ -112,7 +121,7 @@ def test_auto_backend_says_what_it_skipped(model_dir, shared_data):
     proc = run_module("runtime.classify", "--no-progress", "--json", "--model", str(model_dir),
                       str(shared_data / "breakhis-100x" / "SOB_B_F-14-14134E-100-007.png"))
     info = json.loads(proc.stdout)[0]["model"]
-    if info["backend"] == "onnxruntime-cpu":  # no GPU here: each skipped backend is explained
+    if info["backend"] == "onnxruntime-cpu-fp32":  # no GPU here: each skipped backend is explained
         assert any(n.startswith("tensorrt skipped") for n in info["backend_notes"])
         assert any(n.startswith("onnxruntime-cuda skipped") for n in info["backend_notes"])
     else:
@@ -123,7 +132,7 @@ def test_auto_backend_says_what_it_skipped(model_dir, shared_data):
 
 @pytest.fixture(scope="session")
 def trt_ok():
-    from runtime.backends.trt import TrtUnavailable, import_tensorrt
+    from runtime.engine_cache import TrtUnavailable, import_tensorrt
     from runtime.gpu import GpuUnavailable, _import_pycuda
 
     try:
@@ -137,8 +146,7 @@ def trt_ok():
 def engine_dir(trt_ok, model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("trt") / "m"
     shutil.copytree(model_dir, d)
-    run_module("export", "trt", "-m", str(d), "--precision", "fp16", "--timing-cache", str(d / "timing.cache"),
-               check=True)
+    run_module("export", "trt", "-m", str(d), "--precision", "fp16", check=True)
     return d
 
 
@@ -171,13 +179,13 @@ def test_tampered_sidecar_is_refused_before_deserialising(engine_dir, images_100
         Classifier(engine_dir, backend="tensorrt")
 
 
-def test_int8_qdq_is_parser_clean_and_gated(model_dir, shared_data, tmp_path):
+def test_int8_qdq_is_parser_clean_and_gated(trained_dir, shared_data, tmp_path):
     """The Q/DQ model (TensorRT 11's INT8 input) is symmetric and parser-clean; the export ships it only if it
-    passes the fidelity gate on held-out images, and says which way it went."""
+    passes the fidelity gate on held-out images (the trained model's), and says which way it went."""
     from export.int8 import QDQ_FILE, quantize
 
     d = tmp_path / "m"
-    shutil.copytree(model_dir, d, ignore=shutil.ignore_patterns("engines"))
+    shutil.copytree(trained_dir, d, ignore=shutil.ignore_patterns("engines"))
     tmp = quantize(d, shared_data / "breakhis-100x", calib_count=4, log=lambda m: None)
     q = onnx.load(str(tmp))
     assert check_onnx(q) == []
@@ -186,9 +194,11 @@ def test_int8_qdq_is_parser_clean_and_gated(model_dir, shared_data, tmp_path):
     tmp.unlink()
     proc = run_module("export", "int8", "-m", str(d), "--calib-images", str(shared_data / "breakhis-100x"),
                       "--calib-count", "8")
-    listed = QDQ_FILE in json.loads((d / "manifest.json").read_text())["files"]
+    listed = "int8" in json.loads((d / "manifest.json").read_text())["variants"]
     if proc.returncode == 0:
         assert "PASS" in proc.stdout and listed and (d / QDQ_FILE).is_file()
     else:
         assert "FAIL" in proc.stdout and "rejected by the fidelity gate" in proc.stderr
         assert not listed and not (d / QDQ_FILE).exists()
+        assert json.loads((d / "export_report.json").read_text())["rejected"]["int8"]
+        assert "fp16" in json.loads((d / "manifest.json").read_text())["variants"]  # the rest stays

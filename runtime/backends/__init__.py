@@ -6,21 +6,25 @@ from typing import Protocol
 
 import numpy as np
 
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, ModelError
+from runtime.errors import Unavailable
 
 BACKENDS = ("auto", "cpu", "onnxruntime-cuda", "tensorrt")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+PREPROCESSORS = ("auto", "cpu", "gpu")
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(Unavailable):
     """The requested backend cannot run on this machine; the message says what is missing."""
 
 
 class Backend(Protocol):
-    name: str  # what actually runs, e.g. "onnxruntime-cpu", "tensorrt-fp16"
+    name: str  # what actually runs, e.g. "onnxruntime-cpu-fp32", "tensorrt-fp16"
+    precision: str  # the model variant it runs: "fp32", "fp16", "int8"
     preferred_batch: int  # fields per run() when the user does not say: the measured sweet spot
 
-    def run(self, fields: np.ndarray) -> np.ndarray:
-        """(B, T, 3, P, P) float32 preprocessed fields -> (B,) float32 probabilities."""
+    def run(self, fields: np.ndarray) -> dict[str, np.ndarray]:
+        """(B, T, 3, P, P) float32 preprocessed fields -> {output name: (B,) float32} for the manifest's outputs."""
         ...
 
     def close(self) -> None: ...
@@ -33,15 +37,31 @@ class DeviceInputBackend(Backend, Protocol):
     input_fp16: bool
     stream: object
 
-    def run_device(self, n: int) -> np.ndarray: ...
+    def run_device(self, n: int) -> dict[str, np.ndarray]: ...
+
+
+def resolve_precision(requested: str, on_gpu: bool, manifest: Manifest, model_dir: Path) -> tuple[str, list[str]]:
+    """(precision, notes). An explicit precision must be a listed variant (else ModelError with its gate result);
+    "auto" is FP16 on a GPU where the model has a passing FP16 variant, FP32 otherwise, and says why."""
+    if requested not in PRECISIONS:
+        raise BackendUnavailable(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        manifest.variant(requested, model_dir)
+        return requested, []
+    if not on_gpu:
+        return "fp32", []
+    try:
+        manifest.variant("fp16", model_dir)
+        return "fp16", []
+    except ModelError as e:
+        return "fp32", [f"precision auto chose fp32: {e}"]
 
 
 def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | None = None,
-                 precision: str = "fp16", allow_build: bool = False,
-                 onnx_file: str | None = None) -> tuple[Backend, list[str]]:
+                 precision: str = "auto", allow_build: bool = False) -> tuple[Backend, list[str]]:
     """(backend, notes). "auto" tries TensorRT, then ONNX Runtime CUDA, then CPU, noting why each one it skipped
-    could not be used; a backend named explicitly fails loudly instead. ``onnx_file`` picks another ONNX file of
-    the model directory for the ONNX Runtime backends (e.g. model.fp16.onnx on the CPU, for verification)."""
+    could not be used; a backend named explicitly fails loudly instead. ``precision`` picks the model variant
+    (one meaning on every backend; see resolve_precision)."""
     from runtime.backends import ort
 
     if name not in BACKENDS:
@@ -49,20 +69,23 @@ def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | 
     notes: list[str] = []
     if name in ("auto", "tensorrt"):
         from runtime.backends import trt
-        from runtime.engine_cache import EngineMismatch
+        from runtime.engine_cache import EngineMismatch, TrtUnavailable
         from runtime.gpu import GpuUnavailable
 
         try:
-            return trt.TensorRTBackend(model_dir, manifest, precision, allow_build), notes
-        except (trt.TrtUnavailable, GpuUnavailable, EngineMismatch) as e:
+            prec, why = resolve_precision(precision, True, manifest, model_dir)
+            return trt.TensorRTBackend(model_dir, manifest, prec, allow_build), notes + why
+        except (TrtUnavailable, GpuUnavailable, EngineMismatch) as e:
             if name == "tensorrt":
                 raise BackendUnavailable(f"backend tensorrt: {e}") from None
             notes.append(f"tensorrt skipped: {str(e).splitlines()[0]}")
     if name in ("auto", "onnxruntime-cuda"):
         if ort.cuda_available():
-            return ort.OrtBackend(model_dir, manifest, cuda=True, threads=threads, filename=onnx_file), notes
+            prec, why = resolve_precision(precision, True, manifest, model_dir)
+            return ort.OrtBackend(model_dir, manifest, prec, cuda=True, threads=threads), notes + why
         msg = "needs onnxruntime-gpu and a CUDA GPU; this onnxruntime offers " + ", ".join(ort.providers())
         if name == "onnxruntime-cuda":
             raise BackendUnavailable(f"backend onnxruntime-cuda {msg}")
         notes.append(f"onnxruntime-cuda skipped: {msg}")
-    return ort.OrtBackend(model_dir, manifest, cuda=False, threads=threads, filename=onnx_file), notes
+    prec, why = resolve_precision(precision, False, manifest, model_dir)
+    return ort.OrtBackend(model_dir, manifest, prec, cuda=False, threads=threads), notes + why

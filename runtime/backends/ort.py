@@ -30,8 +30,8 @@ def check_model_against_manifest(sess: ort.InferenceSession, manifest: Manifest,
         raise ModelError(f"{path}: input {manifest.input_name} has shape {got}, but the manifest's contract needs "
                          f"[batch, {', '.join(map(str, want))}] ({c.grid[0]}x{c.grid[1]} patches of {c.patch} px)")
     outputs = [o.name for o in sess.get_outputs()]
-    if "probability" not in outputs:
-        raise ModelError(f"{path}: has no 'probability' output (outputs: {outputs})")
+    if not set(manifest.output_names) <= set(outputs):
+        raise ModelError(f"{path}: has outputs {outputs}, but the manifest says {list(manifest.output_names)}")
     meta = sess.get_modelmeta().custom_metadata_map
     if "contract" in meta and Contract.from_dict(json.loads(meta["contract"])) != c:
         raise ModelError(f"{path}: the contract stored in the ONNX file differs from {manifest.name}'s manifest.json "
@@ -39,10 +39,9 @@ def check_model_against_manifest(sess: ort.InferenceSession, manifest: Manifest,
 
 
 class OrtBackend:
-    def __init__(self, model_dir: Path, manifest: Manifest, cuda: bool = False, threads: int | None = None,
-                 filename: str | None = None) -> None:
-        fname = filename or ("model.fp16.onnx" if cuda and (Path(model_dir) / "model.fp16.onnx").is_file()
-                             else "model.onnx")
+    def __init__(self, model_dir: Path, manifest: Manifest, precision: str = "fp32", cuda: bool = False,
+                 threads: int | None = None) -> None:
+        fname = manifest.variant(precision, model_dir).file
         path = Path(model_dir) / fname
         if not path.is_file():
             raise ModelError(f"{path}: model file not found")
@@ -53,17 +52,20 @@ class OrtBackend:
         # Worker threads sleep instead of spinning between runs: no CPU burnt while idle (power on a Jetson) and
         # no stealing from other work on the same cores; a run is ~100s of ms, so the wake-up cost is noise.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        provs = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        # FP32 means FP32: no TF32 tensor-core rounding behind the user's back (ONNX Runtime's CUDA default).
+        provs: list = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] if cuda \
+            else ["CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(path), so, providers=provs)
         except Exception as e:  # ORT reports corrupt/foreign files with its own exception types
             raise ModelError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
         check_model_against_manifest(self.session, manifest, path)
         self.input_name = manifest.input_name
-        self.name = ("onnxruntime-cuda" if cuda else "onnxruntime-cpu") + (f":{fname}" if filename else "")
+        self.output_names = list(manifest.output_names)
+        self.precision = precision
+        self.name = f"onnxruntime-{'cuda' if cuda else 'cpu'}-{precision}"
         self.model_file = fname
-        # On the CPU one field (6 patches) per run is fastest and larger batches only cost memory (measured on a
-        # 2-core EPYC: 350 ms/field at batch 1, 2 or 4; 584 ms at batch 8 with 3.1 GB peak); GPUs want more.
+        # On the CPU one field (6 patches) per run: larger batches only cost memory (README, "Speed"); GPUs want more.
         self.preferred_batch = 8 if cuda else 1
 
         if cuda:
@@ -77,8 +79,7 @@ class OrtBackend:
             cuda = self.cuda = _import_pycuda()
         except GpuUnavailable:
             return  # host input only
-        c = manifest.contract
-        self.field_shape = (c.seq_len, 3, c.patch, c.patch)
+        self.field_shape = manifest.contract.field_shape
         self.max_batch = 32
         self.ctx = cuda.Device(0).retain_primary_context()  # the context ONNX Runtime's CUDA EP also uses
         self.ctx.push()
@@ -90,7 +91,7 @@ class OrtBackend:
         self.input_ptr = int(self.d_input)
         self.input_fp16 = False  # the FP16 model keeps float32 inputs
 
-    def run_device(self, n: int) -> np.ndarray:
+    def run_device(self, n: int) -> dict[str, np.ndarray]:
         """Probabilities of the n fields the preprocessing kernel wrote to input_ptr, via I/O binding."""
         self.ctx.push()
         try:
@@ -99,13 +100,16 @@ class OrtBackend:
             self.cuda.Context.pop()
         io = self.session.io_binding()
         io.bind_input(self.input_name, "cuda", 0, np.float32, [n, *self.field_shape], self.input_ptr)
-        io.bind_output("probability", "cpu")
+        for name in self.output_names:
+            io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
-        return np.asarray(io.copy_outputs_to_cpu()[0], np.float32).reshape(-1)
+        return self._named(io.copy_outputs_to_cpu())
 
-    def run(self, fields: np.ndarray) -> np.ndarray:
-        (prob,) = self.session.run(["probability"], {self.input_name: fields})
-        return np.asarray(prob, np.float32).reshape(-1)
+    def run(self, fields: np.ndarray) -> dict[str, np.ndarray]:
+        return self._named(self.session.run(self.output_names, {self.input_name: fields}))
+
+    def _named(self, values: list) -> dict[str, np.ndarray]:
+        return {n: np.asarray(v, np.float32).reshape(-1) for n, v in zip(self.output_names, values)}
 
     def close(self) -> None:
         del self.session

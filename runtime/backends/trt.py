@@ -1,7 +1,8 @@
 """TensorRT backend: one engine deserialised once, one execution context on one stream, named-tensor API.
 
 Input comes either from the host (``run``) or already on the device in ``input_ptr``, written there by the GPU
-preprocessing kernel on ``stream`` (``run_device``): then the image crosses the bus once, as uint8.
+preprocessing kernel on ``stream`` (``run_device``): then the image crosses the bus once, as uint8. Buffers are
+sized from the engine's own tensor shapes and types, checked against the manifest's contract.
 """
 from __future__ import annotations
 
@@ -11,45 +12,32 @@ from typing import Any
 import numpy as np
 
 from runtime import engine_cache
+from runtime.engine_cache import import_tensorrt
 from runtime.manifest import Manifest, ModelError
 
 
-class TrtUnavailable(RuntimeError):
-    """TensorRT (or what a build needs) is not usable here; the message says what is missing."""
-
-
-def import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise TrtUnavailable(f"TensorRT is not installed ({e}). On JetPack 6 it comes with the OS "
-                             "(python3-libnvinfer); on x86 use NVIDIA's tensorrt wheel") from None
-    if not hasattr(trt, "Runtime"):  # tensorrt-stubs alone provides an importable, empty namespace package
-        raise TrtUnavailable("only TensorRT type stubs are installed here, not the TensorRT runtime")
-    return trt
-
-
 class TensorRTBackend:
-    def __init__(self, model_dir: Path, manifest: Manifest, precision: str = "fp16", allow_build: bool = False,
-                 cuda_graph: bool = False) -> None:
+    def __init__(self, model_dir: Path, manifest: Manifest, precision: str = "fp16", allow_build: bool = False) -> None:
         import_tensorrt()
         import tensorrt as trt  # typed by tensorrt-stubs: mypy checks this code in CI
         from runtime.gpu import _import_pycuda
 
         cuda = self.cuda = _import_pycuda()
-        from export.trt_build import TrtOptions, build_engine, device_target
-
-        target = device_target(model_dir, manifest, precision, trt)
+        target = engine_cache.device_target(model_dir, manifest, precision, trt)
         try:
             path, info = engine_cache.select(model_dir, target)
         except engine_cache.EngineMismatch:
             if not allow_build:
                 raise
+            from runtime.trt_build import TrtOptions, build_engine
+
             build_engine(model_dir, TrtOptions(precision=precision))
             path, info = engine_cache.select(model_dir, target)
         self.name = f"tensorrt-{precision}"
+        self.precision = precision
         self.max_batch = int(info.profile["max"])
         self.preferred_batch = int(info.profile["opt"])
+        self.field_shape = manifest.contract.field_shape
         self.ctx = cuda.Device(0).retain_primary_context()
         self.ctx.push()
         try:
@@ -60,23 +48,27 @@ class TensorRTBackend:
                 raise ModelError(f"{path}: TensorRT could not deserialise the engine")
             self.context = self.engine.create_execution_context()
             names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-            self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-            if "probability" not in names:
-                raise ModelError(f"{path}: engine has no 'probability' output ({names})")
-            self.outputs = [n for n in names if n != self.input]
+            self.input = manifest.input_name
+            self.outputs = list(manifest.output_names)
+            if self.input not in names or not set(self.outputs) <= set(names):
+                raise ModelError(f"{path}: engine tensors {names} do not match the manifest "
+                                 f"({self.input} -> {', '.join(self.outputs)})")
+            dims = self.engine.get_tensor_shape(self.input)
+            shape = tuple(int(dims[i]) for i in range(len(dims)))
+            if shape[1:] != self.field_shape:
+                raise ModelError(f"{path}: engine input {shape} does not fit the contract's fields {self.field_shape}")
             self.in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input)))
-            c = manifest.contract
-            self.field_shape = (c.seq_len, 3, c.patch, c.patch)
             self.stream = cuda.Stream()
-            field_bytes = int(np.prod(self.field_shape)) * self.in_dtype.itemsize
-            self.d_input = cuda.mem_alloc(self.max_batch * field_bytes)
-            self.d_out = {n: cuda.mem_alloc(self.max_batch * 4) for n in self.outputs}  # (B, 1) float32 each
-            self.h_prob = cuda.pagelocked_empty(self.max_batch, np.float32)
-            self.context.set_tensor_address(self.input, int(self.d_input))
-            for n, d in self.d_out.items():
-                self.context.set_tensor_address(n, int(d))
-            self.graphs: dict[int, Any] = {}
-            self.cuda_graph = cuda_graph
+            self.d_input = cuda.mem_alloc(self.max_batch * int(np.prod(self.field_shape)) * self.in_dtype.itemsize)
+            self.h_out: dict[str, Any] = {}
+            self.d_out: dict[str, Any] = {}
+            for n in self.outputs:  # (B, 1) each; element type from the engine
+                dt = np.dtype(trt.nptype(self.engine.get_tensor_dtype(n)))
+                self.h_out[n] = cuda.pagelocked_empty(self.max_batch, dt)
+                self.d_out[n] = cuda.mem_alloc(self.max_batch * dt.itemsize)
+            for n, ptr in [(self.input, self.d_input), *self.d_out.items()]:
+                if not self.context.set_tensor_address(n, int(ptr)):
+                    raise ModelError(f"{path}: TensorRT refused the address of tensor {n}")
             self._execute(self.preferred_batch)  # warm-up: first-inference costs stay out of steady state
             self.stream.synchronize()
         finally:
@@ -92,23 +84,16 @@ class TensorRTBackend:
         return self.in_dtype == np.float16
 
     def _execute(self, n: int) -> None:
-        """Enqueue inference of n fields already in d_input, and the probability download, on self.stream."""
-        if self.cuda_graph and n in self.graphs:
-            self.graphs[n].launch(self.stream)
-        else:
-            self.context.set_input_shape(self.input, (n, *self.field_shape))
-            if self.cuda_graph:  # capture once per batch size, after one plain run (TensorRT's recommendation)
-                self.context.execute_async_v3(self.stream.handle)
-                self.stream.begin_capture()
-                self.context.execute_async_v3(self.stream.handle)
-                self.graphs[n] = self.stream.end_capture().instantiate()
-                self.graphs[n].launch(self.stream)
-            elif not self.context.execute_async_v3(self.stream.handle):
-                raise RuntimeError("TensorRT execute_async_v3 failed")
-        self.cuda.memcpy_dtoh_async(self.h_prob[:n], self.d_out["probability"], self.stream)
+        """Enqueue inference of n fields already in d_input, and the outputs' download, on self.stream."""
+        if not self.context.set_input_shape(self.input, (n, *self.field_shape)):
+            raise RuntimeError(f"TensorRT refused batch {n} (profile 1..{self.max_batch})")
+        if not self.context.execute_async_v3(self.stream.handle):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        for name, d in self.d_out.items():
+            self.cuda.memcpy_dtoh_async(self.h_out[name][:n], d, self.stream)
 
-    def run_device(self, n: int) -> np.ndarray:
-        """Probabilities of the n fields the preprocessing kernel wrote to input_ptr (on self.stream)."""
+    def run_device(self, n: int) -> dict[str, np.ndarray]:
+        """Outputs for the n fields the preprocessing kernel wrote to input_ptr (on self.stream)."""
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"batch of {n} fields is outside the engine's profile 1..{self.max_batch}")
         self.ctx.push()
@@ -117,10 +102,10 @@ class TensorRTBackend:
             self.stream.synchronize()  # the only host wait: the result is needed now
         finally:
             self.cuda.Context.pop()
-        return self.h_prob[:n].copy()
+        return {name: h[:n].astype(np.float32) for name, h in self.h_out.items()}
 
-    def run(self, fields: np.ndarray) -> np.ndarray:
-        out = []
+    def run(self, fields: np.ndarray) -> dict[str, np.ndarray]:
+        out: list[dict[str, np.ndarray]] = []
         for i in range(0, len(fields), self.max_batch):
             chunk = np.ascontiguousarray(fields[i:i + self.max_batch], dtype=self.in_dtype)
             self.ctx.push()
@@ -129,13 +114,12 @@ class TensorRTBackend:
             finally:
                 self.cuda.Context.pop()
             out.append(self.run_device(len(chunk)))
-        return np.concatenate(out)
+        return {name: np.concatenate([o[name] for o in out]) for name in self.outputs}
 
     def close(self) -> None:
         self.ctx.push()
         try:
             self.stream.synchronize()
-            self.graphs.clear()
             del self.context, self.engine, self.runtime
             self.d_input.free()
             for d in self.d_out.values():

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from runtime import engine_cache
-from runtime.engine_cache import EngineInfo, EngineTarget
-from runtime.backends.trt import TrtUnavailable, import_tensorrt
+from runtime.engine_cache import EngineInfo, TrtUnavailable, device_target, import_tensorrt, plan_build
+from runtime.fidelity import PRECISIONS
 from runtime.manifest import Manifest
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-LSTM_SCOPE = "/head/lstm/"  # ONNX node-name prefix of the LSTM (module path head.lstm in export/model.py)
+CONV_SCOPE = "/encoder/vgg16/"  # ONNX node-name prefix of the convolution chain (export/model.py's module path)
 
 
 @dataclass(frozen=True)
@@ -39,55 +39,12 @@ class TrtOptions:
     calib_count: int = 64  # images (all their fields) used for calibration
 
     def validate(self) -> None:
-        if self.precision not in engine_cache.PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(engine_cache.PRECISIONS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ValueError("batch sizes must satisfy 1 <= min <= opt <= max")
         if self.workspace_mb < 16:
             raise ValueError("workspace must be at least 16 MB")
-
-
-@dataclass(frozen=True)
-class BuildPlan:
-    """How a precision is reached on a TensorRT generation: which ONNX, typing mode, builder flags."""
-
-    onnx_file: str
-    strongly_typed: bool
-    flags: tuple[str, ...]
-    constrain_lstm_fp32: bool
-    calibrate: bool
-
-
-def plan_build(trt_major: int, precision: str) -> BuildPlan:
-    """TensorRT 10 takes the FP32 ONNX and precision flags (LSTM pinned to FP32, constraints obeyed); TensorRT 11
-    has no FP16/INT8 flags and builds strongly typed networks, so the precision must already be in the ONNX."""
-    if trt_major < 10:
-        raise TrtUnavailable(f"TensorRT {trt_major}.x is not supported (needs the TensorRT 10+ named-tensor API)")
-    if trt_major == 10:
-        return {
-            "fp32": BuildPlan("model.onnx", False, (), False, False),
-            "fp16": BuildPlan("model.onnx", False, ("FP16", "OBEY_PRECISION_CONSTRAINTS"), True, False),
-            "int8": BuildPlan("model.onnx", False, ("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"), True, True),
-        }[precision]
-    return {
-        "fp32": BuildPlan("model.onnx", True, (), False, False),
-        "fp16": BuildPlan("model.fp16.onnx", True, (), False, False),
-        "int8": BuildPlan("model.int8.qdq.onnx", True, (), False, False),
-    }[precision]
-
-
-def device_target(model_dir: Path, manifest: Manifest, precision: str, trt: Any) -> EngineTarget:
-    """The engine key for this machine: TensorRT version, GPU, compute capability, ONNX hash, precision."""
-    from runtime.gpu import device_info
-
-    name, cc = device_info()
-    onnx_file = plan_build(int(trt.__version__.split(".")[0]), precision).onnx_file
-    sha = manifest.files.get(onnx_file)
-    if sha is None:
-        raise TrtUnavailable(f"{model_dir}: {onnx_file} is not listed in manifest.json (re-export the model"
-                             + (", with --int8-calib for INT8" if precision == "int8" else "") + ")")
-    return EngineTarget(tensorrt=trt.__version__, gpu=name, compute_capability=cc, onnx_sha256=sha,
-                        precision=precision)
 
 
 def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] = print) -> Path:
@@ -96,7 +53,7 @@ def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] =
     import_tensorrt()  # clear error where TensorRT is missing or only its stubs are installed
     import tensorrt as trt  # typed by tensorrt-stubs: mypy checks this builder code in CI
     manifest = Manifest.load(model_dir)
-    plan = plan_build(int(trt.__version__.split(".")[0]), opts.precision)
+    plan = plan_build(int(trt.__version__.split(".")[0]), opts.precision, manifest, model_dir)
     onnx_path = Path(model_dir) / plan.onnx_file
     if not onnx_path.is_file():
         raise TrtUnavailable(f"{onnx_path}: not found (TensorRT {trt.__version__} builds {opts.precision} from it)")
@@ -119,9 +76,9 @@ def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] =
     config.add_optimization_profile(profile)
     for flag in plan.flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
-    if plan.constrain_lstm_fp32:
-        pinned = _pin_lstm_fp32(network)
-        log(f"TensorRT {trt.__version__}: {len(pinned)} LSTM layers constrained to FP32")
+    if plan.constrain_tail_fp32:
+        pinned = _pin_tail_fp32(network)
+        log(f"TensorRT {trt.__version__}: {len(pinned)} layers after the convolution chain constrained to FP32")
     if plan.calibrate:
         if not opts.calib_images:
             raise TrtUnavailable("INT8 on TensorRT 10 needs --calib-images DIR (real images for calibration)")
@@ -134,9 +91,11 @@ def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] =
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = opts.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers the DLA cannot run (LSTM) stay on the GPU
-    cache_path = Path(opts.timing_cache) if opts.timing_cache else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_path = Path(opts.timing_cache) if opts.timing_cache else engine_cache.engine_dir(model_dir) / "timing.cache"
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log(f"{cache_path}: timing cache from another device or TensorRT; timing from scratch")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     config.progress_monitor = make_progress_monitor(trt, log)
     log(f"building {opts.precision} engine from {plan.onnx_file} for {target.gpu} (sm {target.compute_capability}),"
         f" batch {opts.min_batch}/{opts.opt_batch}/{opts.max_batch}, workspace {opts.workspace_mb} MB ...")
@@ -145,9 +104,8 @@ def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] =
     seconds = time.perf_counter() - t0
     if serialized is None:
         raise TrtUnavailable("TensorRT could not build the engine (see the TensorRT messages above)")
-    if cache_path:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache_path.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
     info = EngineInfo(target=target, onnx_file=plan.onnx_file,
                       profile={"min": opts.min_batch, "opt": opts.opt_batch, "max": opts.max_batch},
                       options=asdict(opts), build_seconds=round(seconds, 1))
@@ -156,23 +114,24 @@ def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] =
     return path
 
 
-def _pin_lstm_fp32(network: trt.INetworkDefinition) -> list[str]:
-    """TensorRT 10 with FP16 enabled: run the layers the parser made from the LSTM in FP32 (with
+def _pin_tail_fp32(network: trt.INetworkDefinition) -> list[str]:
+    """TensorRT 10 with FP16 enabled: only the (range-safe) convolution chain may run in FP16; pooling, Dense,
+    BatchNorm (whose rescaled statistics underflow in FP16), the LSTM and the sigmoid run in FP32 (with
     OBEY_PRECISION_CONSTRAINTS set, the build fails rather than silently ignoring this)."""
     import tensorrt as trt
-    loop_types = {trt.LayerType.RECURRENCE, trt.LayerType.ITERATOR, trt.LayerType.LOOP_OUTPUT,
-                  trt.LayerType.TRIP_LIMIT}
+    floats = (trt.float32, trt.float16)
     pinned = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if LSTM_SCOPE in layer.name or layer.type in loop_types:
-            layer.precision = trt.float32
-            for k in range(layer.num_outputs):
-                if layer.get_output(k).dtype in (trt.float32, trt.float16):
-                    layer.set_output_type(k, trt.float32)
-            pinned.append(layer.name)
-    if not pinned:
-        raise TrtUnavailable(f"no LSTM layers found under {LSTM_SCOPE!r}: cannot keep the LSTM in FP32")
+        outs = [k for k in range(layer.num_outputs) if layer.get_output(k).dtype in floats]
+        if layer.name.startswith(CONV_SCOPE) or not outs:
+            continue
+        layer.precision = trt.float32
+        for k in outs:
+            layer.set_output_type(k, trt.float32)
+        pinned.append(layer.name)
+    if not any("LSTM" in name for name in pinned):
+        raise TrtUnavailable("no LSTM layers found after the convolution chain: cannot keep the tail in FP32")
     return pinned
 
 
@@ -204,7 +163,7 @@ def make_calibrator(trt: Any, manifest: Manifest, folder: Path, n_images: int, c
     calibration cache is saved so a rebuild does not calibrate again."""
     import pycuda.driver as cuda
 
-    from runtime.preprocess import folder_fields
+    from runtime.inputs import folder_fields
 
     data = folder_fields(folder, manifest.contract, n_images)
     if not len(data):

@@ -1,0 +1,123 @@
+"""python -m benchmarks.device_check: every GPU check and benchmark of the project in one go, results written with
+the machine's description (run it through benchmarks/device_check.sh, which installs carried wheels first).
+
+Steps: describe the machine; export the trained and the reference models where missing; the GPU, kernel and
+TensorRT tests; `export verify` for every GPU backend and precision on the trained model (all shared images); the
+CLI on the trained model; the GPU benchmark suite; the kernel benchmark. A step that fails is recorded and the next
+one runs. --dry-run checks the plan without a GPU: every command's --help must work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def plan(images: Path, out: Path, trained: Path, reference: Path, limit: int) -> list[tuple[str, list[str]]]:
+    """(name, argv) of every step, in order. Each writes its results under ``out``."""
+    py = [sys.executable, "-m"]
+    steps: list[tuple[str, list[str]]] = []
+    weights = REPO.parent / "shared" / "models" / "breakhis-scratch-v1"
+    if not (trained / "manifest.json").is_file() and (weights / "weights.pt").is_file():
+        steps.append(("export-trained", [*py, "export", "onnx", "--checkpoint", str(weights / "weights.pt"),
+                                         "--train-report", str(weights / "train_report.json"), "-o", str(trained),
+                                         "--parity-images", str(images)]))
+    if not (reference / "manifest.json").is_file():
+        steps.append(("export-reference", [*py, "export", "reference", "-o", str(reference), "--parity-images",
+                                           str(images), "--gate-count", "8"]))
+    steps.append(("tests-gpu", [*py, "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
+                                "tests/test_gpu.py", f"--junitxml={out / 'tests-gpu.xml'}"]))
+    for backend in ("onnxruntime-cuda", "tensorrt"):
+        for precision in ("fp32", "fp16"):
+            steps.append((f"verify-{backend}-{precision}",
+                          [*py, "export", "verify", "-m", str(trained), "--images", str(images), "--backend", backend,
+                           "--precision", precision, "--json", str(out / f"verify-{backend}-{precision}.json")]))
+    steps.append(("classify-trained", [*py, "runtime.classify", "--no-progress", "--json", "--model", str(trained),
+                                       str(images)]))
+    steps.append(("bench-gpu", [*py, "benchmarks", "--suite", "gpu", "--model", str(trained), "--images", str(images),
+                                "--limit", str(limit), "--json", str(out / "gpu.json")]))
+    steps.append(("bench-ort-cuda", [*py, "benchmarks.ort_cuda", "--model", str(trained),
+                                     "--json", str(out / "ort_cuda.json")]))
+    steps.append(("bench-kernel", [*py, "benchmarks.gpu_preprocess", "--model", str(trained), "--images", str(images),
+                                   "--json", str(out / "kernel.json")]))
+    return steps
+
+
+def describe() -> dict:
+    """The machine: GPU (nvidia-smi), CPU, Python and the versions of what ran."""
+    info: dict = {"python": platform.python_version(), "platform": platform.platform(), "cores": os.cpu_count(),
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        info["gpu"] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        info["gpu"] = f"none ({e})"
+    for mod in ("onnxruntime", "torch", "pycuda", "tensorrt", "numpy", "cv2"):
+        try:
+            m = __import__(mod)
+            info[mod] = getattr(m, "__version__", "?")
+        except Exception as e:  # a missing or broken package is a fact about the machine, not a failure here
+            info[mod] = f"missing ({type(e).__name__})"
+    try:
+        import onnxruntime
+
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except Exception:
+        pass
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.device_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "breakhis-100x",
+                    help="real images (default: ../shared/data/breakhis-100x)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "device",
+                    help="where results go (default: benchmarks/results/device)")
+    ap.add_argument("--limit", type=int, default=16, help="images for the GPU benchmark suite (default 16)")
+    ap.add_argument("--only", default=None, help="run only the steps whose name contains this")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and check each command's --help")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    models = REPO / "models"
+    steps = plan(args.images, args.out, models / "breakhis-scratch-v1", models / "reference", args.limit)
+    if args.only:
+        steps = [s for s in steps if args.only in s[0]]
+    machine = describe()
+    (args.out / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
+    print(json.dumps(machine), file=sys.stderr)
+    summary = []
+    for name, cmd in steps:
+        print(f"== {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+        if args.dry_run:
+            mod = cmd[cmd.index("-m") + 1]
+            sub = [cmd[cmd.index("-m") + 2]] if mod == "export" else []
+            proc = subprocess.run([sys.executable, "-m", mod, *sub, "--help"], capture_output=True, text=True, cwd=REPO)
+            summary.append({"step": name, "dry_run": True, "rc": proc.returncode})
+            continue
+        if "tensorrt" in name and str(machine.get("tensorrt", "")).startswith("missing"):
+            summary.append({"step": name, "rc": 0, "skipped": "TensorRT is not installed here"})
+            print("   skipped: TensorRT is not installed here", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        (args.out / f"{name}.log").write_text(f"$ {shlex.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+        summary.append({"step": name, "rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
+                        "tail": (proc.stdout + proc.stderr).strip().splitlines()[-3:]})
+        print(f"   rc {proc.returncode} in {summary[-1]['seconds']} s: {' | '.join(summary[-1]['tail'])[:400]}",
+              file=sys.stderr, flush=True)
+    (args.out / "summary.json").write_text(json.dumps({"machine": machine, "steps": summary}, indent=2) + "\n")
+    return 0 if all(s["rc"] == 0 for s in summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

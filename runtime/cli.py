@@ -1,0 +1,54 @@
+"""The one option group for running a model, shared by every CLI (classify, serve, watch, benchmarks, export
+verify), and the one way a CLI opens its Classifier."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from runtime.backends import BACKENDS, PRECISIONS, PREPROCESSORS
+from runtime.imageio import DEFAULT_MAX_PIXELS
+from runtime.manifest import MODELS, TRAINED_DEFAULT, UNTRAINED_DEFAULT
+
+if TYPE_CHECKING:
+    from runtime.classifier import Classifier
+
+
+def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto") -> None:
+    """--model, --backend, --precision, --preprocess, --batch-size, --threads, --build-engine, --max-pixels."""
+    g = ap.add_argument_group("model and backend")
+    g.add_argument("--model", type=Path, default=None,
+                   help=f"model directory with manifest.json (default: $BREAKHIS_MODEL, else {MODELS.name}/"
+                        f"{TRAINED_DEFAULT} (trained) where setup.sh exported it, else {MODELS.name}/"
+                        f"{UNTRAINED_DEFAULT} (untrained))")
+    g.add_argument("--backend", choices=BACKENDS, default=backend_default,
+                   help=f"inference backend (default: {backend_default}; auto = the fastest available here)")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="model variant, the same meaning on every backend (default: auto = fp16 on a GPU where the "
+                        "model has a variant that passed its gate, else fp32)")
+    g.add_argument("--preprocess", choices=PREPROCESSORS, default="auto",
+                   help="where tiling + normalisation run (default: auto = GPU next to a GPU backend, else CPU)")
+    g.add_argument("--batch-size", type=_positive, default=None,
+                   help="fields per inference batch, across images (default: the backend's best: 1 on CPU, 8 on GPU)")
+    g.add_argument("--threads", type=_positive, default=None, help="inference threads (default: all cores)")
+    g.add_argument("--build-engine", action="store_true",
+                   help="build the TensorRT engine for this GPU if the model has none (takes minutes)")
+    g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse larger images from their header (default: {DEFAULT_MAX_PIXELS:,})")
+
+
+def open_classifier(args: argparse.Namespace, **overrides) -> Classifier:
+    """The Classifier the options describe; raises a BreakhisError (ModelError, Unavailable) when it cannot."""
+    from runtime.classifier import Classifier
+
+    kw = dict(model_dir=args.model, backend=args.backend, precision=args.precision, preprocess=args.preprocess,
+              batch_size=args.batch_size, threads=args.threads, allow_build=args.build_engine,
+              max_pixels=args.max_pixels)
+    return Classifier(**(kw | overrides))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value

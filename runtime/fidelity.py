@@ -1,0 +1,105 @@
+"""One comparison and one tolerance table (Polygraphy-style): a candidate's outputs against the FP32 reference's,
+per output, plus label agreement. Every gate uses it: FP32 parity, the FP16/INT8 variants, ``export verify``."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What a precision must meet against FP32. ``None``: reported only."""
+
+    probability: float | None  # max |probability difference|
+    logit: float | None  # max |logit difference|
+    labels: float = 1.0  # fraction of fields whose label must agree
+
+
+# FP32: another runtime of the same arithmetic (PyTorch vs ONNX Runtime, CPU vs GPU): summation order only.
+# FP16/INT8: 1e-2 on the probability (a decision 0.5 +- 0.01 is a coin toss either way) and every label kept.
+TOLERANCES = {
+    "fp32": Tolerance(probability=1e-5, logit=1e-4),
+    "fp16": Tolerance(probability=1e-2, logit=None),
+    "int8": Tolerance(probability=1e-2, logit=None),
+}
+
+
+@dataclass
+class OutputDiff:
+    output: str
+    max_abs: float
+    median_abs: float
+    tolerance: float | None
+
+    @property
+    def ok(self) -> bool:
+        return self.tolerance is None or self.max_abs <= self.tolerance
+
+
+@dataclass
+class Comparison:
+    """Candidate vs reference on the same fields: one row per output, label agreement, non-finite values."""
+
+    candidate: str
+    precision: str
+    fields: int
+    outputs: list[OutputDiff]
+    label_agreement: float
+    flips: int
+    non_finite: int  # candidate fields with a NaN or inf output: always a failure
+
+    @property
+    def ok(self) -> bool:
+        return (self.non_finite == 0 and all(o.ok for o in self.outputs)
+                and self.label_agreement >= TOLERANCES[self.precision].labels)
+
+    def reason(self) -> str:
+        """Why it failed, in one line ('' when it passed)."""
+        why = [f"{self.non_finite} fields gave NaN/inf"] if self.non_finite else []
+        why += [f"{o.output} max|d| {o.max_abs:.3g} > {o.tolerance:g}" for o in self.outputs if not o.ok]
+        if self.label_agreement < TOLERANCES[self.precision].labels:
+            why.append(f"{self.flips} label flips ({self.label_agreement:.1%} agree)")
+        return "; ".join(why)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.candidate} ({self.precision}) vs FP32 reference on {self.fields} fields:"]
+        for o in self.outputs:
+            tol = "reported only" if o.tolerance is None else f"tolerance {o.tolerance:g}"
+            out.append(f"  {o.output:12s} max|d|={o.max_abs:.3e} median|d|={o.median_abs:.3e} ({tol}) "
+                       f"{'PASS' if o.ok else 'FAIL'}")
+        out.append(f"  labels       {self.label_agreement:.1%} agree, {self.flips} flips "
+                   f"(required {TOLERANCES[self.precision].labels:.0%})")
+        if self.non_finite:
+            out.append(f"  non-finite   {self.non_finite} fields gave NaN/inf")
+        out.append(f"  {'PASS' if self.ok else 'FAIL: ' + self.reason()}")
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"ok": self.ok, "reason": self.reason()}
+
+
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], precision: str,
+            threshold: float, name: str = "candidate") -> Comparison:
+    """Compare every output the two have in common (``probability`` required), field by field."""
+    if precision not in TOLERANCES:
+        raise ValueError(f"precision must be one of {', '.join(TOLERANCES)}, not {precision!r}")
+    tol = TOLERANCES[precision]
+    ref = {k: np.asarray(v, np.float64).reshape(-1) for k, v in reference.items()}
+    got = {k: np.asarray(v, np.float64).reshape(-1) for k, v in candidate.items()}
+    if ref["probability"].shape != got["probability"].shape:
+        raise ValueError(f"reference has {ref['probability'].size} fields, candidate {got['probability'].size}")
+    bad = np.zeros(ref["probability"].shape, bool)
+    rows = []
+    for out in sorted(set(ref) & set(got)):
+        finite = np.isfinite(got[out])
+        bad |= ~finite
+        d = np.abs(ref[out] - got[out])
+        d = np.where(finite, d, np.inf)
+        rows.append(OutputDiff(out, float(d.max()), float(np.median(d)), getattr(tol, out, None)))
+    agree = (ref["probability"] > threshold) == (got["probability"] > threshold)
+    agree &= ~bad
+    return Comparison(name, precision, int(agree.size), rows, float(agree.mean()), int((~agree).sum()),
+                      int(bad.sum()))

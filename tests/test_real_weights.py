@@ -1,0 +1,180 @@
+"""The trained model (../shared/models/breakhis-scratch-v1) through every gate: a range-safe FP16 variant that passes
+on all 48 shared images, a variant that fails its gate is neither written, listed nor loaded, a non-finite output
+is an error and never a verdict, and the accuracy table."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from export.model import CONTRACT
+from export.range_safe import FP16_MAX, TARGET_LOG2, rescale
+from export.weights import load_checkpoint
+from runtime import manifest as manifest_mod
+from runtime.backends import resolve_precision
+from runtime.classifier import Classifier
+from runtime.engine_cache import plan_build
+from runtime.imageio import read_image
+from runtime.manifest import Manifest, ModelError, sha256_file
+from runtime.preprocess import preprocess_image
+from tests.conftest import run_module
+
+
+def _report(d):
+    return json.loads((d / "export_report.json").read_text())
+
+
+def test_trained_export_lists_fp16_after_its_gate_on_every_shared_image(trained_dir):
+    m = Manifest.load(trained_dir)
+    assert m.provenance.trained is True and len(m.provenance.held_out_patients) == 7
+    assert 0.5 < m.provenance.metrics["val_acc"] < 1
+    assert set(m.variants) == {"fp32", "fp16"}
+    gate = _report(trained_dir)["gates"]["fp16"]
+    assert gate["ok"] and gate["fields"] == 48 and gate["flips"] == 0 and gate["non_finite"] == 0
+    assert {o["output"]: o["max_abs"] for o in gate["outputs"]}["probability"] <= 1e-2
+    assert m.variants["fp16"].gate["label_agreement"] == 1.0
+
+
+def test_every_fp16_convolution_output_stays_within_float16(trained_dir):
+    ranges = _report(trained_dir)["ranges"]
+    assert len(ranges) == 13
+    assert max(r["max_before"] for r in ranges) > FP16_MAX  # without rescaling this model overflows float16
+    for r in ranges:  # measured on the FP16 variant itself, on all 48 images
+        assert r["max_after"] < FP16_MAX and r["headroom"] >= 16, r
+        assert abs(r["max_after"] - r["max_before"] * 2.0 ** r["shift"]) <= 1e-2 * r["max_after"], r
+        assert r["max_after"] <= 2.0 ** TARGET_LOG2 * 1.01, r
+
+
+def test_rescaled_fp32_model_gives_the_original_outputs(trained_dir, trained_checkpoint, images_100x):
+    assert all(v <= 1e-6 for v in _report(trained_dir)["rescaled_vs_original"].values())  # ONNX, 6 fields
+    model = load_checkpoint(trained_checkpoint / "weights.pt")
+    scaled = rescale(model, [r["shift"] for r in _report(trained_dir)["ranges"]])
+    assert not torch.equal(scaled.encoder.vgg16.layers[28].weight, model.encoder.vgg16.layers[28].weight)
+    fields = torch.from_numpy(np.stack([preprocess_image(read_image(p).bgr, CONTRACT)[0] for p in images_100x[:2]]))
+    with torch.no_grad():
+        (la, pa), (lb, pb) = model(fields), scaled(fields)
+    assert float((la - lb).abs().max()) <= 1e-6 and float((pa - pb).abs().max()) <= 1e-6
+
+
+def test_fp16_verified_through_the_runtime(trained_dir, shared_data):
+    proc = run_module("export", "verify", "-m", str(trained_dir), "--images", str(shared_data / "breakhis-100x"),
+                      "--backend", "cpu", "--precision", "fp16", "--limit", "8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "onnxruntime-cpu-fp16 (fp16)" in proc.stdout and "0 flips" in proc.stdout and "PASS" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def failing_dir(trained_checkpoint, shared_data, tmp_path_factory):
+    """The trained model exported without the rescaling: its FP16 variant overflows and must be refused. A stale
+    model.fp16.onnx left in the directory must not survive either."""
+    out = tmp_path_factory.mktemp("failing") / "m"
+    out.mkdir()
+    (out / "model.fp16.onnx").write_bytes(b"stale file a backend could pick up")
+    proc = run_module("export", "onnx", "--checkpoint", str(trained_checkpoint / "weights.pt"), "-o", str(out),
+                      "--no-range-safe", "--gate-count", "2", "--parity-count", "2",
+                      "--parity-images", str(shared_data / "breakhis-100x"))
+    assert proc.returncode == 0, proc.stderr  # what it wrote (FP32) is sound
+    assert "FP16 variant REJECTED" in proc.stderr
+    return out
+
+
+def test_a_variant_that_fails_its_gate_is_not_written_listed_or_loaded(failing_dir, images_100x):
+    m = Manifest.load(failing_dir)
+    assert set(m.variants) == {"fp32"} and "model.fp16.onnx" not in m.files
+    assert not (failing_dir / "model.fp16.onnx").exists()
+    assert "float16's range" in _report(failing_dir)["rejected"]["fp16"]
+    with pytest.raises(ModelError, match="failed its fidelity gate"):
+        Classifier(failing_dir, backend="cpu", precision="fp16")
+    for on_gpu in (False, True):  # ONNX Runtime CPU and CUDA and TensorRT resolve precision the same way
+        with pytest.raises(ModelError, match="failed its fidelity gate"):
+            resolve_precision("fp16", on_gpu, m, failing_dir)
+    precision, notes = resolve_precision("auto", True, m, failing_dir)
+    assert precision == "fp32" and "failed its fidelity gate" in notes[0]
+    for trt_major in (10, 11):
+        with pytest.raises(ModelError, match="failed its fidelity gate"):
+            plan_build(trt_major, "fp16", m, failing_dir)
+    proc = run_module("runtime.classify", "--no-progress", "--model", str(failing_dir), "--precision", "fp16",
+                      str(images_100x[0]))
+    assert proc.returncode == 2 and "no fp16 variant" in proc.stderr and "float16's range" in proc.stderr
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_non_finite_output_is_an_error_never_a_verdict(model_dir, images_100x, tmp_path, value):
+    """NaN > 0.5 is False, so a NaN once printed as "Benign"; an infinite logit still gives probability 1.0."""
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    m = onnx.load(str(d / "model.onnx"))
+    bias = next(t for t in m.graph.initializer if t.name == "head.dense.bias")
+    bias.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(bias).shape, value, np.float32), bias.name))
+    onnx.save(m, str(d / "model.onnx"))
+    man = Manifest.load(d)
+    man.files["model.onnx"] = sha256_file(d / "model.onnx")
+    man.save(d)
+    proc = run_module("runtime.classify", "--no-progress", "--json", "--model", str(d), "--backend", "cpu",
+                      str(images_100x[0]), str(images_100x[1]))
+    assert proc.returncode == 1
+    for r in json.loads(proc.stdout):
+        assert r["label"] is None and r["probability"] is None and r["fields"] == []
+        assert "non-finite" in r["error"] and "onnxruntime-cpu-fp32" in r["error"] and "no verdict" in r["error"]
+
+
+def test_accuracy_table_on_the_trained_model(trained_dir, shared_data, tmp_path):
+    proc = run_module("benchmarks.evaluate", "--images", str(shared_data / "breakhis-100x"), "--model",
+                      str(trained_dir), "--json", str(tmp_path / "acc.json"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "acc.json").read_text())
+    (run,) = report["runs"].values()
+    held = set(Manifest.load(trained_dir).provenance.held_out_patients)
+    n_held = sum(p.name.rsplit("-", 2)[0] in held for p in (shared_data / "breakhis-100x").glob("*.png"))
+    assert run["groups"]["all"]["image"]["n"] == 48 and run["groups"]["held-out"]["image"]["n"] == n_held > 0
+    assert run["groups"]["held-out"]["patient"]["n"] == len({p for p in held if any(
+        (shared_data / "breakhis-100x").glob(f"{p}-*"))})
+    for group in run["groups"].values():
+        for m in group.values():
+            assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == m["n"]
+            assert m["accuracy"] == pytest.approx((m["tp"] + m["tn"]) / m["n"])
+    assert "held-out" in proc.stdout and "AUC" in proc.stdout
+
+
+def test_metrics_by_hand():
+    from benchmarks.evaluate import auc, metrics
+
+    y, s = np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.6, 0.4, 0.8, 0.9])
+    assert auc(y, s) == pytest.approx(5 / 6)  # of 6 (pos, neg) pairs only (0.4, 0.6) is out of order
+    m = metrics(y, s, 0.5)
+    assert (m.tp, m.fp, m.tn, m.fn) == (2, 1, 1, 1)
+    assert m.precision == pytest.approx(2 / 3) and m.recall == pytest.approx(2 / 3) and m.specificity == 0.5
+
+
+def test_default_model_is_the_trained_one_where_setup_exported_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("BREAKHIS_MODEL", raising=False)
+    monkeypatch.setattr(manifest_mod, "MODELS", tmp_path)
+    assert manifest_mod.default_model_dir() == tmp_path / "reference"
+    (tmp_path / "breakhis-scratch-v1").mkdir()
+    (tmp_path / "breakhis-scratch-v1" / "manifest.json").write_text("{}")
+    assert manifest_mod.default_model_dir() == tmp_path / "breakhis-scratch-v1"
+    monkeypatch.setenv("BREAKHIS_MODEL", "/elsewhere")
+    assert str(manifest_mod.default_model_dir()) == "/elsewhere"
+
+
+def test_trained_model_on_a_gpu_backend_keeps_every_label(trained_dir, images_100x):
+    """Where onnxruntime-gpu and a GPU exist: the path that once printed NaN as "Benign" (ONNX Runtime CUDA, FP16,
+    GPU preprocessing) against the CPU FP32 answers, through the one comparison."""
+    from runtime.backends import ort
+    from runtime.fidelity import compare
+
+    if not ort.cuda_available():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    with Classifier(trained_dir, backend="onnxruntime-cuda") as g, \
+            Classifier(trained_dir, backend="cpu", precision="fp32") as c:
+        got, want = g.classify(images_100x), c.classify(images_100x)
+        assert g.backend.precision == "fp16"
+    assert all(r.error is None for r in got), [r.error for r in got if r.error]
+    result = compare({"probability": np.array([r.probability for r in want])},
+                     {"probability": np.array([r.probability for r in got])}, "fp16", 0.5)
+    assert result.ok, result.lines()
