@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp16-tflops", type=float, default=None, help="GPU dense FP16 rate for the floor (gpu suite)")
     args = ap.parse_args(argv)
     from runtime.inputs import image_files
-    from runtime.manifest import default_model_dir
+    from runtime.paths import default_model_dir
 
     args.model = args.model or default_model_dir()
 

@@ -18,14 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from runtime.paths import REPO, MODELS, sample_images, trained_weights
+
 
 
 def plan(images: Path, out: Path, trained: Path, reference: Path, limit: int) -> list[tuple[str, list[str]]]:
     """(name, argv) of every step, in order. Each writes its results under ``out``."""
     py = [sys.executable, "-m"]
     steps: list[tuple[str, list[str]]] = []
-    weights = REPO.parent / "shared" / "models" / "breakhis-scratch-v1"
+    weights = trained_weights()
     if not (trained / "manifest.json").is_file() and (weights / "weights.pt").is_file():
         steps.append(("export-trained", [*py, "export", "onnx", "--checkpoint", str(weights / "weights.pt"),
                                          "--train-report", str(weights / "train_report.json"), "-o", str(trained),
@@ -61,7 +62,13 @@ def describe() -> dict:
         info["gpu"] = smi.stdout.strip() or smi.stderr.strip()
     except (OSError, subprocess.TimeoutExpired) as e:
         info["gpu"] = f"none ({e})"
-    for mod in ("onnxruntime", "torch", "pycuda", "tensorrt", "numpy", "cv2"):
+    try:
+        from runtime.engine_cache import import_tensorrt
+
+        info["tensorrt"] = import_tensorrt().__version__
+    except Exception as e:  # TrtUnavailable, or a broken install: a fact about the machine
+        info["tensorrt"] = f"missing ({str(e)[:120]})"
+    for mod in ("onnxruntime", "torch", "pycuda", "numpy", "cv2"):
         try:
             m = __import__(mod)
             info[mod] = getattr(m, "__version__", "?")
@@ -79,8 +86,8 @@ def describe() -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.device_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "breakhis-100x",
-                    help="real images (default: ../shared/data/breakhis-100x)")
+    ap.add_argument("--images", type=Path, default=sample_images(),
+                    help="real images (default: $BREAKHIS_SHARED/data/breakhis-100x)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "device",
                     help="where results go (default: benchmarks/results/device)")
     ap.add_argument("--limit", type=int, default=16, help="images for the GPU benchmark suite (default 16)")
@@ -88,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the plan and check each command's --help")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    models = REPO / "models"
-    steps = plan(args.images, args.out, models / "breakhis-scratch-v1", models / "reference", args.limit)
+    steps = plan(args.images, args.out, MODELS / "breakhis-scratch-v1", MODELS / "reference", args.limit)
     if args.only:
         steps = [s for s in steps if args.only in s[0]]
     machine = describe()

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime.imageio import read_image
-from runtime.manifest import Manifest, default_model_dir
+from runtime.manifest import Manifest
+from runtime.paths import default_model_dir
 from runtime.preprocess import preprocess_fields
 from runtime.tiling import plan_image
 

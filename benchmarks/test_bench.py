@@ -3,18 +3,17 @@
 Uses the default model (made by setup.sh: the trained one where ../shared has it) and the shared BreakHis samples."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import cv2
 import pytest
 
-from runtime.manifest import Manifest, default_model_dir
+from runtime.manifest import Manifest
+from runtime.paths import default_model_dir, sample_images
 from runtime.preprocess import preprocess_fields
 from runtime.tiling import plan_image
 
-REPO = Path(__file__).resolve().parent.parent
 MODEL = default_model_dir()
-IMAGE = REPO.parent / "shared" / "data" / "breakhis-100x" / "SOB_M_DC-14-10926-100-003.png"
+IMAGE = sample_images() / "SOB_M_DC-14-10926-100-003.png"
 
 pytestmark = [
     pytest.mark.skipif(not (MODEL / "manifest.json").is_file(), reason=f"{MODEL} missing: run setup.sh"),

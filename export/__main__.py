@@ -24,7 +24,7 @@ def _common(p: argparse.ArgumentParser, default_out: str | None) -> None:
                    (f" (default: {default_out})" if default_out else ""))
     p.add_argument("--parity-images", type=Path, default=None,
                    help="folder of real images for the ranges, the parity check and the variants' gates (default: "
-                        "$BREAKHIS_SAMPLES, else ../shared/data/breakhis-100x beside the repo; seeded synthetic "
+                        "$BREAKHIS_SHARED/data/breakhis-100x, $BREAKHIS_SHARED defaulting to ../shared; seeded synthetic "
                         "fields if neither exists)")
     p.add_argument("--parity-count", type=int, default=6,
                    help="fields compared PyTorch vs ONNX Runtime at batch 1 and 4 (default: 6)")
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ver.add_argument("--json", type=Path, default=None, help="also write the comparison here as JSON")
     args = ap.parse_args(argv)
     if getattr(args, "model", "") is None:
-        from runtime.manifest import default_model_dir
+        from runtime.paths import default_model_dir
 
         args.model = default_model_dir()
     if args.cmd == "trt":

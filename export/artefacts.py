@@ -3,7 +3,6 @@ gate), weights.pt, manifest.json (the variant table), export_report.json."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,9 @@ from export.verify import ort_outputs
 from runtime.fidelity import compare
 from runtime.manifest import REPORT_NAME, Manifest, Provenance, Variant, sha256_file
 from runtime.inputs import folder_fields
+from runtime.paths import sample_images
 from runtime.errors import CheckFailed
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE_IMAGES = REPO.parent / "shared" / "data" / "breakhis-100x"
 
 
 class ExportError(CheckFailed):
@@ -28,11 +26,7 @@ class ExportError(CheckFailed):
 
 
 def default_parity_images() -> Path | None:
-    env = os.environ.get("BREAKHIS_SAMPLES")
-    for cand in ([Path(env)] if env else []) + [SAMPLE_IMAGES]:
-        if cand.is_dir():
-            return cand
-    return None
+    return sample_images() if sample_images().is_dir() else None
 
 
 def gate_fields(folder: Path | None, n_images: int | None, seed: int = 0) -> tuple[np.ndarray, str]:

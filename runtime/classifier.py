@@ -16,7 +16,8 @@ import numpy as np
 from runtime.backends import PREPROCESSORS, Backend, DeviceInputBackend, open_backend
 from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, read_image, to_bgr8
 from runtime.errors import Unavailable
-from runtime.manifest import Contract, Manifest, default_model_dir
+from runtime.manifest import Contract, Manifest
+from runtime.paths import default_model_dir
 from runtime.preprocess import preprocess_fields
 from runtime.tiling import FieldPlan, TilingError, plan_fields
 

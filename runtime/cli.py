@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from runtime.backends import BACKENDS, PRECISIONS, PREPROCESSORS
 from runtime.imageio import DEFAULT_MAX_PIXELS
-from runtime.manifest import MODELS, TRAINED_DEFAULT, UNTRAINED_DEFAULT
+from runtime.paths import MODELS, TRAINED_NAME, UNTRAINED_NAME
 
 if TYPE_CHECKING:
     from runtime.classifier import Classifier
@@ -19,8 +19,8 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
     g = ap.add_argument_group("model and backend")
     g.add_argument("--model", type=Path, default=None,
                    help=f"model directory with manifest.json (default: $BREAKHIS_MODEL, else {MODELS.name}/"
-                        f"{TRAINED_DEFAULT} (trained) where setup.sh exported it, else {MODELS.name}/"
-                        f"{UNTRAINED_DEFAULT} (untrained))")
+                        f"{TRAINED_NAME} (trained) where setup.sh exported it, else {MODELS.name}/"
+                        f"{UNTRAINED_NAME} (untrained))")
     g.add_argument("--backend", choices=BACKENDS, default=backend_default,
                    help=f"inference backend (default: {backend_default}; auto = the fastest available here)")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,20 +15,6 @@ from runtime.errors import BreakhisError
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "export_report.json"
 FORMAT_VERSION = 2  # 2: the variant table (precision -> file + the gate it passed)
-MODELS = Path(__file__).resolve().parent.parent / "models"
-TRAINED_DEFAULT = "breakhis-scratch-v1"  # exported by setup.sh where ../shared holds the trained weights
-UNTRAINED_DEFAULT = "reference"
-
-
-def default_model_dir() -> Path:
-    """The model used when none is named: $BREAKHIS_MODEL, else the trained model where setup.sh exported it,
-    else the seeded untrained reference (machines without ../shared)."""
-    env = os.environ.get("BREAKHIS_MODEL")
-    if env:
-        return Path(env)
-    trained = MODELS / TRAINED_DEFAULT
-    return trained if (trained / MANIFEST_NAME).is_file() else MODELS / UNTRAINED_DEFAULT
-
 
 def sha256_file(path: Path) -> str:
     """sha256 of a file, read in 1 MiB chunks (model files are tens of MB)."""

@@ -10,18 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from runtime.paths import shared_dir, trained_weights
+
 os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3 is a test-only reference; never TensorFlow
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("BREAKHIS_DATA", REPO.parent / "shared" / "data"))
-TRAINED = SHARED_DATA.parent / "models" / "breakhis-scratch-v1"
+SHARED_DATA = shared_dir() / "data"
+TRAINED = trained_weights()
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data with breakhis-100x/MANIFEST.csv; skips where the samples are not beside the repo."""
     if not (SHARED_DATA / "breakhis-100x" / "MANIFEST.csv").is_file():
-        pytest.skip(f"BreakHis samples not found at {SHARED_DATA} (set BREAKHIS_DATA to their folder)")
+        pytest.skip(f"BreakHis samples not found at {SHARED_DATA} (set BREAKHIS_SHARED to the shared folder)")
     return SHARED_DATA
 
 

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from export.model import CONTRACT
 from export.range_safe import FP16_MAX, TARGET_LOG2, rescale
 from export.weights import load_checkpoint
-from runtime import manifest as manifest_mod
+from runtime import paths
 from runtime.backends import resolve_precision
 from runtime.classifier import Classifier
 from runtime.engine_cache import plan_build
@@ -153,13 +153,13 @@ def test_metrics_by_hand():
 
 def test_default_model_is_the_trained_one_where_setup_exported_it(tmp_path, monkeypatch):
     monkeypatch.delenv("BREAKHIS_MODEL", raising=False)
-    monkeypatch.setattr(manifest_mod, "MODELS", tmp_path)
-    assert manifest_mod.default_model_dir() == tmp_path / "reference"
+    monkeypatch.setattr(paths, "MODELS", tmp_path)
+    assert paths.default_model_dir() == tmp_path / "reference"
     (tmp_path / "breakhis-scratch-v1").mkdir()
     (tmp_path / "breakhis-scratch-v1" / "manifest.json").write_text("{}")
-    assert manifest_mod.default_model_dir() == tmp_path / "breakhis-scratch-v1"
+    assert paths.default_model_dir() == tmp_path / "breakhis-scratch-v1"
     monkeypatch.setenv("BREAKHIS_MODEL", "/elsewhere")
-    assert str(manifest_mod.default_model_dir()) == "/elsewhere"
+    assert str(paths.default_model_dir()) == "/elsewhere"
 
 
 def test_trained_model_on_a_gpu_backend_keeps_every_label(trained_dir, images_100x):
