@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.paths import REPO, MODELS, sample_images, trained_weights
+from runtime.paths import MODELS, REPO, TRAINED_NAME, sample_images, trained_weights
 
 
 
-def plan(images: Path, out: Path, trained: Path, reference: Path, limit: int) -> list[tuple[str, list[str]]]:
-    """(name, argv) of every step, in order. Each writes its results under ``out``."""
+def plan(images: Path, out: Path, trained: Path, limit: int) -> list[tuple[str, list[str]]]:
+    """(name, argv) of every step, most important first (a run cut short keeps those). Results go under ``out``."""
     py = [sys.executable, "-m"]
     steps: list[tuple[str, list[str]]] = []
     weights = trained_weights()
@@ -31,11 +31,6 @@ def plan(images: Path, out: Path, trained: Path, reference: Path, limit: int) ->
         steps.append(("export-trained", [*py, "export", "onnx", "--checkpoint", str(weights / "weights.pt"),
                                          "--train-report", str(weights / "train_report.json"), "-o", str(trained),
                                          "--parity-images", str(images)]))
-    if not (reference / "manifest.json").is_file():
-        steps.append(("export-reference", [*py, "export", "reference", "-o", str(reference), "--parity-images",
-                                           str(images), "--gate-count", "8"]))
-    steps.append(("tests-gpu", [*py, "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
-                                "tests/test_gpu.py", f"--junitxml={out / 'tests-gpu.xml'}"]))
     for backend in ("onnxruntime-cuda", "tensorrt"):
         for precision in ("fp32", "fp16"):
             steps.append((f"verify-{backend}-{precision}",
@@ -44,11 +39,13 @@ def plan(images: Path, out: Path, trained: Path, reference: Path, limit: int) ->
     steps.append(("classify-trained", [*py, "runtime.classify", "--no-progress", "--json", "--model", str(trained),
                                        str(images)]))
     steps.append(("bench-gpu", [*py, "benchmarks", "--suite", "gpu", "--model", str(trained), "--images", str(images),
-                                "--limit", str(limit), "--json", str(out / "gpu.json")]))
+                                "--limit", str(limit), "--no-memory", "--json", str(out / "gpu.json")]))
     steps.append(("bench-ort-cuda", [*py, "benchmarks.ort_cuda", "--model", str(trained),
                                      "--json", str(out / "ort_cuda.json")]))
     steps.append(("bench-kernel", [*py, "benchmarks.gpu_preprocess", "--model", str(trained), "--images", str(images),
                                    "--json", str(out / "kernel.json")]))
+    steps.append(("tests-gpu", [*py, "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
+                                "tests/test_gpu.py", f"--junitxml={out / 'tests-gpu.xml'}"]))
     return steps
 
 
@@ -95,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the plan and check each command's --help")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    steps = plan(args.images, args.out, MODELS / "breakhis-scratch-v1", MODELS / "reference", args.limit)
+    steps = plan(args.images, args.out, MODELS / TRAINED_NAME, args.limit)
     if args.only:
         steps = [s for s in steps if args.only in s[0]]
     machine = describe()
