@@ -14,13 +14,15 @@ from typing import Any, cast
 import numpy as np
 
 from runtime.backends import PREPROCESSORS, Backend, DeviceInputBackend, open_backend
-from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, read_image, to_bgr8
+from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, decode, read_image, to_bgr8
+from runtime.inputs import ImageInput
 from runtime.errors import Unavailable
 from runtime.manifest import Contract, Manifest
 from runtime.paths import default_model_dir
 from runtime.preprocess import preprocess_fields
 from runtime.tiling import FieldPlan, TilingError, plan_fields
 
+Input = str | Path | np.ndarray | ImageInput
 UNTRAINED_WARNING = "UNTRAINED reference weights: this verdict is NOT a diagnosis (demo/test model)."
 
 
@@ -48,6 +50,7 @@ class Result:
     error: str | None = None
     size: tuple[int, int] | None = None  # (width, height)
     conversions: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the decoder said about this image
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,15 +104,15 @@ class Classifier:
         if not self.manifest.provenance.trained:
             self.model_info["warning"] = UNTRAINED_WARNING
 
-    def classify(self, images: Iterable[str | Path | np.ndarray] | str | Path | np.ndarray) -> list[Result]:
-        """Classify images (paths or BGR uint8 arrays); one Result each, in order. Failures are Result.error."""
-        if isinstance(images, (str, Path, np.ndarray)):
+    def classify(self, images: Iterable[Input] | Input) -> list[Result]:
+        """Classify images (paths, BGR uint8 arrays, or named ImageInputs); one Result each, in order. Failures
+        are Result.error."""
+        if isinstance(images, (str, Path, np.ndarray, ImageInput)):
             images = [images]
         return list(self.classify_iter(images))
 
-    def classify_iter(self, images: Iterable[str | Path | np.ndarray | tuple[str, str]]) -> Iterator[Result]:
-        """Stream results in input order while batching fields of consecutive images together.
-        An item may be ``(name, error)`` for an input that already failed upstream (e.g. a missing path)."""
+    def classify_iter(self, images: Iterable[Input]) -> Iterator[Result]:
+        """Stream results in input order while batching fields of consecutive images together."""
         queue: list[_Pending] = []
         for item in images:
             queue.append(self._prepare(item))
@@ -121,20 +124,27 @@ class Classifier:
             self._infer_batch(queue)
         yield from self._pop_finished(queue)
 
-    def _prepare(self, item: str | Path | np.ndarray | tuple[str, str]) -> _Pending:
-        if isinstance(item, tuple):
-            return _Pending(Result(path=item[0], error=item[1], model=self.model_info))
-        name = "<array>" if isinstance(item, np.ndarray) else str(item)
-        res = Result(path=name, model=self.model_info)
+    def _prepare(self, item: Input) -> _Pending:
+        if not isinstance(item, ImageInput):
+            item = ImageInput("<array>", array=item) if isinstance(item, np.ndarray) else ImageInput(str(item))
+        res = Result(path=item.name, model=self.model_info)
+        if item.error is not None:
+            res.error = item.error
+            return _Pending(res)
         t0 = time.perf_counter()
         try:
-            dec = to_bgr8(item, name) if isinstance(item, np.ndarray) else read_image(item, self.max_pixels)
+            if item.array is not None:
+                dec = to_bgr8(item.array, item.name)
+            elif item.data is not None:
+                dec = decode(item.data, item.name, self.max_pixels)
+            else:
+                dec = read_image(item.name, self.max_pixels)
             t1 = time.perf_counter()
             h, w = dec.bgr.shape[:2]
-            res.size, res.conversions = (w, h), dec.conversions
+            res.size, res.conversions, res.warnings = (w, h), dec.conversions, dec.warnings
             plan = plan_fields(h, w, self.contract)
         except (ImageError, TilingError) as e:
-            res.error = str(e) if isinstance(e, ImageError) else f"{name}: {e}"
+            res.error = str(e) if isinstance(e, ImageError) else f"{item.name}: {e}"
             return _Pending(res)
         res.timings_ms = {"decode": (t1 - t0) * 1e3}
         return _Pending(res, plan, dec.bgr)

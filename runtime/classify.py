@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from runtime.cli import open_classifier
     from runtime.errors import BreakhisError, report
-    from runtime.inputs import expand_inputs
+    from runtime.inputs import ImageInput, expand_inputs
 
     try:
         clf = open_classifier(args)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
               "\n".join(f"{k:18s} {v:.2f}" if isinstance(v, float) else f"{k:18s} {v}"
                         for k, v in stats.summary().items()))
         return 0
-    items = [(p, err) if err else p for p, err in expand_inputs(args.inputs)]
+    items = [ImageInput(p, error=err) for p, err in expand_inputs(args.inputs)]
     stream = clf.classify_iter(items)
     if not args.no_progress:
         from tqdm import tqdm

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from runtime.classifier import Classifier
 
 
-def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto") -> None:
+def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto",
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """--model, --backend, --precision, --preprocess, --batch-size, --threads, --build-engine, --max-pixels."""
     g = ap.add_argument_group("model and backend")
     g.add_argument("--model", type=Path, default=None,
@@ -33,8 +34,8 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
     g.add_argument("--threads", type=_positive, default=None, help="inference threads (default: all cores)")
     g.add_argument("--build-engine", action="store_true",
                    help="build the TensorRT engine for this GPU if the model has none (takes minutes)")
-    g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse larger images from their header (default: {DEFAULT_MAX_PIXELS:,})")
+    g.add_argument("--max-pixels", type=_positive, default=max_pixels,
+                   help=f"refuse larger images from their header (default: {max_pixels:,})")
 
 
 def open_classifier(args: argparse.Namespace, **overrides) -> Classifier:

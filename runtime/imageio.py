@@ -1,14 +1,26 @@
-"""Image decoding with OpenCV: size limit checked from the header first, explicit colour conversions, clear errors."""
+"""Image decoding: the header read lazily by Pillow first (size limit, pages, EXIF orientation), pixels decoded by
+OpenCV, explicit colour conversions, decoder messages attached to the image they concern, clear errors."""
 from __future__ import annotations
 
+import io
+import os
+import struct
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
+
 from runtime.errors import BreakhisError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MAX_PAGES = 256  # a multi-page TIFF's directories are read to find its largest page: bounded
+FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP")  # as Pillow names them (MPO: a JPEG with extra frames)
 # Refuse images above this many pixels before decoding them (a 100X BreakHis field is 0.32 MP; 64 MP is a
 # generous ceiling for a camera frame or stitched region and bounds decode memory at ~200 MB of BGR).
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -20,69 +32,117 @@ class ImageError(BreakhisError):
 
 @dataclass
 class Decoded:
-    """A BGR uint8 HxWx3 image and the conversions applied to get it (reported, never silent)."""
+    """A BGR uint8 HxWx3 image, the conversions applied to get it, and what the decoder said about it (reported,
+    never silent)."""
 
     bgr: np.ndarray
     conversions: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG, JPEG, BMP or TIFF header without decoding pixels; None when not found."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:2] == b"BM" and len(data) >= 26:
-        return abs(int.from_bytes(data[18:22], "little", signed=True)), abs(
-            int.from_bytes(data[22:26], "little", signed=True))
-    if data[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 < len(data):
-            if data[i] != 0xFF:
-                i += 1
-                continue
-            marker = data[i + 1]
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-                i += 1 if marker == 0xFF else 2
-                continue
-            seg = int.from_bytes(data[i + 2:i + 4], "big")
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
-            i += 2 + seg
-        return None
-    if data[:4] in (b"II*\x00", b"MM\x00*") and len(data) >= 8:
-        order = "little" if data[:2] == b"II" else "big"
-        off = int.from_bytes(data[4:8], order)  # type: ignore[arg-type]
-        if off + 2 > len(data):
-            return None
-        n = int.from_bytes(data[off:off + 2], order)  # type: ignore[arg-type]
-        wh: dict[int, int] = {}
-        for k in range(n):
-            e = off + 2 + 12 * k
-            if e + 12 > len(data):
-                break
-            tag = int.from_bytes(data[e:e + 2], order)  # type: ignore[arg-type]
-            typ = int.from_bytes(data[e + 2:e + 4], order)  # type: ignore[arg-type]
-            if tag in (256, 257):
-                wh[tag] = int.from_bytes(data[e + 8:e + (10 if typ == 3 else 12)], order)  # type: ignore[arg-type]
-        if 256 in wh and 257 in wh:
-            return wh[256], wh[257]
-    return None
+# Decoder messages that mean the pixels are not what was captured: such an image is refused, not classified.
+DAMAGE = ("corrupt jpeg data", "premature end", "crc error", "libpng error", "invalid", "bogus", "huffman")
+# EXIF orientation -> what it means, and the OpenCV operations that show the image as viewers do, in order
+_FLIP_H, _FLIP_V = (lambda a: cv2.flip(a, 1)), (lambda a: cv2.flip(a, 0))
+_CW = (lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE))
+_CCW = (lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE))
+ORIENTATION = {2: ("mirrored", (_FLIP_H,)), 3: ("rotated 180", (_FLIP_H, _FLIP_V)), 4: ("flipped", (_FLIP_V,)),
+               5: ("transposed", (_FLIP_H, _CCW)), 6: ("rotated 90", (_CW,)), 7: ("transversed", (_FLIP_H, _CW)),
+               8: ("rotated 270", (_CCW,))}
+_STDERR_LOCK = threading.Lock()
+FLAGS = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION  # orientation is applied here, once, and reported
+
+
+@contextmanager
+def _decoder_messages() -> Iterator[list[str]]:
+    """Collect what C decoders (libjpeg, libpng, libtiff) print to stderr while decoding one image, so that it is
+    attached to that image's result instead of appearing, unattributed, on the console. Decodes are serialised
+    while stderr is redirected."""
+    lines: list[str] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines += [x.strip() for x in tmp.read().decode(errors="replace").splitlines() if x.strip()]
+
+
+@dataclass
+class Probe:
+    """What the header says, read lazily by Pillow (no pixels decoded)."""
+
+    format: str
+    pages: list[tuple[int, int]]  # (width, height) of every page/frame
+    orientation: int  # EXIF orientation tag, 1 = as stored
+
+
+def probe(data: bytes, name: str) -> Probe:
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # Pillow only reads headers here; our own limit (max_pixels) applies before decoding
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # lazy: reads headers (and TIFF directories) only
+            fmt = (im.format or "").upper()
+            if fmt not in FORMATS:
+                raise ImageError(f"{name}: {fmt or 'unknown'} images are not supported (PNG, JPEG, TIFF, BMP)")
+            if getattr(im, "n_frames", 1) > MAX_PAGES:
+                raise ImageError(f"{name}: {im.n_frames} pages; at most {MAX_PAGES} are read")
+            pages = []
+            for i in range(getattr(im, "n_frames", 1)):
+                im.seek(i)
+                pages.append(im.size)
+            orientation = int(im.getexif().get(0x0112, 1) or 1) if fmt in ("JPEG", "MPO", "TIFF") else 1
+    except (UnidentifiedImageError, OSError, EOFError, SyntaxError, ValueError, struct.error) as e:
+        raise ImageError(f"{name}: not a PNG, JPEG, TIFF or BMP image (unrecognised or damaged header: "
+                         f"{str(e)[:120]})") from None
+    return Probe(fmt, pages, orientation if orientation in ORIENTATION else 1)
 
 
 def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    """Decode encoded image bytes to BGR uint8. ``name`` is used in messages."""
+    """Decode encoded image bytes to BGR uint8. ``name`` is used in messages.
+
+    Rules (each reported in ``conversions``): a multi-page TIFF is read at its largest page; EXIF orientation is
+    applied, as browsers and viewers do, so the pixels classified are the ones a person sees. Decoder messages that
+    mean damaged data make it an error; other decoder messages are kept as warnings."""
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes)")
-    size = _header_size(data)
-    if size is None:
-        raise ImageError(f"{name}: not a PNG, JPEG, TIFF or BMP image (unrecognised or damaged header)")
-    w, h = size
+    info = probe(data, name)
+    page = max(range(len(info.pages)), key=lambda i: info.pages[i][0] * info.pages[i][1])
+    w, h = info.pages[page]
     if w * h > max_pixels:
         raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels is above the limit of {max_pixels:,} "
                          "(raise it with --max-pixels)")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    conversions = []
+    buf = np.frombuffer(data, np.uint8)
+    with _decoder_messages() as messages:
+        if len(info.pages) > 1:
+            ok, mats = cv2.imdecodemulti(buf, FLAGS, range=(page, page + 1))
+            img = mats[0] if ok and mats else None
+            conversions.append(f"page {page + 1} of {len(info.pages)} used (the largest, {w}x{h})")
+        else:
+            img = cv2.imdecode(buf, FLAGS)
+    damaged = [m for m in messages if any(k in m.lower() for k in DAMAGE)]
+    if damaged:
+        raise ImageError(f"{name}: truncated or corrupt data, the decoder says: {'; '.join(damaged)[:300]} (not "
+                         "classified: its pixels may not be what was captured)")
     if img is None or img.size == 0:
         raise ImageError(f"{name}: could not decode the image (truncated or corrupt file)")
-    return to_bgr8(img, name)
+    out = to_bgr8(img, name)
+    if info.orientation != 1:
+        what, ops = ORIENTATION[info.orientation]
+        if info.format != "TIFF":  # OpenCV's TIFF reader (libtiff) orients the pixels itself
+            for op in ops:
+                out.bgr = op(out.bgr)
+            out.bgr = np.ascontiguousarray(out.bgr)
+        conversions.append(f"orientation tag {info.orientation} ({what}) applied, as viewers show the image")
+    out.conversions = conversions + out.conversions
+    out.warnings = messages
+    return out
 
 
 def to_bgr8(img: np.ndarray, name: str) -> Decoded:

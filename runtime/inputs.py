@@ -2,12 +2,24 @@
 from __future__ import annotations
 
 import glob
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from runtime.imageio import IMAGE_SUFFIXES
 from runtime.manifest import Contract
+
+
+@dataclass
+class ImageInput:
+    """One input and the name it is reported under: encoded bytes (an upload, a watched file read once), a decoded
+    BGR array (a camera frame), or an error found before decoding (a missing path)."""
+
+    name: str
+    data: bytes | None = None
+    array: np.ndarray | None = None
+    error: str | None = None
 
 
 def expand_inputs(items: list[str]) -> list[tuple[str, str | None]]:

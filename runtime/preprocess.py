@@ -7,7 +7,8 @@ from runtime.manifest import Contract
 from runtime.tiling import FieldPlan, plan_image
 
 
-def preprocess_fields(bgr: np.ndarray, plan: FieldPlan, contract: Contract, out: np.ndarray | None = None) -> np.ndarray:
+def preprocess_fields(bgr: np.ndarray, plan: FieldPlan, contract: Contract,
+                      out: np.ndarray | None = None) -> np.ndarray:
     """Cut every patch of every field and normalise it: channel order, minus mean, times scale, NCHW float32.
 
     Matches the original path (patchify on the RGB image, then Keras ``preprocess_input``) bit for bit: each

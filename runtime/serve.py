@@ -1,99 +1,54 @@
 """python -m runtime.serve: the classifier as a local web page and HTTP API, for the microscope workstation.
 
-  GET  /              the page: upload or drop an image, see the patch grid, the patches, the preprocessed
-                      patches, the verdict, per-field scores and timings (no external resources: works offline)
+  GET  /              the page: upload or drop images, see the classified pixels with the patch grid, the patches,
+                      the preprocessed patches, the verdict, per-field scores and timings (works offline)
   POST /v1/classify   an image (multipart field "file", or the raw bytes as the body) -> the JSON of
-                      `python -m runtime.classify --json` for one input; add ?views=1 for patch images
+                      `python -m runtime.classify --json` for one input; add ?views=1 for the images the page shows
   GET  /v1/model      manifest: contract, provenance, trained, backend in use
   GET  /healthz       liveness
   GET  /metrics       request counts and latency percentiles
 
-One model and backend are loaded once and owned by one worker thread; concurrent requests are batched together
-(their fields share inference calls, up to the backend's batch size). Bad uploads get a 4xx with the reason.
+This module does HTTP only: the classifier is owned by runtime.batcher's worker, the page's images come from
+runtime.views. Limits: uploads above --max-upload-mb are refused while they stream in (413); images above
+--max-pixels or --max-fields get 413; a full queue gets 503 with Retry-After; work whose client has gone is
+dropped. Requests must name this server in their Host header (DNS rebinding), and a browser POST from another
+origin, or without the page's token, is refused (403). SIGTERM: stop accepting, finish the batch in progress,
+cancel what waits, exit 0.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import queue
+import secrets
+import signal
 import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
-from dataclasses import replace
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import cv2
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
+from runtime.batcher import Batcher, Busy
 from runtime.imageio import ImageError, decode
-from runtime.tiling import plan_image
+from runtime.inputs import ImageInput
+from runtime.tiling import TilingError, plan_fields
+from runtime.views import patch_views
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+SERVE_MAX_PIXELS = 16_000_000  # per request: 4x a 2048x2048 camera frame (the CLI allows 64 MP)
+SERVE_MAX_FIELDS = 32  # per request: a bound on the inference one request can ask for
+MAX_PENDING_FIELDS = 128  # waiting in the queue, all requests together: beyond it, 503
+RETRY_AFTER_S = 5
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
-
-
-def _jpeg(img: np.ndarray) -> str:
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode() if ok else ""
-
-
-def patch_views(bgr: np.ndarray, result: dict[str, Any], contract: Any) -> dict[str, Any]:
-    """The patches of the most malignant field and their preprocessed versions, as images a person can see.
-    Preprocessed values (mean-subtracted, in the model's channel order) are stretched to 0..255 per patch."""
-    from runtime.preprocess import preprocess_fields
-
-    plan = plan_image(bgr, contract)
-    best = int(np.argmax([f["probability"] for f in result["fields"]]))
-    sub = replace(plan, field_origins=plan.field_origins[best:best + 1], grid=(1, 1))
-    pre = preprocess_fields(bgr, sub, contract)[0]  # (T, 3, P, P)
-    p = contract.patch
-    raw, shown = [], []
-    for (y, x), arr in zip(sub.patch_origins(), pre):
-        raw.append(_jpeg(bgr[y:y + p, x:x + p]))
-        hwc = arr.transpose(1, 2, 0)
-        if contract.channel_order == "RGB":
-            hwc = hwc[:, :, ::-1]  # display as BGR for OpenCV's encoder
-        lo, hi = hwc.min(), hwc.max()
-        shown.append(_jpeg(((hwc - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)))
-    return {"field": best, "patches": raw, "preprocessed": shown}
-
-
-class Batcher:
-    """One worker thread owns the classifier: requests queue their decoded images, the worker takes all that are
-    waiting (up to max_items) and classifies them together, so concurrent requests share GPU batches, and the
-    event loop never blocks on inference."""
-
-    def __init__(self, clf: Any, max_items: int = 16) -> None:
-        self.clf, self.max_items = clf, max_items
-        self.queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()
-        threading.Thread(target=self._work, name="classifier", daemon=True).start()
-
-    def submit(self, bgr: np.ndarray) -> Future:
-        fut: Future = Future()
-        self.queue.put((bgr, fut))
-        return fut
-
-    def _work(self) -> None:
-        while True:
-            items = [self.queue.get()]
-            while len(items) < self.max_items:
-                try:
-                    items.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                for (_, fut), res in zip(items, self.clf.classify([bgr for bgr, _ in items])):
-                    fut.set_result(res)
-            except Exception as e:  # never leave a request waiting forever
-                for _, fut in items:
-                    if not fut.done():
-                        fut.set_exception(e)
+LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
+CLOSED = 499  # the client went away before its answer (nginx's code); not a server error
 
 
 class Metrics:
@@ -105,7 +60,8 @@ class Metrics:
     def record(self, status: int, ms: float) -> None:
         with self.lock:
             self.counts[str(status)] = self.counts.get(str(status), 0) + 1
-            self.latency_ms.append(ms)
+            if status != CLOSED:  # an abandoned request's wait is not a latency anyone saw
+                self.latency_ms.append(ms)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
@@ -115,30 +71,39 @@ class Metrics:
                 "max": float(lat.max()), "window": len(self.latency_ms)}}
 
 
-def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES) -> Any:
+def allowed_hosts(host: str, extra: list[str]) -> set[str] | None:
+    """Host header names this server answers to; None (any) when bound to every interface."""
+    if host in ("0.0.0.0", "::"):
+        return None
+    names = {host, *extra} | (set(LOCAL_NAMES) if host in LOCAL_NAMES else set())
+    return {n.lower().strip("[]") for n in names}
+
+
+def _host_name(value: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:80' -> '::1'."""
+    return (urlsplit("//" + value).hostname or "").lower()
+
+
+def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = SERVE_MAX_FIELDS,
+               max_pending: int = MAX_PENDING_FIELDS, hosts: set[str] | None = None) -> Any:
     """The app around an open Classifier (which it owns from now on, through one worker thread)."""
-    max_pixels = clf.max_pixels
-    batcher = Batcher(clf)
+    batcher = Batcher(clf, max_pending=max_pending)
     metrics = Metrics()
-    app = FastAPI(title="breakhis-edge", docs_url=None, redoc_url=None)
+    token = secrets.token_urlsafe(16)  # the page carries it; another site's page cannot read it
 
-    def error(status: int, msg: str) -> JSONResponse:
-        return JSONResponse({"error": msg}, status_code=status)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        yield
+        batcher.stop()  # shutdown: waiting work is cancelled; the batch in progress finishes
 
-    @app.middleware("http")
-    async def timing(request: Request, call_next: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception as e:  # the last guard: a bug must not take the server down or leak a traceback
-            response = error(500, f"internal error: {type(e).__name__}")
-        if request.url.path.startswith("/v1/classify"):
-            metrics.record(response.status_code, (time.perf_counter() - t0) * 1e3)
-        return response
+    app = FastAPI(title="breakhis-edge", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    def error(status: int, msg: str, **headers: str) -> JSONResponse:
+        return JSONResponse({"error": msg}, status_code=status, headers=headers)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
-        return PAGE.read_text()
+        return PAGE.read_text().replace("{{TOKEN}}", token)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -148,22 +113,35 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES) -> Any:
     def model() -> dict[str, Any]:
         m = clf.manifest
         return {"name": m.name, "contract": m.contract.to_dict(), "provenance": m.provenance.__dict__,
-                "trained": m.provenance.trained, **clf.model_info}
+                "trained": m.provenance.trained, **clf.model_info,
+                "limits": {"max_upload_bytes": max_upload, "max_pixels": clf.max_pixels, "max_fields": max_fields}}
 
     @app.get("/metrics")
     def get_metrics() -> dict[str, Any]:
-        return metrics.snapshot()
+        return metrics.snapshot() | {"queue": {"pending_fields": batcher.pending, "dropped": batcher.dropped}}
+
+    async def read_body(request: Request) -> bytes | None:
+        """The body, read as it streams in and abandoned as soon as it passes the limit (None)."""
+        if int(request.headers.get("content-length") or 0) > max_upload:
+            return None
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > max_upload:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     @app.post("/v1/classify")
     async def classify(request: Request, views: int = 0) -> Any:
-        length = int(request.headers.get("content-length") or 0)
-        if length > max_upload:
-            return error(413, f"upload of {length:,} bytes is above the limit of {max_upload:,}")
-        ctype = request.headers.get("content-type", "")
+        data = await read_body(request)
+        if data is None:
+            return error(413, f"upload above the limit of {max_upload:,} bytes")
         name = "upload"
-        if ctype.startswith("multipart/form-data"):
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            request._body = data  # Starlette parses the form from the body already read (and bounded) here
             try:
-                form = await request.form()
+                form = await request.form(max_part_size=max_upload)
             except Exception as e:  # malformed multipart bodies raise parser-specific errors
                 return error(400, f"malformed multipart body: {e}")
             upload = form.get("file")
@@ -171,29 +149,84 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES) -> Any:
                 return error(400, "multipart body has no file field named 'file'")
             name = upload.filename or name
             data = await upload.read()
-        else:
-            data = await request.body()
-        if len(data) > max_upload:
-            return error(413, f"upload of {len(data):,} bytes is above the limit of {max_upload:,}")
         t0 = time.perf_counter()
         try:
-            dec = decode(data, name, max_pixels)
+            dec = await asyncio.to_thread(decode, data, name, clf.max_pixels)
+            n_fields = plan_fields(*dec.bgr.shape[:2], clf.contract).n_fields
         except ImageError as e:
-            return error(422 if data else 400, str(e))
-        t1 = time.perf_counter()
-        res = await asyncio.wrap_future(batcher.submit(dec.bgr))
+            return error(413 if "above the limit" in str(e) else 422 if data else 400, str(e))
+        except TilingError as e:
+            return error(422, f"{name}: {e}")
+        if n_fields > max_fields:
+            return error(413, f"{name}: {n_fields} fields is above this server's limit of {max_fields} per request")
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        try:
+            fut = batcher.submit(ImageInput(name, array=dec.bgr), n_fields)
+        except Busy as e:
+            return error(503, f"busy: {e}; try again in {RETRY_AFTER_S} s", **{"Retry-After": str(RETRY_AFTER_S)})
+        waiting = asyncio.wrap_future(fut)
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=0.25)
+            if not waiting.done() and await request.is_disconnected():
+                fut.cancel()  # dropped before it is classified, if it has not started
+                return Response(status_code=CLOSED)
+        if waiting.cancelled():
+            return error(503, "the server is shutting down", **{"Retry-After": str(RETRY_AFTER_S)})
+        res = waiting.result()
         if res.error:
-            return error(422, res.error.replace("<array>", name))
+            return error(422, res.error)
         out = res.to_dict()
-        out["path"], out["conversions"] = name, dec.conversions
-        out["timings_ms"]["decode"] = decode_ms = (t1 - t0) * 1e3
+        out["conversions"], out["warnings"] = dec.conversions, dec.warnings
+        out["timings_ms"]["decode"] = decode_ms
         out["timings_ms"]["total"] += decode_ms
         if views:
             out["views"] = patch_views(dec.bgr, out, clf.contract)
         return out
 
     app.state.classifier = clf
+    app.add_middleware(Guard, hosts=hosts, token=token, metrics=metrics)  # type: ignore[arg-type]
     return app
+
+
+class Guard:
+    """Pure ASGI middleware (so that handlers still see their client's disconnect): refuses foreign Host headers
+    (421) and browser POSTs from another origin or without the page's token (403), turns an unexpected exception
+    into a 500 without a traceback, and records each /v1/classify answer in the metrics."""
+
+    def __init__(self, app: Any, hosts: set[str] | None, token: str, metrics: Metrics) -> None:
+        self.app, self.hosts, self.token, self.metrics = app, hosts, token, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host, origin = headers.get("host", ""), headers.get("origin")
+        refusal = None
+        if self.hosts is not None and _host_name(host) not in self.hosts:
+            refusal = (421, f"this server does not answer to Host {host!r}")
+        elif scope["method"] == "POST" and origin is not None and (
+                _host_name(urlsplit(origin).netloc) != _host_name(host)
+                or headers.get("x-breakhis-token") != self.token):
+            refusal = (403, "cross-origin request refused (use the page served here, or a client without Origin)")
+        if refusal is not None:
+            return await JSONResponse({"error": refusal[1]}, status_code=refusal[0])(scope, receive, send)
+        t0, status = time.perf_counter(), [CLOSED]
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except ClientDisconnect:
+            status[0] = CLOSED
+        except Exception as e:  # the last guard: a bug must not take the server down or leak a traceback
+            status[0] = 500
+            await JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)(
+                scope, receive, send)
+        if scope["path"].startswith("/v1/classify"):
+            self.metrics.record(status[0], (time.perf_counter() - t0) * 1e3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,25 +238,37 @@ def main(argv: list[str] | None = None) -> int:
                     help="address to bind (default 127.0.0.1: this machine only). WARNING: another address exposes "
                          "the service, which has no authentication, to the network")
     ap.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    ap.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="another name this server may be reached by (Host header), repeatable")
     ap.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES >> 20,
-                    help=f"refuse larger uploads with 413 (default {MAX_UPLOAD_BYTES >> 20})")
-    add_model_options(ap)
+                    help=f"refuse larger uploads with 413, while they stream in (default {MAX_UPLOAD_BYTES >> 20})")
+    ap.add_argument("--max-fields", type=int, default=SERVE_MAX_FIELDS,
+                    help=f"refuse images of more fields per request with 413 (default {SERVE_MAX_FIELDS})")
+    ap.add_argument("--max-pending", type=int, default=MAX_PENDING_FIELDS,
+                    help=f"fields allowed to wait, all requests together; beyond, 503 (default {MAX_PENDING_FIELDS})")
+    add_model_options(ap, max_pixels=SERVE_MAX_PIXELS)
     args = ap.parse_args(argv)
     import uvicorn
 
     from runtime.cli import open_classifier
     from runtime.errors import BreakhisError, report
 
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    hosts = allowed_hosts(args.host, args.allowed_host)
+    if hosts is None or args.host not in LOCAL_NAMES:
         print(f"WARNING: binding to {args.host}: anyone who can reach this address can use the service "
               "(no authentication).", file=sys.stderr)
     try:
-        app = create_app(open_classifier(args), args.max_upload_mb << 20)
+        app = create_app(open_classifier(args), args.max_upload_mb << 20, args.max_fields, args.max_pending, hosts)
     except BreakhisError as e:
         return report(e)
     clf = app.state.classifier
     print(f"serving {clf.manifest.name} ({clf.backend.name}) on http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # uvicorn stops gracefully on SIGTERM/SIGINT and then re-raises the signal to the handler it found; a quiet
+    # one makes that graceful stop an exit with status 0 instead of a death by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    print("stopped", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Decoding: formats, explicit colour conversions, and every kind of bad file named with its reason."""
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -8,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.imageio import ImageError, _header_size, decode, read_image
+from runtime.imageio import ImageError, decode, probe, read_image
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def test_formats_decode_and_header_size_agrees(tmp_path, ext):
     img = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     path = tmp_path / f"x{ext}"
     assert cv2.imwrite(str(path), img)
-    assert _header_size(path.read_bytes()) == (70, 50)
+    assert probe(path.read_bytes(), str(path)).pages == [(70, 50)]
     dec = read_image(path)
     assert dec.bgr.shape == (50, 70, 3) and dec.bgr.dtype == np.uint8 and dec.conversions == []
     if ext != ".jpg":
@@ -58,15 +59,19 @@ def test_16bit_is_scaled_and_reported(tmp_path, sample):
     np.testing.assert_array_equal(dec.bgr, bgr)
 
 
-def _png_header_only(w: int, h: int) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+def _png_bomb(w: int, h: int) -> bytes:
+    """A tiny PNG whose header claims w x h pixels (a decompression bomb's shape)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("data,reason", [
     (b"", "empty file"),
     (b"this is not an image, just text\n", "not a PNG, JPEG, TIFF or BMP"),
-    (_png_header_only(100_000, 100_000), "10,000,000,000 pixels is above the limit"),
+    (_png_bomb(100_000, 100_000), "10,000,000,000 pixels is above the limit"),
 ])
 def test_bad_bytes_give_named_reasons(tmp_path, data, reason):
     path = tmp_path / "bad.png"
@@ -93,3 +98,50 @@ def test_missing_and_directory(tmp_path):
 def test_pixel_limit_is_configurable(sample):
     with pytest.raises(ImageError, match="700x460 = 322,000 pixels is above the limit of 1,000"):
         decode(sample.read_bytes(), "x.png", max_pixels=1000)
+
+
+def test_corrupted_jpeg_that_still_decodes_is_refused_and_stderr_stays_clean(tmp_path, sample, capfd):
+    """Two thirds of the scan data zeroed: libjpeg decodes it (flat grey rows) and only complains on stderr. The
+    complaint belongs to that file: it becomes the file's error, and nothing unattributed reaches the console."""
+    ok, buf = cv2.imencode(".jpg", cv2.imread(str(sample)), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    data = bytearray(buf.tobytes())
+    sos = data.find(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    cut = start + (len(data) - 2 - start) // 3
+    data[cut:-2] = bytes(len(data) - 2 - cut)
+    assert cv2.imdecode(np.frombuffer(bytes(data), np.uint8), cv2.IMREAD_COLOR) is not None  # it does decode
+    capfd.readouterr()
+    (tmp_path / "zeroed.jpg").write_bytes(bytes(data))
+    with pytest.raises(ImageError, match="Corrupt JPEG data") as e:
+        read_image(tmp_path / "zeroed.jpg")
+    assert "zeroed.jpg" in str(e.value)
+    assert capfd.readouterr().err == ""
+    assert read_image(sample).warnings == []  # a clean file has nothing to report
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_viewers_do_and_reported(fmt, orientation):
+    from PIL import Image, ImageOps
+
+    rgb = np.random.default_rng(orientation).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb).save(buf, fmt, exif=exif, **({"quality": 100} if fmt == "JPEG" else {}))
+    dec = decode(buf.getvalue(), f"x.{fmt.lower()}")
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))[:, :, ::-1]
+    assert dec.bgr.shape == shown.shape
+    assert np.abs(dec.bgr.astype(int) - shown).max() <= (0 if fmt == "TIFF" else 2)  # JPEG: decoders may differ
+    assert any("orientation" in c for c in dec.conversions) == (orientation != 1)
+
+
+def test_multipage_tiff_uses_its_largest_page_and_says_so(tmp_path, sample):
+    from PIL import Image
+
+    full = Image.open(sample).convert("RGB")
+    thumb = full.resize((100, 66))
+    thumb.save(tmp_path / "scan.tif", save_all=True, append_images=[full])  # a thumbnail first, as scanners do
+    dec = read_image(tmp_path / "scan.tif")
+    assert dec.bgr.shape == (460, 700, 3) and "page 2 of 2" in dec.conversions[0]
+    np.testing.assert_array_equal(dec.bgr, read_image(sample).bgr)
