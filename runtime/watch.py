@@ -1,60 +1,66 @@
 """python -m runtime.watch DIR --out results.jsonl|results.csv: classify images as capture software writes them.
 
-A file is taken once its size and modification time have stayed the same for --settle seconds (the writer has
-finished). Each result is appended as one line, written with a single write() and fsync'd, so a crash never leaves
-half a record. On start the output file is read back and every path already in it is skipped: a restart neither
-redoes nor loses work. Bad files get a line with their error and the watch goes on.
+A file is taken once its size and modification time have stayed the same for --settle seconds. Its bytes are read
+once, hashed, and classified from those bytes. Every record carries what was classified: the canonical path (the
+folder resolved, however it was spelled), size, mtime_ns and sha256. On start the output is read back, and a file
+whose size and mtime match its latest record is done. A file that changes afterwards (a writer that paused longer
+than --settle and then finished, a name reused for a new capture) is classified again; its new record names the
+sha256 it supersedes. Each record is one line, written with a single write() and fsync'd, so a crash never leaves
+half a record. Names of any bytes are kept exactly: JSONL escapes undecodable bytes (\\udcXX, Python's
+surrogateescape), CSV holds the file system's bytes as they are. Bad files get a record with their error.
+(Polling, not inotify: it works the same on network shares, where change events are not delivered.)
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import os
 import signal
 import sys
 import time
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from runtime.imageio import IMAGE_SUFFIXES
+from runtime.inputs import ImageInput
 
-CSV_FIELDS = ("path", "label", "probability", "fields", "error", "finished_at")
+CSV_FIELDS = ("path", "label", "probability", "fields", "error", "size", "mtime_ns", "sha256", "supersedes",
+              "finished_at")
+ENCODING = ("utf-8", "surrogateescape")  # file names are bytes: undecodable ones round-trip exactly
 
 
-def done_paths(out: Path) -> set[str]:
-    """Paths already recorded in the output file (a torn last line from a crash is ignored)."""
+def latest_records(out: Path) -> dict[str, dict[str, Any]]:
+    """path -> its latest record in the output file (a torn last line from a crash is ignored)."""
     if not out.is_file():
-        return set()
-    seen = set()
-    text = out.read_text(errors="replace")
-    if out.suffix == ".csv":
-        for row in csv.DictReader(io.StringIO(text)):
-            if row.get("path"):
-                seen.add(row["path"])
-    else:
+        return {}
+    text = out.read_bytes().decode(*ENCODING)
+    rows: list[Any] = list(csv.DictReader(io.StringIO(text))) if out.suffix == ".csv" else []
+    if out.suffix != ".csv":
         for line in text.splitlines():
             try:
-                seen.add(json.loads(line)["path"])
-            except (ValueError, KeyError, TypeError):
+                rows.append(json.loads(line))
+            except ValueError:
                 continue
-    return seen
+    # a complete record has finished_at (a torn CSV line parses, short of its last fields)
+    return {r["path"]: r for r in rows if isinstance(r, dict) and r.get("path") and r.get("finished_at")}
 
 
 def record(out: Path, result: dict[str, Any]) -> None:
     """Append one result as one line, atomically with respect to crashes (single O_APPEND write + fsync)."""
-    row = {"path": result["path"], "label": result["label"], "probability": result["probability"],
-           "fields": len(result["fields"]), "error": result["error"], "finished_at": time.time()}
     if out.suffix == ".csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, CSV_FIELDS)
+        w = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore")
         if not out.is_file() or out.stat().st_size == 0:
             w.writeheader()
-        w.writerow(row)
+        w.writerow(result | {"fields": len(result["fields"])})
         line = buf.getvalue()
     else:
-        line = json.dumps(result | {"finished_at": row["finished_at"]}) + "\n"
+        line = json.dumps(result) + "\n"  # ensure_ascii: undecodable name bytes become \\udcXX escapes
     if out.is_file() and out.stat().st_size:
         with open(out, "rb") as f:
             f.seek(-1, os.SEEK_END)
@@ -62,48 +68,81 @@ def record(out: Path, result: dict[str, Any]) -> None:
                 line = "\n" + line  # a crash left a torn line: start afresh, the fragment is ignored on reading
     fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line.encode())
+        os.write(fd, line.encode(*ENCODING))
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def _same(rec: dict[str, Any], size: int, mtime_ns: int) -> bool:
+    """Whether a record describes the file as it is now (records without an identity count as done)."""
+    if rec.get("size") in (None, ""):
+        return True
+    return int(rec["size"]) == size and int(rec["mtime_ns"]) == mtime_ns
+
+
 class Watcher:
     def __init__(self, folder: Path, out: Path, classifier: Any, settle: float = 1.0) -> None:
-        self.folder, self.out, self.clf, self.settle = folder, out, classifier, settle
-        self.done = done_paths(out)
+        self.folder = Path(os.path.realpath(folder))  # one spelling, however the folder was named
+        self.out, self.clf, self.settle = out, classifier, settle
+        self.latest = latest_records(out)
         self.seen: dict[str, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, first time seen so)
 
-    def ready(self) -> list[Path]:
-        """New images whose size and mtime have not changed for `settle` seconds."""
+    def ready(self) -> list[str]:
+        """Images, new or changed since their latest record, whose size and mtime have held for `settle` s."""
         now = time.monotonic()
         ready = []
-        for p in sorted(self.folder.iterdir()):
-            key = str(p)
-            if key in self.done or p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+        for entry in sorted(os.scandir(self.folder), key=lambda e: e.name):
+            if entry.name.startswith(".") or os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
                 continue
+            key = str(self.folder / entry.name)
             try:
-                st = p.stat()
+                st = entry.stat()
             except FileNotFoundError:
+                continue
+            if not entry.is_file() or (key in self.latest and _same(self.latest[key], st.st_size, st.st_mtime_ns)):
                 continue
             sig = (st.st_size, st.st_mtime_ns)
             prev = self.seen.get(key)
             if prev is None or prev[:2] != sig:
                 self.seen[key] = (*sig, now)
             elif now - prev[2] >= (self.settle if st.st_size else 10 * self.settle):  # empty: wait longer
-                ready.append(p)
+                ready.append(key)
         return ready
 
     def poll(self) -> int:
-        """Classify what is ready; returns how many results were recorded."""
-        ready = self.ready()
-        for r in self.clf.classify_iter(ready):
-            record(self.out, r.to_dict())
-            self.done.add(r.path)
+        """Classify what is ready, reading each file's bytes once (lazily: memory stays bounded); returns how
+        many records were written."""
+        idents: deque[dict[str, Any]] = deque()
+
+        def inputs() -> Iterator[ImageInput]:
+            for key in self.ready():
+                try:
+                    with open(key, "rb") as f:
+                        st, data = os.fstat(f.fileno()), f.read()
+                except OSError as e:
+                    idents.append({})
+                    yield ImageInput(key, error=f"{key}: cannot read ({e.strerror or e})")
+                    continue
+                sha = hashlib.sha256(data).hexdigest()
+                prev = self.latest.get(key)
+                if prev is not None and prev.get("sha256") == sha:  # touched, not changed: nothing to redo
+                    self.latest[key] = prev | {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+                    continue
+                idents.append({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha,
+                               "supersedes": prev.get("sha256") if prev else None})
+                yield ImageInput(key, data=data)
+
+        n = 0
+        for r in self.clf.classify_iter(inputs()):
+            rec = r.to_dict() | idents.popleft() | {"finished_at": time.time()}
+            record(self.out, rec)
+            self.latest[r.path] = rec
             self.seen.pop(r.path, None)
+            n += 1
             status = r.error or f"{r.label} {r.probability:.4f}"
-            print(f"{Path(r.path).name}: {status}", file=sys.stderr)
-        return len(ready)
+            print(f"{os.path.basename(r.path)!r}: {status}", file=sys.stderr)
+        return n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except BreakhisError as e:
         return report(e)
     w = Watcher(args.folder, args.out, clf, args.settle)
-    print(f"watching {args.folder} -> {args.out} ({len(w.done)} already done); Ctrl-C to stop", file=sys.stderr)
+    print(f"watching {w.folder} -> {args.out} ({len(w.latest)} already done); Ctrl-C to stop", file=sys.stderr)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     last = time.monotonic()

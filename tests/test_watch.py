@@ -3,6 +3,7 @@ in the middle (no result lost, none done twice)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -86,3 +87,60 @@ def test_csv_output_and_torn_last_line(model_dir, images_100x, tmp_path):
 
     rows = list(csv.DictReader(out.read_text().splitlines()))
     assert [r["path"] for r in rows if r["label"]] == [str(inbox / "a.png"), str(inbox / "b.png")]
+
+
+def _writer(path, data: bytes, pause: float, pieces: int = 2):
+    """A real writer process: writes ``data`` to ``path`` in pieces with ``pause`` seconds between them."""
+    code = ("import sys, time\n"
+            "data = sys.stdin.buffer.read(); n = int(sys.argv[2]); pause = float(sys.argv[3])\n"
+            "with open(sys.argv[1], 'wb') as f:\n"
+            "    for k in range(n):\n"
+            "        f.write(data[k * len(data) // n:(k + 1) * len(data) // n]); f.flush()\n"
+            "        if k < n - 1: time.sleep(pause)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(path), str(pieces), str(pause)], stdin=subprocess.PIPE)
+    p.stdin.write(data)
+    p.stdin.close()
+    return p
+
+
+def test_a_writer_pausing_beyond_settle_and_a_reused_name_are_classified_again(model_dir, images_100x, tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "results.jsonl"
+    inbox.mkdir()
+    proc = start(model_dir, inbox, out)
+    try:
+        w = _writer(inbox / "slow.png", images_100x[0].read_bytes(), pause=2.5)  # --settle is 0.6
+        assert wait_for(lambda: len(lines(out)) >= 1)  # the half-written file, seen as settled
+        w.wait()
+        assert wait_for(lambda: len(lines(out)) >= 2)  # ... and the finished file, read again
+        first, second = lines(out)
+        assert first["error"] is not None and second["error"] is None
+        assert second["supersedes"] == first["sha256"] and second["size"] == images_100x[0].stat().st_size
+        (inbox / "slow.png").write_bytes(images_100x[1].read_bytes())  # capture software reuses the name
+        assert wait_for(lambda: len(lines(out)) >= 3)
+        third = lines(out)[2]
+        assert third["error"] is None and third["supersedes"] == second["sha256"] != third["sha256"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def test_undecodable_names_survive_csv_and_restarts_under_another_spelling(model_dir, images_100x, tmp_path):
+    """A Latin-1 name (not UTF-8) in the CSV output: recorded byte for byte, read back on restart, and a restart
+    naming the folder by a relative path redoes nothing."""
+    inbox, out = tmp_path / "inbox", tmp_path / "results.csv"
+    inbox.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")  # what the file system gives Python for these bytes
+    (inbox / name).write_bytes(images_100x[0].read_bytes())
+    (inbox / "plain.png").write_bytes(images_100x[1].read_bytes())
+    proc = start(model_dir, inbox, out, idle=2)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    raw = out.read_bytes()
+    assert b"caf\xe9.png" in raw and raw.count(b"\n") == 3  # header + 2 records, the name's bytes as they are
+    rel = os.path.relpath(inbox, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.watch", rel, "--out", str(out), "--model", str(model_dir),
+                             "--backend", "cpu", "--interval", "0.1", "--settle", "0.6", "--exit-when-idle", "2"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "(2 already done)" in err and out.read_bytes() == raw  # nothing redone under the other spelling
