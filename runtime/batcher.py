@@ -59,7 +59,8 @@ class Batcher:
             if self.stopping:
                 return []
             self.jobs.sort()  # smallest first, then oldest first
-            take, n = [], 0
+            take: list[_Job] = []
+            n = 0
             while self.jobs and len(take) < self.max_items and (not take or n + self.jobs[0].fields <= self.budget):
                 job = self.jobs.pop(0)
                 if job.future.set_running_or_notify_cancel():  # False: its client has gone

@@ -98,6 +98,8 @@ class Classifier:
         self._batch = np.empty((self.batch_size, c.seq_len, 3, c.patch, c.patch), np.float32)  # reused
         self.model_info = self.manifest.model_info() | {"backend": self.backend.name,
                                                         "precision": self.backend.precision,
+                                                        "file": self.backend.model_file,
+                                                        "file_sha256": self.backend.file_sha256,
                                                         "preprocess": "gpu" if self.gpu else "cpu"}
         if notes:
             self.model_info["backend_notes"] = notes

@@ -6,13 +6,14 @@ before anything is deserialised, so a stale or foreign engine is reported instea
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.manifest import Manifest, ModelError
+from runtime.manifest import Manifest, ModelError, verified_file
 from runtime.errors import Unavailable
 
 
@@ -101,6 +102,7 @@ class EngineInfo:
     profile: dict[str, int]  # min / opt / max batch
     options: dict[str, Any] = field(default_factory=dict)
     build_seconds: float = 0.0
+    engine_sha256: str = ""  # of the engine file, checked before it is deserialised
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -109,7 +111,8 @@ class EngineInfo:
     def from_json(cls, text: str) -> EngineInfo:
         d = json.loads(text)
         return cls(target=EngineTarget(**d["target"]), onnx_file=d["onnx_file"], profile=d["profile"],
-                   options=d.get("options", {}), build_seconds=d.get("build_seconds", 0.0))
+                   options=d.get("options", {}), build_seconds=d.get("build_seconds", 0.0),
+                   engine_sha256=d.get("engine_sha256", ""))
 
 
 def engine_dir(model_dir: Path) -> Path:
@@ -125,6 +128,7 @@ def save(model_dir: Path, info: EngineInfo, engine: bytes) -> Path:
     eng, side = paths(model_dir, info.target)
     eng.parent.mkdir(parents=True, exist_ok=True)
     eng.write_bytes(engine)
+    info.engine_sha256 = hashlib.sha256(engine).hexdigest()
     side.write_text(info.to_json())  # written last: an engine without a sidecar is never selected
     return eng
 
@@ -135,6 +139,7 @@ def select(model_dir: Path, want: EngineTarget) -> tuple[Path, EngineInfo]:
     if eng.is_file() and side.is_file():
         info = EngineInfo.from_json(side.read_text())
         if info.target == want:
+            verified_file(eng.parent, eng.name, {eng.name: info.engine_sha256})  # a swapped engine is refused
             return eng, info
     reasons = []
     for other in sorted(engine_dir(model_dir).glob("*.json")):

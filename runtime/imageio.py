@@ -90,10 +90,11 @@ def probe(data: bytes, name: str) -> Probe:
             fmt = (im.format or "").upper()
             if fmt not in FORMATS:
                 raise ImageError(f"{name}: {fmt or 'unknown'} images are not supported (PNG, JPEG, TIFF, BMP)")
-            if getattr(im, "n_frames", 1) > MAX_PAGES:
-                raise ImageError(f"{name}: {im.n_frames} pages; at most {MAX_PAGES} are read")
+            n_pages = int(getattr(im, "n_frames", 1))
+            if n_pages > MAX_PAGES:
+                raise ImageError(f"{name}: {n_pages} pages; at most {MAX_PAGES} are read")
             pages = []
-            for i in range(getattr(im, "n_frames", 1)):
+            for i in range(n_pages):
                 im.seek(i)
                 pages.append(im.size)
             orientation = int(im.getexif().get(0x0112, 1) or 1) if fmt in ("JPEG", "MPO", "TIFF") else 1

@@ -5,6 +5,7 @@ read back here from ``manifest.json``, so the runtime never re-types 224, the me
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -15,6 +16,28 @@ from runtime.errors import BreakhisError
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "export_report.json"
 FORMAT_VERSION = 2  # 2: the variant table (precision -> file + the gate it passed)
+
+def verified_file(model_dir: Path, name: str, files: dict[str, str]) -> tuple[Path, str]:
+    """(path, sha256) of a model file whose bytes match the manifest's sha256; ModelError naming the file if not.
+    Hashing is cached per (path, size, mtime), so a process that opens a model again does not read it again."""
+    path = Path(model_dir) / name
+    want = files.get(name)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    if want is None:
+        raise ModelError(f"{path}: not listed in manifest.json, so it cannot be verified (export the model again)")
+    st = path.stat()
+    got = _cached_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if got != want:
+        raise ModelError(f"{path}: sha256 {got[:16]}... does not match manifest.json ({want[:16]}...): the file was "
+                         "replaced or damaged after the export; export the model again")
+    return path, got
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
 
 def sha256_file(path: Path) -> str:
     """sha256 of a file, read in 1 MiB chunks (model files are tens of MB)."""

@@ -152,7 +152,8 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = S
         t0 = time.perf_counter()
         try:
             dec = await asyncio.to_thread(decode, data, name, clf.max_pixels)
-            n_fields = plan_fields(*dec.bgr.shape[:2], clf.contract).n_fields
+            height, width = dec.bgr.shape[:2]
+            n_fields = plan_fields(height, width, clf.contract).n_fields
         except ImageError as e:
             return error(413 if "above the limit" in str(e) else 422 if data else 400, str(e))
         except TilingError as e:

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from runtime.manifest import sha256_file
 from tests.conftest import run_module
 
 
@@ -108,8 +109,20 @@ def model_copy(model_dir, tmp_path):
 
 def test_corrupt_model_file(model_copy, images_100x):
     (model_copy / "model.onnx").write_bytes(b"\x00" * 100)
+    m = json.loads((model_copy / "manifest.json").read_text())
+    m["files"]["model.onnx"] = sha256_file(model_copy / "model.onnx")  # listed as such: ONNX Runtime must refuse it
+    (model_copy / "manifest.json").write_text(json.dumps(m))
     proc = classify(str(images_100x[0]), "--model", str(model_copy))
     assert proc.returncode == 2 and "model.onnx" in proc.stderr and "cannot load" in proc.stderr
+
+
+def test_a_swapped_model_file_is_refused_and_what_ran_is_reported(model_dir, model_copy, images_100x):
+    proc = classify(str(images_100x[0]), "--model", str(model_copy), "--json")
+    info = json.loads(proc.stdout)[0]["model"]
+    assert info["file"] == "model.onnx" and info["file_sha256"] == sha256_file(model_dir / "model.onnx")
+    shutil.copy(model_dir / "model.fp16.onnx", model_copy / "model.onnx")  # runs, but is not what was exported
+    proc = classify(str(images_100x[0]), "--model", str(model_copy))
+    assert proc.returncode == 2 and "model.onnx" in proc.stderr and "does not match manifest.json" in proc.stderr
 
 
 def test_manifest_that_does_not_match_the_onnx(model_copy, images_100x):

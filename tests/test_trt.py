@@ -65,6 +65,9 @@ def test_engine_selection_refuses_stale_or_foreign_engines(tmp_path):
     engine_cache.save(tmp_path, EngineInfo(built, "model.onnx", {"min": 1, "opt": 8, "max": 32}), b"plan")
     path, info = engine_cache.select(tmp_path, built)
     assert path.read_bytes() == b"plan" and info.profile["max"] == 32
+    path.write_bytes(b"swapped")  # an engine replaced after it was built is refused before deserialising
+    with pytest.raises(ModelError, match="does not match"):
+        engine_cache.select(tmp_path, built)
     with pytest.raises(EngineMismatch) as e:
         engine_cache.select(tmp_path, _target(tensorrt="10.7.0", onnx_sha256="cd" * 32))
     msg = str(e.value)

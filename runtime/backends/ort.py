@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.manifest import Contract, Manifest, ModelError
+from runtime.manifest import Contract, Manifest, ModelError, verified_file
 
 
 def providers() -> list[str]:
@@ -42,9 +42,7 @@ class OrtBackend:
     def __init__(self, model_dir: Path, manifest: Manifest, precision: str = "fp32", cuda: bool = False,
                  threads: int | None = None) -> None:
         fname = manifest.variant(precision, model_dir).file
-        path = Path(model_dir) / fname
-        if not path.is_file():
-            raise ModelError(f"{path}: model file not found")
+        path, self.file_sha256 = verified_file(model_dir, fname, manifest.files)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

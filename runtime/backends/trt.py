@@ -35,6 +35,7 @@ class TensorRTBackend:
             path, info = engine_cache.select(model_dir, target)
         self.name = f"tensorrt-{precision}"
         self.precision = precision
+        self.model_file, self.file_sha256 = f"engines/{path.name}", info.engine_sha256
         self.max_batch = int(info.profile["max"])
         self.preferred_batch = int(info.profile["opt"])
         self.field_shape = manifest.contract.field_shape
