@@ -16,6 +16,7 @@ EPILOG = f"""examples:
   python -m runtime.classify slide.png
   python -m runtime.classify ../shared/data/breakhis-100x --batch-size 8
   python -m runtime.classify 'captures/*.png' --json > results.json
+  python -m runtime.classify /data/run42 --recursive --jsonl > results.jsonl      # one line per image, as done
   python -m runtime.classify img.tif --model models/breakhis-v1 --backend cpu --threads 2
   python -m runtime.classify img.png --backend tensorrt --precision fp16 --build-engine   # Jetson / GPU
   python -m runtime.classify --camera 0 --rate 2 --out-video session.mp4
@@ -41,7 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--show", action="store_true", help="show the annotated stream in a window")
     src.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
     add_model_options(ap)
+    ap.add_argument("--recursive", action="store_true", help="read sub-folders of folders too")
     ap.add_argument("--json", action="store_true", help="print a JSON list (one object per input) instead of a table")
+    ap.add_argument("--jsonl", action="store_true",
+                    help="print one JSON object per line, as each input is done (for long runs and pipes)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = ap.parse_args(argv)
     streams = (args.camera is not None) + (args.video is not None)
@@ -61,7 +65,7 @@ def table(results: list, model_info: dict) -> str:
         lines.append(f"WARNING: {model_info['warning']}")
     lines.append(f"{'image':40s} {'verdict':10s} {'p(malig)':>8s} {'fields':>6s} {'ms':>8s}")
     for r in results:
-        name = Path(r.path).name[-40:]
+        name = Path(r.path).name.encode("utf-8", "backslashreplace").decode()[-40:]  # any bytes, printable
         if r.error:
             lines.append(f"{name:40s} ERROR      {r.error}")
         else:
@@ -70,7 +74,7 @@ def table(results: list, model_info: dict) -> str:
             lines += [f"{'':40s}   note: {c}" for c in r.conversions]
     n_err = sum(r.error is not None for r in results)
     lines.append(f"{len(results) - n_err} classified, {n_err} failed")
-    return "\n".join(lines)
+    return "\n".join(lines).encode("utf-8", "backslashreplace").decode()  # names of any bytes stay printable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,16 +98,26 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         finally:
             clf.close()
-        print(json.dumps(stats.summary()) if args.json else
+        print(json.dumps(stats.summary() | {"verdicts": stats.verdicts}) if args.json else
               "\n".join(f"{k:18s} {v:.2f}" if isinstance(v, float) else f"{k:18s} {v}"
                         for k, v in stats.summary().items()))
         return 0
-    items = [ImageInput(p, error=err) for p, err in expand_inputs(args.inputs)]
+    skipped: list[str] = []
+    items = [ImageInput(p, error=err) for p, err in expand_inputs(args.inputs, args.recursive, skipped)]
+    for note in skipped:
+        print(f"note: {note}", file=sys.stderr)
     stream = clf.classify_iter(items)
     if not args.no_progress:
         from tqdm import tqdm
 
         stream = tqdm(stream, total=len(items), unit="img", file=sys.stderr, disable=None, leave=False)
+    if args.jsonl:  # streamed: memory stays bounded whatever the number of inputs
+        failed = False
+        for r in stream:
+            print(json.dumps(r.to_dict()), flush=True)
+            failed |= r.error is not None
+        clf.close()
+        return 1 if failed else 0
     results = list(stream)
     clf.close()
     if args.json:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +23,18 @@ class ImageInput:
     error: str | None = None
 
 
-def expand_inputs(items: list[str]) -> list[tuple[str, str | None]]:
-    """[(path, error)] in the order given: folders expand to their images (sorted, not recursive), globs to their
-    matches. A folder without images, a glob without matches, or a missing path stays as one entry with an error."""
+def expand_inputs(items: list[str], recursive: bool = False,
+                  skipped: list[str] | None = None) -> list[tuple[str, str | None]]:
+    """[(path, error)] in the order given: folders expand to their images (sorted; with ``recursive``, their
+    sub-folders too, links to folders not followed), globs to their matches. A folder without images, a glob
+    without matches, or a missing path stays as one entry with an error. What a folder holds but is not read
+    (other file types, sub-folders, broken links) is described in ``skipped``, when given."""
     out: list[tuple[str, str | None]] = []
+    notes = skipped if skipped is not None else []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(str(c) for c in p.iterdir() if c.is_file() and c.suffix.lower() in IMAGE_SUFFIXES)
+            found = _folder_images(p, recursive, notes)
             out += [(f, None) for f in found] or [(item, f"{item}: directory contains no images "
                                                           f"({', '.join(IMAGE_SUFFIXES)})")]
         elif p.exists():
@@ -37,9 +42,30 @@ def expand_inputs(items: list[str]) -> list[tuple[str, str | None]]:
         elif glob.has_magic(item):
             found = sorted(glob.glob(item))
             out += [(f, None) for f in found] or [(item, f"{item}: pattern matches no files")]
+        elif p.is_symlink():
+            out.append((item, f"{item}: broken link (points to {os.readlink(p)})"))
         else:
             out.append((item, f"{item}: file not found"))
     return out
+
+
+def _folder_images(folder: Path, recursive: bool, notes: list[str]) -> list[str]:
+    found = []
+    for c in sorted(folder.iterdir()):
+        if c.is_symlink() and not c.exists():
+            notes.append(f"{c}: skipped, broken link")
+        elif c.is_dir():
+            if c.is_symlink():
+                notes.append(f"{c}: skipped, a link to a folder (not followed)")
+            elif recursive:
+                found += _folder_images(c, recursive, notes)
+            else:
+                notes.append(f"{c}: skipped, a folder (use --recursive)")
+        elif c.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(str(c))
+        elif not c.name.startswith("."):
+            notes.append(f"{c}: skipped, not a supported image type ({', '.join(IMAGE_SUFFIXES)})")
+    return found
 
 
 def image_files(folder: Path) -> list[Path]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ class StreamStats:
     frames_classified: int = 0
     errors: int = 0
     seconds: float = 0.0
+    verdicts: list[dict[str, Any]] = field(default_factory=list)  # one per classified frame
 
     def summary(self) -> dict[str, Any]:
         s = max(self.seconds, 1e-9)
@@ -65,6 +66,9 @@ def run_stream(clf: Any, source: int | str, rate: float, out_path: Path | None =
                 last = now
                 stats.frames_classified += 1
                 stats.errors += result.error is not None
+                stats.verdicts.append({"frame": stats.frames_read - 1, "time_s": round(now - t0, 3),
+                                       "label": result.label, "probability": result.probability,
+                                       "error": result.error})
             shown = annotate(frame, result) if result is not None else frame
             if out_path is not None:
                 if writer is None:

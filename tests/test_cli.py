@@ -143,3 +143,29 @@ def test_corrupt_manifest(model_copy, images_100x):
     (model_copy / "manifest.json").write_text("{not json")
     proc = classify(str(images_100x[0]), "--model", str(model_copy))
     assert proc.returncode == 2 and "manifest is not valid JSON" in proc.stderr
+
+
+def test_what_a_folder_holds_but_is_not_read_is_said_and_recursive_reads_subfolders(model_dir, images_100x,
+                                                                                     tmp_path):
+    d = tmp_path / "run"
+    (d / "sub").mkdir(parents=True)
+    shutil.copy(images_100x[0], d / "a.png")
+    shutil.copy(images_100x[1], d / "sub" / "b.png")
+    (d / "notes.gif").write_bytes(b"GIF89a")
+    (d / "gone.png").symlink_to(tmp_path / "missing.png")
+    (d / "loop").symlink_to(d)
+    proc = classify(str(d), "--model", str(model_dir), "--jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(x)["path"] for x in proc.stdout.splitlines()] == [str(d / "a.png")]  # one line per image
+    for why in ("notes.gif: skipped, not a supported image type", "gone.png: skipped, broken link",
+                "loop: skipped, a link to a folder", "sub: skipped, a folder (use --recursive)"):
+        assert why in proc.stderr
+    proc = classify(str(d), "--model", str(model_dir), "--jsonl", "--recursive")
+    assert [json.loads(x)["path"] for x in proc.stdout.splitlines()] == [str(d / "a.png"), str(d / "sub" / "b.png")]
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_a_short_reason(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    proc = run_module("export", "onnx", "--checkpoint", str(tmp_path / "x.pt"), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "not a readable PyTorch checkpoint" in proc.stderr
+    assert "weights_only" not in proc.stderr

@@ -23,6 +23,8 @@ def test_video_is_classified_and_annotated(model_dir, images_100x, tmp_path):
     stats = json.loads(proc.stdout)
     assert stats["frames_read"] == 6 and stats["frames_classified"] == 6 and stats["errors"] == 0
     assert stats["read_fps"] > 0
+    assert [v["frame"] for v in stats["verdicts"]] == list(range(6))  # each frame's verdict, not only counts
+    assert all(v["label"] in ("Benign", "Malignant") and v["error"] is None for v in stats["verdicts"])
     cap = cv2.VideoCapture(str(out))
     got = []
     while True:
