@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp16", action="store_true", help="write FP16 (the TensorRT FP16 engine's input)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    from runtime.gpu import GpuPreprocessor, GpuUnavailable
+    from runtime.cuda import GpuUnavailable
+    from runtime.gpu import GpuPreprocessor
     from runtime.inputs import image_files
 
     contract = Manifest.load(args.model or default_model_dir()).contract

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20, help="timed runs per setting (default 20)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
-    from runtime.manifest import Manifest, ModelError
+    from runtime.manifest import Manifest
     from runtime.paths import default_model_dir
 
     model = args.model or default_model_dir()

@@ -23,9 +23,9 @@ def _common(p: argparse.ArgumentParser, default_out: str | None) -> None:
                    required=default_out is None, help="model directory to write" +
                    (f" (default: {default_out})" if default_out else ""))
     p.add_argument("--parity-images", type=Path, default=None,
-                   help="folder of real images for the ranges, the parity check and the variants' gates (default: "
-                        "$BREAKHIS_SHARED/data/breakhis-100x, $BREAKHIS_SHARED defaulting to ../shared; seeded synthetic "
-                        "fields if neither exists)")
+                   help="folder of real images for the ranges, the parity check and the variants' gates "
+                        "(default: $BREAKHIS_SHARED/data/breakhis-100x, $BREAKHIS_SHARED defaulting to ../shared; "
+                        "seeded synthetic fields if neither exists)")
     p.add_argument("--parity-count", type=int, default=6,
                    help="fields compared PyTorch vs ONNX Runtime at batch 1 and 4 (default: 6)")
     p.add_argument("--gate-count", type=int, default=None,

@@ -7,58 +7,26 @@ ordered on one stream; the host waits only when it needs a result.
 """
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from runtime import kernel_abi as abi
 from runtime.manifest import Contract
 from runtime.tiling import FieldPlan
-from runtime.errors import Unavailable
-
-
-class GpuUnavailable(Unavailable):
-    """GPU preprocessing was asked for but cannot run here; the message says why."""
-
-
-def _import_pycuda() -> Any:
-    try:
-        import pycuda.driver as cuda
-    except ImportError as e:
-        raise GpuUnavailable(f"GPU preprocessing needs pycuda ({e}); install it with `pip install pycuda` on a "
-                             "machine with the CUDA toolkit, or use --preprocess cpu") from None
-    try:
-        cuda.init()
-        if cuda.Device.count() == 0:
-            raise GpuUnavailable("GPU preprocessing: no CUDA device found")
-    except cuda.Error as e:
-        raise GpuUnavailable(f"GPU preprocessing: CUDA driver not usable ({e})") from None
-    return cuda
-
-
-def device_info(device: int = 0) -> tuple[str, str]:
-    """(GPU name, compute capability "major.minor"): what engines are keyed by."""
-    cuda = _import_pycuda()
-    d = cuda.Device(device)
-    major, minor = d.compute_capability()
-    return d.name(), f"{major}.{minor}"
+from runtime.cuda import Context
 
 
 class GpuPreprocessor:
     """uint8 images -> preprocessed fields on the GPU. Buffers are sized for the largest batch seen and reused."""
 
     def __init__(self, contract: Contract, fp16: bool = False, device: int = 0, stream: Any = None) -> None:
-        cuda = self.cuda = _import_pycuda()
         from runtime.kernel_build import build_cubin
 
+        self.context = Context(device)
+        cuda = self.cuda = self.context.cuda
         self.contract, self.fp16 = contract, fp16
-        self.device = cuda.Device(device)
-        # The device's primary context (shared with TensorRT / ONNX Runtime in this process), pushed around each
-        # call so any thread (e.g. an HTTP worker) can use this object; calls are serialised by a lock.
-        self.ctx = self.device.retain_primary_context()
-        self.lock = threading.Lock()
+        self.device = self.context.device
         major, minor = self.device.compute_capability()
         self.arch = f"sm_{major}{minor}"
         with self.active():
@@ -70,14 +38,8 @@ class GpuPreprocessor:
         self.field_bytes = contract.seq_len * 3 * contract.patch * contract.patch * (2 if fp16 else 4)
         self._bufs: dict[str, tuple[Any, Any, int]] = {}  # name -> (host pinned or None, device, bytes)
 
-    @contextmanager
-    def active(self) -> Iterator[None]:
-        with self.lock:
-            self.ctx.push()
-            try:
-                yield
-            finally:
-                self.cuda.Context.pop()
+    def active(self) -> Any:
+        return self.context.active()
 
     def _buffer(self, name: str, nbytes: int, pinned: bool, device: bool = True) -> tuple[Any, Any]:
         """(page-locked host array or None, device allocation or None) of at least nbytes, grown only when needed."""
@@ -146,4 +108,4 @@ class GpuPreprocessor:
                 if dev is not None:
                     dev.free()
             self._bufs.clear()
-        self.ctx.detach()
+        self.context.close()

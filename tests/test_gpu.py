@@ -14,7 +14,7 @@ from tests.test_kernels import assert_matches  # same FP32 bit-exact / FP16 roun
 @pytest.fixture(scope="session")
 def gpu_ok():
     """Skips (before any costly fixture) where pycuda or a CUDA device is missing."""
-    from runtime.gpu import GpuUnavailable, _import_pycuda
+    from runtime.cuda import GpuUnavailable, import_pycuda as _import_pycuda
 
     try:
         _import_pycuda()
@@ -52,7 +52,8 @@ def test_one_launch_many_images_rgba_and_large(gpu, images_100x):
 def test_classifier_gpu_preprocess_gives_cpu_answers(gpu_ok, model_dir, images_100x):
     from runtime.classifier import Classifier
 
-    with Classifier(model_dir, backend="cpu", preprocess="gpu") as g, Classifier(model_dir, backend="cpu", preprocess="cpu") as c:
+    with Classifier(model_dir, backend="cpu", preprocess="gpu") as g, \
+            Classifier(model_dir, backend="cpu", preprocess="cpu") as c:
         a = [r.probability for r in g.classify(images_100x[:4])]
         b = [r.probability for r in c.classify(images_100x[:4])]
     assert a == b

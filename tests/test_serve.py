@@ -94,8 +94,8 @@ def test_classify_matches_the_cli(server, model_dir, images_100x):
 def test_bad_uploads_get_4xx_with_reason(server, images_100x, kind, status, reason):
     good = images_100x[0].read_bytes()
     ok, png = cv2.imencode(".png", np.zeros((300, 400, 3), np.uint8))
-    data = {"empty": b"", "text": b"hello", "truncated": good[:4000], "small": png.tobytes(), "huge": _png_bomb(100_000, 100_000),
-            "too_big": b"\x00" * (3 << 20), "no_file_field": b""}[kind]
+    data = {"empty": b"", "text": b"hello", "truncated": good[:4000], "small": png.tobytes(),
+            "huge": _png_bomb(100_000, 100_000), "too_big": b"\x00" * (3 << 20), "no_file_field": b""}[kind]
     if kind == "no_file_field":
         b = "----x"
         got = post(server, f"--{b}\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nv\r\n--{b}--\r\n".encode(),

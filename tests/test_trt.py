@@ -136,7 +136,7 @@ def test_auto_backend_says_what_it_skipped(model_dir, shared_data):
 @pytest.fixture(scope="session")
 def trt_ok():
     from runtime.engine_cache import TrtUnavailable, import_tensorrt
-    from runtime.gpu import GpuUnavailable, _import_pycuda
+    from runtime.cuda import GpuUnavailable, import_pycuda as _import_pycuda
 
     try:
         import_tensorrt()

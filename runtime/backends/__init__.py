@@ -72,7 +72,7 @@ def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | 
     if name in ("auto", "tensorrt"):
         from runtime.backends import trt
         from runtime.engine_cache import EngineMismatch, TrtUnavailable
-        from runtime.gpu import GpuUnavailable
+        from runtime.cuda import GpuUnavailable
 
         try:
             prec, why = resolve_precision(precision, True, manifest, model_dir)

@@ -71,31 +71,24 @@ class OrtBackend:
 
     def _device_buffers(self, manifest: Manifest) -> None:
         """With pycuda present, an input buffer on the GPU that the preprocessing kernel fills (I/O binding)."""
-        from runtime.gpu import GpuUnavailable, _import_pycuda
+        from runtime.cuda import Context, GpuUnavailable
 
         try:
-            cuda = self.cuda = _import_pycuda()
+            self.context = Context()  # the primary context: the one ONNX Runtime's CUDA EP also uses
         except GpuUnavailable:
             return  # host input only
         self.field_shape = manifest.contract.field_shape
         self.max_batch = 32
-        self.ctx = cuda.Device(0).retain_primary_context()  # the context ONNX Runtime's CUDA EP also uses
-        self.ctx.push()
-        try:
+        with self.context.active() as cuda:
             self.stream = cuda.Stream()
             self.d_input = cuda.mem_alloc(self.max_batch * int(np.prod(self.field_shape)) * 4)
-        finally:
-            cuda.Context.pop()
         self.input_ptr = int(self.d_input)
-        self.input_fp16 = False  # the FP16 model keeps float32 inputs
+        self.input_fp16 = False  # every variant keeps float32 inputs
 
     def run_device(self, n: int) -> dict[str, np.ndarray]:
-        """Probabilities of the n fields the preprocessing kernel wrote to input_ptr, via I/O binding."""
-        self.ctx.push()
-        try:
+        """Outputs for the n fields the preprocessing kernel wrote to input_ptr, via I/O binding."""
+        with self.context.active():
             self.stream.synchronize()  # ONNX Runtime reads on its own stream: the kernel must be done
-        finally:
-            self.cuda.Context.pop()
         io = self.session.io_binding()
         io.bind_input(self.input_name, "cuda", 0, np.float32, [n, *self.field_shape], self.input_ptr)
         for name in self.output_names:
@@ -112,9 +105,6 @@ class OrtBackend:
     def close(self) -> None:
         del self.session
         if hasattr(self, "d_input"):
-            self.ctx.push()
-            try:
+            with self.context.active():
                 self.d_input.free()
-            finally:
-                self.cuda.Context.pop()
-            self.ctx.detach()
+            self.context.close()

@@ -20,9 +20,9 @@ class TensorRTBackend:
     def __init__(self, model_dir: Path, manifest: Manifest, precision: str = "fp16", allow_build: bool = False) -> None:
         import_tensorrt()
         import tensorrt as trt  # typed by tensorrt-stubs: mypy checks this code in CI
-        from runtime.gpu import _import_pycuda
+        from runtime.cuda import Context
 
-        cuda = self.cuda = _import_pycuda()
+        self.context = Context()  # the primary context, shared with the preprocessing kernel
         target = engine_cache.device_target(model_dir, manifest, precision, trt)
         try:
             path, info = engine_cache.select(model_dir, target)
@@ -39,15 +39,14 @@ class TensorRTBackend:
         self.max_batch = int(info.profile["max"])
         self.preferred_batch = int(info.profile["opt"])
         self.field_shape = manifest.contract.field_shape
-        self.ctx = cuda.Device(0).retain_primary_context()
-        self.ctx.push()
-        try:
+        with self.context.active() as cuda:
+            self.cuda = cuda
             self.logger = trt.Logger(trt.Logger.WARNING)
             self.runtime = trt.Runtime(self.logger)
             self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             if self.engine is None:
                 raise ModelError(f"{path}: TensorRT could not deserialise the engine")
-            self.context = self.engine.create_execution_context()
+            self.execution = self.engine.create_execution_context()
             names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
             self.input = manifest.input_name
             self.outputs = list(manifest.output_names)
@@ -68,12 +67,10 @@ class TensorRTBackend:
                 self.h_out[n] = cuda.pagelocked_empty(self.max_batch, dt)
                 self.d_out[n] = cuda.mem_alloc(self.max_batch * dt.itemsize)
             for n, ptr in [(self.input, self.d_input), *self.d_out.items()]:
-                if not self.context.set_tensor_address(n, int(ptr)):
+                if not self.execution.set_tensor_address(n, int(ptr)):
                     raise ModelError(f"{path}: TensorRT refused the address of tensor {n}")
             self._execute(self.preferred_batch)  # warm-up: first-inference costs stay out of steady state
             self.stream.synchronize()
-        finally:
-            cuda.Context.pop()
 
     @property
     def input_ptr(self) -> int:
@@ -86,9 +83,9 @@ class TensorRTBackend:
 
     def _execute(self, n: int) -> None:
         """Enqueue inference of n fields already in d_input, and the outputs' download, on self.stream."""
-        if not self.context.set_input_shape(self.input, (n, *self.field_shape)):
+        if not self.execution.set_input_shape(self.input, (n, *self.field_shape)):
             raise RuntimeError(f"TensorRT refused batch {n} (profile 1..{self.max_batch})")
-        if not self.context.execute_async_v3(self.stream.handle):
+        if not self.execution.execute_async_v3(self.stream.handle):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         for name, d in self.d_out.items():
             self.cuda.memcpy_dtoh_async(self.h_out[name][:n], d, self.stream)
@@ -97,34 +94,25 @@ class TensorRTBackend:
         """Outputs for the n fields the preprocessing kernel wrote to input_ptr (on self.stream)."""
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"batch of {n} fields is outside the engine's profile 1..{self.max_batch}")
-        self.ctx.push()
-        try:
+        with self.context.active():
             self._execute(n)
             self.stream.synchronize()  # the only host wait: the result is needed now
-        finally:
-            self.cuda.Context.pop()
         return {name: h[:n].astype(np.float32) for name, h in self.h_out.items()}
 
     def run(self, fields: np.ndarray) -> dict[str, np.ndarray]:
         out: list[dict[str, np.ndarray]] = []
         for i in range(0, len(fields), self.max_batch):
             chunk = np.ascontiguousarray(fields[i:i + self.max_batch], dtype=self.in_dtype)
-            self.ctx.push()
-            try:
-                self.cuda.memcpy_htod_async(self.d_input, chunk, self.stream)
-            finally:
-                self.cuda.Context.pop()
+            with self.context.active() as cuda:
+                cuda.memcpy_htod_async(self.d_input, chunk, self.stream)
             out.append(self.run_device(len(chunk)))
         return {name: np.concatenate([o[name] for o in out]) for name in self.outputs}
 
     def close(self) -> None:
-        self.ctx.push()
-        try:
+        with self.context.active():
             self.stream.synchronize()
-            del self.context, self.engine, self.runtime
+            del self.execution, self.engine, self.runtime
             self.d_input.free()
             for d in self.d_out.values():
                 d.free()
-        finally:
-            self.cuda.Context.pop()
-        self.ctx.detach()
+        self.context.close()
