@@ -61,15 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     trt = sub.add_parser("trt", help="build a TensorRT engine for this GPU (TensorRT 10 or 11)")
     trt.add_argument("-m", "--model", type=Path, default=None,
                     help="model directory (default: the trained model where setup.sh exported it, else the reference)")
-    trt.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
-    trt.add_argument("--min-batch", type=int, default=1)
-    trt.add_argument("--opt-batch", type=int, default=8)
-    trt.add_argument("--max-batch", type=int, default=32)
+    trt.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
+                     help="engine precision: a variant of the model that passed its gate (default: fp16)")
+    trt.add_argument("--min-batch", type=int, default=1, help="smallest batch of fields the engine takes (default 1)")
+    trt.add_argument("--opt-batch", type=int, default=8,
+                     help="batch the engine is tuned for, and INT8 calibration's batch (default 8)")
+    trt.add_argument("--max-batch", type=int, default=32, help="largest batch of fields (default 32)")
     trt.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace (default 1024: 8 GB Jetson)")
     trt.add_argument("--dla-core", type=int, default=None, help="build for this DLA core, GPU fallback (Jetson)")
     trt.add_argument("--timing-cache", type=Path, default=None,
                      help="timing cache loaded and saved (default: the model's engines/timing.cache)")
     trt.add_argument("--calib-images", type=Path, default=None, help="INT8 on TensorRT 10: calibration images")
+    trt.add_argument("--calib-count", type=int, default=64,
+                     help="INT8 on TensorRT 10: the first N images calibrate (default 64)")
     ver = sub.add_parser("verify", help="fidelity of a backend/engine vs the FP32 ONNX Runtime CPU reference")
     ver.add_argument("-m", "--model", type=Path, default=None,
                     help="model directory (default: the trained model where setup.sh exported it, else the reference)")
@@ -151,7 +155,8 @@ def _trt(args: argparse.Namespace) -> int:
     opts = TrtOptions(precision=args.precision, min_batch=args.min_batch, opt_batch=args.opt_batch,
                       max_batch=args.max_batch, workspace_mb=args.workspace_mb, dla_core=args.dla_core,
                       timing_cache=str(args.timing_cache) if args.timing_cache else None,
-                      calib_images=str(args.calib_images) if args.calib_images else None)
+                      calib_images=str(args.calib_images) if args.calib_images else None,
+                      calib_count=args.calib_count)
     try:
         opts.validate()
         build_engine(args.model, opts, log=lambda m: print(m, file=sys.stderr))

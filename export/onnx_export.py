@@ -26,8 +26,7 @@ def export_onnx(model: BreakHisNet, path: Path, contract: Contract, provenance: 
     """
     import onnxslim
 
-    p = contract.patch
-    dummy = torch.zeros(1, contract.seq_len, 3, p, p)
+    dummy = torch.zeros(1, *contract.field_shape)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # The legacy exporter warns that it is legacy, and about LSTM batch sizes (our h0/c0 follow the input's

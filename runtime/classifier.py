@@ -93,9 +93,11 @@ class Classifier:
         self.batch_size = min(batch_size or self.backend.preferred_batch,
                               getattr(self.backend, "max_batch", None) or 1 << 30)
         self.gpu = _open_gpu_preprocessor(preprocess, self.backend, self.contract, notes)
-        self.device_input = self.gpu is not None and getattr(self.backend, "input_ptr", None) is not None
-        c = self.contract
-        self._batch = np.empty((self.batch_size, c.seq_len, 3, c.patch, c.patch), np.float32)  # reused
+        self.device_input = self.gpu is not None and self.backend.device_input
+        # The preprocessing path, chosen once: GPU kernel into the backend's input, GPU kernel back to the host,
+        # or numpy into a reused host batch.
+        self._run = self._run_device if self.device_input else self._run_gpu_host if self.gpu else self._run_cpu
+        self._batch = np.empty((self.batch_size, *self.contract.field_shape), np.float32)  # reused
         self.model_info = self.manifest.model_info() | {"backend": self.backend.name,
                                                         "precision": self.backend.precision,
                                                         "file": self.backend.model_file,
@@ -167,22 +169,7 @@ class Classifier:
             images.append(p.bgr)
             plans.append(replace(p.plan, field_origins=p.plan.field_origins[p.done:p.done + take]))
         t0 = time.perf_counter()
-        if self.device_input:  # one kernel launch for the whole batch, written into the engine's input
-            backend = cast(DeviceInputBackend, self.backend)
-            self.gpu.submit(images, plans, dst=backend.input_ptr)
-            t1 = time.perf_counter()
-            outs = backend.run_device(n)
-        else:
-            if self.gpu is not None:  # GPU kernel, result brought back for a CPU-side backend
-                batch = self.gpu.to_host(images, plans)
-            else:
-                batch = self._batch[:n]
-                k = 0
-                for img, plan in zip(images, plans):
-                    preprocess_fields(img, plan, self.contract, out=batch[k:k + plan.n_fields])
-                    k += plan.n_fields
-            t1 = time.perf_counter()
-            outs = self.backend.run(batch)
+        t1, outs = self._run(images, plans, n)
         t2 = time.perf_counter()
         probs = outs["probability"]
         finite = np.logical_and.reduce([np.isfinite(v) for v in outs.values()])
@@ -195,6 +182,24 @@ class Classifier:
             p.t_pre += (t1 - t0) * take / n
             p.t_infer += (t2 - t1) * take / n
             k += take
+
+    def _run_device(self, images: list[np.ndarray], plans: list[FieldPlan], n: int) -> tuple[float, dict]:
+        """One kernel launch for the whole batch, written into the backend's input on its stream."""
+        backend = cast(DeviceInputBackend, self.backend)
+        self.gpu.submit(images, plans, dst=backend.input_ptr)
+        return time.perf_counter(), backend.run_device(n)
+
+    def _run_gpu_host(self, images: list[np.ndarray], plans: list[FieldPlan], n: int) -> tuple[float, dict]:
+        """GPU kernel, result brought back for a backend that takes host input."""
+        batch = self.gpu.to_host(images, plans)
+        return time.perf_counter(), self.backend.run(batch)
+
+    def _run_cpu(self, images: list[np.ndarray], plans: list[FieldPlan], n: int) -> tuple[float, dict]:
+        batch, k = self._batch[:n], 0
+        for img, plan in zip(images, plans):
+            preprocess_fields(img, plan, self.contract, out=batch[k:k + plan.n_fields])
+            k += plan.n_fields
+        return time.perf_counter(), self.backend.run(batch)
 
     def _pop_finished(self, queue: list[_Pending]) -> Iterator[Result]:
         while queue and queue[0].todo <= 0:
@@ -241,7 +246,7 @@ def _open_gpu_preprocessor(choice: str, backend: Backend, contract: Contract, no
     run here (no pycuda, no GPU, no nvcc to build it)."""
     if choice not in PREPROCESSORS:
         raise ValueError(f"preprocess must be one of {', '.join(PREPROCESSORS)}, not {choice!r}")
-    device_input = getattr(backend, "input_ptr", None) is not None
+    device_input = backend.device_input
     if choice == "cpu" or (choice == "auto" and not device_input):
         return None
     try:

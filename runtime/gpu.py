@@ -35,7 +35,7 @@ class GpuPreprocessor:
             self.kernel.prepare("PPPP")
             self.stream = stream or cuda.Stream()  # share the consumer's stream to order kernel -> engine
             self.copied = cuda.Event()  # staging may be refilled once the previous upload has finished
-        self.field_bytes = contract.seq_len * 3 * contract.patch * contract.patch * (2 if fp16 else 4)
+        self.field_bytes = int(np.prod(contract.field_shape)) * (2 if fp16 else 4)
         self._bufs: dict[str, tuple[Any, Any, int]] = {}  # name -> (host pinned or None, device, bytes)
 
     def active(self) -> Any:
@@ -93,7 +93,7 @@ class GpuPreprocessor:
         """Preprocess and bring the fields back: for CPU consumers, tests and the CPU-vs-GPU benchmark."""
         dptr, n = self.submit(images, plans, bgr)
         c = self.contract
-        out = np.empty((n, c.seq_len, 3, c.patch, c.patch), np.float16 if self.fp16 else np.float32)
+        out = np.empty((n, *c.field_shape), np.float16 if self.fp16 else np.float32)
         with self.active():
             host, _ = self._buffer("download", out.nbytes, pinned=True, device=False)
             self.cuda.memcpy_dtoh_async(host[: out.nbytes], dptr, self.stream)

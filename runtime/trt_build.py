@@ -83,7 +83,7 @@ def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] =
         if not opts.calib_images:
             raise TrtUnavailable("INT8 on TensorRT 10 needs --calib-images DIR (real images for calibration)")
         config.int8_calibrator = make_calibrator(trt, manifest, Path(opts.calib_images), opts.calib_count,
-                                                   Path(model_dir) / "engines" / "int8.calib")
+                                                 opts.opt_batch, engine_cache.engine_dir(model_dir) / "int8.calib")
         config.set_calibration_profile(profile)
     if opts.dla_core is not None:
         if builder.num_DLA_cores <= opts.dla_core:
@@ -158,7 +158,7 @@ def make_progress_monitor(trt: Any, log: Callable[[str], None]) -> Any:
     return Monitor()
 
 
-def make_calibrator(trt: Any, manifest: Manifest, folder: Path, n_images: int, cache: Path) -> Any:
+def make_calibrator(trt: Any, manifest: Manifest, folder: Path, n_images: int, batch: int, cache: Path) -> Any:
     """TensorRT 10 INT8 entropy calibration fed with real fields (CPU preprocessing, same contract); the
     calibration cache is saved so a rebuild does not calibrate again."""
     import pycuda.driver as cuda
@@ -168,7 +168,7 @@ def make_calibrator(trt: Any, manifest: Manifest, folder: Path, n_images: int, c
     data = folder_fields(folder, manifest.contract, n_images)
     if not len(data):
         raise TrtUnavailable(f"--calib-images {folder}: no usable images for INT8 calibration")
-    batch = 8
+    batch = min(batch, len(data))  # the profile's optimum batch: calibration runs the engine's usual shape
 
     class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:

@@ -169,3 +169,13 @@ def test_a_file_that_is_not_a_checkpoint_gets_a_short_reason(tmp_path):
     proc = run_module("export", "onnx", "--checkpoint", str(tmp_path / "x.pt"), "-o", str(tmp_path / "out"))
     assert proc.returncode == 2 and "not a readable PyTorch checkpoint" in proc.stderr
     assert "weights_only" not in proc.stderr
+
+
+@pytest.mark.parametrize("module", ["runtime.serve", "runtime.watch"])
+def test_every_runtime_cli_validates_backend_and_takes_precision_and_preprocess(module, tmp_path):
+    args = [str(tmp_path)] if module == "runtime.watch" else []
+    extra = ["--out", str(tmp_path / "r.jsonl")] if module == "runtime.watch" else []
+    proc = run_module(module, *args, *extra, "--backend", "bogus")
+    assert proc.returncode == 2 and "auto" in proc.stderr and "onnxruntime-cuda" in proc.stderr
+    help_text = run_module(module, "--help").stdout
+    assert "--precision" in help_text and "--preprocess" in help_text

@@ -68,3 +68,60 @@ def test_runtime_never_imports_torch(model_dir, images_100x):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() in ("Benign", "Malignant")
+
+
+def _imports(path):
+    """Modules a source file imports (top level or inside functions), as dotted names."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def test_import_graph_has_no_circle_and_runtime_never_imports_export():
+    from tests.conftest import REPO
+
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for pkg in ("runtime", "export") for p in (REPO / pkg).rglob("*.py")}
+    graph = {m: {i for i in _imports(p) if i in modules and i != m} for m, p in modules.items()}
+    upward = sorted(f"{m} -> {i}" for m, deps in graph.items() if m.startswith("runtime") for i in deps
+                    if i.startswith("export"))
+    assert upward == []
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        state[m] = 1
+        for d in graph[m]:
+            assert state.get(d) != 1, "import circle: " + " -> ".join([*path, d])
+            if d not in state:
+                visit(d, [*path, d])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+
+
+def test_auto_preprocessing_falls_back_to_the_cpu_with_a_note_when_the_kernel_cannot_run():
+    """A runtime-only box: a GPU backend, but no nvcc to build the kernel (or no pycuda): the CPU path, said so."""
+    from export.model import CONTRACT
+    from runtime.classifier import _open_gpu_preprocessor
+    from runtime.errors import Unavailable
+    from runtime.kernel_build import KernelBuildError
+
+    class DeviceInputBackend:  # the boundary: what a GPU backend offers the kernel
+        device_input, input_fp16, stream = True, False, None
+
+    assert issubclass(KernelBuildError, Unavailable)  # so every automatic fallback catches it
+    notes: list[str] = []
+    assert _open_gpu_preprocessor("auto", DeviceInputBackend(), CONTRACT, notes) is None
+    assert notes and notes[0].startswith("preprocess auto chose the CPU")
+    with pytest.raises(Unavailable):
+        _open_gpu_preprocessor("gpu", DeviceInputBackend(), CONTRACT, [])

@@ -24,7 +24,7 @@ def check_model_against_manifest(sess: ort.InferenceSession, manifest: Manifest,
     inputs = {i.name: i for i in sess.get_inputs()}
     if manifest.input_name not in inputs:
         raise ModelError(f"{path}: has inputs {sorted(inputs)}, but the manifest says {manifest.input_name!r}")
-    want = [c.seq_len, 3, c.patch, c.patch]
+    want = list(c.field_shape)
     got = inputs[manifest.input_name].shape
     if len(got) != 5 or list(got[1:]) != want:
         raise ModelError(f"{path}: input {manifest.input_name} has shape {got}, but the manifest's contract needs "
@@ -65,6 +65,7 @@ class OrtBackend:
         self.model_file = fname
         # On the CPU one field (6 patches) per run: larger batches only cost memory (README, "Speed"); GPUs want more.
         self.preferred_batch = 8 if cuda else 1
+        self.device_input = False
 
         if cuda:
             self._device_buffers(manifest)
@@ -84,6 +85,7 @@ class OrtBackend:
             self.d_input = cuda.mem_alloc(self.max_batch * int(np.prod(self.field_shape)) * 4)
         self.input_ptr = int(self.d_input)
         self.input_fp16 = False  # every variant keeps float32 inputs
+        self.device_input = True
 
     def run_device(self, n: int) -> dict[str, np.ndarray]:
         """Outputs for the n fields the preprocessing kernel wrote to input_ptr, via I/O binding."""
