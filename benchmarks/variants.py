@@ -11,24 +11,28 @@ from typing import Any
 BASELINE = "baseline_pytorch_fp32_eager"
 RUNTIME_CPU = "runtime_onnxruntime_cpu"
 RUNTIME_CPU_BATCH = "runtime_onnxruntime_cpu_batch4"  # throughput: 4 fields per inference call
+RUNTIME_CPU_FOLDER = "runtime_onnxruntime_cpu_folder"  # throughput: the whole folder through the decode pipeline
+BASELINE_FOLDER = "baseline_pytorch_fp32_eager_folder"  # the baseline's folder: one image after another
 BASELINE_CUDA = "baseline_pytorch_fp32_eager_cuda"
 RUNTIME_ORT_CUDA = "runtime_onnxruntime_cuda_fp16"
 RUNTIME_ORT_CUDA_FP32 = "runtime_onnxruntime_cuda_fp32"
+RUNTIME_ORT_CUDA_FOLDER = "runtime_onnxruntime_cuda_fp16_folder"  # batch 32, 8 decode workers
+BASELINE_CUDA_FOLDER = "baseline_pytorch_fp32_eager_cuda_folder"
 RUNTIME_TRT_FP16 = "runtime_tensorrt_fp16"
 RUNTIME_TRT_INT8 = "runtime_tensorrt_int8"
 
 # suite -> (baseline, per-image variants, throughput variants)
 SUITES = {
-    "cpu": (BASELINE, (BASELINE, RUNTIME_CPU), (RUNTIME_CPU_BATCH,)),
+    "cpu": (BASELINE, (BASELINE, RUNTIME_CPU), (BASELINE_FOLDER, RUNTIME_CPU_FOLDER, RUNTIME_CPU_BATCH)),
     "gpu": (BASELINE_CUDA, (BASELINE_CUDA, RUNTIME_ORT_CUDA_FP32, RUNTIME_ORT_CUDA, RUNTIME_TRT_FP16,
-                            RUNTIME_TRT_INT8), ()),
+                            RUNTIME_TRT_INT8), (BASELINE_CUDA_FOLDER, RUNTIME_ORT_CUDA_FOLDER)),
 }
 VARIANTS = tuple(dict.fromkeys(v for _, per, thr in SUITES.values() for v in (*per, *thr)))
 
 
 @dataclass
 class Variant:
-    run: Callable[[Path], tuple[float, float]]  # one image -> (preprocess s, inference s)
+    run: Callable[[Path], dict[str, float]]  # one image -> seconds per stage
     run_all: Callable[[list[Path]], None]  # a list of images at the variant's batch size
     keep: Any  # the object behind it (kept alive while timing)
 
@@ -38,12 +42,12 @@ def _baseline(model_dir: Path, threads: int, device: str) -> Variant:
 
     base = Baseline(model_dir, threads=threads, device=device)
 
-    def run(p: Path) -> tuple[float, float]:
+    def run(p: Path) -> dict[str, float]:
         t0 = time.perf_counter()
         x = base.preprocess(p)  # decode + the original per-patch preprocessing
         t1 = time.perf_counter()
         base.infer(x)
-        return t1 - t0, time.perf_counter() - t1
+        return {"decode+preprocess": t1 - t0, "inference": time.perf_counter() - t1}
 
     def run_all(ps: list[Path]) -> None:
         for p in ps:
@@ -57,12 +61,11 @@ def _runtime(model_dir: Path, threads: int, **kw: Any) -> Variant:
 
     clf = Classifier(model_dir, threads=threads, **kw)
 
-    def run(p: Path) -> tuple[float, float]:
+    def run(p: Path) -> dict[str, float]:
         (r,) = clf.classify([p])
         if r.error:
             raise RuntimeError(r.error)
-        t = r.timings_ms
-        return (t["decode"] + t["preprocess"]) / 1e3, t["inference"] / 1e3
+        return {k: v / 1e3 for k, v in r.timings_ms.items() if k != "total"}
 
     def run_all(ps: list[Path]) -> None:
         clf.classify(ps)
@@ -75,8 +78,15 @@ def open_variant(name: str, model_dir: Path, threads: int) -> Variant:
     openers: dict[str, Callable[[], Variant]] = {
         BASELINE: lambda: _baseline(model_dir, threads, "cpu"),
         BASELINE_CUDA: lambda: _baseline(model_dir, threads, "cuda"),
-        RUNTIME_CPU: lambda: _runtime(model_dir, threads, backend="cpu", precision="fp32", batch_size=1),
-        RUNTIME_CPU_BATCH: lambda: _runtime(model_dir, threads, backend="cpu", precision="fp32", batch_size=4),
+        RUNTIME_CPU: lambda: _runtime(model_dir, threads, backend="cpu", precision="fp32", batch_size=1,
+                                      decode_workers=1),
+        RUNTIME_CPU_BATCH: lambda: _runtime(model_dir, threads, backend="cpu", precision="fp32", batch_size=4,
+                                            decode_workers=1),
+        RUNTIME_CPU_FOLDER: lambda: _runtime(model_dir, threads, backend="cpu", precision="fp32", batch_size=1),
+        BASELINE_FOLDER: lambda: _baseline(model_dir, threads, "cpu"),
+        BASELINE_CUDA_FOLDER: lambda: _baseline(model_dir, threads, "cuda"),
+        RUNTIME_ORT_CUDA_FOLDER: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", precision="fp16",
+                                                  batch_size=32, decode_workers=8),
         RUNTIME_ORT_CUDA_FP32: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", precision="fp32",
                                                 batch_size=1),
         RUNTIME_ORT_CUDA: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", precision="fp16",

@@ -5,7 +5,10 @@ probability, so one malignant field makes the image Malignant.
 """
 from __future__ import annotations
 
+import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -82,9 +85,12 @@ class Classifier:
 
     def __init__(self, model_dir: Path | str | None = None, backend: str = "auto", batch_size: int | None = None,
                  threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: str = "auto",
-                 precision: str = "auto", allow_build: bool = False) -> None:
+                 precision: str = "auto", allow_build: bool = False, decode_workers: int | None = None) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        # Images are read and decoded ahead of inference by a small pool of threads (PNG decoding and ONNX Runtime
+        # release the GIL), so decoding overlaps inference; the window of decoded images ahead is bounded.
+        self.decode_workers = decode_workers if decode_workers is not None else min(4, os.cpu_count() or 1)
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.manifest = Manifest.load(self.model_dir)
         self.contract = self.manifest.contract
@@ -116,10 +122,11 @@ class Classifier:
         return list(self.classify_iter(images))
 
     def classify_iter(self, images: Iterable[Input]) -> Iterator[Result]:
-        """Stream results in input order while batching fields of consecutive images together."""
+        """Stream results in input order while batching fields of consecutive images together. Memory stays
+        bounded whatever the number of inputs: a window of decoded images ahead, and the batch in progress."""
         queue: list[_Pending] = []
-        for item in images:
-            queue.append(self._prepare(item))
+        for pending in self._prepared(images):
+            queue.append(pending)
             while sum(p.todo for p in queue) >= self.batch_size:
                 self._infer_batch(queue)
                 yield from self._pop_finished(queue)
@@ -127,6 +134,20 @@ class Classifier:
         while any(p.todo > 0 for p in queue):
             self._infer_batch(queue)
         yield from self._pop_finished(queue)
+
+    def _prepared(self, images: Iterable[Input]) -> Iterator[_Pending]:
+        """Inputs read, decoded and tiled, in input order; with decode workers, up to 2 per worker ahead."""
+        if self.decode_workers <= 1:
+            yield from map(self._prepare, images)
+            return
+        window: deque[Future] = deque()
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
+            for item in images:
+                window.append(pool.submit(self._prepare, item))
+                if len(window) >= 2 * self.decode_workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
 
     def _prepare(self, item: Input) -> _Pending:
         if not isinstance(item, ImageInput):

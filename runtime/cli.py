@@ -32,6 +32,8 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
     g.add_argument("--batch-size", type=_positive, default=None,
                    help="fields per inference batch, across images (default: the backend's best: 1 on CPU, 8 on GPU)")
     g.add_argument("--threads", type=_positive, default=None, help="inference threads (default: all cores)")
+    g.add_argument("--decode-workers", type=_positive, default=None,
+                   help="threads reading and decoding images ahead of inference (default: cores, at most 4)")
     g.add_argument("--build-engine", action="store_true",
                    help="build the TensorRT engine for this GPU if the model has none (takes minutes)")
     g.add_argument("--max-pixels", type=_positive, default=max_pixels,
@@ -44,7 +46,7 @@ def open_classifier(args: argparse.Namespace, **overrides) -> Classifier:
 
     kw = dict(model_dir=args.model, backend=args.backend, precision=args.precision, preprocess=args.preprocess,
               batch_size=args.batch_size, threads=args.threads, allow_build=args.build_engine,
-              max_pixels=args.max_pixels)
+              max_pixels=args.max_pixels, decode_workers=args.decode_workers)
     return Classifier(**(kw | overrides))
 
 

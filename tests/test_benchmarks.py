@@ -13,10 +13,13 @@ def test_benchmark_json_schema(model_dir, shared_data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
     assert set(res["variants"]) == {"baseline_pytorch_fp32_eager", "runtime_onnxruntime_cpu",
+                                    "baseline_pytorch_fp32_eager_folder", "runtime_onnxruntime_cpu_folder",
                                     "runtime_onnxruntime_cpu_batch4"}
     for v in res["variants"].values():
         assert v["p50_ms"] > 0 and v["p95_ms"] >= v["p50_ms"] and v["speedup_vs_baseline"] > 0
         assert v["peak_rss_mb"] > 50
+    stages = res["variants"]["runtime_onnxruntime_cpu"]["stages_ms"]
+    assert set(stages) == {"decode", "preprocess", "inference"} and stages["decode"]["p99"] >= stages["decode"]["p50"]
     assert res["variants"]["baseline_pytorch_fp32_eager"]["speedup_vs_baseline"] == 1.0
     assert "speedup" in proc.stdout
 

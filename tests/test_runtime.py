@@ -125,3 +125,30 @@ def test_auto_preprocessing_falls_back_to_the_cpu_with_a_note_when_the_kernel_ca
     assert notes and notes[0].startswith("preprocess auto chose the CPU")
     with pytest.raises(Unavailable):
         _open_gpu_preprocessor("gpu", DeviceInputBackend(), CONTRACT, [])
+
+
+def test_decode_pipeline_keeps_order_bounds_what_it_reads_ahead_and_passes_bad_files(model_dir, images_100x):
+    """Decoding runs ahead in a pool of threads: results still come in input order and equal the sequential
+    ones, a bad file in the middle gets its error without holding up the rest, and no more than a small window
+    of inputs is read ahead of the results (so memory does not grow with the folder)."""
+    from runtime.inputs import ImageInput
+
+    items = [ImageInput(str(p)) for p in images_100x[:10]]
+    items.insert(4, ImageInput("bad.png", data=b"\x89PNG\r\n\x1a\n not really"))
+    pulled = []
+
+    def stream():
+        for it in items:
+            pulled.append(it.name)
+            yield it
+
+    with Classifier(model_dir, backend="cpu", decode_workers=1) as seq:
+        want = seq.classify(items)
+    with Classifier(model_dir, backend="cpu", decode_workers=3) as par:
+        got = []
+        for r in par.classify_iter(stream()):
+            got.append(r)
+            assert len(pulled) - len(got) <= 2 * 3 + par.batch_size  # the read-ahead window, never the folder
+    assert [r.path for r in got] == [it.name for it in items]
+    assert "bad.png" in got[4].error and all(r.error is None for i, r in enumerate(got) if i != 4)
+    assert [r.probability for r in got] == [r.probability for r in want]
