@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     steps = plan(args.images, args.out, MODELS / TRAINED_NAME, args.limit)
     if args.only:
-        steps = [s for s in steps if args.only in s[0]]
+        steps = [s for s in steps if args.only in s[0] or s[0].startswith("export")]  # models first
     machine = describe()
     (args.out / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
     print(json.dumps(machine), file=sys.stderr)
