@@ -119,18 +119,14 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Deco
         raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels is above the limit of {max_pixels:,} "
                          "(raise it with --max-pixels)")
     conversions: list[str] = []
-    messages: list[str] = []
-    if info.format == "PNG" and data[24:26] in (b"\x08\x00", b"\x08\x02", b"\x08\x06"):
-        img = _png8(data, name)  # 8-bit gray/RGB/RGBA, the common case: decoded in parallel (see _png8)
-    else:
-        with _decoder_messages() as messages:
-            buf = np.frombuffer(data, np.uint8)
-            if len(info.pages) > 1:
-                ok, mats = cv2.imdecodemulti(buf, FLAGS, range=(page, page + 1))
-                img = mats[0] if ok and mats else None
-                conversions.append(f"page {page + 1} of {len(info.pages)} used (the largest, {w}x{h})")
-            else:
-                img = cv2.imdecode(buf, FLAGS)
+    with _decoder_messages() as messages:
+        buf = np.frombuffer(data, np.uint8)
+        if len(info.pages) > 1:
+            ok, mats = cv2.imdecodemulti(buf, FLAGS, range=(page, page + 1))
+            img = mats[0] if ok and mats else None
+            conversions.append(f"page {page + 1} of {len(info.pages)} used (the largest, {w}x{h})")
+        else:
+            img = cv2.imdecode(buf, FLAGS)
     damaged = [m for m in messages if any(k in m.lower() for k in DAMAGE)]
     if damaged:
         raise ImageError(f"{name}: truncated or corrupt data, the decoder says: {'; '.join(damaged)[:300]} (not "
@@ -148,19 +144,6 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Deco
     out.conversions = conversions + out.conversions
     out.warnings = messages
     return out
-
-
-def _png8(data: bytes, name: str) -> np.ndarray:
-    """An 8-bit PNG through Pillow's own inflate (not libpng): it releases the GIL while decoding, so a pool of
-    threads decodes in parallel, and damage raises instead of printing. The same pixels as OpenCV's decoder."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            a = np.asarray(im)
-    except (OSError, SyntaxError, ValueError, struct.error) as e:
-        raise ImageError(f"{name}: truncated or corrupt data ({str(e)[:200]}) (not classified)") from None
-    return np.ascontiguousarray(a[:, :, [2, 1, 0, 3][:a.shape[2]]] if a.ndim == 3 else a)  # RGB(A) -> BGR(A)
 
 
 def to_bgr8(img: np.ndarray, name: str) -> Decoded:
