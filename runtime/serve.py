@@ -121,16 +121,22 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = S
         return metrics.snapshot() | {"queue": {"pending_fields": batcher.pending, "dropped": batcher.dropped}}
 
     async def read_body(request: Request) -> bytes | None:
-        """The body, read as it streams in and abandoned as soon as it passes the limit (None)."""
-        if int(request.headers.get("content-length") or 0) > max_upload:
+        """The body, read as it streams in; None once it passes the limit. Past the limit nothing more is kept,
+        and up to twice the limit is read and dropped so that an ordinary client still receives its 413; a larger
+        upload is cut off there."""
+        chunks: list[bytes] | None = []
+        n = 0
+        if int(request.headers.get("content-length") or 0) > 2 * max_upload:
             return None
-        chunks, n = [], 0
         async for chunk in request.stream():
             n += len(chunk)
             if n > max_upload:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
+                chunks = None
+                if n > 2 * max_upload:
+                    break
+            elif chunks is not None:
+                chunks.append(chunk)
+        return b"".join(chunks) if chunks is not None else None
 
     @app.post("/v1/classify")
     async def classify(request: Request, views: int = 0) -> Any:

@@ -188,3 +188,27 @@ def test_sigterm_while_classifying_exits_cleanly(model_dir, images):
     assert rc == 0, proc.stdout.read()
     assert time.monotonic() - t0 < 60
     assert answer["r"][0] == 200  # the request in progress was finished, not cut off
+
+
+def test_a_small_request_overtakes_a_large_one_that_waits(model_dir, images):
+    """Fairness: with a large image in progress and another large one waiting, a small request that arrives
+    last is answered before the waiting large one (the worker takes waiting images smallest first)."""
+    proc, url, _ = start(model_dir, "--max-fields", "4", "--max-pending", "12")
+    done: list[str] = []
+    try:
+        def send(key, data):
+            assert post(url, data)[0] == 200
+            done.append(key)
+
+        threads = []
+        for key, data, pause in (("big1", images["four"], 0.5), ("big2", images["four"], 0.3),
+                                 ("small", images["one"], 0.0)):
+            threads.append(threading.Thread(target=send, args=(key, data)))
+            threads[-1].start()
+            time.sleep(pause)
+        for t in threads:
+            t.join()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert done == ["big1", "small", "big2"]
