@@ -166,8 +166,12 @@ def test_page_in_headless_chromium(server, images_100x, tmp_path):
         driver.get(server + "/")
         WebDriverWait(driver, 30).until(lambda d: "backend" in d.find_element(By.ID, "model").text)
         assert "UNTRAINED" in driver.find_element(By.ID, "warning").text
-        driver.find_element(By.ID, "file").send_keys(str(images_100x[0]))
+        driver.find_element(By.ID, "file").send_keys(f"{images_100x[1]}\n{images_100x[0]}")  # several at once
+        WebDriverWait(driver, 240).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history tr")) == 3)
+        history = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#history tr")[1:]]
+        assert images_100x[1].name in history[0] and images_100x[0].name in history[1]
         WebDriverWait(driver, 120).until(lambda d: d.find_element(By.ID, "verdict").is_displayed())
+        assert driver.find_element(By.ID, "download").is_displayed() and driver.find_element(By.ID, "print")
         verdict = driver.find_element(By.ID, "verdict").text
         assert ("Malignant" in verdict or "Benign" in verdict) and "p(malignant)" in verdict
         for row in ("patches", "preprocessed"):
