@@ -12,11 +12,11 @@ import torch
 from onnx import helper, numpy_helper
 
 from export.model import BreakHisNet
+from export.verify import OUTPUTS  # one definition, in the torch-free module
 from runtime.manifest import Contract, Provenance
 
 OPSET = 17  # supported by TensorRT 10's ONNX parser and ONNX Runtime >= 1.14
 INPUT = "fields"
-OUTPUTS = ("logit", "probability")
 FP16_OPS = ("Conv", "Relu", "MaxPool")  # the convolution chain: float16 in the FP16 variant
 
 def export_onnx(model: BreakHisNet, path: Path, contract: Contract, provenance: Provenance) -> onnx.ModelProto:

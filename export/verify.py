@@ -11,7 +11,7 @@ from runtime.classifier import Classifier, Result
 from runtime.fidelity import Comparison, compare
 from runtime.inputs import image_files
 
-OUTPUTS = ("logit", "probability")
+OUTPUTS = ("logit", "probability")  # the exported model's outputs, as the manifest lists them
 
 
 def ort_outputs(path: Path, fields: np.ndarray, batch: int = 4, extra_max: tuple[str, ...] | list[str] = (),

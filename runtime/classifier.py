@@ -104,7 +104,7 @@ class Classifier:
         # The preprocessing path, chosen once: GPU kernel into the backend's input, GPU kernel back to the host,
         # or numpy into a reused host batch.
         self._run = self._run_device if self.device_input else self._run_gpu_host if self.gpu else self._run_cpu
-        self._batch = np.empty((self.batch_size, *self.contract.field_shape), np.float32)  # reused
+        self._batch: np.ndarray | None = None  # the CPU path's host batch, allocated once on first use
         self.model_info = self.manifest.model_info() | {"backend": self.backend.name,
                                                         "precision": self.backend.precision,
                                                         "file": self.backend.model_file,
@@ -217,6 +217,8 @@ class Classifier:
         return time.perf_counter(), self.backend.run(batch)
 
     def _run_cpu(self, images: list[np.ndarray], plans: list[FieldPlan], n: int) -> tuple[float, dict]:
+        if self._batch is None:  # only the CPU path needs it (a 32-field batch is 116 MB)
+            self._batch = np.empty((self.batch_size, *self.contract.field_shape), np.float32)
         batch, k = self._batch[:n], 0
         for img, plan in zip(images, plans):
             preprocess_fields(img, plan, self.contract, out=batch[k:k + plan.n_fields])
