@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.variants import RUNTIME_TRT_FP16, SUITES, open_variant
+from runtime.fidelity import compare
 
 EPILOG = """examples:
   python -m benchmarks --images ../shared/data/breakhis-100x --json benchmarks/results/cpu.json
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in per_image:
         for p in images[: args.warmup]:
             variants[v].run(p)
+    probs: dict[str, list[float]] = {v: [] for v in per_image}  # first pass: fidelity against the baseline
     for v in throughput:  # the whole list once: every batch shape (and a GPU's per-shape tuning) is seen
         variants[v].run_all(images)
 
@@ -136,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             order = per_image if (i + rep) % 2 == 0 else per_image[::-1]  # alternate who goes first
             for v in order:
                 t0 = time.perf_counter()
-                stages = variants[v].run(p)
+                stages, prob = variants[v].run(p)
                 times[v][0].append(time.perf_counter() - t0)
+                if rep == 0:
+                    probs[v].append(prob)
                 for k, sec in stages.items():
                     times[v][1].setdefault(k, []).append(sec)
             print(f"\r  {rep * len(images) + i + 1}/{n} images", end="", file=sys.stderr)
@@ -151,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": m, "suite": args.suite, "model": str(args.model), "images": len(images),
               "repeats": args.repeats, "warmup_images": args.warmup, "threads": args.threads, "baseline": baseline,
               "variants": {v: summarise(*times[v]) for v in variants}, "skipped": skipped}
+    for v in per_image:
+        fid = compare({"probability": np.asarray(probs[baseline])}, {"probability": np.asarray(probs[v])},
+                      variants[v].precision, variants[baseline].keep.contract.threshold, v)
+        result["variants"][v]["fidelity"] = {"precision": fid.precision, "probability_max_abs": fid.outputs[0].max_abs,
+                                             "label_agreement": fid.label_agreement, "flips": fid.flips,
+                                             "within_tolerance": fid.ok}
     for v in throughput:
         result["variants"][v]["note"] = "folder throughput: the whole list per call; ms are per image, amortised"
     base_p50 = result["variants"][baseline]["p50_ms"]
@@ -176,7 +186,7 @@ def table(result: dict) -> str:
     lines = [f"{m['gpu'] or m['cpu']}, {m['cores']} cores; {result['images']} images x {result['repeats']} "
              f"repeats, {result['threads']} threads",
              f"{'variant':40s} {'p50 ms':>8s} {'p95 ms':>8s} {'img/s':>7s} {'pre ms':>7s} {'inf ms':>7s} "
-             f"{'RSS MB':>7s} {'speedup':>8s}"]
+             f"{'RSS MB':>7s} {'speedup':>8s} {'max|d|p':>8s} {'labels':>7s}"]
 
     def f(x: float | None, fmt: str) -> str:
         return format(x, fmt) if x is not None else "-"
@@ -186,8 +196,11 @@ def table(result: dict) -> str:
         pre = sum(x for k, x in st.items() if k != "inference") if st else None
         lines.append(f"{v:40s} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['images_per_s']:7.2f} "
                      f"{f(pre, '7.1f'):>7s} {f(st.get('inference'), '7.1f'):>7s} "
-                     f"{f(r.get('peak_rss_mb'), '7.0f'):>7s} {r['speedup_vs_baseline']:7.2f}x")
+                     f"{f(r.get('peak_rss_mb'), '7.0f'):>7s} {r['speedup_vs_baseline']:7.2f}x "
+                     f"{f(r.get('fidelity', {}).get('probability_max_abs'), '8.1e'):>8s} "
+                     f"{f(r.get('fidelity', {}).get('label_agreement'), '7.1%'):>7s}")
     lines += [f"{v:40s} skipped: {why}" for v, why in result["skipped"].items()]
+    lines.append("max|d|p, labels: per-image variants' probabilities against the baseline's on the same images")
     if "tensor_core_floor" in result:
         lines.append(f"tensor-core floor: {json.dumps(result['tensor_core_floor'])}")
     return "\n".join(lines)

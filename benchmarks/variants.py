@@ -1,5 +1,5 @@
-"""The things being timed, each behind the same calls: ``run(path) -> (preprocess_s, inference_s)`` per image and
-``run_all(paths)`` for throughput. Two suites: CPU (the embedded default) and GPU (same GPU for every variant)."""
+"""The things being timed, each behind the same calls: ``run(path) -> (seconds per stage, probability)`` per image
+and ``run_all(paths)`` for throughput. Two suites: CPU (the embedded default) and GPU (same GPU for every variant)."""
 from __future__ import annotations
 
 import time
@@ -13,6 +13,9 @@ RUNTIME_CPU = "runtime_onnxruntime_cpu"
 RUNTIME_CPU_BATCH = "runtime_onnxruntime_cpu_batch4"  # throughput: 4 fields per inference call
 RUNTIME_CPU_FOLDER = "runtime_onnxruntime_cpu_folder"  # throughput: the whole folder through the decode pipeline
 BASELINE_FOLDER = "baseline_pytorch_fp32_eager_folder"  # the baseline's folder: one image after another
+RUNTIME_OV_BF16 = "runtime_openvino_cpu_bf16"  # the CPU's BF16 tier (where the CPU has native BF16)
+RUNTIME_OV_BF16_FOLDER = "runtime_openvino_cpu_bf16_folder"
+RUNTIME_CPU_INT8 = "runtime_onnxruntime_cpu_int8"  # only where the model has an INT8 variant that passed its gate
 BASELINE_CUDA = "baseline_pytorch_fp32_eager_cuda"
 RUNTIME_ORT_CUDA = "runtime_onnxruntime_cuda_fp16"
 RUNTIME_ORT_CUDA_FP32 = "runtime_onnxruntime_cuda_fp32"
@@ -23,7 +26,8 @@ RUNTIME_TRT_INT8 = "runtime_tensorrt_int8"
 
 # suite -> (baseline, per-image variants, throughput variants)
 SUITES = {
-    "cpu": (BASELINE, (BASELINE, RUNTIME_CPU), (BASELINE_FOLDER, RUNTIME_CPU_FOLDER, RUNTIME_CPU_BATCH)),
+    "cpu": (BASELINE, (BASELINE, RUNTIME_CPU, RUNTIME_OV_BF16, RUNTIME_CPU_INT8),
+            (BASELINE_FOLDER, RUNTIME_CPU_FOLDER, RUNTIME_OV_BF16_FOLDER, RUNTIME_CPU_BATCH)),
     "gpu": (BASELINE_CUDA, (BASELINE_CUDA, RUNTIME_ORT_CUDA_FP32, RUNTIME_ORT_CUDA, RUNTIME_TRT_FP16,
                             RUNTIME_TRT_INT8), (BASELINE_CUDA_FOLDER, RUNTIME_ORT_CUDA_FOLDER)),
 }
@@ -32,9 +36,10 @@ VARIANTS = tuple(dict.fromkeys(v for _, per, thr in SUITES.values() for v in (*p
 
 @dataclass
 class Variant:
-    run: Callable[[Path], dict[str, float]]  # one image -> seconds per stage
+    run: Callable[[Path], tuple[dict[str, float], float]]  # one image -> (seconds per stage, probability)
     run_all: Callable[[list[Path]], None]  # a list of images at the variant's batch size
     keep: Any  # the object behind it (kept alive while timing)
+    precision: str  # what its fidelity against the baseline is judged by (runtime/fidelity.py)
 
 
 def _baseline(model_dir: Path, threads: int, device: str) -> Variant:
@@ -42,18 +47,18 @@ def _baseline(model_dir: Path, threads: int, device: str) -> Variant:
 
     base = Baseline(model_dir, threads=threads, device=device)
 
-    def run(p: Path) -> dict[str, float]:
+    def run(p: Path) -> tuple[dict[str, float], float]:
         t0 = time.perf_counter()
         x = base.preprocess(p)  # decode + the original per-patch preprocessing
         t1 = time.perf_counter()
-        base.infer(x)
-        return {"decode+preprocess": t1 - t0, "inference": time.perf_counter() - t1}
+        prob = float(base.infer(x)[0])
+        return {"decode+preprocess": t1 - t0, "inference": time.perf_counter() - t1}, prob
 
     def run_all(ps: list[Path]) -> None:
         for p in ps:
             run(p)
 
-    return Variant(run, run_all, base)
+    return Variant(run, run_all, base, "fp32")
 
 
 def _runtime(model_dir: Path, threads: int, **kw: Any) -> Variant:
@@ -61,16 +66,16 @@ def _runtime(model_dir: Path, threads: int, **kw: Any) -> Variant:
 
     clf = Classifier(model_dir, threads=threads, **kw)
 
-    def run(p: Path) -> dict[str, float]:
+    def run(p: Path) -> tuple[dict[str, float], float]:
         (r,) = clf.classify([p])
-        if r.error:
+        if r.error or r.probability is None:
             raise RuntimeError(r.error)
-        return {k: v / 1e3 for k, v in r.timings_ms.items() if k != "total"}
+        return {k: v / 1e3 for k, v in r.timings_ms.items() if k != "total"}, r.probability
 
     def run_all(ps: list[Path]) -> None:
         clf.classify(ps)
 
-    return Variant(run, run_all, clf)
+    return Variant(run, run_all, clf, clf.backend.precision)
 
 
 def open_variant(name: str, model_dir: Path, threads: int) -> Variant:
@@ -83,6 +88,12 @@ def open_variant(name: str, model_dir: Path, threads: int) -> Variant:
         RUNTIME_CPU_BATCH: lambda: _runtime(model_dir, threads, backend="cpu", precision="fp32", batch_size=4,
                                             decode_workers=1),
         RUNTIME_CPU_FOLDER: lambda: _runtime(model_dir, threads, backend="cpu", precision="fp32", batch_size=1),
+        RUNTIME_OV_BF16: lambda: _runtime(model_dir, threads, backend="openvino", precision="bf16", batch_size=1,
+                                          decode_workers=1),
+        RUNTIME_OV_BF16_FOLDER: lambda: _runtime(model_dir, threads, backend="openvino", precision="bf16",
+                                                 batch_size=1),
+        RUNTIME_CPU_INT8: lambda: _runtime(model_dir, threads, backend="cpu", precision="int8", batch_size=1,
+                                           decode_workers=1),
         BASELINE_FOLDER: lambda: _baseline(model_dir, threads, "cpu"),
         BASELINE_CUDA_FOLDER: lambda: _baseline(model_dir, threads, "cuda"),
         RUNTIME_ORT_CUDA_FOLDER: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", precision="fp16",

@@ -7,11 +7,16 @@ import sys
 import time
 from pathlib import Path
 
+from runtime.backends import BACKENDS
+from runtime.fidelity import TOLERANCES
+from runtime.trt_build import ENGINE_PRECISIONS
+
 EPILOG = """examples:
   python -m export reference                      # seeded UNTRAINED model -> models/reference
   python -m export onnx --checkpoint my.pt -o models/breakhis-v1 --source "trained by X, 2026-11"
   python -m export keras --feature-extractor fe.h5 --classifier lstm.h5 -o models/breakhis-keras
   python -m export int8 -m models/reference --calib-images DIR       # Q/DQ ONNX, kept only if it passes the gate
+  python -m export bf16 -m models/breakhis-v1      # the CPU's BF16 tier (OpenVINO), on a CPU with native BF16
   python -m export trt -m models/reference --precision fp16          # on the Jetson / GPU box itself
   python -m export verify -m models/reference --images DIR --backend tensorrt --precision fp16
   python -m export verify -m models/reference --images DIR --backend cpu --precision fp16   # FP16 ONNX on the CPU
@@ -58,10 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     i8.add_argument("--calib-images", type=Path, required=True, help="folder of real images")
     i8.add_argument("--calib-count", type=int, default=32, help="the first N images calibrate (default 32); the "
                     "fidelity gate runs on the folder's remaining images")
+    b16 = sub.add_parser("bf16", help="gate the BF16 CPU tier (OpenVINO) for an exported model on this CPU and list "
+                         "it if it passes (the export does this itself where the CPU has native BF16)")
+    b16.add_argument("-m", "--model", type=Path, default=None,
+                     help="model directory (default: the trained model where setup.sh exported it, else the reference)")
+    b16.add_argument("--images", type=Path, default=None,
+                     help="folder of real images to gate on (default: $BREAKHIS_SHARED/data/breakhis-100x)")
+    b16.add_argument("--count", type=int, default=None, help="gate on the first N images (default: all)")
     trt = sub.add_parser("trt", help="build a TensorRT engine for this GPU (TensorRT 10 or 11)")
     trt.add_argument("-m", "--model", type=Path, default=None,
                     help="model directory (default: the trained model where setup.sh exported it, else the reference)")
-    trt.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
+    trt.add_argument("--precision", choices=ENGINE_PRECISIONS, default="fp16",
                      help="engine precision: a variant of the model that passed its gate (default: fp16)")
     trt.add_argument("--min-batch", type=int, default=1, help="smallest batch of fields the engine takes (default 1)")
     trt.add_argument("--opt-batch", type=int, default=8,
@@ -78,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ver.add_argument("-m", "--model", type=Path, default=None,
                     help="model directory (default: the trained model where setup.sh exported it, else the reference)")
     ver.add_argument("--images", type=Path, required=True, help="folder of real images")
-    ver.add_argument("--backend", default="tensorrt", choices=("tensorrt", "onnxruntime-cuda", "cpu"),
+    ver.add_argument("--backend", default="tensorrt", choices=[b for b in BACKENDS if b != "auto"],
                      help="the backend to check (default: tensorrt)")
-    ver.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
+    ver.add_argument("--precision", choices=list(TOLERANCES), default="fp16",
                      help="the model variant to check (default: fp16); tolerances from runtime/fidelity.py")
     ver.add_argument("--limit", type=int, default=None, help="use only the first N images")
     ver.add_argument("--json", type=Path, default=None, help="also write the comparison here as JSON")
@@ -95,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         return _verify(args)
     if args.cmd == "int8":
         return _int8(args)
+    if args.cmd == "bf16":
+        return _bf16(args)
 
     # Heavy imports after argument parsing so that --help is instant.
     from export.artefacts import default_parity_images, write_model_dir
@@ -205,6 +219,33 @@ def _int8(args: argparse.Namespace) -> int:
         return 2
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _bf16(args: argparse.Namespace) -> int:
+    from export.bf16 import add_to_model
+    from runtime.backends.openvino import native_bf16
+    from runtime.errors import BreakhisError, report
+    from runtime.manifest import ModelError
+    from runtime.paths import sample_images
+
+    ok, why = native_bf16()
+    if not ok:
+        print(f"error: cannot gate BF16 here: {why}", file=sys.stderr)
+        return 2
+    try:
+        m = add_to_model(args.model, args.images or sample_images(), args.count,
+                         log=lambda msg: print(msg, file=sys.stderr))
+        m.variant("bf16", args.model)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BreakhisError as e:
+        return report(e)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.model}: bf16 listed in manifest.json (runs on OpenVINO CPU)")
+    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:

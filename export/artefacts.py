@@ -1,5 +1,5 @@
 """Write a model directory: model.onnx (FP32, range-safe, parity-checked), model.fp16.onnx (only if it passed its
-gate), weights.pt, manifest.json (the variant table), export_report.json."""
+gate), weights.pt, manifest.json (the variant table, with BF16 where this CPU could gate it), export_report.json."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import torch
 
+from export import bf16
 from export import onnx_export as ox
 from export import range_safe as rs
 from export.model import CONTRACT, BreakHisNet
@@ -65,7 +66,7 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
         deployed = rs.rescale(model, shifts)
         ox.export_onnx(deployed, tmp["model.onnx"], CONTRACT, provenance)
         report: dict = {"gate_inputs": where, "opset": ox.OPSET, "range_safe": range_safe, "gates": {},
-                        "rejected": {}}
+                        "rejected": {}, "not_made": {}}
 
         p = fields[:n_parity]
         want = ox.torch_outputs(model, p)
@@ -78,6 +79,8 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
             report["gates"][f"fp32_batch{batch}"] = fp32.to_dict()
             if not fp32.ok:
                 raise ExportError(f"FP32 parity failed: {fp32.reason()}")
+            if batch == 1:
+                variants = {"fp32": Variant("model.onnx", fp32.summary())}
         exact = {k: float(np.abs(got[k] - ref[k][:len(p)]).max()) for k in ox.OUTPUTS}
         report["rescaled_vs_original"] = exact
         log(f"  range-safe rescaling vs the original FP32 model: max|d| {exact}")
@@ -99,7 +102,6 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
         for r in report["ranges"]:
             log(f"  {r['layer']:24s} {r['max_before']:11.4g} {r['shift']:6d} {r['max_after']:10.4g} "
                 f"{r['headroom']:8.3g}x")
-        variants = {"fp32": Variant("model.onnx", _summary(report["gates"]["fp32_batch1"]))}
         if got16 is not None:
             fp16 = compare(_outputs(ref), _outputs(got16), "fp16", threshold, "onnxruntime-cpu model.fp16.onnx")
             for line in fp16.lines():
@@ -114,7 +116,7 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
             elif not fp16.ok:
                 report["rejected"]["fp16"] = fp16.reason()
             else:
-                variants["fp16"] = Variant("model.fp16.onnx", _summary(report["gates"]["fp16"]))
+                variants["fp16"] = Variant("model.fp16.onnx", fp16.summary())
         if "fp16" in report["rejected"]:
             log(f"FP16 variant REJECTED ({report['rejected']['fp16']}): not written, not listed")
             tmp.pop("model.fp16.onnx").unlink(missing_ok=True)
@@ -125,6 +127,7 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
     finally:
         for t in [*tmp.values(), unscaled]:
             t.unlink(missing_ok=True)
+    bf16.gate_into(report, variants, out_dir / "model.onnx", fields, _outputs(ref), threshold, log)
     files = {f: sha256_file(out_dir / f) for f in tmp}
     manifest = Manifest(name=name, contract=CONTRACT, provenance=provenance, files=files,
                         input_name=ox.INPUT, output_names=ox.OUTPUTS, variants=variants)
@@ -137,8 +140,3 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
 def _outputs(res: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: res[k] for k in ox.OUTPUTS}
 
-
-def _summary(gate: dict) -> dict:
-    """The part of a gate result the manifest keeps beside the variant."""
-    return {"fields": gate["fields"], "label_agreement": gate["label_agreement"],
-            "max_abs": {o["output"]: o["max_abs"] for o in gate["outputs"]}}

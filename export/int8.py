@@ -66,8 +66,7 @@ def accept(model_dir: Path, tmp: Path, result: Comparison) -> Manifest:
     tmp.replace(final)
     m = Manifest.load(model_dir)
     m.files[QDQ_FILE] = sha256_file(final)
-    m.variants["int8"] = Variant(QDQ_FILE, {"fields": result.fields, "label_agreement": result.label_agreement,
-                                           "max_abs": {o.output: o.max_abs for o in result.outputs}})
+    m.variants["int8"] = Variant(QDQ_FILE, result.summary())
     m.save(model_dir)
     return m
 

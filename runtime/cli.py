@@ -25,8 +25,9 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
     g.add_argument("--backend", choices=BACKENDS, default=backend_default,
                    help=f"inference backend (default: {backend_default}; auto = the fastest available here)")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="model variant, the same meaning on every backend (default: auto = fp16 on a GPU where the "
-                        "model has a variant that passed its gate, else fp32)")
+                   help="model variant, the same meaning on every backend (default: auto = fp16 on a GPU, bf16 on a "
+                        "CPU with native BF16 (OpenVINO), where the model has that variant and it passed its gate; "
+                        "else fp32)")
     g.add_argument("--preprocess", choices=PREPROCESSORS, default="auto",
                    help="where tiling + normalisation run (default: auto = GPU next to a GPU backend, else CPU)")
     g.add_argument("--batch-size", type=_positive, default=None,

@@ -6,8 +6,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-PRECISIONS = ("fp32", "fp16", "int8")
-
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -20,9 +18,14 @@ class Tolerance:
 
 # FP32: another runtime of the same arithmetic (PyTorch vs ONNX Runtime, CPU vs GPU): summation order only.
 # FP16/INT8: 1e-2 on the probability (a decision 0.5 +- 0.01 is a coin toss either way) and every label kept.
+# BF16: 3e-2. BF16 keeps 8 significant bits (each rounding off by up to 2^-9 = 0.2 %); rounded again at each of the
+# ~16 layers (accumulation stays FP32), the features drift by 1-2 %, i.e. |d logit| ~0.1 at this model's logit scale,
+# and |d probability| <= 0.25 |d logit| ~0.025. Measured: 0.0115 on the 48 shared images, 0.019 on 150 (issue 14).
+# Labels are the binding part: every one kept.
 TOLERANCES = {
     "fp32": Tolerance(probability=1e-5, logit=1e-4),
     "fp16": Tolerance(probability=1e-2, logit=None),
+    "bf16": Tolerance(probability=3e-2, logit=None),
     "int8": Tolerance(probability=1e-2, logit=None),
 }
 
@@ -79,6 +82,11 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"ok": self.ok, "reason": self.reason()}
+
+    def summary(self) -> dict:
+        """The part the manifest's variant table keeps beside a variant that passed."""
+        return {"fields": self.fields, "label_agreement": self.label_agreement,
+                "max_abs": {o.output: o.max_abs for o in self.outputs}}
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], precision: str,

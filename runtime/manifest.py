@@ -64,6 +64,8 @@ class Contract:
     scale: tuple[float, float, float]  # multiplied after the subtraction (1.0 = none)
     threshold: float  # probability > threshold -> labels[1]
     labels: tuple[str, str]  # (negative, positive)
+    magnification: float | None = None  # objective magnification of the training images (100 for BreakHis 100X)
+    mpp: float | None = None  # microns per pixel of the training images, where known
 
     @property
     def seq_len(self) -> int:
@@ -99,6 +101,8 @@ class Contract:
                 scale=tuple(float(v) for v in d.get("scale", (1.0, 1.0, 1.0))),  # type: ignore[arg-type]
                 threshold=float(d["threshold"]),
                 labels=(str(d["labels"][0]), str(d["labels"][1])),
+                magnification=_optional_float(d.get("magnification")),
+                mpp=_optional_float(d.get("mpp")),
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ModelError(f"contract is incomplete or malformed: {e!r}") from e
@@ -107,6 +111,10 @@ class Contract:
         if c.patch <= 0 or c.stride <= 0 or min(c.grid) <= 0:
             raise ModelError(f"contract sizes must be positive: {d}")
         return c
+
+
+def _optional_float(v: Any) -> float | None:
+    return None if v is None else float(v)
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,7 @@ class Variant:
 
     file: str
     gate: dict[str, Any] = field(default_factory=dict)  # fields, max |d| per output, label agreement
+    runtime: str = ""  # the one runtime that gives this precision from the file ("openvino-cpu" for bf16); "" = any
 
 
 @dataclass(frozen=True)
@@ -147,9 +156,11 @@ class Manifest:
             return self.variants[precision]
         why = "it was never made"
         try:
-            rejected = json.loads((Path(model_dir) / REPORT_NAME).read_text()).get("rejected", {})
-            if precision in rejected:
-                why = f"it failed its fidelity gate at export: {rejected[precision]}"
+            report = json.loads((Path(model_dir) / REPORT_NAME).read_text())
+            if precision in report.get("rejected", {}):
+                why = f"it failed its fidelity gate at export: {report['rejected'][precision]}"
+            elif precision in report.get("not_made", {}):
+                why = f"it was not made at export: {report['not_made'][precision]}"
         except (OSError, ValueError, AttributeError):
             pass
         raise ModelError(f"{model_dir}: no {precision} variant ({why}); this model has "

@@ -15,13 +15,13 @@ import numpy as np
 
 from runtime import engine_cache
 from runtime.engine_cache import EngineInfo, TrtUnavailable, device_target, import_tensorrt, plan_build
-from runtime.fidelity import PRECISIONS
 from runtime.manifest import Manifest
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 CONV_SCOPE = "/encoder/vgg16/"  # ONNX node-name prefix of the convolution chain (export/model.py's module path)
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8")  # what a TensorRT engine can be built as
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ class TrtOptions:
     calib_count: int = 64  # images (all their fields) used for calibration
 
     def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        if self.precision not in ENGINE_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(ENGINE_PRECISIONS)}")
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ValueError("batch sizes must satisfy 1 <= min <= opt <= max")
         if self.workspace_mb < 16:

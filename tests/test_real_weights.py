@@ -33,7 +33,7 @@ def test_trained_export_lists_fp16_after_its_gate_on_every_shared_image(trained_
     m = Manifest.load(trained_dir)
     assert m.provenance.trained is True and len(m.provenance.held_out_patients) == 7
     assert 0.5 < m.provenance.metrics["val_acc"] < 1
-    assert set(m.variants) == {"fp32", "fp16"}
+    assert set(m.variants) - {"bf16"} == {"fp32", "fp16"}  # bf16 where this CPU has it: tests/test_cpu_tier.py
     gate = _report(trained_dir)["gates"]["fp16"]
     assert gate["ok"] and gate["fields"] == 48 and gate["flips"] == 0 and gate["non_finite"] == 0
     assert {o["output"]: o["max_abs"] for o in gate["outputs"]}["probability"] <= 1e-2
@@ -85,7 +85,7 @@ def failing_dir(trained_checkpoint, shared_data, tmp_path_factory):
 
 def test_a_variant_that_fails_its_gate_is_not_written_listed_or_loaded(failing_dir, images_100x):
     m = Manifest.load(failing_dir)
-    assert set(m.variants) == {"fp32"} and "model.fp16.onnx" not in m.files
+    assert "fp16" not in m.variants and "model.fp16.onnx" not in m.files
     assert not (failing_dir / "model.fp16.onnx").exists()
     assert "float16's range" in _report(failing_dir)["rejected"]["fp16"]
     with pytest.raises(ModelError, match="failed its fidelity gate"):

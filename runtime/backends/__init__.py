@@ -9,8 +9,8 @@ import numpy as np
 from runtime.manifest import Manifest, ModelError
 from runtime.errors import Unavailable
 
-BACKENDS = ("auto", "cpu", "onnxruntime-cuda", "tensorrt")
-PRECISIONS = ("auto", "fp32", "fp16", "int8")
+BACKENDS = ("auto", "cpu", "openvino", "onnxruntime-cuda", "tensorrt")  # "cpu" is ONNX Runtime on the CPU
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 PREPROCESSORS = ("auto", "cpu", "gpu")
 
 
@@ -48,6 +48,8 @@ def resolve_precision(requested: str, on_gpu: bool, manifest: Manifest, model_di
     "auto" is FP16 on a GPU where the model has a passing FP16 variant, FP32 otherwise, and says why."""
     if requested not in PRECISIONS:
         raise BackendUnavailable(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
+    if requested == "bf16":
+        raise BackendUnavailable("bf16 is the CPU tier: it runs on --backend openvino (or auto on a CPU with BF16)")
     if requested != "auto":
         manifest.variant(requested, model_dir)
         return requested, []
@@ -62,15 +64,18 @@ def resolve_precision(requested: str, on_gpu: bool, manifest: Manifest, model_di
 
 def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | None = None,
                  precision: str = "auto", allow_build: bool = False) -> tuple[Backend, list[str]]:
-    """(backend, notes). "auto" tries TensorRT, then ONNX Runtime CUDA, then CPU, noting why each one it skipped
-    could not be used; a backend named explicitly fails loudly instead. ``precision`` picks the model variant
-    (one meaning on every backend; see resolve_precision)."""
+    """(backend, notes). "auto" tries TensorRT, then ONNX Runtime CUDA, then the CPU tier, noting why each one it
+    skipped could not be used; a backend named explicitly fails loudly instead. ``precision`` picks the model
+    variant (one meaning on every backend; see resolve_precision and cpu_tier)."""
     from runtime.backends import ort
 
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if precision == "bf16" and name in ("tensorrt", "onnxruntime-cuda"):
+        resolve_precision(precision, True, manifest, model_dir)  # refused, with the reason
     notes: list[str] = []
-    if name in ("auto", "tensorrt"):
+    gpu_wanted = name in ("tensorrt", "onnxruntime-cuda") or (name == "auto" and precision != "bf16")
+    if gpu_wanted and name in ("auto", "tensorrt"):
         from runtime.backends import trt
         from runtime.engine_cache import EngineMismatch, TrtUnavailable
         from runtime.cuda import GpuUnavailable
@@ -82,7 +87,7 @@ def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | 
             if name == "tensorrt":
                 raise BackendUnavailable(f"backend tensorrt: {e}") from None
             notes.append(f"tensorrt skipped: {str(e).splitlines()[0]}")
-    if name in ("auto", "onnxruntime-cuda"):
+    if gpu_wanted and name in ("auto", "onnxruntime-cuda"):
         if ort.cuda_available():
             prec, why = resolve_precision(precision, True, manifest, model_dir)
             return ort.OrtBackend(model_dir, manifest, prec, cuda=True, threads=threads), notes + why
@@ -90,5 +95,44 @@ def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | 
         if name == "onnxruntime-cuda":
             raise BackendUnavailable(f"backend onnxruntime-cuda {msg}")
         notes.append(f"onnxruntime-cuda skipped: {msg}")
-    prec, why = resolve_precision(precision, False, manifest, model_dir)
-    return ort.OrtBackend(model_dir, manifest, prec, cuda=False, threads=threads), notes + why
+    backend, why = cpu_tier(name, precision, manifest, model_dir, threads)
+    return backend, notes + why
+
+
+def cpu_tier(name: str, precision: str, manifest: Manifest, model_dir: Path,
+             threads: int | None) -> tuple[Backend, list[str]]:
+    """The CPU backends. Precision auto: BF16 on OpenVINO where this CPU has native BF16 and the model a BF16
+    variant that passed its gate (said in a note), else FP32 (ONNX Runtime, or OpenVINO when named). An explicit
+    precision runs exactly that variant, or is refused with the reason."""
+    from runtime.backends import openvino, ort
+
+    if name == "cpu" or precision in ("fp16", "int8") or (name == "auto" and precision == "fp32"):
+        if name == "openvino":
+            raise BackendUnavailable(f"backend openvino runs fp32 and bf16, not {precision}")
+        if precision == "bf16":
+            raise BackendUnavailable("backend cpu (ONNX Runtime) has no bf16 tier: use --backend openvino")
+        prec, why = resolve_precision(precision, False, manifest, model_dir)
+        return ort.OrtBackend(model_dir, manifest, prec, cuda=False, threads=threads), why
+    notes: list[str] = []
+    if precision == "auto":
+        ok, reason = openvino.native_bf16()
+        try:
+            gate = manifest.variant("bf16", model_dir).gate if ok else {}
+        except ModelError as e:
+            ok, reason = False, str(e)
+        if ok:
+            precision = "bf16"
+            notes.append(f"precision auto chose bf16 (OpenVINO): this CPU has native BF16 and the model's BF16 "
+                         f"variant passed its gate ({gate.get('fields')} fields, {gate.get('label_agreement', 0):.0%}"
+                         f" labels kept, probability max|d| {gate.get('max_abs', {}).get('probability', 0):.2g}); "
+                         "--precision fp32 forces FP32")
+        else:
+            notes.append(f"precision auto chose fp32: no bf16 tier here ({reason})")
+            if name == "auto":
+                return ort.OrtBackend(model_dir, manifest, "fp32", cuda=False, threads=threads), notes
+            precision = "fp32"
+    try:
+        return openvino.OpenVinoBackend(model_dir, manifest, precision, threads), notes
+    except openvino.OpenVinoUnavailable as e:
+        raise BackendUnavailable(f"backend openvino: {e}") from None
+

@@ -1,0 +1,70 @@
+"""The BF16 CPU tier's gate: ``model.onnx`` as OpenVINO runs it in BF16 against the FP32 reference, on every gate
+field, through the one comparison and tolerance table. Measured only on a CPU with native BF16: elsewhere the variant
+is not made and the report says why (a gate run in emulation, or silently in FP32, would certify nothing)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.verify import OUTPUTS, ort_outputs
+from runtime.backends.openvino import compile_onnx, infer
+from runtime.errors import Unavailable
+from runtime.fidelity import Comparison, compare
+from runtime.inputs import folder_fields
+from runtime.manifest import REPORT_NAME, Manifest, Variant
+
+RUNTIME = "openvino-cpu"
+
+
+def gate(model_path: Path, fields: np.ndarray, reference: dict[str, np.ndarray], threshold: float,
+         input_name: str = "fields") -> Comparison:
+    """BF16 outputs of every field (batch 1, as the runtime runs it) vs ``reference``; OpenVinoUnavailable where
+    this machine cannot run BF16 natively."""
+    request = compile_onnx(model_path, "bf16").create_infer_request()
+    runs = [infer(request, input_name, list(OUTPUTS), fields[i:i + 1]) for i in range(len(fields))]
+    got = {n: np.concatenate([r[n] for r in runs]) for n in OUTPUTS}
+    return compare(reference, got, "bf16", threshold, f"{RUNTIME} bf16 {model_path.name}")
+
+
+def gate_into(report: dict, variants: dict[str, Variant], model_path: Path, fields: np.ndarray,
+              reference: dict[str, np.ndarray], threshold: float, log: Any = print) -> None:
+    """Run the gate and record its outcome: a listed variant, a rejection with the reason, or why it was not made."""
+    for table in ("rejected", "not_made"):
+        report.setdefault(table, {}).pop("bf16", None)
+    variants.pop("bf16", None)
+    log(f"BF16 tier: OpenVINO CPU, bf16 inference precision, on {len(fields)} fields ...")
+    try:
+        result = gate(model_path, fields, reference, threshold)
+    except Unavailable as e:
+        report["not_made"]["bf16"] = f"{e}; run `python -m export bf16` on a CPU with native BF16"
+        log(f"  BF16 variant not made: {e}")
+        return
+    for line in result.lines():
+        log("  " + line)
+    report.setdefault("gates", {})["bf16"] = result.to_dict()
+    if result.ok:
+        variants["bf16"] = Variant(model_path.name, result.summary(), RUNTIME)
+    else:
+        report["rejected"]["bf16"] = result.reason()
+        log(f"  BF16 variant REJECTED ({result.reason()}): not listed")
+
+
+def add_to_model(model_dir: Path, images: Path, n_images: int | None = None, log: Any = print) -> Manifest:
+    """Gate BF16 for an exported model directory (e.g. exported on a machine without BF16) and update its
+    manifest and report; torch-free."""
+    manifest = Manifest.load(model_dir)
+    fields = folder_fields(images, manifest.contract, n_images)
+    if not len(fields):
+        raise ValueError(f"{images}: no usable images to gate BF16 on")
+    fp32 = Path(model_dir) / manifest.variant("fp32", model_dir).file
+    log(f"FP32 reference on {len(fields)} fields (ONNX Runtime CPU) ...")
+    reference = {k: v for k, v in ort_outputs(fp32, fields, input_name=manifest.input_name).items() if k in OUTPUTS}
+    report_path = Path(model_dir) / REPORT_NAME
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    gate_into(report, manifest.variants, fp32, fields, reference, manifest.contract.threshold, log)
+    manifest.save(model_dir)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,105 @@
+"""OpenVINO CPU backend: the CPU's BF16 tier (and FP32), always with an explicit precision hint.
+
+BF16 runs the FP32 ``model.onnx`` with OpenVINO's ``INFERENCE_PRECISION_HINT`` = bf16, which it executes natively
+only where the CPU has BF16 arithmetic (x86 AVX512_BF16 or AMX). The hint is never left to OpenVINO's default (it
+picks BF16 by itself on such CPUs), and a BF16 request on a CPU without native BF16 is refused, not emulated.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import Unavailable
+from runtime.manifest import Manifest, ModelError, verified_file
+
+HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision -> OpenVINO's inference precision
+
+
+class OpenVinoUnavailable(Unavailable):
+    """OpenVINO is not installed, or this CPU cannot run the requested precision natively."""
+
+
+def _core() -> Any:
+    try:
+        import openvino as ov
+    except ImportError:
+        raise OpenVinoUnavailable("OpenVINO is not installed (pip install openvino; setup.sh installs it)") from None
+    return ov.Core()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_capabilities() -> tuple[str, ...]:
+    """What OpenVINO's CPU plugin reports this CPU can do natively (``OPTIMIZATION_CAPABILITIES``), e.g. BF16."""
+    return tuple(_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def native_bf16() -> tuple[bool, str]:
+    """(whether this CPU has native BF16 for OpenVINO, and why not when it has not). The boundary tests mock."""
+    try:
+        caps = cpu_capabilities()
+    except OpenVinoUnavailable as e:
+        return False, str(e)
+    if "BF16" in caps:
+        return True, ""
+    return False, f"this CPU has no native BF16 (OpenVINO's CPU capabilities: {', '.join(caps)})"
+
+
+def compile_onnx(path: Path, precision: str, threads: int | None = None) -> Any:
+    """OpenVINO's compiled model for an ONNX file at ``precision`` (fp32 or bf16), latency-tuned; refuses BF16
+    where the CPU lacks it and checks that the hint took effect."""
+    if precision not in HINTS:
+        raise OpenVinoUnavailable(f"OpenVINO runs the fp32 and bf16 variants, not {precision!r}")
+    if precision == "bf16":
+        ok, why = native_bf16()
+        if not ok:
+            raise OpenVinoUnavailable(f"bf16: {why}")
+    core = _core()
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    except RuntimeError as e:
+        raise ModelError(f"{path}: OpenVINO cannot load it ({str(e).splitlines()[0][:300]})") from None
+    got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    if got != HINTS[precision]:
+        raise OpenVinoUnavailable(f"OpenVINO compiled {path.name} with inference precision {got}, not {precision}")
+    return compiled
+
+
+def infer(request: Any, input_name: str, output_names: list[str], fields: np.ndarray) -> dict[str, np.ndarray]:
+    """One synchronous run of an infer request: {output name: (B,) float32}."""
+    res = request.infer({input_name: np.ascontiguousarray(fields, np.float32)})
+    by_name = {k.get_any_name(): v for k, v in res.items()}
+    return {n: np.asarray(by_name[n], np.float32).reshape(-1) for n in output_names}
+
+
+class OpenVinoBackend:
+    def __init__(self, model_dir: Path, manifest: Manifest, precision: str = "bf16",
+                 threads: int | None = None) -> None:
+        # Both precisions run the FP32 file; BF16 is how OpenVINO executes it, gated like a file of its own.
+        fname = manifest.variant(precision, model_dir).file
+        path, self.file_sha256 = verified_file(model_dir, fname, manifest.files)
+        self.compiled = compile_onnx(path, precision, threads)
+        inputs = [i.get_any_name() for i in self.compiled.inputs]
+        outputs = {o.get_any_name() for o in self.compiled.outputs}
+        if manifest.input_name not in inputs or not set(manifest.output_names) <= outputs:
+            raise ModelError(f"{path}: has inputs {inputs} and outputs {sorted(outputs)}, but the manifest says "
+                             f"{manifest.input_name!r} -> {list(manifest.output_names)}")
+        self.request = self.compiled.create_infer_request()
+        self.input_name = manifest.input_name
+        self.output_names = list(manifest.output_names)
+        self.precision = precision
+        self.name = f"openvino-cpu-{precision}"
+        self.model_file = fname
+        self.preferred_batch = 1  # as ONNX Runtime on the CPU: larger batches only cost memory
+        self.device_input = False
+
+    def run(self, fields: np.ndarray) -> dict[str, np.ndarray]:
+        return infer(self.request, self.input_name, self.output_names, fields)
+
+    def close(self) -> None:
+        del self.request, self.compiled

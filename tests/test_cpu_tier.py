@@ -1,0 +1,105 @@
+"""The CPU's BF16 tier (OpenVINO): gated on every shared image, chosen by itself only where the CPU has native BF16
+and the model a passing BF16 variant (and saying so), refused where either is missing. The CPU's capabilities are
+mocked at the boundary only: OpenVINO's report of what this CPU can do."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from export import bf16
+from runtime import fidelity
+from runtime.backends import BackendUnavailable
+from runtime.backends import openvino as ov
+from runtime.classifier import Classifier
+from runtime.manifest import Manifest, ModelError
+from tests.conftest import run_module
+
+NATIVE, WHY_NOT = ov.native_bf16()
+needs_bf16 = pytest.mark.skipif(not NATIVE, reason=f"needs a CPU with native BF16: {WHY_NOT}")
+
+
+@pytest.fixture
+def no_bf16_cpu(monkeypatch):
+    """A CPU whose OpenVINO plugin reports no BF16 (e.g. AVX2 only)."""
+    monkeypatch.setattr(ov, "cpu_capabilities", lambda: ("FP32", "INT8", "BIN", "EXPORT_IMPORT"))
+
+
+@pytest.fixture
+def small_copy(model_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    return d
+
+
+@needs_bf16
+def test_bf16_gate_passed_on_every_shared_image(trained_dir):
+    m = Manifest.load(trained_dir)
+    v = m.variant("bf16", trained_dir)
+    assert v.file == "model.onnx" and v.runtime == "openvino-cpu"
+    gate = json.loads((trained_dir / "export_report.json").read_text())["gates"]["bf16"]
+    assert gate["ok"] and gate["fields"] == 48 and gate["flips"] == 0 and gate["non_finite"] == 0
+    prob = {o["output"]: o for o in gate["outputs"]}["probability"]
+    assert 0 < prob["max_abs"] <= fidelity.TOLERANCES["bf16"].probability  # BF16 really ran: not bit-equal to FP32
+
+
+@needs_bf16
+def test_auto_picks_bf16_on_this_cpu_and_says_so_fp32_forces_fp32(trained_dir, images_100x):
+    proc = run_module("runtime.classify", "--no-progress", "--model", str(trained_dir), str(images_100x[0]))
+    assert proc.returncode == 0, proc.stderr
+    assert "backend openvino-cpu-bf16" in proc.stdout and "precision auto chose bf16" in proc.stdout
+    proc = run_module("runtime.classify", "--no-progress", "--model", str(trained_dir), "--precision", "fp32",
+                      "--json", str(images_100x[0]))
+    assert proc.returncode == 0, proc.stderr
+    model = json.loads(proc.stdout)[0]["model"]
+    assert model["backend"] == "onnxruntime-cpu-fp32" and model["precision"] == "fp32"
+
+
+@needs_bf16
+def test_bf16_verified_through_the_runtime(trained_dir, shared_data):
+    proc = run_module("export", "verify", "-m", str(trained_dir), "--images", str(shared_data / "breakhis-100x"),
+                      "--backend", "openvino", "--precision", "bf16", "--limit", "12")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "openvino-cpu-bf16 (bf16)" in proc.stdout and "0 flips" in proc.stdout and "PASS" in proc.stdout
+
+
+def test_without_native_bf16_auto_stays_fp32_and_bf16_is_refused(trained_dir, no_bf16_cpu):
+    with Classifier(trained_dir) as clf:
+        assert clf.backend.name == "onnxruntime-cpu-fp32"
+        assert any("no native BF16" in n for n in clf.model_info["backend_notes"])
+    with pytest.raises(BackendUnavailable, match="no native BF16"):
+        Classifier(trained_dir, backend="openvino", precision="bf16")
+    with Classifier(trained_dir, backend="openvino") as clf:  # named, precision auto: FP32 with an explicit hint
+        assert clf.backend.name == "openvino-cpu-fp32"
+
+
+def test_gating_on_a_cpu_without_native_bf16_makes_no_variant(small_copy, shared_data, no_bf16_cpu):
+    m = bf16.add_to_model(small_copy, shared_data / "breakhis-100x", 2, log=lambda _: None)
+    assert "bf16" not in m.variants
+    with pytest.raises(ModelError, match="not made at export: .*no native BF16"):
+        m.variant("bf16", small_copy)
+
+
+@needs_bf16
+def test_a_bf16_variant_that_fails_its_gate_is_not_listed_or_chosen(small_copy, shared_data, monkeypatch):
+    m = bf16.add_to_model(small_copy, shared_data / "breakhis-100x", 2, log=lambda _: None)
+    assert "bf16" in Manifest.load(small_copy).variants  # passes with the real tolerance
+    monkeypatch.setitem(fidelity.TOLERANCES, "bf16", fidelity.Tolerance(probability=1e-9, logit=None))
+    m = bf16.add_to_model(small_copy, shared_data / "breakhis-100x", 2, log=lambda _: None)
+    assert "bf16" not in m.variants and "bf16" not in Manifest.load(small_copy).variants
+    with pytest.raises(ModelError, match="failed its fidelity gate at export: probability max"):
+        Classifier(small_copy, backend="openvino", precision="bf16")
+    with Classifier(small_copy) as clf:
+        assert clf.backend.name == "onnxruntime-cpu-fp32"
+        assert any("failed its fidelity gate" in n for n in clf.model_info["backend_notes"])
+
+
+def test_precisions_and_backends_that_do_not_go_together_are_refused(model_dir):
+    with pytest.raises(BackendUnavailable, match="no bf16 tier"):
+        Classifier(model_dir, backend="cpu", precision="bf16")
+    with pytest.raises(BackendUnavailable, match="runs fp32 and bf16"):
+        Classifier(model_dir, backend="openvino", precision="fp16")
+    proc = run_module("runtime.classify", "--model", str(model_dir), "--backend", "onnxruntime-cuda",
+                      "--precision", "bf16", "x.png")
+    assert proc.returncode == 2 and "bf16 is the CPU tier" in proc.stderr
