@@ -23,6 +23,7 @@ CONTRACT = Contract(
     scale=(1.0, 1.0, 1.0),
     threshold=0.5,
     labels=("Benign", "Malignant"),
+    magnification=100.0,  # BreakHis 100X fields; their microns per pixel are not stated by the dataset here
 )
 
 FEATURES = 512  # Dense(512) after global average pooling

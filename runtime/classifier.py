@@ -23,6 +23,7 @@ from runtime.errors import Unavailable
 from runtime.manifest import Contract, Manifest
 from runtime.paths import default_model_dir
 from runtime.preprocess import preprocess_fields
+from runtime.scale import name_warning
 from runtime.tiling import FieldPlan, TilingError, plan_fields
 
 Input = str | Path | np.ndarray | ImageInput
@@ -168,6 +169,9 @@ class Classifier:
             t1 = time.perf_counter()
             h, w = dec.bgr.shape[:2]
             res.size, res.conversions, res.warnings = (w, h), dec.conversions, dec.warnings
+            wrong_scale = name_warning(item.name, self.contract)
+            if wrong_scale:
+                res.warnings.append(wrong_scale)
             plan = plan_fields(h, w, self.contract)
         except (ImageError, TilingError) as e:
             res.error = str(e) if isinstance(e, ImageError) else f"{item.name}: {e}"

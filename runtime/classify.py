@@ -72,6 +72,7 @@ def table(results: list, model_info: dict) -> str:
             lines.append(f"{name:40s} {r.label:10s} {r.probability:8.4f} {len(r.fields):6d} "
                          f"{r.timings_ms['total']:8.1f}")
             lines += [f"{'':40s}   note: {c}" for c in r.conversions]
+            lines += [f"{'':40s}   WARNING: {w}" for w in r.warnings]
     n_err = sum(r.error is not None for r in results)
     lines.append(f"{len(results) - n_err} classified, {n_err} failed")
     return "\n".join(lines).encode("utf-8", "backslashreplace").decode()  # names of any bytes stay printable

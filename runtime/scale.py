@@ -1,0 +1,58 @@
+"""The physical scale of an input against the model's: where it is stated (OME-XML, Aperio SVS description, TIFF
+resolution tags, a BreakHis file name, a flag), how many input pixels make one model pixel, and what to warn."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.manifest import Contract
+
+# BreakHis names state the magnification: SOB_M_DC-14-10926-100-003.png is a 100X image.
+_BREAKHIS = re.compile(r"^SOB_[BM]_[A-Z]+-\d+-[0-9A-Za-z]+-(\d+)-\d+\.\w+$")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What is known of an input's scale, and where that came from."""
+
+    magnification: float | None = None
+    mpp: float | None = None  # microns per level-0 pixel
+    source: str = "unknown"  # "flag", "OME-XML", "SVS description", "TIFF resolution", "BreakHis file name"
+
+
+def breakhis_magnification(name: str) -> float | None:
+    m = _BREAKHIS.match(Path(name).name)
+    return float(m.group(1)) if m else None
+
+
+def from_name(name: str) -> Scale:
+    mag = breakhis_magnification(name)
+    return Scale(magnification=mag, source="BreakHis file name") if mag else Scale()
+
+
+def resample_factor(scale: Scale, contract: Contract) -> tuple[float, list[str]]:
+    """(input pixels per model pixel, warnings). Microns per pixel where both sides state them, else the
+    magnifications; where neither pair is known the input is assumed to be at the model's scale, and said so."""
+    if scale.mpp and contract.mpp:
+        return contract.mpp / scale.mpp, []
+    if scale.magnification and contract.magnification:
+        f = scale.magnification / contract.magnification
+        warn = [] if abs(f - 1) < 1e-6 else [
+            f"input is {scale.magnification:g}X ({scale.source}), the model was trained on "
+            f"{contract.magnification:g}X fields: " + ("resampled to the model's scale" if f > 1 else
+                                                       f"upsampled {1 / f:.3g}x, with less detail than it was "
+                                                       "trained on")]
+        return f, warn
+    model = f"{contract.magnification:g}X" if contract.magnification else "the model's"
+    return 1.0, [f"scale unknown (no magnification or microns per pixel in the file; --magnification or --mpp "
+                 f"states it): assumed to be {model} scale"]
+
+
+def name_warning(name: str, contract: Contract) -> str | None:
+    """For a single field image (no resampling): a warning where its BreakHis name states another magnification."""
+    mag = breakhis_magnification(name)
+    if mag is None or contract.magnification is None or mag == contract.magnification:
+        return None
+    return (f"{Path(name).name}: the file name says {mag:g}X, this model was trained on {contract.magnification:g}X "
+            "fields: the verdict is not at the model's scale")

@@ -1,0 +1,166 @@
+"""Slides and mosaics: a synthetic pyramidal BigTIFF made of real shared fields and blank glass is classified with
+memory bounded by a chunk of fields (not by the slide), blank fields are skipped, every tissue field gives the same
+answer as the same pixels given as an image, the GeoJSON tiles the tissue fields in level-0 pixels and round-trips,
+and images whose BreakHis name states another magnification are flagged."""
+from __future__ import annotations
+
+import json
+import tracemalloc
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pytest
+
+from benchmarks.synthetic_slide import FIELD, write_mosaic
+from runtime.classifier import Classifier
+from runtime.manifest import Contract
+from runtime.scale import Scale, resample_factor
+from runtime.slide import AGGREGATES, aggregate_verdict, classify_slide
+from runtime.slide_source import open_source
+from tests.conftest import run_module
+
+FH, FW = FIELD
+
+
+@pytest.fixture(scope="module")
+def clf(trained_dir):
+    with Classifier(trained_dir, backend="cpu", precision="fp32", batch_size=1) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def mosaic(images_100x, tmp_path_factory):
+    """3 x 4 fields: 7 real fields, 5 of blank glass."""
+    layout = [[images_100x[0], None, images_100x[30], None],
+              [None, images_100x[5], images_100x[40], images_100x[12]],
+              [images_100x[47], None, None, images_100x[21]]]
+    path = tmp_path_factory.mktemp("slides") / "mosaic.tif"
+    write_mosaic(path, layout, levels=3)
+    return path, layout
+
+
+def test_the_synthetic_slide_is_a_pyramid_with_its_scale(mosaic):
+    path, layout = mosaic
+    src = open_source(path)
+    try:
+        assert src.sizes == [(4 * FW, 3 * FH), (2 * FW, 3 * FH // 2), (FW, 3 * FH // 4)]
+        assert src.scale == Scale(100.0, None, "SVS description")
+        assert np.array_equal(src.read(0, 0, 0, FW, FH), cv2.imread(str(layout[0][0]))[:FH, :FW])
+    finally:
+        src.close()
+
+
+def test_blank_fields_are_skipped_and_tissue_fields_equal_the_same_pixels_as_an_image(clf, mosaic):
+    path, layout = mosaic
+    res = classify_slide(clf, path)
+    assert res.counts == {"fields": 12, "classified": 7, "background": 5, "errors": 0}
+    assert res.scale["factor"] == 1.0 and res.scale["level"] == 0 and not res.warnings
+    direct = {str(p): r for p, r in zip(_cells(layout), clf.classify([p for p in _cells(layout)]))}
+    for f in res.fields:
+        p = layout[f.row][f.col]
+        assert (f.x, f.y, f.width, f.height) == (f.col * FW, f.row * FH, FW, FH)
+        if p is None:
+            assert f.status == "background" and f.probability is None and f.tissue < 0.25
+        else:  # the 700x460 image has exactly this one field: the same pixels, the same answer
+            assert f.status == "classified" and f.probability == direct[str(p)].probability, (f, p)
+            assert f.label == direct[str(p)].label
+    assert res.aggregate["rule"] == "max"
+    assert res.aggregate["value"] == max(r.probability for r in direct.values())
+
+
+def test_geojson_tiles_the_tissue_fields_in_level0_pixels_and_round_trips(clf, mosaic, tmp_path):
+    path, layout = mosaic
+    res = classify_slide(clf, path, overlay=tmp_path / "o.png")
+    gj = json.loads(json.dumps(res.geojson()))
+    assert gj == res.geojson() and gj["type"] == "FeatureCollection"
+    boxes = set()
+    for feat in gj["features"]:
+        assert feat["type"] == "Feature" and feat["geometry"]["type"] == "Polygon"
+        (ring,) = feat["geometry"]["coordinates"]
+        assert len(ring) == 5 and ring[0] == ring[-1]
+        xs, ys = {x for x, _ in ring}, {y for _, y in ring}
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+        assert (x1 - x0, y1 - y0) == (FW, FH) and 0 <= x0 and x1 <= 4 * FW and y1 <= 3 * FH
+        props = feat["properties"]
+        assert props["classification"]["name"] in ("Benign", "Malignant")
+        assert 0.0 <= props["measurements"]["probability"] <= 1.0
+        boxes.add((x0, y0))
+    assert boxes == {(c * FW, r * FH) for r, row in enumerate(layout) for c, p in enumerate(row) if p is not None}
+    lines = res.csv().splitlines()
+    assert lines[0].startswith("row,col,x,y,width,height") and len(lines) == 13
+    overlay = cv2.imread(str(tmp_path / "o.png"))
+    assert overlay is not None and max(overlay.shape[:2]) <= 1024
+
+
+def test_a_large_sparse_slide_is_classified_in_bounded_memory(clf, images_100x, tmp_path):
+    """A 40 x 40-field slide: 26,880 x 17,920 pixels, 1.4 GB as RGB; 4 tissue fields. Python-side allocations
+    (numpy, tile decoding) stay far below the slide's size: the thumbnail, one chunk, one batch."""
+    layout: list[list] = [[None] * 40 for _ in range(40)]
+    for (r, c), p in zip([(0, 0), (13, 27), (39, 39), (20, 3)], images_100x):
+        layout[r][c] = p
+    path = tmp_path / "large.tif"
+    w, h = write_mosaic(path, layout, levels=6, tile=1024)
+    assert w * h * 3 > 1.4e9
+    tracemalloc.start()
+    try:
+        res = classify_slide(clf, path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert res.counts["classified"] == 4 and res.counts["background"] == 1596
+    assert peak < 120e6, f"peak Python allocation {peak / 1e6:.0f} MB"
+
+
+def test_other_magnifications_are_flagged_in_every_output(clf, trained_dir, shared_data):
+    others = sorted((shared_data / "breakhis-other").glob("*.png"))
+    assert len(others) == 10
+    for r in clf.classify(others):
+        assert r.error is None and any("the file name says" in w and "100X" in w for w in r.warnings), r.warnings
+    (same,) = clf.classify([sorted((shared_data / "breakhis-100x").glob("*.png"))[0]])
+    assert not any("file name says" in w for w in same.warnings)
+    forty = next(p for p in others if "-40-" in p.name)
+    proc = run_module("runtime.classify", "--no-progress", "--model", str(trained_dir), "--backend", "cpu",
+                      "--precision", "fp32", str(forty))
+    assert proc.returncode == 0 and "WARNING" in proc.stdout and "says 40X" in proc.stdout
+    res = classify_slide(clf, forty)  # as a region: resampled to the model's scale, and said so
+    assert res.scale["factor"] == pytest.approx(0.4) and any("upsampled 2.5x" in w for w in res.warnings)
+
+
+def test_scale_rules():
+    c = Contract(224, 224, (2, 3), "BGR", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 0.5, ("B", "M"), magnification=100.0)
+    assert resample_factor(Scale(200.0, None, "flag"), c)[0] == 2.0
+    assert resample_factor(Scale(100.0, None, "flag"), c) == (1.0, [])
+    f, warn = resample_factor(Scale(), c)
+    assert f == 1.0 and "scale unknown" in warn[0]
+    with_mpp = replace(c, mpp=0.5)
+    assert resample_factor(Scale(40.0, 0.25, "OME-XML"), with_mpp)[0] == 2.0  # microns per pixel win
+
+
+def test_aggregation_rules_by_hand():
+    p = [0.1, 0.9, 0.4, 0.7]
+    got = {r: aggregate_verdict(p, r, 2, 0.5, ("Benign", "Malignant")) for r in AGGREGATES}
+    assert got["max"]["value"] == 0.9 and got["max"]["label"] == "Malignant"
+    assert got["topk"]["value"] == pytest.approx(0.8) and got["topk"]["k"] == 2
+    assert got["mean"]["value"] == pytest.approx(0.525) and got["mean"]["label"] == "Malignant"
+    assert got["fraction"]["value"] == 0.5 and got["fraction"]["label"] == "Benign"
+    assert all(g["rule"] == r and g["meaning"] for r, g in got.items())
+    assert aggregate_verdict([], "max", 3, 0.5, ("B", "M"))["label"] is None
+
+
+def test_slide_cli_writes_every_output(trained_dir, mosaic, tmp_path):
+    path, _ = mosaic
+    proc = run_module("runtime.slide", "--model", str(trained_dir), "--backend", "cpu", "--no-progress",
+                      "--aggregate", "topk", "--out", str(tmp_path), str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "topk" in proc.stdout and "7 classified, 5 background" in proc.stdout
+    for suffix in (".geojson", ".csv", ".overlay.png", ".json"):
+        assert (tmp_path / f"mosaic.tif{suffix}").is_file()
+    saved = json.loads((tmp_path / "mosaic.tif.json").read_text())
+    assert saved["aggregate"]["rule"] == "topk" and saved["model"]["name"] == "breakhis-scratch-v1"
+    proc = run_module("runtime.slide", "--no-progress", "--out", str(tmp_path), str(tmp_path / "missing.tif"))
+    assert proc.returncode == 1 and "missing.tif" in proc.stderr
+
+
+def _cells(layout):
+    return [p for row in layout for p in row if p is not None]
