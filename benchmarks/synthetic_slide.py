@@ -23,8 +23,7 @@ def write_mosaic(path: Path, layout: Sequence[Sequence[Path | None]], levels: in
 
     rows, cols = len(layout), len(layout[0])
     fh, fw = FIELD
-    cells = {p: cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR)[:fh, :fw], cv2.COLOR_BGR2RGB)
-             for row in layout for p in row if p is not None}
+    cells = {p: _field_rgb(p) for row in layout for p in row if p is not None}
     desc = f"synthetic BreakHis mosaic {rows}x{cols} fields" + (f" |AppMag = {magnification:g}" if magnification
                                                                  else "")
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
@@ -38,6 +37,13 @@ def write_mosaic(path: Path, layout: Sequence[Sequence[Path | None]], levels: in
             tw.write(_tiles(layout, scaled, ch, cw, shape, tile), shape=shape, dtype=np.uint8, tile=(tile, tile),
                      photometric="rgb", compression="zlib", metadata=None, **kw)
     return cols * fw, rows * fh
+
+
+def _field_rgb(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None or bgr.shape[0] < FIELD[0] or bgr.shape[1] < FIELD[1]:
+        raise ValueError(f"{path}: not an image of at least {FIELD[1]}x{FIELD[0]} pixels")
+    return cv2.cvtColor(bgr[:FIELD[0], :FIELD[1]], cv2.COLOR_BGR2RGB)
 
 
 def _tiles(layout: Sequence[Sequence[Path | None]], cells: dict, ch: int, cw: int, shape: tuple[int, int, int],
