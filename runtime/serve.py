@@ -4,6 +4,11 @@
                       the preprocessed patches, the verdict, per-field scores and timings (works offline)
   POST /v1/classify   an image (multipart field "file", or the raw bytes as the body) -> the JSON of
                       `python -m runtime.classify --json` for one input; add ?views=1 for the images the page shows
+  POST /v1/slide      a slide, mosaic or large region (as above; ?aggregate=max|topk|mean|fraction&top_k=3&
+                      magnification=N&tissue_mask=0|1) -> 202 {"job": id}; one slide at a time, its fields batched
+                      with everyone else's
+  GET  /v1/slide/ID   that job: state, fields done / total, and when done the result with GeoJSON, CSV and the
+                      overlay PNG (base64)
   GET  /v1/model      manifest: contract, provenance, trained, backend in use
   GET  /healthz       liveness
   GET  /metrics       request counts and latency percentiles
@@ -38,6 +43,9 @@ from starlette.requests import ClientDisconnect
 from runtime.batcher import Batcher, Busy
 from runtime.imageio import ImageError, decode
 from runtime.inputs import ImageInput
+from runtime.scale import Scale
+from runtime.slide import AGGREGATES
+from runtime.slide_jobs import SlideJobs
 from runtime.tiling import TilingError, plan_fields
 from runtime.views import patch_views
 
@@ -88,6 +96,7 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = S
                max_pending: int = MAX_PENDING_FIELDS, hosts: set[str] | None = None) -> Any:
     """The app around an open Classifier (which it owns from now on, through one worker thread)."""
     batcher = Batcher(clf, max_pending=max_pending)
+    slides = SlideJobs(clf, batcher)
     metrics = Metrics()
     token = secrets.token_urlsafe(16)  # the page carries it; another site's page cannot read it
 
@@ -138,8 +147,8 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = S
                 chunks.append(chunk)
         return b"".join(chunks) if chunks is not None else None
 
-    @app.post("/v1/classify")
-    async def classify(request: Request, views: int = 0) -> Any:
+    async def read_upload(request: Request) -> tuple[str, bytes] | JSONResponse:
+        """(file name, bytes) of a multipart field "file" or a raw body, bounded by the upload limit."""
         data = await read_body(request)
         if data is None:
             return error(413, f"upload above the limit of {max_upload:,} bytes")
@@ -155,6 +164,14 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = S
                 return error(400, "multipart body has no file field named 'file'")
             name = upload.filename or name
             data = await upload.read()
+        return name, data
+
+    @app.post("/v1/classify")
+    async def classify(request: Request, views: int = 0) -> Any:
+        got = await read_upload(request)
+        if isinstance(got, JSONResponse):
+            return got
+        name, data = got
         t0 = time.perf_counter()
         try:
             dec = await asyncio.to_thread(decode, data, name, clf.max_pixels)
@@ -189,6 +206,30 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = S
         if views:
             out["views"] = patch_views(dec.bgr, out, clf.contract)
         return out
+
+    @app.post("/v1/slide", status_code=202)
+    async def slide(request: Request, aggregate: str = "max", top_k: int = 3, magnification: float | None = None,
+                    tissue_mask: int = 1) -> Any:
+        if aggregate not in AGGREGATES or top_k < 1 or (magnification is not None and magnification <= 0):
+            return error(400, f"aggregate must be one of {', '.join(AGGREGATES)}, top_k >= 1, magnification > 0")
+        got = await read_upload(request)
+        if isinstance(got, JSONResponse):
+            return got
+        name, data = got
+        if not data:
+            return error(400, "empty upload")
+        options = {"aggregate": aggregate, "top_k": top_k, "tissue_mask": bool(tissue_mask),
+                   "scale": Scale(magnification, None, "request") if magnification else None}
+        try:
+            job = slides.start(data, name, options)
+        except Busy as e:
+            return error(503, f"busy: {e}; try again in {RETRY_AFTER_S} s", **{"Retry-After": str(RETRY_AFTER_S)})
+        return {"job": job.id, "status": f"/v1/slide/{job.id}"}
+
+    @app.get("/v1/slide/{job_id}")
+    def slide_status(job_id: str) -> Any:
+        job = slides.get(job_id)
+        return error(404, "no such slide job (finished jobs are kept for a while)") if job is None else job.to_dict()
 
     app.state.classifier = clf
     app.add_middleware(Guard, hosts=hosts, token=token, metrics=metrics)  # type: ignore[arg-type]

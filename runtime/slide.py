@@ -95,13 +95,15 @@ class SlideResult:
 def classify_slide(clf: Classifier, path: Path | str, aggregate: str = "max", top_k: int = 3,
                    scale: Scale | None = None, tissue_mask: bool = True, min_tissue: float = MIN_TISSUE,
                    max_pixels: int | None = None, overlay: Path | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> SlideResult:
+                   progress: Callable[[int, int], None] | None = None, name: str | None = None) -> SlideResult:
     """Tile ``path`` into fields at the model's scale, skip background, classify the rest in chunks and aggregate.
-    ``scale`` overrides what the file states. Raises ImageError for an unreadable file."""
+    ``scale`` overrides what the file states; ``name`` is what results and messages call it (default: the path).
+    Raises ImageError for an unreadable file."""
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, not {aggregate!r}")
     t0 = time.perf_counter()
     src = open_source(path, max_pixels or clf.max_pixels)
+    src.name = name or src.name
     try:
         return _classify(clf, src, aggregate, top_k, scale or src.scale, tissue_mask, min_tissue, overlay, progress,
                          t0)

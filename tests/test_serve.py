@@ -147,7 +147,42 @@ def _chromium():
     return None
 
 
-def test_page_in_headless_chromium(server, images_100x, tmp_path):
+@pytest.fixture(scope="module")
+def small_mosaic(images_100x, tmp_path_factory):
+    from benchmarks.synthetic_slide import write_mosaic
+
+    path = tmp_path_factory.mktemp("slide") / "mosaic.tif"
+    write_mosaic(path, [[images_100x[3], None], [None, images_100x[44]]], levels=2)
+    return path
+
+
+def test_slide_api_runs_a_job_with_progress_and_every_output(server, small_mosaic):
+    import base64
+
+    body, ctype = multipart(small_mosaic.name, small_mosaic.read_bytes())
+    status, job = post(server, body, ctype, path="/v1/slide?aggregate=mean")
+    assert status == 202, job
+    for _ in range(240):
+        with urllib.request.urlopen(server + job["status"], timeout=30) as r:
+            state = json.loads(r.read())
+        assert state["done"] <= max(state["total"], 2)
+        if state["state"] != "running":
+            break
+        time.sleep(0.25)
+    assert state["state"] == "done", state
+    out = state["result"]
+    assert out["path"] == "mosaic.tif" and out["counts"]["classified"] == 2 and out["counts"]["background"] == 2
+    assert out["aggregate"]["rule"] == "mean" and out["aggregate"]["label"] in ("Benign", "Malignant")
+    assert len(out["geojson"]["features"]) == 2 and out["csv"].startswith("row,col,x,y")
+    png = base64.b64decode(out["overlay_png"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert post(server, body, ctype, path="/v1/slide?aggregate=median")[0] == 400
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(server + "/v1/slide/unknown", timeout=10)
+    assert e.value.code == 404
+
+
+def test_page_in_headless_chromium(server, images_100x, small_mosaic, tmp_path):
     found = _chromium()
     if found is None:
         pytest.skip("Chromium/ChromeDriver not installed (.ci/run installs Debian's chromium and chromium-driver)")
@@ -181,7 +216,16 @@ def test_page_in_headless_chromium(server, images_100x, tmp_path):
         shot = tmp_path / "page.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+        driver.find_element(By.ID, "slide-mode").click()  # a slide: progress, overlay, downloads
+        driver.find_element(By.ID, "file").send_keys(str(small_mosaic))
+        WebDriverWait(driver, 240).until(lambda d: d.execute_script(
+            "const o = document.getElementById('overlay'); return !o.hidden && o.naturalWidth > 0"))
+        assert "2 classified, 2 background" in driver.find_element(By.ID, "slide-summary").text
+        assert driver.find_element(By.ID, "dl-geojson").is_displayed()
+        slide_shot = tmp_path / "page-slide.png"
+        driver.save_screenshot(str(slide_shot))
         if os.environ.get("BREAKHIS_SCREENSHOT_DIR"):
             shutil.copy(shot, os.environ["BREAKHIS_SCREENSHOT_DIR"])
+            shutil.copy(slide_shot, os.environ["BREAKHIS_SCREENSHOT_DIR"])
     finally:
         driver.quit()
