@@ -55,8 +55,11 @@ def equalise(model: BreakHisNet, acts: list[np.ndarray], alpha: float) -> BreakH
     for k, (_, conv) in enumerate(convs):
         nxt = convs[k + 1][1].weight if k + 1 < len(convs) else out.encoder.dense.weight
         w = (nxt.abs().amax(dim=(0, 2, 3)) if nxt.dim() == 4 else nxt.abs().amax(dim=0)).numpy().astype(np.float64)
-        s = np.maximum(acts[k], 1e-12) ** alpha / np.maximum(w, 1e-12) ** (1 - alpha)
-        st = torch.from_numpy((s / np.exp(np.mean(np.log(s)))).astype(np.float32))
+        live = (acts[k] > 0) & (w > 0)  # a channel never active on the calibration fields is left alone
+        s = np.ones_like(w)
+        s[live] = acts[k][live] ** alpha / w[live] ** (1 - alpha)
+        s[live] /= np.exp(np.mean(np.log(s[live])))
+        st = torch.from_numpy(s.astype(np.float32))
         conv.weight.div_(st[:, None, None, None])
         conv.bias.div_(st)
         nxt.mul_(st[None, :, None, None] if nxt.dim() == 4 else st[None, :])

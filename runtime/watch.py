@@ -9,6 +9,8 @@ sha256 it supersedes. Each record is one line, written with a single write() and
 half a record. Names of any bytes are kept exactly: JSONL escapes undecodable bytes (\\udcXX, Python's
 surrogateescape), CSV holds the file system's bytes as they are. Bad files get a record with their error.
 (Polling, not inotify: it works the same on network shares, where change events are not delivered.)
+With --slides DIR, TIFF-family files (slides, mosaics, large regions) are read lazily through the slide path
+instead (runtime/slide.py) and their GeoJSON, CSV, overlay and JSON land in DIR.
 """
 from __future__ import annotations
 
@@ -23,11 +25,13 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from runtime.imageio import IMAGE_SUFFIXES
 from runtime.inputs import ImageInput
+from runtime.slide_source import TIFF_SUFFIXES
 
 CSV_FIELDS = ("path", "label", "probability", "fields", "error", "size", "mtime_ns", "sha256", "supersedes",
               "finished_at")
@@ -82,9 +86,10 @@ def _same(rec: dict[str, Any], size: int, mtime_ns: int) -> bool:
 
 
 class Watcher:
-    def __init__(self, folder: Path, out: Path, classifier: Any, settle: float = 1.0) -> None:
+    def __init__(self, folder: Path, out: Path, classifier: Any, settle: float = 1.0,
+                 slides: Path | None = None) -> None:
         self.folder = Path(os.path.realpath(folder))  # one spelling, however the folder was named
-        self.out, self.clf, self.settle = out, classifier, settle
+        self.out, self.clf, self.settle, self.slides = out, classifier, settle, slides
         self.latest = latest_records(out)
         self.seen: dict[str, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, first time seen so)
 
@@ -112,11 +117,18 @@ class Watcher:
 
     def poll(self) -> int:
         """Classify what is ready, reading each file's bytes once (lazily: memory stays bounded); returns how
-        many records were written."""
+        many records were written. With ``slides``, TIFF-family files go through the slide path instead."""
         idents: deque[dict[str, Any]] = deque()
+        ready = self.ready()
+        n = 0
+        if self.slides is not None:
+            for key in [k for k in ready if k.lower().endswith(TIFF_SUFFIXES)]:
+                ready.remove(key)
+                self._write(self._slide(key))
+                n += 1
 
         def inputs() -> Iterator[ImageInput]:
-            for key in self.ready():
+            for key in ready:
                 try:
                     with open(key, "rb") as f:
                         st, data = os.fstat(f.fileno()), f.read()
@@ -133,16 +145,48 @@ class Watcher:
                                "supersedes": prev.get("sha256") if prev else None})
                 yield ImageInput(key, data=data)
 
-        n = 0
         for r in self.clf.classify_iter(inputs()):
-            rec = r.to_dict() | idents.popleft() | {"finished_at": time.time()}
-            record(self.out, rec)
-            self.latest[r.path] = rec
-            self.seen.pop(r.path, None)
+            self._write(r.to_dict() | idents.popleft())
             n += 1
-            status = r.error or f"{r.label} {r.probability:.4f}"
-            print(f"{os.path.basename(r.path)!r}: {status}", file=sys.stderr)
         return n
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        rec["finished_at"] = time.time()
+        record(self.out, rec)
+        self.latest[rec["path"]] = rec
+        self.seen.pop(rec["path"], None)
+        status = rec["error"] or f"{rec['label']} {rec['probability']:.4f}"
+        print(f"{os.path.basename(rec['path'])!r}: {status}", file=sys.stderr)
+
+    def _slide(self, key: str) -> dict[str, Any]:
+        """A slide: hashed while streamed (never whole in memory), classified lazily from the file; its GeoJSON,
+        CSV, overlay and JSON written to the slides folder; the record holds the region verdict and its rule."""
+        from runtime.errors import BreakhisError
+        from runtime.manifest import sha256_file
+        from runtime.slide import classify_slide
+
+        assert self.slides is not None
+        rec: dict[str, Any] = {"path": key, "label": None, "probability": None, "fields": [], "error": None}
+        try:
+            st, sha = os.stat(key), sha256_file(Path(key))
+        except OSError as e:
+            return rec | {"error": f"{key}: cannot read ({e.strerror or e})"}
+        prev = self.latest.get(key)
+        rec |= {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha,
+                "supersedes": prev.get("sha256") if prev else None}
+        # Outputs named by the file and its hash: a reused name never overwrites an earlier capture's results.
+        stem = self.slides / f"{os.path.basename(key)}.{sha[:12]}"
+        try:
+            res = classify_slide(self.clf, Path(key), overlay=Path(f"{stem}.overlay.png"))
+        except BreakhisError as e:
+            return rec | {"error": str(e)}
+        Path(f"{stem}.geojson").write_text(json.dumps(res.geojson()) + "\n")
+        Path(f"{stem}.csv").write_text(res.csv())
+        Path(f"{stem}.json").write_text(json.dumps(res.to_dict(), indent=1) + "\n")
+        return rec | {"label": res.aggregate["label"], "probability": res.aggregate["value"],
+                      "fields": [asdict(f) for f in res.fields if f.status == "classified"],
+                      "warnings": res.warnings, "slide": {"aggregate": res.aggregate, "counts": res.counts,
+                                                          "outputs": f"{stem}.*"}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=1.0, help="seconds a file must stay unchanged (default 1)")
     ap.add_argument("--exit-when-idle", type=float, default=None, metavar="S",
                     help="stop after S seconds without new files (for scripts and tests)")
+    ap.add_argument("--slides", type=Path, default=None, metavar="DIR",
+                    help="classify TIFF-family files (slides, mosaics, large regions) through the slide path, read "
+                         "lazily, writing their GeoJSON, CSV, overlay and JSON into DIR; the record holds the region "
+                         "verdict (rule: max)")
     add_model_options(ap)
     args = ap.parse_args(argv)
+    if args.slides is not None:
+        args.slides.mkdir(parents=True, exist_ok=True)
     if not args.folder.is_dir():
         ap.error(f"{args.folder}: not a directory")
     if args.out.suffix not in (".jsonl", ".csv"):
@@ -169,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         clf = open_classifier(args)
     except BreakhisError as e:
         return report(e)
-    w = Watcher(args.folder, args.out, clf, args.settle)
+    w = Watcher(args.folder, args.out, clf, args.settle, args.slides)
     print(f"watching {w.folder} -> {args.out} ({len(w.latest)} already done); Ctrl-C to stop", file=sys.stderr)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

@@ -12,9 +12,13 @@ def test_benchmark_json_schema(model_dir, shared_data, tmp_path):
                       "--limit", "2", "--repeats", "1", "--warmup", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
-    assert set(res["variants"]) == {"baseline_pytorch_fp32_eager", "runtime_onnxruntime_cpu",
-                                    "baseline_pytorch_fp32_eager_folder", "runtime_onnxruntime_cpu_folder",
-                                    "runtime_onnxruntime_cpu_batch4"}
+    bf16 = {"runtime_openvino_cpu_bf16", "runtime_openvino_cpu_bf16_folder"}  # where the model has the variant
+    assert set(res["variants"]) - bf16 == {"baseline_pytorch_fp32_eager", "runtime_onnxruntime_cpu",
+                                           "baseline_pytorch_fp32_eager_folder", "runtime_onnxruntime_cpu_folder",
+                                           "runtime_onnxruntime_cpu_batch4"}
+    assert "no int8 variant" in res["skipped"]["runtime_onnxruntime_cpu_int8"]
+    fid = res["variants"]["runtime_onnxruntime_cpu"]["fidelity"]
+    assert fid["precision"] == "fp32" and fid["label_agreement"] == 1.0 and fid["probability_max_abs"] <= 1e-5
     for v in res["variants"].values():
         assert v["p50_ms"] > 0 and v["p95_ms"] >= v["p50_ms"] and v["speedup_vs_baseline"] > 0
         assert v["peak_rss_mb"] > 50
@@ -34,3 +38,14 @@ def test_device_check_dry_run_plans_every_gpu_step(tmp_path):
         assert want in steps
     assert all(s["rc"] == 0 for s in summary["steps"]), summary
     assert proc.returncode == 0 and "gpu" in json.loads((tmp_path / "machine.json").read_text())
+
+
+def test_slide_benchmark_reports_rate_and_mask_savings(model_dir, shared_data, tmp_path):
+    out = tmp_path / "slide.json"
+    proc = run_module("benchmarks.slide", "--images", str(shared_data / "breakhis-100x"), "--model", str(model_dir),
+                      "--backend", "cpu", "--rows", "2", "--cols", "3", "--tissue", "0.5", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    on, off = res["runs"]["mask on"], res["runs"]["mask off"]
+    assert off["classified"] == 6 and on["classified"] == res["region"]["tissue_fields"]
+    assert res["mask_savings"]["fields_skipped"] == 6 - on["classified"] and on["classified_fields_per_s"] > 0

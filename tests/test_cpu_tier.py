@@ -27,9 +27,9 @@ def no_bf16_cpu(monkeypatch):
 
 
 @pytest.fixture
-def small_copy(model_dir, tmp_path):
+def small_copy(trained_dir, tmp_path):
     d = tmp_path / "m"
-    shutil.copytree(model_dir, d)
+    shutil.copytree(trained_dir, d)
     return d
 
 

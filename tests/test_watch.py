@@ -144,3 +144,27 @@ def test_undecodable_names_survive_csv_and_restarts_under_another_spelling(model
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "(2 already done)" in err and out.read_bytes() == raw  # nothing redone under the other spelling
+
+
+def test_slides_dropped_into_the_folder_go_through_the_slide_path(model_dir, images_100x, tmp_path):
+    from benchmarks.synthetic_slide import write_mosaic
+
+    inbox, out, slides = tmp_path / "inbox", tmp_path / "results.jsonl", tmp_path / "slides"
+    inbox.mkdir()
+    write_mosaic(tmp_path / "m.tif", [[images_100x[2], None, images_100x[9]]], levels=2)
+    (tmp_path / "m.tif").rename(inbox / "m.tif")
+    (inbox / "single.png").write_bytes(images_100x[0].read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "runtime.watch", str(inbox), "--out", str(out), "--model",
+                           str(model_dir), "--backend", "cpu", "--interval", "0.1", "--settle", "0.3",
+                           "--exit-when-idle", "2", "--slides", str(slides)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    recs = {os.path.basename(r["path"]): r for r in lines(out)}
+    slide, single = recs["m.tif"], recs["single.png"]
+    assert slide["error"] is None and slide["slide"]["counts"]["classified"] == 2
+    assert slide["slide"]["aggregate"]["rule"] == "max" and slide["probability"] == max(
+        f["probability"] for f in slide["fields"])
+    made = sorted(p.name for p in slides.iterdir())
+    stem = f"m.tif.{slide['sha256'][:12]}"
+    assert made == sorted(f"{stem}{s}" for s in (".csv", ".geojson", ".json", ".overlay.png"))
+    assert single["error"] is None and len(single["fields"]) == 1 and "slide" not in single
