@@ -78,8 +78,9 @@ class _Pending:
 
 class Classifier:
     """One model, one backend, chosen once. ``model_dir``: default the trained model where setup.sh exported it,
-    else the untrained reference. ``backend``: "auto", "cpu", "onnxruntime-cuda" or "tensorrt". ``precision``:
-    "auto" (FP16 on a GPU where the model has a passing FP16 variant, else FP32), or a listed variant.
+    else the untrained reference. ``backend``: "auto", "cpu" (ONNX Runtime), "openvino", "onnxruntime-cuda" or
+    "tensorrt". ``precision``: "auto" (FP16 on a GPU, BF16 on a CPU with native BF16, each where the model has a
+    variant that passed its gate; else FP32), or a listed variant.
     ``preprocess``: "cpu" (numpy), "gpu" (our CUDA kernel via pycuda) or "auto" (GPU when inference runs on a GPU
     and pycuda is usable, else CPU). With a GPU backend the kernel writes straight into the backend's device input,
     so images cross the bus once, as uint8. A NaN or inf from the model makes that image's result an error."""

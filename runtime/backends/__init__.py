@@ -19,8 +19,8 @@ class BackendUnavailable(Unavailable):
 
 
 class Backend(Protocol):
-    name: str  # what actually runs, e.g. "onnxruntime-cpu-fp32", "tensorrt-fp16"
-    precision: str  # the model variant it runs: "fp32", "fp16", "int8"
+    name: str  # what actually runs, e.g. "onnxruntime-cpu-fp32", "openvino-cpu-bf16", "tensorrt-fp16"
+    precision: str  # the model variant it runs: "fp32", "fp16", "bf16", "int8"
     model_file: str  # the file that runs (ONNX variant, or TensorRT engine)
     device_input: bool  # True: a DeviceInputBackend whose input buffer the GPU kernel can fill
     file_sha256: str  # its sha256, checked against the manifest (or the engine's sidecar) when loaded
