@@ -23,7 +23,7 @@ def gate(model_path: Path, fields: np.ndarray, reference: dict[str, np.ndarray],
          input_name: str = "fields") -> Comparison:
     """BF16 outputs of every field (batch 1, as the runtime runs it) vs ``reference``; OpenVinoUnavailable where
     this machine cannot run BF16 natively."""
-    request = compile_onnx(model_path, "bf16").create_infer_request()
+    request = compile_onnx(model_path, "bf16")[1].create_infer_request()
     runs = [infer(request, input_name, list(OUTPUTS), fields[i:i + 1]) for i in range(len(fields))]
     got = {n: np.concatenate([r[n] for r in runs]) for n in OUTPUTS}
     return compare(reference, got, "bf16", threshold, f"{RUNTIME} bf16 {model_path.name}")

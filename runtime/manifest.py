@@ -166,6 +166,22 @@ class Manifest:
         raise ModelError(f"{model_dir}: no {precision} variant ({why}); this model has "
                          f"{', '.join(sorted(self.variants)) or 'none'}")
 
+    def check_model(self, path: Path, inputs: dict[str, list], outputs: list[str], stored_contract: str | None) -> None:
+        """Refuse a model file whose inputs, outputs or embedded contract (JSON, where the file carries one) do not
+        fit this manifest; any runtime's view of the file: input name -> shape (batch first), output names."""
+        c = self.contract
+        if self.input_name not in inputs:
+            raise ModelError(f"{path}: has inputs {sorted(inputs)}, but the manifest says {self.input_name!r}")
+        want, got = list(c.field_shape), inputs[self.input_name]
+        if len(got) != 5 or list(got[1:]) != want:
+            raise ModelError(f"{path}: input {self.input_name} has shape {got}, but the manifest's contract needs "
+                             f"[batch, {', '.join(map(str, want))}] ({c.grid[0]}x{c.grid[1]} patches of {c.patch} px)")
+        if not set(self.output_names) <= set(outputs):
+            raise ModelError(f"{path}: has outputs {outputs}, but the manifest says {list(self.output_names)}")
+        if stored_contract is not None and Contract.from_dict(json.loads(stored_contract)) != c:
+            raise ModelError(f"{path}: the contract stored in the model file differs from {self.name}'s "
+                             "manifest.json (the two files come from different exports)")
+
     def to_json(self) -> str:
         d = {
             "format_version": FORMAT_VERSION,

@@ -210,12 +210,12 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = S
     @app.post("/v1/slide", status_code=202)
     async def slide(request: Request, aggregate: str = "max", top_k: int = 3, magnification: float | None = None,
                     tissue_mask: int = 1) -> Any:
-        if aggregate not in AGGREGATES or top_k < 1 or (magnification is not None and magnification <= 0):
-            return error(400, f"aggregate must be one of {', '.join(AGGREGATES)}, top_k >= 1, magnification > 0")
-        got = await read_upload(request)
+        got = await read_upload(request)  # read first: a client still sending cannot read an early answer
         if isinstance(got, JSONResponse):
             return got
         name, data = got
+        if aggregate not in AGGREGATES or top_k < 1 or (magnification is not None and magnification <= 0):
+            return error(400, f"aggregate must be one of {', '.join(AGGREGATES)}, top_k >= 1, magnification > 0")
         if not data:
             return error(400, "empty upload")
         options = {"aggregate": aggregate, "top_k": top_k, "tissue_mask": bool(tissue_mask),
@@ -232,7 +232,8 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = S
         return error(404, "no such slide job (finished jobs are kept for a while)") if job is None else job.to_dict()
 
     app.state.classifier = clf
-    app.add_middleware(Guard, hosts=hosts, token=token, metrics=metrics)  # type: ignore[arg-type]
+    app.add_middleware(Guard, hosts=hosts, token=token, metrics=metrics,  # type: ignore[arg-type]
+                       max_upload=max_upload)
     return app
 
 
@@ -241,8 +242,8 @@ class Guard:
     (421) and browser POSTs from another origin or without the page's token (403), turns an unexpected exception
     into a 500 without a traceback, and records each /v1/classify answer in the metrics."""
 
-    def __init__(self, app: Any, hosts: set[str] | None, token: str, metrics: Metrics) -> None:
-        self.app, self.hosts, self.token, self.metrics = app, hosts, token, metrics
+    def __init__(self, app: Any, hosts: set[str] | None, token: str, metrics: Metrics, max_upload: int) -> None:
+        self.app, self.hosts, self.token, self.metrics, self.max_upload = app, hosts, token, metrics, max_upload
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -257,6 +258,14 @@ class Guard:
                 or headers.get("x-breakhis-token") != self.token):
             refusal = (403, "cross-origin request refused (use the page served here, or a client without Origin)")
         if refusal is not None:
+            # Read (and drop) what the client is still sending, up to twice the upload limit, so that it can read
+            # the refusal instead of meeting a closed connection.
+            n = 0
+            while n <= 2 * self.max_upload:
+                message = await receive()
+                n += len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    break
             return await JSONResponse({"error": refusal[1]}, status_code=refusal[0])(scope, receive, send)
         t0, status = time.perf_counter(), [CLOSED]
 

@@ -47,9 +47,9 @@ def native_bf16() -> tuple[bool, str]:
     return False, f"this CPU has no native BF16 (OpenVINO's CPU capabilities: {', '.join(caps)})"
 
 
-def compile_onnx(path: Path, precision: str, threads: int | None = None) -> Any:
-    """OpenVINO's compiled model for an ONNX file at ``precision`` (fp32 or bf16), latency-tuned; refuses BF16
-    where the CPU lacks it and checks that the hint took effect."""
+def compile_onnx(path: Path, precision: str, threads: int | None = None) -> tuple[Any, Any]:
+    """(model as read, compiled model) for an ONNX file at ``precision`` (fp32 or bf16), latency-tuned; refuses
+    BF16 where the CPU lacks it and checks that the hint took effect."""
     if precision not in HINTS:
         raise OpenVinoUnavailable(f"OpenVINO runs the fp32 and bf16 variants, not {precision!r}")
     if precision == "bf16":
@@ -61,13 +61,14 @@ def compile_onnx(path: Path, precision: str, threads: int | None = None) -> Any:
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     try:
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        model = core.read_model(str(path))
+        compiled = core.compile_model(model, "CPU", config)
     except RuntimeError as e:
         raise ModelError(f"{path}: OpenVINO cannot load it ({str(e).splitlines()[0][:300]})") from None
     got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     if got != HINTS[precision]:
         raise OpenVinoUnavailable(f"OpenVINO compiled {path.name} with inference precision {got}, not {precision}")
-    return compiled
+    return model, compiled
 
 
 def infer(request: Any, input_name: str, output_names: list[str], fields: np.ndarray) -> dict[str, np.ndarray]:
@@ -83,12 +84,12 @@ class OpenVinoBackend:
         # Both precisions run the FP32 file; BF16 is how OpenVINO executes it, gated like a file of its own.
         fname = manifest.variant(precision, model_dir).file
         path, self.file_sha256 = verified_file(model_dir, fname, manifest.files)
-        self.compiled = compile_onnx(path, precision, threads)
-        inputs = [i.get_any_name() for i in self.compiled.inputs]
-        outputs = {o.get_any_name() for o in self.compiled.outputs}
-        if manifest.input_name not in inputs or not set(manifest.output_names) <= outputs:
-            raise ModelError(f"{path}: has inputs {inputs} and outputs {sorted(outputs)}, but the manifest says "
-                             f"{manifest.input_name!r} -> {list(manifest.output_names)}")
+        model, self.compiled = compile_onnx(path, precision, threads)
+        key = ["framework", "contract"]  # the ONNX file's metadata, as OpenVINO keeps it
+        stored = model.get_rt_info(key).astype(str) if model.has_rt_info(key) else None
+        manifest.check_model(path, {i.get_any_name(): [d.get_length() if d.is_static else "?"
+                                                       for d in i.get_partial_shape()] for i in model.inputs},
+                             [o.get_any_name() for o in model.outputs], stored)
         self.request = self.compiled.create_infer_request()
         self.input_name = manifest.input_name
         self.output_names = list(manifest.output_names)

@@ -1,13 +1,12 @@
 """ONNX Runtime backend (CPU, or the CUDA execution provider where onnxruntime-gpu and a GPU are present)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from runtime.manifest import Contract, Manifest, ModelError, verified_file
+from runtime.manifest import Manifest, ModelError, verified_file
 
 
 def providers() -> list[str]:
@@ -16,26 +15,6 @@ def providers() -> list[str]:
 
 def cuda_available() -> bool:
     return "CUDAExecutionProvider" in providers()
-
-
-def check_model_against_manifest(sess: ort.InferenceSession, manifest: Manifest, path: Path) -> None:
-    """Refuse an ONNX file whose inputs, outputs or embedded contract do not fit the manifest beside it."""
-    c = manifest.contract
-    inputs = {i.name: i for i in sess.get_inputs()}
-    if manifest.input_name not in inputs:
-        raise ModelError(f"{path}: has inputs {sorted(inputs)}, but the manifest says {manifest.input_name!r}")
-    want = list(c.field_shape)
-    got = inputs[manifest.input_name].shape
-    if len(got) != 5 or list(got[1:]) != want:
-        raise ModelError(f"{path}: input {manifest.input_name} has shape {got}, but the manifest's contract needs "
-                         f"[batch, {', '.join(map(str, want))}] ({c.grid[0]}x{c.grid[1]} patches of {c.patch} px)")
-    outputs = [o.name for o in sess.get_outputs()]
-    if not set(manifest.output_names) <= set(outputs):
-        raise ModelError(f"{path}: has outputs {outputs}, but the manifest says {list(manifest.output_names)}")
-    meta = sess.get_modelmeta().custom_metadata_map
-    if "contract" in meta and Contract.from_dict(json.loads(meta["contract"])) != c:
-        raise ModelError(f"{path}: the contract stored in the ONNX file differs from {manifest.name}'s manifest.json "
-                         "(the two files come from different exports)")
 
 
 class OrtBackend:
@@ -57,7 +36,9 @@ class OrtBackend:
             self.session = ort.InferenceSession(str(path), so, providers=provs)
         except Exception as e:  # ORT reports corrupt/foreign files with its own exception types
             raise ModelError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
-        check_model_against_manifest(self.session, manifest, path)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        manifest.check_model(path, {i.name: list(i.shape) for i in self.session.get_inputs()},
+                             [o.name for o in self.session.get_outputs()], meta.get("contract"))
         self.input_name = manifest.input_name
         self.output_names = list(manifest.output_names)
         self.precision = precision
