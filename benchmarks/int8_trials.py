@@ -2,7 +2,7 @@
 FP32, the one tolerance table) and timed on ONNX Runtime CPU at batch 1. Research record for issue 14: none keeps
 every label, so no INT8 variant is shipped; the numbers are in README.md ("INT8: tried, not shipped").
 
-  python -m benchmarks.int8_trials --json benchmarks/results/int8-trials.json     # about 4 minutes on 2 cores
+  python -m benchmarks.int8_trials --json benchmarks/results/int8-trials.json --record models/breakhis-scratch-v1
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from export.verify import ort_outputs
 from export.weights import load_checkpoint
 from runtime.fidelity import compare
 from runtime.inputs import folder_fields
-from runtime.manifest import Provenance
+from runtime.manifest import REPORT_NAME, Manifest, Provenance, sha256_file
 from runtime.paths import sample_images, trained_weights
 
 
@@ -61,6 +61,7 @@ def equalise(model: BreakHisNet, acts: list[np.ndarray], alpha: float) -> BreakH
         s[live] /= np.exp(np.mean(np.log(s[live])))
         st = torch.from_numpy(s.astype(np.float32))
         conv.weight.div_(st[:, None, None, None])
+        assert conv.bias is not None  # VGG16 convolutions have biases
         conv.bias.div_(st)
         nxt.mul_(st[None, :, None, None] if nxt.dim() == 4 else st[None, :])
     return out
@@ -101,7 +102,13 @@ def trial(name: str, model: BreakHisNet, fields: np.ndarray, ref: dict, work: Pa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, default=None, help="write the table here as JSON")
+    ap.add_argument("--record", type=Path, default=None, metavar="MODEL_DIR",
+                    help="also record the trials in that export of the same weights (its export_report.json): "
+                         "`--precision int8` then names them when it refuses")
     args = ap.parse_args()
+    if args.record is not None and Manifest.load(args.record).provenance.sha256 != sha256_file(
+            trained_weights() / "weights.pt"):
+        ap.error(f"--record {args.record}: not an export of {trained_weights() / 'weights.pt'}")
     torch.set_num_threads(2)
     model = load_checkpoint(trained_weights() / "weights.pt").eval()
     fields = folder_fields(sample_images(), CONTRACT)  # calibrated and gated on all of them: the best case
@@ -121,9 +128,20 @@ def main() -> None:
         for i, (name, m, kw) in enumerate(runs):
             rows.append(trial(f"t{i}", m, fields, ref, work, **kw) | {"recipe": name})
             print(json.dumps(rows[-1]), flush=True)
+    table = {"fields": len(fields), "trials": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"fields": len(fields), "trials": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps(table, indent=2) + "\n")
+    if args.record is not None:
+        path = args.record / REPORT_NAME
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        report["int8_trials"] = table
+        if not any(r["passes_gate"] for r in rows):
+            best = min(rows, key=lambda r: r["flips"])
+            report.setdefault("rejected", {})["int8"] = (
+                f"none of {len(rows)} INT8 recipes kept every label on {len(fields)} fields (fewest flips: "
+                f"{best['flips']}, {best['recipe']}); see int8_trials in {path.name}")
+        path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

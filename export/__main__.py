@@ -3,8 +3,10 @@ build / check what is deployed from them (INT8 Q/DQ ONNX, TensorRT engines, fide
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from runtime.backends import BACKENDS
@@ -155,15 +157,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.parity_images is not None and not args.parity_images.is_dir():
             ap.error(f"--parity-images {args.parity_images}: not a directory")
         write_model_dir(model, args.out, name, prov, images, args.parity_count, args.gate_count,
-                        range_safe=not args.no_range_safe, log=lambda m: print(m, file=sys.stderr))
+                        range_safe=not args.no_range_safe, log=_log)
     except BreakhisError as e:
         return report(e)
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
 
+def _errors_to_exit_codes(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """The subcommands' one mapping: a BreakhisError reports itself (runtime/errors.py); a ValueError or
+    RuntimeError (bad options, unusable image folders) is a usage error, exit 2."""
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        from runtime.errors import BreakhisError, report
+
+        try:
+            return fn(args)
+        except BreakhisError as e:
+            return report(e)
+        except (ValueError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@_errors_to_exit_codes
 def _trt(args: argparse.Namespace) -> int:
-    from runtime.errors import BreakhisError, report
     from runtime.trt_build import TrtOptions, build_engine
 
     opts = TrtOptions(precision=args.precision, min_batch=args.min_batch, opt_batch=args.opt_batch,
@@ -171,60 +196,42 @@ def _trt(args: argparse.Namespace) -> int:
                       timing_cache=str(args.timing_cache) if args.timing_cache else None,
                       calib_images=str(args.calib_images) if args.calib_images else None,
                       calib_count=args.calib_count)
-    try:
-        opts.validate()
-        build_engine(args.model, opts, log=lambda m: print(m, file=sys.stderr))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BreakhisError as e:
-        return report(e)
+    opts.validate()
+    build_engine(args.model, opts, log=_log)
     return 0
 
 
+@_errors_to_exit_codes
 def _int8(args: argparse.Namespace) -> int:
     import onnx
 
     from export.int8 import accept, gate, quantize, reject
     from export.trt_support import check_onnx
-    from runtime.errors import BreakhisError, report
 
-    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    try:
-        tmp = quantize(args.model, args.calib_images, args.calib_count, log)
-    except BreakhisError as e:
-        return report(e)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tmp = quantize(args.model, args.calib_images, args.calib_count, _log)
     try:
         problems = check_onnx(onnx.load(str(tmp)))
         if problems:
             reject(args.model, "outside TensorRT's ONNX support: " + "; ".join(problems))
-            log("the Q/DQ model is outside TensorRT's ONNX support:\n  " + "\n  ".join(problems))
+            _log("the Q/DQ model is outside TensorRT's ONNX support:\n  " + "\n  ".join(problems))
             return 1
         result = gate(args.model, tmp, args.calib_images, args.calib_count)
         print("\n".join(result.lines()))
         if not result.ok:
             reject(args.model, result)
-            log("INT8 rejected by the fidelity gate: not added to the model directory")
+            _log("INT8 rejected by the fidelity gate: not added to the model directory")
             return 1
         accept(args.model, tmp, result)
-        log(f"wrote {args.model / 'model.int8.qdq.onnx'} and listed it in manifest.json")
+        _log(f"wrote {args.model / 'model.int8.qdq.onnx'} and listed it in manifest.json")
         return 0
-    except BreakhisError as e:
-        return report(e)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         tmp.unlink(missing_ok=True)
 
 
+@_errors_to_exit_codes
 def _bf16(args: argparse.Namespace) -> int:
     from export.bf16 import add_to_model
     from runtime.backends.openvino import native_bf16
-    from runtime.errors import BreakhisError, report
     from runtime.manifest import ModelError
     from runtime.paths import sample_images
 
@@ -232,33 +239,21 @@ def _bf16(args: argparse.Namespace) -> int:
     if not ok:
         print(f"error: cannot gate BF16 here: {why}", file=sys.stderr)
         return 2
+    m = add_to_model(args.model, args.images or sample_images(), args.count, log=_log)
     try:
-        m = add_to_model(args.model, args.images or sample_images(), args.count,
-                         log=lambda msg: print(msg, file=sys.stderr))
         m.variant("bf16", args.model)
-    except ModelError as e:
+    except ModelError as e:  # it was gated and refused
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except BreakhisError as e:
-        return report(e)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(f"{args.model}: bf16 listed in manifest.json (runs on OpenVINO CPU)")
     return 0
 
 
+@_errors_to_exit_codes
 def _verify(args: argparse.Namespace) -> int:
     from export.verify import verify
-    from runtime.errors import BreakhisError, report
 
-    try:
-        result = verify(args.model, args.images, args.backend, args.precision, args.limit)
-    except BreakhisError as e:
-        return report(e)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = verify(args.model, args.images, args.backend, args.precision, args.limit)
     print("\n".join(result.lines()))
     if args.json:
         import json
