@@ -103,3 +103,14 @@ def test_precisions_and_backends_that_do_not_go_together_are_refused(model_dir):
     proc = run_module("runtime.classify", "--model", str(model_dir), "--backend", "onnxruntime-cuda",
                       "--precision", "bf16", "x.png")
     assert proc.returncode == 2 and "bf16 is the CPU tier" in proc.stderr
+
+
+@needs_bf16
+def test_export_bf16_command_gates_an_existing_model(small_copy, shared_data):
+    m = Manifest.load(small_copy)
+    m.variants.pop("bf16")
+    m.save(small_copy)
+    proc = run_module("export", "bf16", "-m", str(small_copy), "--images", str(shared_data / "breakhis-100x"),
+                      "--count", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "bf16 listed" in proc.stdout and Manifest.load(small_copy).variants["bf16"].gate["fields"] == 2
