@@ -114,3 +114,16 @@ def test_export_bf16_command_gates_an_existing_model(small_copy, shared_data):
                       "--count", "2")
     assert proc.returncode == 0, proc.stderr
     assert "bf16 listed" in proc.stdout and Manifest.load(small_copy).variants["bf16"].gate["fields"] == 2
+
+
+@needs_bf16
+def test_auto_falls_back_to_fp32_when_openvino_cannot_run_the_chosen_bf16(trained_dir, monkeypatch):
+    def broken(*_args, **_kw):
+        raise ov.OpenVinoUnavailable("compiled with inference precision f32, not bf16")
+
+    monkeypatch.setattr(ov, "OpenVinoBackend", broken)
+    with Classifier(trained_dir) as clf:
+        assert clf.backend.name == "onnxruntime-cpu-fp32"
+        assert any("fell back to fp32" in n for n in clf.model_info["backend_notes"])
+    with pytest.raises(BackendUnavailable, match="not bf16"):
+        Classifier(trained_dir, backend="openvino", precision="bf16")

@@ -133,6 +133,9 @@ def cpu_tier(name: str, precision: str, manifest: Manifest, model_dir: Path,
             precision = "fp32"
     try:
         return openvino.OpenVinoBackend(model_dir, manifest, precision, threads), notes
-    except openvino.OpenVinoUnavailable as e:
-        raise BackendUnavailable(f"backend openvino: {e}") from None
+    except (openvino.OpenVinoUnavailable, ModelError) as e:
+        if not (name == "auto" and notes):  # asked for explicitly: say why not
+            raise BackendUnavailable(f"backend openvino: {e}") if isinstance(e, Unavailable) else e from None
+        why = [f"precision auto fell back to fp32: OpenVINO could not run bf16 ({str(e).splitlines()[0]})"]
+        return ort.OrtBackend(model_dir, manifest, "fp32", cuda=False, threads=threads), why
 
