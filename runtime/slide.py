@@ -1,7 +1,7 @@
 """Slides, stage mosaics and large regions: fields tiled at the model's scale, background skipped, every field's
 probability with its level-0 coordinates, a named region verdict, and GeoJSON (QuPath), CSV and an overlay image.
 
-Memory: a tiled TIFF is read tile by tile; what is held at once is the thumbnail (<= 1024 px side, made band by band),
+Memory: a tiled TIFF is read tile by tile; what is held at once is the thumbnail (<= 1024 px side, made block by block),
 one chunk of field crops (CHUNK x 0.9 MB) and the classifier's batch, whatever the slide's size. PNG/JPEG and other
 formats without tiles are decoded whole, within --max-pixels.
 """

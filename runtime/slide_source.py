@@ -14,7 +14,7 @@ from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, read_image
 from runtime.scale import Scale, from_name
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
-BAND_ROWS = 2048  # rows read at a time when a thumbnail must be made from a large level
+BLOCK = 2048  # pixels a side read at a time when a thumbnail is made from a large level
 
 
 class Source:
@@ -31,16 +31,19 @@ class Source:
 
     def thumbnail(self, max_side: int = 1024) -> tuple[np.ndarray, float]:
         """(BGR image whose long side is at most ``max_side``, level-0 pixels per thumbnail pixel), read from the
-        smallest level that is large enough, band by band so that a huge single-level image never sits in memory."""
+        smallest level that is large enough, block by block, so that a huge single-level image never sits in
+        memory (at most BLOCK x BLOCK pixels of it at a time)."""
         i = max((k for k, (w, h) in enumerate(self.sizes) if max(w, h) >= max_side), default=0)
         w, h = self.sizes[i]
         f = min(1.0, max_side / max(w, h))
-        tw, th = max(1, round(w * f)), max(1, round(h * f))
-        bands = []
-        for y0 in range(0, h, BAND_ROWS):
-            band = self.read(i, 0, y0, w, min(BAND_ROWS, h - y0))
-            bands.append(cv2.resize(band, (tw, max(1, round(band.shape[0] * f))), interpolation=cv2.INTER_AREA))
-        thumb = np.concatenate(bands)[:th] if len(bands) > 1 else bands[0]
+        thumb = np.empty((max(1, round(h * f)), max(1, round(w * f)), 3), np.uint8)
+        for y0 in range(0, h, BLOCK):
+            for x0 in range(0, w, BLOCK):
+                y1, x1 = min(y0 + BLOCK, h), min(x0 + BLOCK, w)
+                ty0, ty1, tx0, tx1 = round(y0 * f), round(y1 * f), round(x0 * f), round(x1 * f)
+                if ty1 > ty0 and tx1 > tx0:
+                    thumb[ty0:ty1, tx0:tx1] = cv2.resize(self.read(i, x0, y0, x1 - x0, y1 - y0), (tx1 - tx0, ty1 - ty0),
+                                                         interpolation=cv2.INTER_AREA)
         return thumb, self.sizes[0][0] / thumb.shape[1]
 
     def close(self) -> None:

@@ -164,3 +164,18 @@ def test_slide_cli_writes_every_output(trained_dir, mosaic, tmp_path):
 
 def _cells(layout):
     return [p for row in layout for p in row if p is not None]
+
+
+def test_a_single_level_image_gives_its_thumbnail_block_by_block(images_100x, tmp_path):
+    layout = [[images_100x[i], None, images_100x[i + 1], images_100x[i + 2]] for i in (0, 10, 20, 30)]
+    path = tmp_path / "flat.tif"
+    write_mosaic(path, layout, levels=1)  # 2,688 x 1,792: two blocks by one, no pyramid to fall back on
+    src = open_source(path)
+    try:
+        thumb, down = src.thumbnail(max_side=1000)
+        whole = cv2.resize(src.read(0, 0, 0, 4 * FW, 4 * FH), (thumb.shape[1], thumb.shape[0]),
+                           interpolation=cv2.INTER_AREA)
+    finally:
+        src.close()
+    assert thumb.shape == (667, 1000, 3) and down == pytest.approx(2.688)
+    assert np.abs(thumb.astype(int) - whole).mean() < 2.0
