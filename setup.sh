@@ -13,8 +13,9 @@ PY=${PYTHON:-python3}
 # Test-only references installed without their dependency pins: patchify's metadata caps numpy < 2 (its code runs
 # on numpy 2), and tensorrt-stubs would pull the real TensorRT wheel, which fetches from another index.
 .venv/bin/python -m pip install -q --no-deps patchify==0.2.3 tensorrt-stubs==10.13.0.35.1
-usable() { .venv/bin/python -c 'import sys; from runtime.manifest import Manifest; Manifest.load(sys.argv[1])' "$1" \
-  2>/dev/null; }
+# (exports from before the contract stated the magnification are made again, so that scale checks apply to them)
+usable() { .venv/bin/python -c 'import sys; from runtime.manifest import Manifest
+assert Manifest.load(sys.argv[1]).contract.magnification' "$1" 2>/dev/null; }
 usable models/reference || .venv/bin/python -m export reference -o models/reference
 TRAINED=../shared/models/breakhis-scratch-v1
 if [ -f "$TRAINED/weights.pt" ]; then
