@@ -45,6 +45,9 @@ def resample_factor(scale: Scale, contract: Contract) -> tuple[float, list[str]]
                                                        "trained on")]
         return f, warn
     model = f"{contract.magnification:g}X" if contract.magnification else "the model's"
+    if scale.mpp and not contract.mpp:
+        return 1.0, [f"the input's scale is known only in microns per pixel ({scale.mpp:g}, {scale.source}) and the "
+                     f"model's only as a magnification: assumed to be {model} scale (--magnification states it)"]
     return 1.0, [f"scale unknown (no magnification or microns per pixel in the file; --magnification or --mpp "
                  f"states it): assumed to be {model} scale"]
 

@@ -133,6 +133,8 @@ def test_scale_rules():
     assert resample_factor(Scale(100.0, None, "flag"), c) == (1.0, [])
     f, warn = resample_factor(Scale(), c)
     assert f == 1.0 and "scale unknown" in warn[0]
+    f, warn = resample_factor(Scale(None, 0.25, "OME-XML"), c)  # microns per pixel, but the model states none
+    assert f == 1.0 and "only in microns per pixel" in warn[0]
     with_mpp = replace(c, mpp=0.5)
     assert resample_factor(Scale(40.0, 0.25, "OME-XML"), with_mpp)[0] == 2.0  # microns per pixel win
 
