@@ -3,8 +3,8 @@ the machine's description (run it through benchmarks/device_check.sh, which inst
 
 Steps: describe the machine; export the trained and the reference models where missing; the GPU, kernel and
 TensorRT tests; `export verify` for every GPU backend and precision on the trained model (all shared images); the
-CLI on the trained model; the GPU benchmark suite; the kernel benchmark. A step that fails is recorded and the next
-one runs. --dry-run checks the plan without a GPU: every command's --help must work.
+CLI on the trained model; the GPU benchmark suite; the kernel benchmark; the slide benchmark. A step that fails is
+recorded and the next one runs. --dry-run checks the plan without a GPU: every command's --help must work.
 """
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ def plan(images: Path, out: Path, trained: Path, limit: int) -> list[tuple[str, 
                                      "--json", str(out / "ort_cuda.json")]))
     steps.append(("bench-kernel", [*py, "benchmarks.gpu_preprocess", "--model", str(trained), "--images", str(images),
                                    "--json", str(out / "kernel.json")]))
+    steps.append(("bench-slide", [*py, "benchmarks.slide", "--model", str(trained), "--images", str(images),
+                                  "--backend", "onnxruntime-cuda", "--batch-size", "16", "--json",
+                                  str(out / "slide-gpu.json")]))
     steps.append(("tests-gpu", [*py, "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
                                 "tests/test_gpu.py", f"--junitxml={out / 'tests-gpu.xml'}"]))
     return steps

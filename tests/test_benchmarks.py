@@ -34,7 +34,7 @@ def test_device_check_dry_run_plans_every_gpu_step(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     steps = [s["step"] for s in summary["steps"]]
     for want in ("tests-gpu", "verify-onnxruntime-cuda-fp16", "verify-onnxruntime-cuda-fp32", "verify-tensorrt-fp16",
-                 "bench-gpu", "bench-kernel"):
+                 "bench-gpu", "bench-kernel", "bench-slide"):
         assert want in steps
     assert all(s["rc"] == 0 for s in summary["steps"]), summary
     assert proc.returncode == 0 and "gpu" in json.loads((tmp_path / "machine.json").read_text())
