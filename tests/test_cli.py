@@ -173,9 +173,9 @@ def test_a_file_that_is_not_a_checkpoint_gets_a_short_reason(tmp_path):
     assert "weights_only" not in proc.stderr
 
 
-@pytest.mark.parametrize("module", ["runtime.serve", "runtime.watch"])
+@pytest.mark.parametrize("module", ["runtime.serve", "runtime.watch", "runtime.slide"])
 def test_every_runtime_cli_validates_backend_and_takes_precision_and_preprocess(module, tmp_path):
-    args = [str(tmp_path)] if module == "runtime.watch" else []
+    args = [str(tmp_path)] if module in ("runtime.watch", "runtime.slide") else []
     extra = ["--out", str(tmp_path / "r.jsonl")] if module == "runtime.watch" else []
     proc = run_module(module, *args, *extra, "--backend", "bogus")
     assert proc.returncode == 2 and "auto" in proc.stderr and "onnxruntime-cuda" in proc.stderr
