@@ -1,5 +1,6 @@
 """Large inputs read lazily: a pyramidal or tiled TIFF (OME-TIFF, BigTIFF, Aperio SVS) through tifffile's zarr
-interface, reading only the tiles a region needs; other images (PNG, JPEG, ...) decoded whole, within --max-pixels.
+interface, reading only the tiles a region needs; other vendor slide formats through OpenSlide where it is installed
+(optional); other images (PNG, JPEG, ...) decoded whole, within --max-pixels.
 Every region comes back as BGR uint8, and the source says what it knows of its scale."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, read_image
 from runtime.scale import Scale, from_name
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
+OPENSLIDE_SUFFIXES = (".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")  # vendor formats: OpenSlide
 BLOCK = 2048  # pixels a side read at a time when a thumbnail is made from a large level
 
 
@@ -51,10 +53,13 @@ class Source:
 
 
 def open_source(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
-    """A TiffSource for TIFF-family files, else the image decoded whole (refused above ``max_pixels``)."""
+    """A TiffSource for TIFF-family files, an OpenSlideSource for other vendor slide formats, else the image decoded
+    whole (refused above ``max_pixels``)."""
     path = Path(path)
     if path.name.lower().endswith(TIFF_SUFFIXES):
         return TiffSource(path)
+    if path.name.lower().endswith(OPENSLIDE_SUFFIXES):
+        return OpenSlideSource(path)
     return ArraySource(path, read_image(path, max_pixels).bgr)
 
 
@@ -100,6 +105,38 @@ class TiffSource(Source):
 
     def close(self) -> None:
         self.tif.close()
+
+
+class OpenSlideSource(Source):
+    """Vendor slide formats (Hamamatsu, MIRAX, Leica, Ventana, ...) through OpenSlide, an optional extra."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import openslide
+        except ImportError:
+            raise ImageError(f"{path}: a vendor slide format; reading it needs OpenSlide (pip install "
+                             "'breakhis-edge[openslide]': openslide-python and openslide-bin)") from None
+        self.name = str(path)
+        try:
+            self.slide = openslide.OpenSlide(str(path))
+        except (openslide.OpenSlideError, OSError) as e:
+            raise ImageError(f"{path}: OpenSlide cannot read it ({e})") from None
+        self.sizes = [(int(w), int(h)) for w, h in self.slide.level_dimensions]
+        self.downsamples = [float(d) for d in self.slide.level_downsamples]
+        mag = self.slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+        mpp = self.slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+        self.scale = Scale(float(mag) if mag else None, float(mpp) if mpp else None, "OpenSlide properties") \
+            if mag or mpp else from_name(path.name)
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        d = self.downsamples[level]
+        rgba = np.asarray(self.slide.read_region((round(x * d), round(y * d)), level, (w, h)))  # origin: level 0
+        rgb = rgba[..., :3].copy()
+        rgb[rgba[..., 3] == 0] = 255  # outside the scanned area: white, as glass
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+
+    def close(self) -> None:
+        self.slide.close()
 
 
 def _tiff_scale(tif: Any, path: Path) -> Scale:

@@ -224,6 +224,14 @@ def test_page_in_headless_chromium(server, images_100x, small_mosaic, tmp_path):
         assert driver.find_element(By.ID, "dl-geojson").is_displayed()
         slide_shot = tmp_path / "page-slide.png"
         driver.save_screenshot(str(slide_shot))
+        rows = driver.find_elements(By.CSS_SELECTOR, "#history tr")
+        assert len(rows) == 4 and "mosaic.tif" in rows[-1].text
+        rows[1].find_element(By.TAG_NAME, "button").click()  # an image again: its own view, not the slide's
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "result").is_displayed())
+        assert not driver.find_element(By.ID, "slide-result").is_displayed()
+        rows[-1].find_element(By.TAG_NAME, "button").click()  # and the slide again
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "overlay").is_displayed())
+        assert not driver.find_element(By.ID, "result").is_displayed()
         if os.environ.get("BREAKHIS_SCREENSHOT_DIR"):
             shutil.copy(shot, os.environ["BREAKHIS_SCREENSHOT_DIR"])
             shutil.copy(slide_shot, os.environ["BREAKHIS_SCREENSHOT_DIR"])

@@ -181,3 +181,23 @@ def test_a_single_level_image_gives_its_thumbnail_block_by_block(images_100x, tm
         src.close()
     assert thumb.shape == (667, 1000, 3) and down == pytest.approx(2.688)
     assert np.abs(thumb.astype(int) - whole).mean() < 2.0
+
+
+def test_openslide_reads_the_same_pixels_where_installed(mosaic, monkeypatch):
+    from runtime.imageio import ImageError
+    from runtime.slide_source import OpenSlideSource
+
+    path, layout = mosaic
+    try:
+        import openslide  # noqa: F401
+    except ImportError:
+        pytest.skip("OpenSlide not installed (setup.sh installs the openslide extra)")
+    src = OpenSlideSource(path)  # OpenSlide reads a generic tiled TIFF too: compare it with the tifffile reader
+    try:
+        assert src.sizes[0] == (4 * FW, 3 * FH)
+        assert np.array_equal(src.read(0, FW, FH, FW, FH), cv2.imread(str(layout[1][1]))[:FH, :FW])
+    finally:
+        src.close()
+    monkeypatch.setitem(__import__("sys").modules, "openslide", None)  # as on a machine without the extra
+    with pytest.raises(ImageError, match="needs OpenSlide"):
+        open_source(path.with_suffix(".ndpi"))
