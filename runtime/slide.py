@@ -302,9 +302,11 @@ def main(argv: list[str] | None = None) -> int:
 def _summary(r: SlideResult, out: Path) -> str:
     a, n, s = r.aggregate, r.counts, r.scale
     verdict = f"{a['label']} ({a['rule']} = {a['value']:.4f})" if a["value"] is not None else a["note"]
+    model = f"{s['model_magnification']:g}X" if s["model_magnification"] else "the model's"
+    given = f"{s['magnification']:g}X" if s["magnification"] else "?"
     lines = [f"{r.path}: {verdict}",
-             f"  {n['fields']} fields at {s['model_magnification'] or 'the model'}X scale (input "
-             f"{s['magnification'] or '?'}X from {s['source']}, factor {s['factor']:.3g}, level {s['level']}): "
+             f"  {n['fields']} fields at {model} scale (input {given} from {s['source']}, factor {s['factor']:.3g}, "
+             f"level {s['level']}): "
              f"{n['classified']} classified, {n['background']} background, {n['errors']} errors; "
              f"{r.timings_ms['total'] / 1e3:.1f} s",
              f"  wrote {out / Path(r.path).name}.geojson / .csv / .overlay.png / .json"]
