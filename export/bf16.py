@@ -14,7 +14,7 @@ from runtime.backends.openvino import compile_onnx, infer
 from runtime.errors import Unavailable
 from runtime.fidelity import Comparison, compare
 from runtime.inputs import folder_fields
-from runtime.manifest import REPORT_NAME, Manifest, Variant
+from runtime.manifest import REPORT_NAME, Manifest, Variant, verified_file
 
 RUNTIME = "openvino-cpu"
 
@@ -59,7 +59,7 @@ def add_to_model(model_dir: Path, images: Path, n_images: int | None = None, log
     fields = folder_fields(images, manifest.contract, n_images)
     if not len(fields):
         raise ValueError(f"{images}: no usable images to gate BF16 on")
-    fp32 = Path(model_dir) / manifest.variant("fp32", model_dir).file
+    fp32, _ = verified_file(model_dir, manifest.variant("fp32", model_dir).file, manifest.files)  # what is gated
     log(f"FP32 reference on {len(fields)} fields (ONNX Runtime CPU) ...")
     reference = {k: v for k, v in ort_outputs(fp32, fields, input_name=manifest.input_name).items() if k in OUTPUTS}
     report_path = Path(model_dir) / REPORT_NAME
