@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_json
 from benchmarks.variants import RUNTIME_TRT_FP16, SUITES, open_variant
 from runtime.fidelity import compare
 
@@ -174,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             result["variants"][v]["peak_rss_mb"] = peak_rss(v, args.model, args.threads, images[:8])
     print(table(result))
+    write_json(args.json, result)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

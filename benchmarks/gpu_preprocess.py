@@ -8,13 +8,13 @@ preprocessing per image (upload included). Needs pycuda and a CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_json
 from runtime.imageio import read_image
 from runtime.manifest import Manifest
 from runtime.paths import default_model_dir
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
            "cpu_preprocess_per_image_p50_ms": float(np.median(cpu_ms))}
     for k, v in res.items():
         print(f"{k:34s} {v:.4g}" if isinstance(v, float) else f"{k:34s} {v}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json, res)
     return 0
 
 

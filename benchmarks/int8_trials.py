@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from benchmarks import write_json
 from export import onnx_export as ox
 from export import range_safe as rs
 from export.model import CONTRACT, BreakHisNet
@@ -134,9 +135,7 @@ def main() -> None:
             rows.append(trial(f"t{i}", m, fields, ref, work, **kw) | {"recipe": name})
             print(json.dumps(rows[-1]), flush=True)
     table = {"fields": len(fields), "trials": rows}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(table, indent=2) + "\n")
+    write_json(args.json, table)
     if args.record is not None:
         path = args.record / REPORT_NAME
         report = json.loads(path.read_text()) if path.is_file() else {}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_json
+
 # name -> (precision, CUDA execution provider options)
 CONFIGS = {
     "fp32": ("fp32", {"use_tf32": "0"}),
@@ -103,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     out["configs"]["pytorch-fp16-channels-last-graph"] = {"precision": "fp16", "ms_per_field": row}
     print(f"{'pytorch-fp16-cl-graph':18s} {json.dumps(row)}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, out)
     return 0
 
 

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import psutil
 
+from benchmarks import write_json
 from runtime.paths import REPO, sample_images
 
 
@@ -107,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                      **({"p50_ms": float(np.median(ok)), "p95_ms": float(np.percentile(ok, 95)),
                          "max_ms": float(ok.max())} if len(ok) else {})}
     print(json.dumps(out, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, out)
     return 0
 
 

@@ -6,14 +6,15 @@ and off on the same synthetic pyramidal BigTIFF (real shared fields among blank 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from benchmarks import write_json
 from benchmarks.synthetic_slide import write_mosaic
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = [[images[int(rng.integers(len(images)))] if rng.random() < args.tissue else None
                for _ in range(args.cols)] for _ in range(args.rows)]
     clf = open_classifier(args)
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp, clf:
         path = Path(tmp) / "region.tif"
         w, h = write_mosaic(path, layout, levels=4)
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 "classified_fields_per_s": res.counts["classified"] / s,
                 "region_fields_per_s": res.counts["fields"] / s, "verdict": res.aggregate}
     on, off = rows["mask on"], rows["mask off"]
-    result = {"region": {"width": w, "height": h, "fields": on["fields"],
+    result: dict[str, Any] = {"region": {"width": w, "height": h, "fields": on["fields"],
                          "tissue_fields": sum(p is not None for r in layout for p in r)},
               "backend": clf.backend.name, "runs": rows,
               "mask_savings": {"fields_skipped": off["classified"] - on["classified"],
@@ -62,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['classified_fields_per_s']:.2f} classified fields/s, {r['region_fields_per_s']:.2f} region fields/s")
     print(f"  the mask skipped {result['mask_savings']['fields_skipped']} fields and saved "
           f"{result['mask_savings']['time_saved_fraction']:.0%} of the time")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
 
 
