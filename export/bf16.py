@@ -11,7 +11,7 @@ import numpy as np
 
 from export.verify import OUTPUTS, ort_outputs
 from runtime.backends.openvino import compile_onnx, infer
-from runtime.errors import Unavailable
+from runtime.errors import BreakhisError, Unavailable
 from runtime.fidelity import Comparison, compare
 from runtime.inputs import folder_fields
 from runtime.manifest import REPORT_NAME, Manifest, Variant, verified_file
@@ -41,6 +41,10 @@ def gate_into(report: dict, variants: dict[str, Variant], model_path: Path, fiel
     except Unavailable as e:
         report["not_made"]["bf16"] = f"{e}; run `python -m export bf16` on a CPU with native BF16"
         log(f"  BF16 variant not made: {e}")
+        return
+    except (BreakhisError, RuntimeError) as e:  # a variant that cannot be checked is not shipped
+        report["rejected"]["bf16"] = f"could not be checked: OpenVINO cannot run it ({str(e).splitlines()[0][:200]})"
+        log(f"  BF16 variant REJECTED ({report['rejected']['bf16']}): not listed")
         return
     for line in result.lines():
         log("  " + line)

@@ -82,6 +82,12 @@ class SlideResult:
                                          "row": f.row, "col": f.col}})
         return {"type": "FeatureCollection", "features": feats}
 
+    def save(self, stem: str | Path) -> None:
+        """Write STEM.geojson, STEM.csv and STEM.json (the overlay is written while classifying)."""
+        Path(f"{stem}.geojson").write_text(json.dumps(self.geojson()) + "\n")
+        Path(f"{stem}.csv").write_text(self.csv())
+        Path(f"{stem}.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
     def csv(self) -> str:
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\n")
@@ -285,10 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if bar:
                     bar(-1, -1)
-            stem = args.out / path.name
-            Path(f"{stem}.geojson").write_text(json.dumps(res.geojson()) + "\n")
-            Path(f"{stem}.csv").write_text(res.csv())
-            Path(f"{stem}.json").write_text(json.dumps(res.to_dict(), indent=1) + "\n")
+            res.save(args.out / path.name)
             failed += res.counts["errors"] > 0
             results.append(res)
     if args.json:

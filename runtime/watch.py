@@ -155,7 +155,8 @@ class Watcher:
         record(self.out, rec)
         self.latest[rec["path"]] = rec
         self.seen.pop(rec["path"], None)
-        status = rec["error"] or f"{rec['label']} {rec['probability']:.4f}"
+        status = rec["error"] or (f"{rec['label']} {rec['probability']:.4f}" if rec["probability"] is not None
+                                  else "no tissue field to classify")
         print(f"{os.path.basename(rec['path'])!r}: {status}", file=sys.stderr)
 
     def _slide(self, key: str) -> dict[str, Any]:
@@ -180,9 +181,7 @@ class Watcher:
             res = classify_slide(self.clf, Path(key), overlay=Path(f"{stem}.overlay.png"))
         except BreakhisError as e:
             return rec | {"error": str(e)}
-        Path(f"{stem}.geojson").write_text(json.dumps(res.geojson()) + "\n")
-        Path(f"{stem}.csv").write_text(res.csv())
-        Path(f"{stem}.json").write_text(json.dumps(res.to_dict(), indent=1) + "\n")
+        res.save(stem)
         return rec | {"label": res.aggregate["label"], "probability": res.aggregate["value"],
                       "fields": [asdict(f) for f in res.fields if f.status == "classified"],
                       "warnings": res.warnings, "slide": {"aggregate": res.aggregate, "counts": res.counts,
