@@ -1,8 +1,10 @@
 """Image decoding: the header read lazily by Pillow first (size limit, pages, EXIF orientation), pixels decoded by
-OpenCV, explicit colour conversions, decoder messages attached to the image they concern, clear errors."""
+libpng through imagecodecs (PNG) or OpenCV (the rest), explicit colour conversions, decoder messages attached to the
+image they concern, clear errors."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import sys
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
+import imagecodecs
 import numpy as np
 
 from runtime.errors import BreakhisError
@@ -50,14 +53,15 @@ ORIENTATION = {2: ("mirrored", (_FLIP_H,)), 3: ("rotated 180", (_FLIP_H, _FLIP_V
                5: ("transposed", (_FLIP_H, _CCW)), 6: ("rotated 90", (_CW,)), 7: ("transversed", (_FLIP_H, _CW)),
                8: ("rotated 270", (_CCW,))}
 _STDERR_LOCK = threading.Lock()
+_PNG_MESSAGES = threading.local()
 FLAGS = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION  # orientation is applied here, once, and reported
 
 
 @contextmanager
 def _decoder_messages() -> Iterator[list[str]]:
-    """Collect what C decoders (libjpeg, libpng, libtiff) print to stderr while decoding one image, so that it is
-    attached to that image's result instead of appearing, unattributed, on the console. Decodes are serialised
-    while stderr is redirected."""
+    """Collect what OpenCV's C decoders (libjpeg, libtiff) print to stderr while decoding one image, so that it is
+    attached to that image's result instead of appearing, unattributed, on the console. These decodes are
+    serialised while stderr is redirected (PNG, the dataset's format, goes through ``_decode_png`` instead)."""
     lines: list[str] = []
     with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
         sys.stderr.flush()
@@ -70,6 +74,39 @@ def _decoder_messages() -> Iterator[list[str]]:
             os.close(saved)
             tmp.seek(0)
             lines += [x.strip() for x in tmp.read().decode(errors="replace").splitlines() if x.strip()]
+
+
+class _AttachToThisDecode(logging.Filter):
+    """imagecodecs reports libpng's warnings through Python logging, in the decoding thread: they go to the image
+    that thread is decoding instead of the console, so PNG decodes run in parallel without redirecting stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        lines = getattr(_PNG_MESSAGES, "lines", None)
+        if lines is None:
+            return True
+        lines.append(record.getMessage().strip())
+        return False
+
+
+logging.getLogger("imagecodecs").addFilter(_AttachToThisDecode())
+
+
+def _decode_png(data: bytes, messages: list[str]) -> np.ndarray | None:
+    """One PNG by libpng (imagecodecs releases the GIL and raises on errors), in OpenCV's IMREAD_UNCHANGED layout:
+    gray 2-D, BGR, BGRA (gray + alpha becomes BGRA, as OpenCV does), 8 or 16 bit."""
+    _PNG_MESSAGES.lines = messages
+    try:
+        img = imagecodecs.png_decode(data)
+    except imagecodecs.PngError as e:
+        messages.append(f"libpng error: {e}")
+        return None
+    finally:
+        _PNG_MESSAGES.lines = None
+    if img.ndim == 3 and img.shape[2] == 2:
+        img = img[:, :, [0, 0, 0, 1]]
+    elif img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR if img.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+    return img
 
 
 @dataclass
@@ -119,14 +156,19 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Deco
         raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels is above the limit of {max_pixels:,} "
                          "(raise it with --max-pixels)")
     conversions: list[str] = []
-    with _decoder_messages() as messages:
-        buf = np.frombuffer(data, np.uint8)
-        if len(info.pages) > 1:
-            ok, mats = cv2.imdecodemulti(buf, FLAGS, range=(page, page + 1))
-            img = mats[0] if ok and mats else None
-            conversions.append(f"page {page + 1} of {len(info.pages)} used (the largest, {w}x{h})")
-        else:
-            img = cv2.imdecode(buf, FLAGS)
+    img: np.ndarray | None
+    if info.format == "PNG" and len(info.pages) == 1:
+        messages: list[str] = []
+        img = _decode_png(data, messages)
+    else:
+        with _decoder_messages() as messages:
+            buf = np.frombuffer(data, np.uint8)
+            if len(info.pages) > 1:
+                ok, mats = cv2.imdecodemulti(buf, FLAGS, range=(page, page + 1))
+                img = mats[0] if ok and mats else None
+                conversions.append(f"page {page + 1} of {len(info.pages)} used (the largest, {w}x{h})")
+            else:
+                img = cv2.imdecode(buf, FLAGS)
     damaged = [m for m in messages if any(k in m.lower() for k in DAMAGE)]
     if damaged:
         raise ImageError(f"{name}: truncated or corrupt data, the decoder says: {'; '.join(damaged)[:300]} (not "

@@ -29,8 +29,58 @@ def test_formats_decode_and_header_size_agrees(tmp_path, ext):
         np.testing.assert_array_equal(dec.bgr, img)
 
 
-def test_png_matches_opencv_color_read(sample):
-    np.testing.assert_array_equal(read_image(sample).bgr, cv2.imread(str(sample), cv2.IMREAD_COLOR))
+def test_png_matches_opencv_color_read_on_every_shared_image(shared_data):
+    paths = sorted((shared_data / "breakhis-100x").glob("*.png"))
+    assert len(paths) >= 40
+    for path in paths:
+        np.testing.assert_array_equal(read_image(path).bgr, cv2.imread(str(path), cv2.IMREAD_COLOR), err_msg=path.name)
+
+
+def _pil_png(mode: str, **save) -> bytes:
+    from PIL import Image
+
+    rgb = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    im = Image.fromarray(rgb)
+    im = im.quantize(16) if mode == "P" else im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, "PNG", **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["RGB", "L", "LA", "RGBA", "P", "P+tRNS", "1", "I;16", "interlaced"])
+def test_png_layouts_give_what_opencv_gives(kind):
+    """PNG pixels come from libpng through imagecodecs (parallel decoding); every colour type, bit depth and
+    interlacing gives OpenCV's pixels and the same reported conversions."""
+    if kind == "interlaced":
+        data = _pil_png("RGB", optimize=False)
+        data = cv2.imencode(".png", cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))[1].tobytes()
+    else:
+        data = _pil_png(kind.split("+")[0], **({"transparency": 3} if kind == "P+tRNS" else {}))
+    from runtime.imageio import FLAGS, to_bgr8
+
+    expected = to_bgr8(cv2.imdecode(np.frombuffer(data, np.uint8), FLAGS), "x")
+    dec = decode(data, "x.png")
+    np.testing.assert_array_equal(dec.bgr, expected.bgr)
+    assert dec.conversions == expected.conversions and dec.warnings == []
+
+
+def test_png_decoder_messages_go_to_their_own_image_and_png_decodes_run_in_parallel(sample, capfd):
+    """libpng's warning about a second gAMA chunk belongs to that file's result, while clean PNGs decoded at the
+    same time in other threads report nothing, and nothing reaches the console; PNG decodes never wait for the
+    stderr lock that serialises OpenCV's decoders (it is held throughout here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime import imageio
+
+    clean = sample.read_bytes()
+    gama = b"gAMA" + struct.pack(">I", 45455)
+    odd = clean[:33] + struct.pack(">I", 4) + gama + struct.pack(">I", zlib.crc32(gama)) + clean[33:]
+    capfd.readouterr()
+    with imageio._STDERR_LOCK, ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: decode(odd if i % 4 == 0 else clean, f"f{i}.png"), range(16), timeout=60))
+    for i, r in enumerate(results):
+        assert r.warnings == (["PNG warning: gAMA: duplicate"] if i % 4 == 0 else []), i
+    assert capfd.readouterr().err == ""
 
 
 def test_grayscale_is_converted_and_reported(tmp_path, sample):
