@@ -38,6 +38,8 @@ def plan(images: Path, out: Path, trained: Path, limit: int) -> list[tuple[str, 
                            "--precision", precision, "--json", str(out / f"verify-{backend}-{precision}.json")]))
     steps.append(("classify-trained", [*py, "runtime.classify", "--no-progress", "--json", "--model", str(trained),
                                        str(images)]))
+    steps.append(("bench-decode", [*py, "benchmarks.decode", "--images", str(images), "--json",
+                                   str(out / "decode.json")]))
     steps.append(("bench-gpu", [*py, "benchmarks", "--suite", "gpu", "--model", str(trained), "--images", str(images),
                                 "--limit", str(limit), "--no-memory", "--json", str(out / "gpu.json")]))
     steps.append(("bench-ort-cuda", [*py, "benchmarks.ort_cuda", "--model", str(trained),
@@ -68,7 +70,7 @@ def describe() -> dict:
         info["tensorrt"] = import_tensorrt().__version__
     except Exception as e:  # TrtUnavailable, or a broken install: a fact about the machine
         info["tensorrt"] = f"missing ({str(e)[:120]})"
-    for mod in ("onnxruntime", "torch", "pycuda", "numpy", "cv2"):
+    for mod in ("onnxruntime", "torch", "pycuda", "numpy", "cv2", "imagecodecs"):
         try:
             m = __import__(mod)
             info[mod] = getattr(m, "__version__", "?")

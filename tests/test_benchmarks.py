@@ -34,7 +34,7 @@ def test_device_check_dry_run_plans_every_gpu_step(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     steps = [s["step"] for s in summary["steps"]]
     for want in ("tests-gpu", "verify-onnxruntime-cuda-fp16", "verify-onnxruntime-cuda-fp32", "verify-tensorrt-fp16",
-                 "bench-gpu", "bench-kernel", "bench-slide"):
+                 "bench-gpu", "bench-kernel", "bench-slide", "bench-decode"):
         assert want in steps
     assert all(s["rc"] == 0 for s in summary["steps"]), summary
     assert proc.returncode == 0 and "gpu" in json.loads((tmp_path / "machine.json").read_text())
@@ -49,3 +49,14 @@ def test_slide_benchmark_reports_rate_and_mask_savings(model_dir, shared_data, t
     on, off = res["runs"]["mask on"], res["runs"]["mask off"]
     assert off["classified"] == 6 and on["classified"] == res["region"]["tissue_fields"]
     assert res["mask_savings"]["fields_skipped"] == 6 - on["classified"] and on["classified_fields_per_s"] > 0
+
+
+def test_decode_benchmark_reports_every_decoder_and_thread_count(shared_data, tmp_path):
+    out = tmp_path / "decode.json"
+    proc = run_module("benchmarks.decode", "--images", str(shared_data / "breakhis-100x"), "--workers", "1", "2",
+                      "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["decoder"], r["threads"]) for r in rows} == {(d, w) for d in ("runtime", "opencv_imdecode")
+                                                            for w in (1, 2)}
+    assert all(r["images_per_s"] > 0 for r in rows) and "images/s" in proc.stdout

@@ -152,3 +152,29 @@ def test_decode_pipeline_keeps_order_bounds_what_it_reads_ahead_and_passes_bad_f
     assert [r.path for r in got] == [it.name for it in items]
     assert "bad.png" in got[4].error and all(r.error is None for i, r in enumerate(got) if i != 4)
     assert [r.probability for r in got] == [r.probability for r in want]
+
+
+def test_pipeline_memory_does_not_grow_with_the_number_of_inputs(model_dir, images_100x):
+    """Stated bound (README, "Speed"): what the pipeline holds is the read-ahead window (2 decoded images per decode
+    worker) plus the batch in progress, whatever the folder size. Measured with tracemalloc (numpy and the decoders'
+    arrays are traced) over 40 and over 400 inputs: the peak stays under that bound both times. The backend's
+    inference is replaced by a constant here (only the pipeline is under test; 400 VGG16 passes would take minutes)."""
+    import itertools
+    import tracemalloc
+
+    workers = 4
+    with Classifier(model_dir, backend="cpu", decode_workers=workers, batch_size=4) as c:
+        c.backend.run = lambda fields: {"logit": np.zeros(len(fields), np.float32),
+                                        "probability": np.full(len(fields), 0.25, np.float32)}
+        field_bytes = int(np.prod(c.contract.field_shape)) * 4
+        image_bytes = 700 * 460 * 3
+        bound = (2 * workers + c.batch_size + 2) * image_bytes * 2 + c.batch_size * field_bytes + (8 << 20)
+        peaks = []
+        for n in (40, 400):
+            tracemalloc.start()
+            done = sum(r.error is None for r in c.classify_iter(itertools.islice(itertools.cycle(images_100x), n)))
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+            assert done == n
+    assert max(peaks) < bound, (peaks, bound)
+    assert peaks[1] < peaks[0] * 1.25 + (4 << 20), peaks  # ten times the inputs, not more memory
