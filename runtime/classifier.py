@@ -91,8 +91,8 @@ class Classifier:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         # Images are read and decoded ahead of inference by a small pool of threads, so reading and decoding
-        # overlap inference; the window of decoded images ahead is bounded. (Decodes themselves take turns while
-        # their decoder's messages are captured for the file: runtime/imageio.py.)
+        # overlap inference; the window of decoded images ahead is bounded. (PNGs decode in parallel; OpenCV's
+        # decoders take turns while their messages are captured for the file: runtime/imageio.py.)
         self.decode_workers = decode_workers if decode_workers is not None else min(4, os.cpu_count() or 1)
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.manifest = Manifest.load(self.model_dir)
