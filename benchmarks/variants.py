@@ -97,7 +97,7 @@ def open_variant(name: str, model_dir: Path, threads: int) -> Variant:
         BASELINE_FOLDER: lambda: _baseline(model_dir, threads, "cpu"),
         BASELINE_CUDA_FOLDER: lambda: _baseline(model_dir, threads, "cuda"),
         RUNTIME_ORT_CUDA_FOLDER: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", precision="fp16",
-                                                  batch_size=32, decode_workers=8),
+                                                  batch_size=32),
         RUNTIME_ORT_CUDA_FP32: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", precision="fp32",
                                                 batch_size=1),
         RUNTIME_ORT_CUDA: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", precision="fp16",

@@ -90,15 +90,18 @@ class Classifier:
                  precision: str = "auto", allow_build: bool = False, decode_workers: int | None = None) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        # Images are read and decoded ahead of inference by a small pool of threads, so reading and decoding
-        # overlap inference; the window of decoded images ahead is bounded. (PNGs decode in parallel; OpenCV's
-        # decoders take turns while their messages are captured for the file: runtime/imageio.py.)
-        self.decode_workers = decode_workers if decode_workers is not None else min(4, os.cpu_count() or 1)
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.manifest = Manifest.load(self.model_dir)
         self.contract = self.manifest.contract
         self.max_pixels = max_pixels
         self.backend, notes = open_backend(backend, self.model_dir, self.manifest, threads, precision, allow_build)
+        # Images are read and decoded ahead of inference by a pool of threads, so decoding overlaps inference. With
+        # inference on a GPU the host's cores are free for decoding (one is left for this thread); on the CPU
+        # inference needs them and a few decode threads keep up. (PNGs decode in parallel; OpenCV's decoders take
+        # turns while their messages are captured for the file: runtime/imageio.py.)
+        cores = os.cpu_count() or 1
+        self.decode_workers = decode_workers if decode_workers is not None else \
+            min(16, max(1, cores - 1)) if self.backend.on_gpu else min(4, cores)
         self.batch_size = min(batch_size or self.backend.preferred_batch,
                               getattr(self.backend, "max_batch", None) or 1 << 30)
         self.gpu = _open_gpu_preprocessor(preprocess, self.backend, self.contract, notes)
@@ -139,7 +142,8 @@ class Classifier:
         yield from self._pop_finished(queue)
 
     def _prepared(self, images: Iterable[Input]) -> Iterator[_Pending]:
-        """Inputs read, decoded and tiled, in input order; with decode workers, up to 2 per worker ahead."""
+        """Inputs read, decoded and tiled, in input order. With decode workers, up to 2 per worker plus a batch
+        ahead: the next batch decodes while this one is inferred, and memory stays bounded."""
         if self.decode_workers <= 1:
             yield from map(self._prepare, images)
             return
@@ -147,7 +151,7 @@ class Classifier:
         with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
             for item in images:
                 window.append(pool.submit(self._prepare, item))
-                if len(window) >= 2 * self.decode_workers:
+                if len(window) >= 2 * self.decode_workers + self.batch_size:
                     yield window.popleft().result()
             while window:
                 yield window.popleft().result()

@@ -148,7 +148,7 @@ def test_decode_pipeline_keeps_order_bounds_what_it_reads_ahead_and_passes_bad_f
         got = []
         for r in par.classify_iter(stream()):
             got.append(r)
-            assert len(pulled) - len(got) <= 2 * 3 + par.batch_size  # the read-ahead window, never the folder
+            assert len(pulled) - len(got) <= 2 * 3 + 2 * par.batch_size  # read ahead + the batch, never the folder
     assert [r.path for r in got] == [it.name for it in items]
     assert "bad.png" in got[4].error and all(r.error is None for i, r in enumerate(got) if i != 4)
     assert [r.probability for r in got] == [r.probability for r in want]

@@ -25,6 +25,7 @@ class Backend(Protocol):
     device_input: bool  # True: a DeviceInputBackend whose input buffer the GPU kernel can fill
     file_sha256: str  # its sha256, checked against the manifest (or the engine's sidecar) when loaded
     preferred_batch: int  # fields per run() when the user does not say: the measured sweet spot
+    on_gpu: bool  # inference runs on a GPU, so the host's cores are free to decode
 
     def run(self, fields: np.ndarray) -> dict[str, np.ndarray]:
         """(B, T, 3, P, P) float32 preprocessed fields -> {output name: (B,) float32} for the manifest's outputs."""

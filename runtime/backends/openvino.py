@@ -98,6 +98,7 @@ class OpenVinoBackend:
         self.model_file = fname
         self.preferred_batch = 1  # as ONNX Runtime on the CPU: larger batches only cost memory
         self.device_input = False
+        self.on_gpu = False
 
     def run(self, fields: np.ndarray) -> dict[str, np.ndarray]:
         return infer(self.request, self.input_name, self.output_names, fields)

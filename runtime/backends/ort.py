@@ -47,6 +47,7 @@ class OrtBackend:
         # On the CPU one field (6 patches) per run: larger batches only cost memory (README, "Speed"); GPUs want more.
         self.preferred_batch = 8 if cuda else 1
         self.device_input = False
+        self.on_gpu = cuda
 
         if cuda:
             self._device_buffers(manifest)

@@ -36,7 +36,7 @@ class TensorRTBackend:
         self.name = f"tensorrt-{precision}"
         self.precision = precision
         self.model_file, self.file_sha256 = f"engines/{path.name}", info.engine_sha256
-        self.device_input = True
+        self.device_input = self.on_gpu = True
         self.max_batch = int(info.profile["max"])
         self.preferred_batch = int(info.profile["opt"])
         self.field_shape = manifest.contract.field_shape
