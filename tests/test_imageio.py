@@ -195,3 +195,14 @@ def test_multipage_tiff_uses_its_largest_page_and_says_so(tmp_path, sample):
     dec = read_image(tmp_path / "scan.tif")
     assert dec.bgr.shape == (460, 700, 3) and "page 2 of 2" in dec.conversions[0]
     np.testing.assert_array_equal(dec.bgr, read_image(sample).bgr)
+
+
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_png_with_a_damaged_image_data_checksum_is_refused(sample, which):
+    """The pixels' zlib stream intact, only an IDAT chunk's CRC changed: the data still inflates, but the file is
+    not what was written, so it gets no verdict."""
+    data = bytearray(sample.read_bytes())
+    i = data.find(b"IDAT") if which == "first" else data.rfind(b"IDAT")
+    data[i + 4 + int.from_bytes(data[i - 4:i], "big")] ^= 0xFF
+    with pytest.raises(ImageError, match="IDAT: CRC error"):
+        decode(bytes(data), "x.png")
