@@ -206,3 +206,15 @@ def test_png_with_a_damaged_image_data_checksum_is_refused(sample, which):
     data[i + 4 + int.from_bytes(data[i - 4:i], "big")] ^= 0xFF
     with pytest.raises(ImageError, match="IDAT: CRC error"):
         decode(bytes(data), "x.png")
+
+
+@pytest.mark.parametrize("kind,head", [(b"zTXt", b"Comment\x00\x00"), (b"iCCP", b"profile\x00\x00"),
+                                       (b"iTXt", b"Comment\x00\x01\x00\x00\x00")])
+def test_png_with_a_compressed_chunk_bomb_is_refused_before_decoding(sample, kind, head):
+    """A metadata chunk that inflates to 64 MB (from 64 KB) ahead of the pixels: refused by the header read,
+    before any decoder inflates it."""
+    body = kind + head + zlib.compress(bytes(64 << 20), 9)
+    clean = sample.read_bytes()
+    data = clean[:33] + struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body)) + clean[33:]
+    with pytest.raises(ImageError, match="too large"):
+        decode(data, "bomb.png")
