@@ -222,19 +222,18 @@ def _rgb(p: float | None) -> tuple[int, int, int]:
 def overlay_image(thumb: np.ndarray, t_down: float, fields: list[SlideField]) -> np.ndarray:
     """The thumbnail with every classified field tinted by its probability, errors crossed, background untouched."""
     tint, out = thumb.copy(), thumb.copy()
-    for f in fields:
-        a = (int(f.x / t_down), int(f.y / t_down))
-        b = (int((f.x + f.width) / t_down) - 1, int((f.y + f.height) / t_down) - 1)
+    boxes = [(f, (int(f.x / t_down), int(f.y / t_down)),
+              (int((f.x + f.width) / t_down) - 1, int((f.y + f.height) / t_down) - 1)) for f in fields]
+    for f, a, b in boxes:
         if f.status == "classified":
             r, g, bl = _rgb(f.probability)
             cv2.rectangle(tint, a, b, (bl, g, r), -1)
         elif f.status == "error":
             cv2.line(out, a, b, (0, 0, 0), 1)
     out = cv2.addWeighted(tint, 0.45, out, 0.55, 0)
-    for f in fields:
+    for f, a, b in boxes:
         if f.status == "classified":
-            cv2.rectangle(out, (int(f.x / t_down), int(f.y / t_down)),
-                          (int((f.x + f.width) / t_down) - 1, int((f.y + f.height) / t_down) - 1), (60, 60, 60), 1)
+            cv2.rectangle(out, a, b, (60, 60, 60), 1)
     return out
 
 

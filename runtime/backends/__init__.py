@@ -49,8 +49,6 @@ def resolve_precision(requested: str, on_gpu: bool, manifest: Manifest, model_di
     "auto" is FP16 on a GPU where the model has a passing FP16 variant, FP32 otherwise, and says why."""
     if requested not in PRECISIONS:
         raise BackendUnavailable(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
-    if requested == "bf16":
-        raise BackendUnavailable("bf16 is the CPU tier: it runs on --backend openvino (or auto on a CPU with BF16)")
     if requested != "auto":
         manifest.variant(requested, model_dir)
         return requested, []
@@ -72,8 +70,9 @@ def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | 
 
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if precision == "bf16" and name in ("tensorrt", "onnxruntime-cuda"):
-        resolve_precision(precision, True, manifest, model_dir)  # refused, with the reason
+    if precision == "bf16" and name not in ("auto", "openvino"):
+        raise BackendUnavailable(f"bf16 is the CPU tier, run by OpenVINO: backend {name} has no bf16 tier (use "
+                                 "--backend openvino, or auto on a CPU with native BF16)")
     notes: list[str] = []
     gpu_wanted = name in ("tensorrt", "onnxruntime-cuda") or (name == "auto" and precision != "bf16")
     if gpu_wanted and name in ("auto", "tensorrt"):
@@ -110,8 +109,6 @@ def cpu_tier(name: str, precision: str, manifest: Manifest, model_dir: Path,
     if name == "cpu" or precision in ("fp16", "int8") or (name == "auto" and precision == "fp32"):
         if name == "openvino":
             raise BackendUnavailable(f"backend openvino runs fp32 and bf16, not {precision}")
-        if precision == "bf16":
-            raise BackendUnavailable("backend cpu (ONNX Runtime) has no bf16 tier: use --backend openvino")
         prec, why = resolve_precision(precision, False, manifest, model_dir)
         return ort.OrtBackend(model_dir, manifest, prec, cuda=False, threads=threads), why
     notes: list[str] = []
