@@ -19,7 +19,8 @@ import numpy as np
 
 from benchmarks import write_json
 from benchmarks.__main__ import machine
-from runtime.imageio import IMAGE_SUFFIXES, decode
+from runtime.formats import is_image
+from runtime.imageio import decode
 
 
 def _rate(fn: Callable[[bytes], object], datas: list[bytes], workers: int, repeats: int) -> float:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="passes per setting; the best counts (default 3)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     args = ap.parse_args(argv)
-    paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in args.images.iterdir() if is_image(p.name))
     if not paths:
         ap.error(f"--images {args.images}: no images")
     datas = [p.read_bytes() for p in paths]

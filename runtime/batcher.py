@@ -1,6 +1,7 @@
 """One worker thread owns the classifier; HTTP requests hand it named images and wait on futures.
 
-Bounded: at most ``max_pending`` fields wait (a request beyond that gets Busy, the server's 503 + Retry-After).
+Bounded: at most ``max_pending`` fields wait (a request beyond that gets Busy, the server's 503 + Retry-After; a
+slide job waits for room instead).
 Fair: the worker takes waiting images smallest first (by fields), so one large image cannot starve small ones; the
 wait of a small request is bounded by the one batch in progress. Cancellable: an image whose client has gone is
 dropped before it is classified. ``stop`` cancels everything still waiting (graceful shutdown).
@@ -8,6 +9,7 @@ dropped before it is classified. ``stop`` cancels everything still waiting (grac
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,14 +40,21 @@ class Batcher:
         self.thread = threading.Thread(target=self._work, name="classifier", daemon=True)
         self.thread.start()
 
-    def submit(self, item: Any, fields: int) -> Future:
-        """Queue one image of ``fields`` fields; raises Busy when the bound would be exceeded."""
+    def submit(self, item: Any, fields: int, wait: float = 0.0, cancelled: threading.Event | None = None) -> Future:
+        """Queue one image of ``fields`` fields. When the bound would be exceeded: Busy at once, or, with
+        ``wait`` (seconds), once room has not come in that time (a background job's way: it waits its turn
+        instead of failing). ``cancelled`` ends such a wait early, with Busy."""
         fut: Future = Future()
+        deadline = time.monotonic() + wait
         with self.cond:
+            while not self.stopping and self.pending and self.pending + fields > self.max_pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or (cancelled is not None and cancelled.is_set()):
+                    raise Busy(f"{self.pending} fields are waiting (limit {self.max_pending})" +
+                               (f"; no room came within {wait:g} s" if wait else ""))
+                self.cond.wait(min(left, 0.25))
             if self.stopping:
                 raise Busy("the server is shutting down")
-            if self.pending and self.pending + fields > self.max_pending:
-                raise Busy(f"{self.pending} fields are waiting (limit {self.max_pending})")
             self.seq += 1
             self.jobs.append(_Job(fields, self.seq, item, fut))
             self.pending += fields
@@ -69,6 +78,7 @@ class Batcher:
                 else:
                     self.pending -= job.fields
                     self.dropped += 1
+                    self.cond.notify_all()  # room for whoever waits to submit
             return take
 
     def _work(self) -> None:
@@ -86,6 +96,7 @@ class Batcher:
             finally:
                 with self.cond:
                     self.pending -= sum(j.fields for j in jobs)
+                    self.cond.notify_all()  # room for whoever waits to submit
 
     def stop(self) -> None:
         """Refuse new work and cancel what is still waiting; the batch in progress finishes."""

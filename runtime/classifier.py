@@ -104,7 +104,11 @@ class Classifier:
             min(16, max(1, cores - 1)) if self.backend.on_gpu else min(4, cores)
         self.batch_size = min(batch_size or self.backend.preferred_batch,
                               getattr(self.backend, "max_batch", None) or 1 << 30)
-        self.gpu = _open_gpu_preprocessor(preprocess, self.backend, self.contract, notes)
+        try:
+            self.gpu = _open_gpu_preprocessor(preprocess, self.backend, self.contract, notes)
+        except BaseException:
+            self.backend.close()  # opened above: its session and device memory are not left behind
+            raise
         self.device_input = self.gpu is not None and self.backend.device_input
         # The preprocessing path, chosen once: GPU kernel into the backend's input, GPU kernel back to the host,
         # or numpy into a reused host batch.
@@ -165,7 +169,10 @@ class Classifier:
             return _Pending(res)
         t0 = time.perf_counter()
         try:
-            if item.array is not None:
+            if item.decoded is not None:
+                dec = replace(item.decoded, conversions=list(item.decoded.conversions),
+                              warnings=list(item.decoded.warnings))
+            elif item.array is not None:
                 dec = to_bgr8(item.array, item.name)
             elif item.data is not None:
                 dec = decode(item.data, item.name, self.max_pixels)

@@ -43,9 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
     add_model_options(ap)
     ap.add_argument("--recursive", action="store_true", help="read sub-folders of folders too")
-    ap.add_argument("--json", action="store_true", help="print a JSON list (one object per input) instead of a table")
-    ap.add_argument("--jsonl", action="store_true",
-                    help="print one JSON object per line, as each input is done (for long runs and pipes)")
+    fmt = ap.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print a JSON list (one object per input) instead of a table")
+    fmt.add_argument("--jsonl", action="store_true",
+                     help="print one JSON object per line, as each input is done (for long runs and pipes)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = ap.parse_args(argv)
     streams = (args.camera is not None) + (args.video is not None)

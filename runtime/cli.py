@@ -34,7 +34,8 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
                    help="fields per inference batch, across images (default: the backend's best: 1 on CPU, 8 on GPU)")
     g.add_argument("--threads", type=_positive, default=None, help="inference threads (default: all cores)")
     g.add_argument("--decode-workers", type=_positive, default=None,
-                   help="threads reading and decoding images ahead of inference (default: cores, at most 4)")
+                   help="threads reading and decoding images ahead of inference (default: next to CPU inference, "
+                        "the cores, at most 4; next to GPU inference, the cores but one, at most 16)")
     g.add_argument("--build-engine", action="store_true",
                    help="build the TensorRT engine for this GPU if the model has none (takes minutes)")
     g.add_argument("--max-pixels", type=_positive, default=max_pixels,

@@ -120,8 +120,9 @@ def engine_dir(model_dir: Path) -> Path:
 
 
 def paths(model_dir: Path, target: EngineTarget) -> tuple[Path, Path]:
-    base = engine_dir(model_dir) / target.key()
-    return base.with_suffix(".engine"), base.with_suffix(".json")
+    """(engine, sidecar). The key holds dots (TensorRT 10.13.3.9): suffixes are appended, never substituted."""
+    key = target.key()
+    return engine_dir(model_dir) / f"{key}.engine", engine_dir(model_dir) / f"{key}.json"
 
 
 def save(model_dir: Path, info: EngineInfo, engine: bytes) -> Path:
@@ -137,7 +138,12 @@ def select(model_dir: Path, want: EngineTarget) -> tuple[Path, EngineInfo]:
     """The engine built for exactly ``want``; otherwise EngineMismatch saying how the others differ."""
     eng, side = paths(model_dir, want)
     if eng.is_file() and side.is_file():
-        info = EngineInfo.from_json(side.read_text())
+        try:
+            info = EngineInfo.from_json(side.read_text())
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged sidecar: refused, never deserialised
+            raise EngineMismatch(f"{side}: unreadable engine sidecar ({type(e).__name__}: {str(e)[:200]}); the "
+                                 f"engine beside it is not loaded. Build it again with: python -m export trt -m "
+                                 f"{model_dir} --precision {want.precision}") from None
         if info.target == want:
             verified_file(eng.parent, eng.name, {eng.name: info.engine_sha256})  # a swapped engine is refused
             return eng, info
@@ -145,12 +151,12 @@ def select(model_dir: Path, want: EngineTarget) -> tuple[Path, EngineInfo]:
     for other in sorted(engine_dir(model_dir).glob("*.json")):
         try:
             t = EngineInfo.from_json(other.read_text()).target
-        except (ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             reasons.append(f"{other.name}: unreadable sidecar ({e})")
             continue
         diffs = [f"{k} {getattr(t, k)!r} (here: {getattr(want, k)!r})" for k in asdict(want)
                  if getattr(t, k) != getattr(want, k)]
-        reasons.append(f"{other.stem}: built for another " + ", ".join(diffs))
+        reasons.append(f"{other.name[:-len('.json')]}: built for another " + ", ".join(diffs))
     detail = ("\n  " + "\n  ".join(reasons)) if reasons else " (no engines built yet)"
     raise EngineMismatch(f"{model_dir}: no {want.precision} engine for {want.gpu} (sm {want.compute_capability}), "
                          f"TensorRT {want.tensorrt}, this ONNX{detail}\n"

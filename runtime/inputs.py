@@ -8,19 +8,22 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.imageio import IMAGE_SUFFIXES
+from runtime.formats import IMAGE_SUFFIXES, is_image
+from runtime.imageio import Decoded
 from runtime.manifest import Contract
 
 
 @dataclass
 class ImageInput:
-    """One input and the name it is reported under: encoded bytes (an upload, a watched file read once), a decoded
-    BGR array (a camera frame), or an error found before decoding (a missing path)."""
+    """One input and the name it is reported under: encoded bytes (a watched file read once), a decoded BGR array
+    (a camera frame), an image already decoded with what its decoder said (an upload the server checked), or an
+    error found before decoding (a missing path)."""
 
     name: str
     data: bytes | None = None
     array: np.ndarray | None = None
     error: str | None = None
+    decoded: Decoded | None = None
 
 
 def expand_inputs(items: list[str], recursive: bool = False,
@@ -61,7 +64,7 @@ def _folder_images(folder: Path, recursive: bool, notes: list[str]) -> list[str]
                 found += _folder_images(c, recursive, notes)
             else:
                 notes.append(f"{c}: skipped, a folder (use --recursive)")
-        elif c.suffix.lower() in IMAGE_SUFFIXES:
+        elif is_image(c.name):
             found.append(str(c))
         elif not c.name.startswith("."):
             notes.append(f"{c}: skipped, not a supported image type ({', '.join(IMAGE_SUFFIXES)})")

@@ -9,6 +9,7 @@
                       with everyone else's
   GET  /v1/slide/ID   that job: state, fields done / total, and when done the result with GeoJSON, CSV and the
                       overlay PNG (base64)
+  DELETE /v1/slide/ID cancel that job: what it queued is withdrawn
   GET  /v1/model      manifest: contract, provenance, trained, backend in use
   GET  /healthz       liveness
   GET  /metrics       request counts and latency percentiles
@@ -103,6 +104,7 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = S
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         yield
+        slides.stop()
         batcher.stop()  # shutdown: waiting work is cancelled; the batch in progress finishes
 
     app = FastAPI(title="breakhis-edge", docs_url=None, redoc_url=None, lifespan=lifespan)
@@ -185,7 +187,7 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = S
             return error(413, f"{name}: {n_fields} fields is above this server's limit of {max_fields} per request")
         decode_ms = (time.perf_counter() - t0) * 1e3
         try:
-            fut = batcher.submit(ImageInput(name, array=dec.bgr), n_fields)
+            fut = batcher.submit(ImageInput(name, decoded=dec), n_fields)
         except Busy as e:
             return error(503, f"busy: {e}; try again in {RETRY_AFTER_S} s", **{"Retry-After": str(RETRY_AFTER_S)})
         waiting = asyncio.wrap_future(fut)
@@ -199,8 +201,7 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = S
         res = waiting.result()
         if res.error:
             return error(422, res.error)
-        out = res.to_dict()
-        out["conversions"], out["warnings"] = dec.conversions, dec.warnings
+        out = res.to_dict()  # its warnings: the decoder's and the classifier's (e.g. another magnification)
         out["timings_ms"]["decode"] = decode_ms
         out["timings_ms"]["total"] += decode_ms
         if views:
@@ -231,6 +232,12 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = S
         job = slides.get(job_id)
         return error(404, "no such slide job (finished jobs are kept for a while)") if job is None else job.to_dict()
 
+    @app.delete("/v1/slide/{job_id}")
+    def slide_cancel(job_id: str) -> Any:
+        job = slides.cancel(job_id)
+        return error(404, "no such slide job (finished jobs are kept for a while)") if job is None else \
+            {"job": job.id, "state": job.state, "cancelling": job.state == "running"}
+
     app.state.classifier = clf
     app.add_middleware(Guard, hosts=hosts, token=token, metrics=metrics,  # type: ignore[arg-type]
                        max_upload=max_upload)
@@ -253,7 +260,7 @@ class Guard:
         refusal = None
         if self.hosts is not None and _host_name(host) not in self.hosts:
             refusal = (421, f"this server does not answer to Host {host!r}")
-        elif scope["method"] == "POST" and origin is not None and (
+        elif scope["method"] in ("POST", "DELETE") and origin is not None and (
                 _host_name(urlsplit(origin).netloc) != _host_name(host)
                 or headers.get("x-breakhis-token") != self.token):
             refusal = (403, "cross-origin request refused (use the page served here, or a client without Origin)")

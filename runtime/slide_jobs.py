@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import Future, TimeoutError
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,36 +20,67 @@ from runtime.errors import BreakhisError
 from runtime.slide import classify_slide
 
 
-class BatchedClassifier:
-    """What classify_slide needs of a Classifier, with classify() going through the server's batcher."""
+ROOM_WAIT_S = 600.0  # how long a slide's next field may wait for room in the queue before the job fails
 
-    def __init__(self, clf: Any, batcher: Batcher) -> None:
+
+class Cancelled(Exception):
+    """The job was cancelled (DELETE /v1/slide/ID, or the server stopping)."""
+
+
+class BatchedClassifier:
+    """What classify_slide needs of a Classifier, with classify() going through the server's batcher: each field
+    waits for room in the queue (bounded by ``ROOM_WAIT_S``) rather than failing the job, and a chunk that fails
+    or is cancelled withdraws whatever of it is still queued."""
+
+    def __init__(self, clf: Any, batcher: Batcher, cancelled: threading.Event) -> None:
         self.contract, self.max_pixels, self.model_info = clf.contract, clf.max_pixels, clf.model_info
-        self.batcher = batcher
+        self.batcher, self.cancelled = batcher, cancelled
 
     def classify(self, items: list) -> list:
-        futures = [self.batcher.submit(item, 1) for item in items]
-        return [f.result() for f in futures]
+        futures: list[Future] = []
+        try:
+            for item in items:
+                if self.cancelled.is_set():
+                    raise Cancelled("cancelled")
+                futures.append(self.batcher.submit(item, 1, wait=ROOM_WAIT_S, cancelled=self.cancelled))
+            results = []
+            for f in futures:
+                while True:
+                    try:
+                        results.append(f.result(timeout=0.25))
+                        break
+                    except TimeoutError:
+                        if self.cancelled.is_set():
+                            raise Cancelled("cancelled") from None
+            return results
+        except BaseException:
+            for f in futures:
+                f.cancel()  # still waiting: dropped before it is classified
+            if self.cancelled.is_set():
+                raise Cancelled("cancelled") from None
+            raise
 
 
 @dataclass
 class SlideJob:
     id: str
     name: str
-    state: str = "running"  # "running", "done" or "error"
+    state: str = "running"  # "running", "done", "error" or "cancelled"
     done: int = 0  # tissue fields classified so far
     total: int = 0
     result: dict[str, Any] | None = None  # the slide's JSON plus "geojson", "csv" and "overlay_png" (base64)
     error: str | None = None
     started: float = field(default_factory=time.time)
 
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "cancel"}
 
 
 class SlideJobs:
     def __init__(self, clf: Any, batcher: Batcher, keep: int = 8) -> None:
-        self.proxy = BatchedClassifier(clf, batcher)
+        self.clf, self.batcher = clf, batcher
         self.jobs: dict[str, SlideJob] = {}
         self.keep = keep
         self.lock = threading.Lock()
@@ -74,19 +106,35 @@ class SlideJobs:
         with self.lock:
             return self.jobs.get(job_id)
 
+    def cancel(self, job_id: str) -> SlideJob | None:
+        """Ask a running job to stop: what it queued is withdrawn, its state becomes "cancelled"."""
+        job = self.get(job_id)
+        if job is not None:
+            job.cancel.set()
+        return job
+
+    def stop(self) -> None:
+        """Cancel every running job (the server is stopping)."""
+        with self.lock:
+            for job in self.jobs.values():
+                job.cancel.set()
+
     def _run(self, job: SlideJob, path: Path, options: dict[str, Any]) -> None:
         overlay = path.with_suffix(".overlay.png")
 
         def progress(done: int, total: int) -> None:
             job.done, job.total = done, total
 
+        proxy = BatchedClassifier(self.clf, self.batcher, job.cancel)
         try:
-            res = classify_slide(self.proxy, path, overlay=overlay, progress=progress, name=job.name,  # type: ignore[arg-type]
+            res = classify_slide(proxy, path, overlay=overlay, progress=progress, name=job.name,  # type: ignore[arg-type]
                                  **options)
             out = res.to_dict() | {"geojson": res.geojson(), "csv": res.csv(),
                                    "overlay_png": base64.b64encode(overlay.read_bytes()).decode()}
             job.total = job.done = res.counts["classified"]
             job.result, job.state = out, "done"
+        except Cancelled:
+            job.error, job.state = f"{job.name}: cancelled", "cancelled"
         except (BreakhisError, Busy, ValueError) as e:
             job.error, job.state = f"{job.name}: {e}", "error"
         except Exception as e:  # noqa: BLE001 - a job must end in a state the client can read

@@ -11,11 +11,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from runtime.formats import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES
 from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, read_image
 from runtime.scale import Scale, from_name
 
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
-OPENSLIDE_SUFFIXES = (".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")  # vendor formats: OpenSlide
 BLOCK = 2048  # pixels a side read at a time when a thumbnail is made from a large level
 
 
@@ -84,6 +83,7 @@ class TiffSource(Source):
             series = self.tif.series[0]
             self.axes = series.axes
             if series.dtype != np.uint8 or self.axes not in ("YX", "YXS"):
+                self.tif.close()
                 raise ImageError(f"{path}: a {series.dtype} {self.axes} image; slides are read as 8-bit grey, RGB "
                                  "or RGBA (axes YX or YXS)")
             self.levels = [zarr.open_array(series.aszarr(level=i), mode="r") for i in range(len(series.levels))]

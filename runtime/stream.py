@@ -27,17 +27,18 @@ class StreamStats:
                 "read_fps": self.frames_read / s, "classified_fps": self.frames_classified / s}
 
 
-def annotate(frame: np.ndarray, result: Any) -> np.ndarray:
-    """Draw each field's box and score and the image verdict onto a copy of the frame."""
+def annotate(frame: np.ndarray, result: Any, positive: str) -> np.ndarray:
+    """Draw each field's box and score and the image verdict onto a copy of the frame; fields and verdicts with
+    the contract's ``positive`` label (its labels[1]) in red."""
     out = frame.copy()
     if result.error:
         cv2.putText(out, result.error[-80:], (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.6, RED, 2)
         return out
     for f in result.fields:
-        color = RED if f.label == "Malignant" else GREEN
+        color = RED if f.label == positive else GREEN
         cv2.rectangle(out, (f.x, f.y), (f.x + f.width - 1, f.y + f.height - 1), color, 2)
         cv2.putText(out, f"{f.probability:.2f}", (f.x + 6, f.y + 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, color, 2)
-    color = RED if result.label == "Malignant" else GREEN
+    color = RED if result.label == positive else GREEN
     cv2.putText(out, f"{result.label} {result.probability:.3f}", (10, out.shape[0] - 12),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.9, color, 2)
     return out
@@ -69,7 +70,7 @@ def run_stream(clf: Any, source: int | str, rate: float, out_path: Path | None =
                 stats.verdicts.append({"frame": stats.frames_read - 1, "time_s": round(now - t0, 3),
                                        "label": result.label, "probability": result.probability,
                                        "error": result.error})
-            shown = annotate(frame, result) if result is not None else frame
+            shown = annotate(frame, result, clf.contract.labels[1]) if result is not None else frame
             if out_path is not None:
                 if writer is None:
                     fourcc = cv2.VideoWriter.fourcc(*("mp4v" if out_path.suffix == ".mp4" else "MJPG"))

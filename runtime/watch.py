@@ -29,9 +29,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from runtime.imageio import IMAGE_SUFFIXES
+from runtime.formats import SLIDE_SUFFIXES, is_image, is_slide
 from runtime.inputs import ImageInput
-from runtime.slide_source import TIFF_SUFFIXES
 
 CSV_FIELDS = ("path", "label", "probability", "fields", "error", "size", "mtime_ns", "sha256", "supersedes",
               "finished_at")
@@ -92,13 +91,28 @@ class Watcher:
         self.out, self.clf, self.settle, self.slides = out, classifier, settle, slides
         self.latest = latest_records(out)
         self.seen: dict[str, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, first time seen so)
+        self.noted: set[str] = set()  # slide files named once as not classified (no --slides)
+
+    def accepts(self, name: str) -> bool:
+        """Images; slide formats too with --slides (without it, each one is named once on stderr, not waited for,
+        and nothing is recorded that would keep a later run with --slides from classifying it)."""
+        if name.startswith(".") or not (is_image(name) or is_slide(name)):
+            return False
+        if is_image(name) or self.slides is not None:
+            return True
+        if name not in self.noted:
+            self.noted.add(name)
+            print(f"note: {name!r}: a slide format ({', '.join(SLIDE_SUFFIXES)}): not classified; start the watch "
+                  "with --slides DIR to classify slides", file=sys.stderr)
+        return False
 
     def ready(self) -> list[str]:
-        """Images, new or changed since their latest record, whose size and mtime have held for `settle` s."""
+        """Inputs, new or changed since their latest record, whose size and mtime have held for `settle` s. Files
+        that went away stop being waited for, so ``seen`` holds only files still settling."""
         now = time.monotonic()
-        ready = []
+        ready, present = [], set()
         for entry in sorted(os.scandir(self.folder), key=lambda e: e.name):
-            if entry.name.startswith(".") or os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
+            if not self.accepts(entry.name):
                 continue
             key = str(self.folder / entry.name)
             try:
@@ -107,12 +121,15 @@ class Watcher:
                 continue
             if not entry.is_file() or (key in self.latest and _same(self.latest[key], st.st_size, st.st_mtime_ns)):
                 continue
+            present.add(key)
             sig = (st.st_size, st.st_mtime_ns)
             prev = self.seen.get(key)
             if prev is None or prev[:2] != sig:
                 self.seen[key] = (*sig, now)
             elif now - prev[2] >= (self.settle if st.st_size else 10 * self.settle):  # empty: wait longer
                 ready.append(key)
+        for gone in self.seen.keys() - present:  # vanished, or recorded meanwhile
+            del self.seen[gone]
         return ready
 
     def poll(self) -> int:
@@ -122,7 +139,7 @@ class Watcher:
         ready = self.ready()
         n = 0
         if self.slides is not None:
-            for key in [k for k in ready if k.lower().endswith(TIFF_SUFFIXES)]:
+            for key in [k for k in ready if is_slide(k)]:
                 ready.remove(key)
                 self._write(self._slide(key))
                 n += 1
@@ -140,6 +157,7 @@ class Watcher:
                 prev = self.latest.get(key)
                 if prev is not None and prev.get("sha256") == sha:  # touched, not changed: nothing to redo
                     self.latest[key] = prev | {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+                    self.seen.pop(key, None)
                     continue
                 idents.append({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha,
                                "supersedes": prev.get("sha256") if prev else None})

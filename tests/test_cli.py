@@ -181,3 +181,41 @@ def test_every_runtime_cli_validates_backend_and_takes_precision_and_preprocess(
     assert proc.returncode == 2 and "auto" in proc.stderr and "onnxruntime-cuda" in proc.stderr
     help_text = run_module(module, "--help").stdout
     assert "--precision" in help_text and "--preprocess" in help_text
+
+
+def test_json_and_jsonl_together_are_refused(model_dir, images_100x):
+    proc = classify("--model", str(model_dir), "--json", "--jsonl", str(images_100x[0]))
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr and not proc.stdout
+
+
+def test_decode_workers_help_states_both_defaults():
+    out = " ".join(classify("--help").stdout.split())
+    assert "next to CPU inference, the cores, at most 4" in out and "the cores but one, at most 16" in out
+
+
+def test_a_backend_is_closed_when_the_gpu_preprocessor_then_fails(model_dir, monkeypatch):
+    from runtime.backends import ort
+    from runtime.classifier import Classifier
+    from runtime.errors import Unavailable
+
+    closed, close = [], ort.OrtBackend.close
+    monkeypatch.setattr(ort.OrtBackend, "close", lambda self: (closed.append(self.name), close(self)))
+    try:
+        import pycuda.autoinit  # noqa: F401
+        pytest.skip("pycuda and a GPU are usable here: the GPU preprocessor would open")
+    except Exception:
+        pass
+    with pytest.raises(Unavailable):
+        Classifier(model_dir, backend="cpu", preprocess="gpu")  # the backend opens, then the kernel cannot
+    assert closed == ["onnxruntime-cpu-fp32"]
+
+
+def test_the_camera_overlay_uses_the_contracts_label(images_100x):
+    from runtime.classifier import FieldResult, Result
+    from runtime.stream import GREEN, RED, annotate
+
+    frame = np.full((460, 700, 3), 255, np.uint8)
+    field = FieldResult(0, 0, 0, 0, 460, 700, 6, 0.9, "Carcinoma")
+    res = Result("frame", "Carcinoma", 0.9, [field])
+    assert tuple(annotate(frame, res, "Carcinoma")[0, 0]) == RED  # a contract whose positive label is not "Malignant"
+    assert tuple(annotate(frame, res, "Malignant")[0, 0]) == GREEN

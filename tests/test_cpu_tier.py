@@ -74,6 +74,28 @@ def test_without_native_bf16_auto_stays_fp32_and_bf16_is_refused(trained_dir, no
         assert clf.backend.name == "openvino-cpu-fp32"
 
 
+def test_without_native_bf16_bf16_is_refused_the_same_way_whether_or_not_the_export_made_it(small_copy,
+                                                                                             no_bf16_cpu):
+    """On an AVX2-only CPU the export made no bf16 variant (the report says "not made"); a model exported on a
+    BF16 CPU lists one. Either way, asking for bf16 here is the one refusal: this CPU cannot."""
+    m = Manifest.load(small_copy)
+    m.variants["bf16"] = m.variants["fp32"]  # listed, as a BF16 machine's export leaves it
+    m.save(small_copy)
+    for listed in (True, False):
+        if not listed:  # as this CPU's own export leaves it
+            m.variants.pop("bf16")
+            m.save(small_copy)
+            report = json.loads((small_copy / "export_report.json").read_text())
+            report["gates"].pop("bf16", None)
+            report.setdefault("not_made", {})["bf16"] = f"bf16: {ov.native_bf16()[1]}"
+            (small_copy / "export_report.json").write_text(json.dumps(report))
+            with pytest.raises(ModelError, match="not made at export"):
+                m.variant("bf16", small_copy)
+        for backend in ("openvino", "auto"):
+            with pytest.raises(BackendUnavailable, match="bf16 cannot run here: this CPU has no native BF16"):
+                Classifier(small_copy, backend=backend, precision="bf16")
+
+
 def test_gating_on_a_cpu_without_native_bf16_makes_no_variant(small_copy, shared_data, no_bf16_cpu):
     m = bf16.add_to_model(small_copy, shared_data / "breakhis-100x", 2, log=lambda _: None)
     assert "bf16" not in m.variants

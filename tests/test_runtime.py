@@ -195,3 +195,25 @@ def test_pipeline_peak_rss_does_not_grow_with_the_number_of_inputs(model_dir, im
         assert proc.returncode == 0, proc.stderr
         done, grown = proc.stdout.split()
         assert int(done) == n and float(grown) < bound, (n, grown, bound)
+
+
+def test_onnxruntime_cuda_that_falls_back_to_the_cpu_is_refused_not_named_cuda(model_dir, monkeypatch):
+    """ONNX Runtime builds a CPU-only session when the CUDA provider cannot start (here: it is not even built in,
+    the same silent fallback). The backend must not then call itself onnxruntime-cuda."""
+    from runtime.backends import BackendUnavailable, open_backend, ort
+    from runtime.manifest import Manifest
+
+    if ort.cuda_available():
+        pytest.skip("this onnxruntime has a CUDA provider: the fallback cannot be reproduced here")
+    manifest = Manifest.load(model_dir)
+    with pytest.raises(BackendUnavailable, match="CUDA execution provider did not start.*only CPUExecutionProvider"):
+        ort.OrtBackend(model_dir, manifest, "fp32", cuda=True)
+    monkeypatch.setattr(ort, "cuda_available", lambda: True)  # listed, as onnxruntime-gpu lists it without CUDA libs
+    with pytest.raises(BackendUnavailable, match="backend onnxruntime-cuda: the CUDA execution provider did not"):
+        open_backend("onnxruntime-cuda", model_dir, manifest)
+    backend, notes = open_backend("auto", model_dir, manifest, precision="fp32")
+    try:
+        assert backend.name == "onnxruntime-cpu-fp32" and not backend.on_gpu
+        assert any(n.startswith("onnxruntime-cuda skipped: the CUDA execution provider did not start") for n in notes)
+    finally:
+        backend.close()

@@ -77,6 +77,33 @@ def test_engine_selection_refuses_stale_or_foreign_engines(tmp_path):
         engine_cache.select(tmp_path / "empty", built)
 
 
+def test_engines_of_dotted_versions_and_other_exports_keep_their_own_files(tmp_path):
+    a = _target(tensorrt="10.13.3.9")
+    b = _target(tensorrt="10.13.3.9", onnx_sha256="cd" * 32)  # another export, same TensorRT
+    c = _target(tensorrt="10.13.3.10")  # another patch release
+    for t, plan in ((a, b"A"), (b, b"B"), (c, b"C")):
+        engine_cache.save(tmp_path, EngineInfo(t, "model.onnx", {"min": 1, "opt": 8, "max": 32}), plan)
+    names = sorted(p.name for p in engine_cache.engine_dir(tmp_path).iterdir())
+    assert names == sorted(f"{t.key()}{s}" for t in (a, b, c) for s in (".engine", ".json"))
+    assert [engine_cache.select(tmp_path, t)[0].read_bytes() for t in (a, b, c)] == [b"A", b"B", b"C"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json", "wrong fields", "unreadable"])
+def test_a_damaged_sidecar_is_refused_naming_the_file(tmp_path, damage):
+    t = _target()
+    engine_cache.save(tmp_path, EngineInfo(t, "model.onnx", {"min": 1, "opt": 8, "max": 32}), b"plan")
+    side = engine_cache.paths(tmp_path, t)[1]
+    if damage == "unreadable":
+        side.unlink()
+        side.mkdir()  # a folder where the sidecar should be: reading it fails with an OSError
+    else:
+        side.write_text({"truncated": side.read_text()[:40], "not json": "\x00\xff garbage",
+                         "wrong fields": '{"target": {"gpu": 1}}'}[damage])
+    with pytest.raises(EngineMismatch) as e:  # what --backend auto catches: the next backend is tried
+        engine_cache.select(tmp_path, t)
+    assert side.name in str(e.value) and "unreadable" in str(e.value)
+
+
 @pytest.fixture(scope="module")
 def trt_stubs(tmp_path_factory):
     """tensorrt-stubs 10.13 laid out for mypy. Its installed `tensorrt/` has no py.typed marker (so mypy would

@@ -152,6 +152,7 @@ def test_slides_dropped_into_the_folder_go_through_the_slide_path(model_dir, ima
     inbox, out, slides = tmp_path / "inbox", tmp_path / "results.jsonl", tmp_path / "slides"
     inbox.mkdir()
     write_mosaic(tmp_path / "m.tif", [[images_100x[2], None, images_100x[9]]], levels=2)
+    (inbox / "m.svs").write_bytes((tmp_path / "m.tif").read_bytes())  # every suffix the slide path reads is seen
     (tmp_path / "m.tif").rename(inbox / "m.tif")
     (inbox / "single.png").write_bytes(images_100x[0].read_bytes())
     proc = subprocess.run([sys.executable, "-m", "runtime.watch", str(inbox), "--out", str(out), "--model",
@@ -162,9 +163,58 @@ def test_slides_dropped_into_the_folder_go_through_the_slide_path(model_dir, ima
     recs = {os.path.basename(r["path"]): r for r in lines(out)}
     slide, single = recs["m.tif"], recs["single.png"]
     assert slide["error"] is None and slide["slide"]["counts"]["classified"] == 2
+    assert recs["m.svs"]["error"] is None and recs["m.svs"]["fields"] == slide["fields"]
     assert slide["slide"]["aggregate"]["rule"] == "max" and slide["probability"] == max(
         f["probability"] for f in slide["fields"])
     made = sorted(p.name for p in slides.iterdir())
-    stem = f"m.tif.{slide['sha256'][:12]}"
-    assert made == sorted(f"{stem}{s}" for s in (".csv", ".geojson", ".json", ".overlay.png"))
+    stems = [f"m.svs.{slide['sha256'][:12]}", f"m.tif.{slide['sha256'][:12]}"]
+    assert made == sorted(f"{stem}{s}" for stem in stems for s in (".csv", ".geojson", ".json", ".overlay.png"))
     assert single["error"] is None and len(single["fields"]) == 1 and "slide" not in single
+
+
+def test_without_slides_a_slide_file_is_named_once_and_not_waited_for(model_dir, images_100x, tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "results.jsonl"
+    inbox.mkdir()
+    (inbox / "scan.svs").write_bytes(b"II*\x00" + bytes(100))
+    (inbox / "single.png").write_bytes(images_100x[0].read_bytes())
+    proc = start(model_dir, inbox, out, idle=1.5)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert [os.path.basename(r["path"]) for r in lines(out)] == ["single.png"]
+    assert err.count("'scan.svs': a slide format") == 1 and "--slides DIR" in err
+
+
+class _Answers:
+    """Stands in for the classifier (the watcher's bookkeeping is under test): one answer per input, at once."""
+
+    def classify_iter(self, items):
+        from runtime.classifier import Result
+
+        for item in items:
+            yield Result(path=item.name, label="Benign", probability=0.1, error=item.error)
+
+
+def test_a_touched_unchanged_file_and_a_vanished_one_leave_nothing_pending(images_100x, tmp_path):
+    from runtime.watch import Watcher
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    a, b = inbox / "a.png", inbox / "b.png"
+    a.write_bytes(images_100x[0].read_bytes())
+    w = Watcher(inbox, tmp_path / "out.jsonl", _Answers(), settle=0.05)
+    w.ready()
+    time.sleep(0.1)
+    assert w.poll() == 1 and not w.seen
+    os.utime(a, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched, bytes unchanged
+    b.write_bytes(b"half a capt")  # seen once, then gone before it settled
+    w.ready()
+    b.unlink()
+    time.sleep(0.1)
+    assert w.poll() == 0  # nothing new to record: a's bytes are the ones already classified
+    assert not w.seen, w.seen  # so --exit-when-idle can end, and the set does not grow
+    for i in range(50):  # names that come and go never accumulate
+        (inbox / f"tmp{i}.png").write_bytes(b"x")
+        w.ready()
+        (inbox / f"tmp{i}.png").unlink()
+    w.ready()
+    assert not w.seen

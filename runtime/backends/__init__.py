@@ -70,9 +70,15 @@ def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | 
 
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if precision == "bf16" and name not in ("auto", "openvino"):
-        raise BackendUnavailable(f"bf16 is the CPU tier, run by OpenVINO: backend {name} has no bf16 tier (use "
-                                 "--backend openvino, or auto on a CPU with native BF16)")
+    if precision == "bf16":  # the one place the bf16 rule is stated: OpenVINO, on a CPU with native BF16
+        if name not in ("auto", "openvino"):
+            raise BackendUnavailable(f"bf16 is the CPU tier, run by OpenVINO: backend {name} has no bf16 tier (use "
+                                     "--backend openvino, or auto on a CPU with native BF16)")
+        from runtime.backends.openvino import native_bf16
+
+        ok, why = native_bf16()
+        if not ok:  # checked before the model's variant table: whether or not this export made a bf16 variant
+            raise BackendUnavailable(f"bf16 cannot run here: {why}; use --precision fp32")
     notes: list[str] = []
     gpu_wanted = name in ("tensorrt", "onnxruntime-cuda") or (name == "auto" and precision != "bf16")
     if gpu_wanted and name in ("auto", "tensorrt"):
@@ -88,12 +94,15 @@ def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | 
                 raise BackendUnavailable(f"backend tensorrt: {e}") from None
             notes.append(f"tensorrt skipped: {str(e).splitlines()[0]}")
     if gpu_wanted and name in ("auto", "onnxruntime-cuda"):
-        if ort.cuda_available():
-            prec, why = resolve_precision(precision, True, manifest, model_dir)
-            return ort.OrtBackend(model_dir, manifest, prec, cuda=True, threads=threads), notes + why
         msg = "needs onnxruntime-gpu and a CUDA GPU; this onnxruntime offers " + ", ".join(ort.providers())
+        try:
+            if ort.cuda_available():
+                prec, why = resolve_precision(precision, True, manifest, model_dir)
+                return ort.OrtBackend(model_dir, manifest, prec, cuda=True, threads=threads), notes + why
+        except BackendUnavailable as e:  # listed, but it did not start
+            msg = str(e).removeprefix("onnxruntime-cuda: ")
         if name == "onnxruntime-cuda":
-            raise BackendUnavailable(f"backend onnxruntime-cuda {msg}")
+            raise BackendUnavailable(f"backend onnxruntime-cuda: {msg}")
         notes.append(f"onnxruntime-cuda skipped: {msg}")
     backend, why = cpu_tier(name, precision, manifest, model_dir, threads)
     return backend, notes + why

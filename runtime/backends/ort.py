@@ -36,6 +36,16 @@ class OrtBackend:
             self.session = ort.InferenceSession(str(path), so, providers=provs)
         except Exception as e:  # ORT reports corrupt/foreign files with its own exception types
             raise ModelError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
+        used = self.session.get_providers()
+        if cuda and "CUDAExecutionProvider" not in used:
+            # ONNX Runtime falls back to the CPU silently when the CUDA provider fails to start (missing CUDA or
+            # cuDNN libraries, no usable GPU): this backend would then say CUDA while running on the CPU.
+            del self.session
+            from runtime.backends import BackendUnavailable
+
+            raise BackendUnavailable("onnxruntime-cuda: the CUDA execution provider did not start (ONNX Runtime "
+                                     "fell back to the CPU; its log says why, e.g. missing CUDA or cuDNN "
+                                     f"libraries); the session had only {', '.join(used)}")
         meta = self.session.get_modelmeta().custom_metadata_map
         manifest.check_model(path, {i.name: list(i.shape) for i in self.session.get_inputs()},
                              [o.name for o in self.session.get_outputs()], meta.get("contract"))

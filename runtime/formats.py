@@ -1,0 +1,18 @@
+"""What each path reads, by file name: the one list behind the CLI's folders, the watch folder and the slide reader."""
+from __future__ import annotations
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # decoded whole (runtime/imageio.py)
+# read lazily, tile by tile, by tifffile (runtime/slide_source.py)
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
+OPENSLIDE_SUFFIXES = (".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")  # vendor formats: OpenSlide
+SLIDE_SUFFIXES = TIFF_SUFFIXES + OPENSLIDE_SUFFIXES  # what the slide path reads lazily
+
+
+def is_image(name: str) -> bool:
+    """A file the single-image path decodes (PNG, JPEG, TIFF, BMP)."""
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def is_slide(name: str) -> bool:
+    """A file the slide path reads lazily (TIFF family, vendor slide formats); .tif/.tiff are both."""
+    return name.lower().endswith(SLIDE_SUFFIXES)
