@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtual environment with the runtime, the export stage and the test tools, then the
-# models under models/: the TRAINED model from ../shared/models where it exists (the default everywhere), and the
-# seeded UNTRAINED reference (tests, and machines without ../shared). Safe to run again: a model whose manifest
-# this code can read is kept.
+# model under models/: the TRAINED model from ../shared/models where it exists (the default everywhere), else the
+# seeded UNTRAINED reference. Each export makes what this machine runs (FP16 only where an NVIDIA GPU is visible,
+# BF16 where the CPU has native BF16) and is kept in models/.export-cache for an identical export later (the
+# tests'). Safe to run again: a model whose manifest this code can read is kept.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -16,13 +17,10 @@ PY=${PYTHON:-python3}
 # (exports from before the contract stated the magnification are made again, so that scale checks apply to them)
 usable() { .venv/bin/python -c 'import sys; from runtime.manifest import Manifest
 assert Manifest.load(sys.argv[1]).contract.magnification' "$1" 2>/dev/null; }
-usable models/reference || .venv/bin/python -m export reference -o models/reference
-TRAINED=../shared/models/breakhis-scratch-v1
-if [ -f "$TRAINED/weights.pt" ]; then
-  usable models/breakhis-scratch-v1 || .venv/bin/python -m export onnx --checkpoint "$TRAINED/weights.pt" \
-    --train-report "$TRAINED/train_report.json" -o models/breakhis-scratch-v1 \
-    --source "VGG16-BiLSTM trained from scratch on public BreakHis 100X images (../shared/models/README.md)"
+if [ -f "$(.venv/bin/python -c 'from runtime.paths import trained_weights; print(trained_weights())')/weights.pt" ]; then
+  usable models/breakhis-scratch-v1 || .venv/bin/python -m export trained
 else
-  echo "note: $TRAINED not found: the untrained reference model is the default" >&2
+  echo "note: the shared trained model was not found: the untrained reference model is the default" >&2
+  usable models/reference || .venv/bin/python -m export reference -o models/reference
 fi
 echo "ready: .venv/bin/python -m runtime.classify IMAGE..." >&2

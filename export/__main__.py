@@ -11,7 +11,11 @@ from pathlib import Path
 
 from runtime.backends import BACKENDS
 from runtime.fidelity import TOLERANCES
+from runtime.paths import TRAINED_NAME
 from runtime.trt_build import ENGINE_PRECISIONS
+
+# The trained model's provenance text, as setup.sh exports it (`python -m export trained`).
+TRAINED_SOURCE = "VGG16-BiLSTM trained from scratch on public BreakHis 100X images (../shared/models/README.md)"
 
 EPILOG = """examples:
   python -m export reference                      # seeded UNTRAINED model -> models/reference
@@ -39,6 +43,12 @@ def _common(p: argparse.ArgumentParser, default_out: str | None) -> None:
                    help="images that calibrate the FP16 ranges and gate the FP16 variant (default: all)")
     p.add_argument("--no-range-safe", action="store_true",
                    help="skip the power-of-two rescaling (to see the FP16 gate refuse an overflowing variant)")
+    p.add_argument("--variants", default="auto", metavar="auto|all|LIST",
+                   help="variants besides FP32 to make and gate (default: auto = what this machine runs: fp16 where "
+                        "an NVIDIA GPU is visible, bf16 where the CPU has native BF16; all; none; or a list: fp16,bf16)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="make the export even if an identical one (same weights, images, options, code, libraries "
+                        "and CPU) passed its gates before (default: reuse it; export/cache.py)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     ref = sub.add_parser("reference", help="build the seeded, UNTRAINED reference model (demos, tests, benchmarks)")
     ref.add_argument("--seed", type=int, default=None, help="weight seed (default: the project's fixed seed)")
     _common(ref, "models/reference")
+    tr = sub.add_parser("trained", help="export the trained model from the shared folder, as setup.sh does "
+                        f"(default -o models/{TRAINED_NAME})")
+    _common(tr, f"models/{TRAINED_NAME}")
     onx = sub.add_parser("onnx", help="export a PyTorch state_dict of this architecture")
     onx.add_argument("--checkpoint", type=Path, required=True, help="state_dict saved with torch.save")
     onx.add_argument("--source", default="", help="where the weights come from (recorded in the manifest)")
@@ -113,13 +126,28 @@ def main(argv: list[str] | None = None) -> int:
         return _bf16(args)
 
     # Heavy imports after argument parsing so that --help is instant.
-    from export.artefacts import default_parity_images, write_model_dir
+    from export import cache
+    from export.artefacts import default_parity_images, resolve_variants, write_model_dir
     from export.weights import load_checkpoint
     from runtime.errors import BreakhisError, report
     from runtime.manifest import Provenance, sha256_file
+    from runtime.paths import trained_weights
 
     if args.parity_count < 1:
         ap.error("--parity-count must be at least 1")
+    try:
+        variants_made = resolve_variants(args.variants)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.cmd == "trained":
+        shared = trained_weights()
+        if not (shared / "weights.pt").is_file():
+            print(f"error: {shared / 'weights.pt'}: the trained model's weights are not there (set BREAKHIS_SHARED "
+                  "to the shared folder)", file=sys.stderr)
+            return 2
+        report_file = shared / "train_report.json"
+        args.checkpoint, args.train_report, args.source, args.untrained = \
+            shared / "weights.pt", report_file if report_file.is_file() else None, TRAINED_SOURCE, False
     t0 = time.perf_counter()
     try:
         if args.cmd == "reference":
@@ -146,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             name = args.out.name
             print(f"imported: LSTM({arch['lstm_units']}), bidirectional={arch['bidirectional']}, "
                   f"BatchNorm eps {arch['bn_epsilon']}", file=sys.stderr)
-        else:
+        else:  # onnx, trained
             model = load_checkpoint(args.checkpoint)
             metrics, held_out = _train_report(args.train_report) if args.train_report else ({}, [])
             prov = Provenance(source=args.source or f"PyTorch state_dict {args.checkpoint.name}",
@@ -156,8 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         images = args.parity_images or default_parity_images()
         if args.parity_images is not None and not args.parity_images.is_dir():
             ap.error(f"--parity-images {args.parity_images}: not a directory")
-        write_model_dir(model, args.out, name, prov, images, args.parity_count, args.gate_count,
-                        range_safe=not args.no_range_safe, log=_log)
+        options = {"parity_count": args.parity_count, "gate_count": args.gate_count,
+                   "range_safe": not args.no_range_safe, "variants": list(variants_made)}
+        key = cache.export_key(prov, images, options)
+        if args.no_cache or cache.reuse(key, args.out, name, prov, log=_log) is None:
+            write_model_dir(model, args.out, name, prov, images, args.parity_count, args.gate_count,
+                            range_safe=not args.no_range_safe, log=_log, variants_made=variants_made)
+            cache.store(key, args.out, log=_log)
     except BreakhisError as e:
         return report(e)
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

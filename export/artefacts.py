@@ -30,6 +30,36 @@ def default_parity_images() -> Path | None:
     return sample_images() if sample_images().is_dir() else None
 
 
+OPTIONAL_VARIANTS = ("fp16", "bf16")  # FP32 is always made: it is the reference every other variant is gated on
+
+
+def nvidia_gpu_visible() -> bool:
+    """An NVIDIA GPU on this machine (a driver's device node, or Jetson's), the only place FP16 variants run."""
+    return any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvhost-ctrl-gpu", "/dev/nvgpu/igpu0/ctrl"))
+
+
+def resolve_variants(choice: str) -> tuple[str, ...]:
+    """--variants: "auto" makes what this machine can run (FP16 where an NVIDIA GPU is visible; BF16 is made
+    where the CPU has native BF16, by its gate), "all" every one, "none" FP32 alone, or a list: "fp16,bf16"."""
+    if choice == "auto":
+        return ("fp16", "bf16") if nvidia_gpu_visible() else ("bf16",)
+    if choice == "all":
+        return OPTIONAL_VARIANTS
+    if choice == "none":
+        return ()
+    chosen = tuple(v for v in (x.strip() for x in choice.split(",")) if v and v != "fp32")
+    unknown = [v for v in chosen if v not in OPTIONAL_VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {', '.join(unknown)} (choose from auto, all, or a list of "
+                         f"{', '.join(OPTIONAL_VARIANTS)})")
+    return tuple(v for v in OPTIONAL_VARIANTS if v in chosen)
+
+
+NOT_ASKED = {"fp16": "no NVIDIA GPU was visible at export, and FP16 runs only on GPUs (TensorRT, ONNX Runtime CUDA); "
+                     "export again on the GPU machine, or with --variants fp16",
+             "bf16": "not asked for (--variants)"}
+
+
 def gate_fields(folder: Path | None, n_images: int | None, seed: int = 0) -> tuple[np.ndarray, str]:
     """Every field of the first ``n_images`` real images (all when None), and where they came from; seeded
     synthetic fields only when no image folder is available."""
@@ -44,8 +74,10 @@ def gate_fields(folder: Path | None, n_images: int | None, seed: int = 0) -> tup
 
 
 def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Provenance, images: Path | None,
-                    n_parity: int = 6, n_gate: int | None = None, range_safe: bool = True, log=print) -> Manifest:
-    """Export, gate and write every artefact; a variant that fails its gate is reported and not written.
+                    n_parity: int = 6, n_gate: int | None = None, range_safe: bool = True, log=print,
+                    variants_made: tuple[str, ...] = OPTIONAL_VARIANTS) -> Manifest:
+    """Export, gate and write every artefact; a variant that fails its gate is reported and not written, and one
+    not in ``variants_made`` is not made (the report says why).
 
     model.onnx is the range-safe (rescaled) FP32 model, identical in output to ``model``; model.fp16.onnx runs its
     convolution chain in float16. Files are written under temporary names and renamed only when the FP32 model
@@ -85,15 +117,19 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
         report["rescaled_vs_original"] = exact
         log(f"  range-safe rescaling vs the original FP32 model: max|d| {exact}")
 
-        log("making the FP16 variant (convolution chain float16; pooling, Dense, BatchNorm, LSTM float32) ...")
-        problems = ox.fp16_structure(ox.make_fp16(tmp["model.onnx"], tmp["model.fp16.onnx"]))
-        if problems:
-            raise ExportError("FP16 variant has the wrong precision layout:\n  " + "\n  ".join(problems))
-        try:
-            got16 = ort_outputs(tmp["model.fp16.onnx"], fields, extra_max=conv_names)
-        except Exception as e:  # ORT raises its own types; a variant that cannot be checked is not shipped
-            got16 = None
-            report["rejected"]["fp16"] = f"could not be checked: ONNX Runtime CPU cannot run it ({str(e)[:200]})"
+        got16 = None
+        if "fp16" not in variants_made:
+            report["not_made"]["fp16"] = NOT_ASKED["fp16"]
+            log(f"FP16 variant not made: {NOT_ASKED['fp16']}")
+        else:
+            log("making the FP16 variant (convolution chain float16; pooling, Dense, BatchNorm, LSTM float32) ...")
+            problems = ox.fp16_structure(ox.make_fp16(tmp["model.onnx"], tmp["model.fp16.onnx"]))
+            if problems:
+                raise ExportError("FP16 variant has the wrong precision layout:\n  " + "\n  ".join(problems))
+            try:
+                got16 = ort_outputs(tmp["model.fp16.onnx"], fields, extra_max=conv_names)
+            except Exception as e:  # ORT raises its own types; a variant that cannot be checked is not shipped
+                report["rejected"]["fp16"] = f"could not be checked: ONNX Runtime CPU cannot run it ({str(e)[:200]})"
         after = [float(got16[n]) for n in conv_names] if got16 is not None else \
             [m * 2.0 ** s for m, s in zip(maxima, shifts)]
         report["ranges"] = [rs.LayerRange(layer, m, s, a).to_dict()
@@ -117,8 +153,9 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
                 report["rejected"]["fp16"] = fp16.reason()
             else:
                 variants["fp16"] = Variant("model.fp16.onnx", fp16.summary())
-        if "fp16" in report["rejected"]:
-            log(f"FP16 variant REJECTED ({report['rejected']['fp16']}): not written, not listed")
+        if "fp16" not in variants:
+            if "fp16" in report["rejected"]:
+                log(f"FP16 variant REJECTED ({report['rejected']['fp16']}): not written, not listed")
             tmp.pop("model.fp16.onnx").unlink(missing_ok=True)
             (out_dir / "model.fp16.onnx").unlink(missing_ok=True)  # never leave an old one a backend could load
         torch.save({"state_dict": model.state_dict(), "arch": model.arch}, tmp["weights.pt"])
@@ -127,7 +164,10 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
     finally:
         for t in [*tmp.values(), unscaled]:
             t.unlink(missing_ok=True)
-    bf16.gate_into(report, variants, out_dir / "model.onnx", fields, _outputs(ref), threshold, log)
+    if "bf16" in variants_made:
+        bf16.gate_into(report, variants, out_dir / "model.onnx", fields, _outputs(ref), threshold, log)
+    else:
+        report["not_made"]["bf16"] = NOT_ASKED["bf16"]
     files = {f: sha256_file(out_dir / f) for f in tmp}
     manifest = Manifest(name=name, contract=CONTRACT, provenance=provenance, files=files,
                         input_name=ox.INPUT, output_names=ox.OUTPUTS, variants=variants)

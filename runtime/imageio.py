@@ -56,7 +56,7 @@ FLAGS = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION  # orientation is a
 
 
 @contextmanager
-def _decoder_messages() -> Iterator[list[str]]:
+def decoder_messages() -> Iterator[list[str]]:
     """Collect what OpenCV's C decoders (libjpeg, libtiff) print to stderr while decoding one image, so that it is
     attached to that image's result instead of appearing, unattributed, on the console. These decodes are
     serialised while stderr is redirected (PNG, the dataset's format, goes through ``_decode_png`` instead)."""
@@ -159,7 +159,7 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Deco
         messages: list[str] = []
         img = _decode_png(data, messages)
     else:
-        with _decoder_messages() as messages:
+        with decoder_messages() as messages:
             buf = np.frombuffer(data, np.uint8)
             if len(info.pages) > 1:
                 ok, mats = cv2.imdecodemulti(buf, FLAGS, range=(page, page + 1))

@@ -23,7 +23,9 @@ import numpy as np
 
 from runtime.classifier import Classifier
 from runtime.errors import BreakhisError
+from runtime.imageio import ImageError
 from runtime.inputs import ImageInput
+from runtime.manifest import sha256_file
 from runtime.scale import Scale, resample_factor
 from runtime.slide_source import Source, open_source
 
@@ -63,6 +65,7 @@ class SlideResult:
     warnings: list[str] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None  # of the file classified, where it was hashed (its outputs are named by it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,10 +144,14 @@ def _classify(clf: Classifier, src: Source, aggregate: str, top_k: int, scale: S
     t_plan = time.perf_counter()
     todo = [f for f in fields if f.status == "classified"]
     for i in range(0, len(todo), CHUNK):
-        chunk = todo[i:i + CHUNK]
-        crops = [ImageInput(f"{src.name} field r{f.row} c{f.col}", array=_crop(src, level, f, (fw, fh)))
-                 for f in chunk]
-        for f, res in zip(chunk, clf.classify(crops)):
+        chunk, crops = [], []
+        for f in todo[i:i + CHUNK]:
+            try:
+                crops.append(ImageInput(f"{src.name} field r{f.row} c{f.col}", array=_crop(src, level, f, (fw, fh))))
+                chunk.append(f)
+            except ImageError as e:  # a damaged tile costs the fields that touch it, not the slide
+                f.status, f.error = "error", str(e)
+        for f, res in zip(chunk, clf.classify(crops) if crops else []):
             if res.error or res.probability is None:
                 f.status, f.error = "error", res.error
             else:
@@ -152,6 +159,7 @@ def _classify(clf: Classifier, src: Source, aggregate: str, top_k: int, scale: S
         if progress:
             progress(min(i + CHUNK, len(todo)), len(todo))
     t_infer = time.perf_counter()
+    warnings += src.problems()
     if not fields:
         warnings.append(f"smaller than one field ({fw * factor:.0f}x{fh * factor:.0f} level-0 pixels at this scale)")
     counts = {"fields": len(fields), "classified": sum(f.status == "classified" for f in fields),
@@ -170,9 +178,16 @@ def _classify(clf: Classifier, src: Source, aggregate: str, top_k: int, scale: S
         fields=fields, warnings=warnings, model=clf.model_info,
         timings_ms={"plan_and_mask": (t_plan - t0) * 1e3, "classify": (t_infer - t_plan) * 1e3})
     if overlay is not None:
-        cv2.imwrite(str(overlay), overlay_image(thumb, t_down, fields))
+        # encoded here and written by Python: OpenCV's imwrite crashes on names that are not valid UTF-8
+        Path(overlay).write_bytes(cv2.imencode(".png", overlay_image(thumb, t_down, fields))[1].tobytes())
     result.timings_ms["total"] = (time.perf_counter() - t0) * 1e3
     return result
+
+
+def output_stem(folder: Path, name: str, sha256: str) -> Path:
+    """FOLDER/NAME.<first 12 hex of the file's sha256>: two inputs of one name (other folders, a reused name) never
+    write over each other's results, and the same file always lands on the same names."""
+    return folder / f"{Path(name).name}.{sha256[:12]}"
 
 
 def _background(thumb: np.ndarray) -> np.ndarray:
@@ -252,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", type=Path, help="slides, mosaics or large images (TIFF family read lazily)")
     ap.add_argument("--out", type=Path, default=Path("slide-results"),
-                    help="folder for NAME.geojson, NAME.csv, NAME.overlay.png and NAME.json (default: slide-results)")
+                    help="folder for STEM.geojson, STEM.csv, STEM.overlay.png and STEM.json, STEM being the file's "
+                         "name and the start of its sha256 (default: slide-results)")
     ap.add_argument("--aggregate", choices=AGGREGATES, default="max",
                     help="the region verdict's rule (default: max, the screening rule); named in every output")
     ap.add_argument("--top-k", type=int, default=3, help="fields averaged by --aggregate topk (default: 3)")
@@ -280,9 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.inputs:
             bar = None if args.no_progress else _bar(path)
             try:
+                sha = sha256_file(path)
+            except OSError as e:
+                print(f"error: {path}: cannot read ({e.strerror or e})", file=sys.stderr)
+                failed += 1
+                continue
+            stem = output_stem(args.out, path.name, sha)
+            try:
                 res = classify_slide(clf, path, args.aggregate, args.top_k, scale, not args.no_tissue_mask,
-                                     args.min_tissue, args.max_pixels, args.out / f"{path.name}.overlay.png",
-                                     progress=bar)
+                                     args.min_tissue, args.max_pixels, Path(f"{stem}.overlay.png"), progress=bar)
             except BreakhisError as e:
                 print(f"error: {e}", file=sys.stderr)
                 failed += 1
@@ -290,14 +312,15 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if bar:
                     bar(-1, -1)
-            res.save(args.out / path.name)
+            res.sha256 = sha
+            res.save(stem)
             failed += res.counts["errors"] > 0
             results.append(res)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1))
     else:
-        for r in results:
-            print(_summary(r, args.out))
+        for r in results:  # names of any bytes stay printable
+            print(_summary(r, args.out).encode("utf-8", "backslashreplace").decode())
     return 1 if failed else 0
 
 
@@ -311,7 +334,7 @@ def _summary(r: SlideResult, out: Path) -> str:
              f"level {s['level']}): "
              f"{n['classified']} classified, {n['background']} background, {n['errors']} errors; "
              f"{r.timings_ms['total'] / 1e3:.1f} s",
-             f"  wrote {out / Path(r.path).name}.geojson / .csv / .overlay.png / .json"]
+             f"  wrote {output_stem(out, r.path, r.sha256 or '')}.geojson / .csv / .overlay.png / .json"]
     lines += [f"  WARNING: {w}" for w in r.warnings]
     if "warning" in r.model:
         lines.append(f"  WARNING: {r.model['warning']}")

@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, TimeoutError
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ class SlideJob:
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "cancel"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cancel"}
 
 
 class SlideJobs:

@@ -1,12 +1,17 @@
-"""Large inputs read lazily: a pyramidal or tiled TIFF (OME-TIFF, BigTIFF, Aperio SVS) through tifffile's zarr
-interface, reading only the tiles a region needs; other vendor slide formats through OpenSlide where it is installed
+"""Large inputs read lazily: a pyramidal or tiled TIFF (OME-TIFF, BigTIFF, Aperio SVS) read tile by tile with
+tifffile's decoders, only the tiles a region needs, each checked on its own; other vendor slide formats through OpenSlide where it is installed
 (optional); other images (PNG, JPEG, ...) decoded whole, within --max-pixels.
 Every region comes back as BGR uint8, and the source says what it knows of its scale."""
 from __future__ import annotations
 
+import logging
 import re
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import cv2
 import numpy as np
@@ -16,6 +21,10 @@ from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, read_image
 from runtime.scale import Scale, from_name
 
 BLOCK = 2048  # pixels a side read at a time when a thumbnail is made from a large level
+MAX_SLIDE_PIXELS = 40_000_000_000  # level 0: beyond any scanner's 40X slide; a claim above it is refused
+MAX_THUMBNAIL_SOURCE_PIXELS = 2_000_000_000  # the level the tissue map is read from, whole (block by block)
+JPEG_COMPRESSIONS = (6, 7)  # old-style and new-style JPEG (TIFF compression tag)
+MAX_LISTED = 8  # damaged tiles listed one by one in a slide's warnings
 
 
 class Source:
@@ -34,18 +43,28 @@ class Source:
         """(BGR image whose long side is at most ``max_side``, level-0 pixels per thumbnail pixel), read from the
         smallest level that is large enough, block by block, so that a huge single-level image never sits in
         memory (at most BLOCK x BLOCK pixels of it at a time)."""
+        return self._thumbnail(max_side)
+
+    def _thumbnail(self, max_side: int, **read: str) -> tuple[np.ndarray, float]:
         i = max((k for k, (w, h) in enumerate(self.sizes) if max(w, h) >= max_side), default=0)
         w, h = self.sizes[i]
         f = min(1.0, max_side / max(w, h))
         thumb = np.empty((max(1, round(h * f)), max(1, round(w * f)), 3), np.uint8)
-        for y0 in range(0, h, BLOCK):
-            for x0 in range(0, w, BLOCK):
-                y1, x1 = min(y0 + BLOCK, h), min(x0 + BLOCK, w)
+        # blocks of about BLOCK x BLOCK pixels: longer along the long side of a thin image
+        bh, bw = (min(h, BLOCK), max(BLOCK, BLOCK * BLOCK // min(h, BLOCK))) if w >= h else \
+            (max(BLOCK, BLOCK * BLOCK // min(w, BLOCK)), min(w, BLOCK))
+        for y0 in range(0, h, bh):
+            for x0 in range(0, w, bw):
+                y1, x1 = min(y0 + bh, h), min(x0 + bw, w)
                 ty0, ty1, tx0, tx1 = round(y0 * f), round(y1 * f), round(x0 * f), round(x1 * f)
                 if ty1 > ty0 and tx1 > tx0:
-                    thumb[ty0:ty1, tx0:tx1] = cv2.resize(self.read(i, x0, y0, x1 - x0, y1 - y0), (tx1 - tx0, ty1 - ty0),
-                                                         interpolation=cv2.INTER_AREA)
+                    block = self.read(i, x0, y0, x1 - x0, y1 - y0, **read)  # type: ignore[call-arg]
+                    thumb[ty0:ty1, tx0:tx1] = cv2.resize(block, (tx1 - tx0, ty1 - ty0), interpolation=cv2.INTER_AREA)
         return thumb, self.sizes[0][0] / thumb.shape[1]
+
+    def problems(self) -> list[str]:
+        """What reading found wrong (damaged tiles, unwritten ones), one line each."""
+        return []
 
     def close(self) -> None:
         pass
@@ -72,39 +91,200 @@ class ArraySource(Source):
         return self.bgr[y:y + h, x:x + w]
 
 
+class TileError(ImageError):
+    """One tile (or strip) of a TIFF level that cannot be read or decoded: the fields that touch it are errors."""
+
+
 class TiffSource(Source):
+    """A TIFF level read tile by tile (or strip by strip) with tifffile's decoders, synchronously: each tile is
+    read, checked and decoded on its own, so a damaged tile costs only the fields that touch it, and is reported
+    once. A tile never written (offset or byte count 0: a region not scanned) reads as glass and is counted."""
+
     def __init__(self, path: Path) -> None:
         import tifffile
-        import zarr
 
         self.name = str(path)
+        self.log: list[str] = []  # what tifffile said while reading the structure (never printed unattributed)
+        with _tifffile_messages(self.log):
+            try:
+                self.tif = tifffile.TiffFile(path)
+            except (OSError, ValueError, KeyError, IndexError, struct.error, tifffile.TiffFileError) as e:
+                raise ImageError(f"{path}: not a readable TIFF ({str(e)[:200]}{_said(self.log)})") from None
+            try:
+                self._open(path)
+            except BaseException:
+                self.tif.close()
+                raise
+        self.bad: dict[tuple[int, int], str] = {}  # (level, tile index) -> why it cannot be decoded
+        self.unwritten: set[tuple[int, int]] = set()
+        self.lock = threading.Lock()  # one file handle: a seek and its read go together
+
+    def _open(self, path: Path) -> None:
+        import tifffile
+
         try:
-            self.tif = tifffile.TiffFile(path)
             series = self.tif.series[0]
             self.axes = series.axes
-            if series.dtype != np.uint8 or self.axes not in ("YX", "YXS"):
-                self.tif.close()
-                raise ImageError(f"{path}: a {series.dtype} {self.axes} image; slides are read as 8-bit grey, RGB "
-                                 "or RGBA (axes YX or YXS)")
-            self.levels = [zarr.open_array(series.aszarr(level=i), mode="r") for i in range(len(series.levels))]
-        except (OSError, ValueError, KeyError, IndexError, tifffile.TiffFileError) as e:
-            raise ImageError(f"{path}: not a readable TIFF ({e})") from None
-        self.sizes = [(int(a.shape[1]), int(a.shape[0])) for a in self.levels]
-        self.downsamples = [self.sizes[0][0] / w for w, _ in self.sizes]
+            self.pages: list[Any] = [level.pages[0] for level in series.levels]  # tifffile.TiffPage each
+            shapes = [tuple(int(n) for n in p.shape) for p in self.pages]
+        except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error, tifffile.TiffFileError) as e:
+            raise ImageError(f"{path}: not a readable TIFF ({str(e)[:200]}{_said(self.log)})") from None
+        if not self.pages:
+            raise ImageError(f"{path}: not a readable TIFF (no image in it{_said(self.log)})")
+        if series.dtype != np.uint8 or self.axes not in ("YX", "YXS"):
+            raise ImageError(f"{path}: a {series.dtype} {self.axes} image; slides are read as 8-bit grey, RGB or "
+                             "RGBA (axes YX or YXS)")
+        if any(p.planarconfig != 1 and len(p.shape) == 3 for p in self.pages):
+            raise ImageError(f"{path}: samples stored as separate planes (planar configuration 2) are not read")
+        self.sizes = [(s[1], s[0]) for s in shapes]
+        if not all(w and h for w, h in self.sizes):
+            raise ImageError(f"{path}: a level with no pixels ({self.sizes})")
+        w0, h0 = self.sizes[0]
+        if w0 * h0 > MAX_SLIDE_PIXELS:
+            raise ImageError(f"{path}: claims {w0:,} x {h0:,} = {w0 * h0:,} pixels, above the limit of "
+                             f"{MAX_SLIDE_PIXELS:,} for a slide (a whole 40X scan is about 10 billion)")
+        smallest = min(w * h for w, h in self.sizes)
+        if smallest > MAX_THUMBNAIL_SOURCE_PIXELS:
+            raise ImageError(f"{path}: its smallest level is {smallest:,} pixels, above the limit of "
+                             f"{MAX_THUMBNAIL_SOURCE_PIXELS:,} read for the tissue map; an image this large needs "
+                             "a pyramid (e.g. vips tiffsave --tile --pyramid, or bfconvert -pyramid-resolutions)")
+        size = path.stat().st_size
+        beyond = sum(int(o) + int(n) > size for p in self.pages for o, n in zip(p.dataoffsets, p.databytecounts) if o)
+        if beyond:
+            raise ImageError(f"{path}: truncated: {beyond} tiles lie beyond the end of the file ({size:,} bytes); "
+                             "copy or download it again")
+        self.downsamples = [w0 / w for w, _ in self.sizes]
         self.scale = _tiff_scale(self.tif, path)
 
-    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+    def read(self, level: int, x: int, y: int, w: int, h: int, damaged: str = "raise") -> np.ndarray:
+        """The region as BGR. A damaged tile raises TileError (``damaged="fill"``: mid-grey instead, for the
+        tissue map, so that the fields there are tried, and fail, at their own level)."""
+        page = self.pages[level]
+        th, tw = int(page.chunks[0]), int(page.chunks[1])
+        per_row = int(page.chunked[1])
+        samples = page.shape[2] if len(page.shape) == 3 else 1
+        out = np.empty((h, w, samples), np.uint8)
+        for r in range(y // th, (y + h - 1) // th + 1):
+            for c in range(x // tw, (x + w - 1) // tw + 1):
+                ya, yb, xa, xb = max(y, r * th), min(y + h, (r + 1) * th), max(x, c * tw), min(x + w, (c + 1) * tw)
+                try:
+                    seg = self._segment(level, r * per_row + c)
+                except TileError:
+                    if damaged != "fill":
+                        raise
+                    seg = np.full((th, tw, samples), 128, np.uint8)
+                if seg is None:  # never written: not scanned, glass
+                    out[ya - y:yb - y, xa - x:xb - x] = 255
+                else:
+                    out[ya - y:yb - y, xa - x:xb - x] = seg[ya - r * th:yb - r * th, xa - c * tw:xb - c * tw]
+        if samples == 1:
+            return cv2.cvtColor(out[..., 0], cv2.COLOR_GRAY2BGR)
+        return cv2.cvtColor(out, cv2.COLOR_RGBA2BGR if samples == 4 else cv2.COLOR_RGB2BGR)
+
+    def thumbnail(self, max_side: int = 1024) -> tuple[np.ndarray, float]:
+        return self._thumbnail(max_side, damaged="fill")
+
+    def _segment(self, level: int, index: int) -> np.ndarray | None:
+        """Tile ``index`` of ``level`` as (rows, cols, samples), None where it was never written; TileError (once
+        per tile, remembered) where its bytes are missing, do not decode, or decode to the wrong shape."""
+        key = (level, index)
+        if key in self.bad:
+            raise TileError(self.bad[key])
+        page = self.pages[level]
         try:
-            a = np.asarray(self.levels[level][y:y + h, x:x + w])
-        except Exception as e:  # a damaged tile: codecs raise their own types  # noqa: BLE001
-            raise ImageError(f"{self.name}: level {level} region ({x}, {y}, {w}x{h}) cannot be decoded ({e})") \
-                from None
-        if a.ndim == 2:
-            return cv2.cvtColor(a, cv2.COLOR_GRAY2BGR)
-        return cv2.cvtColor(a, cv2.COLOR_RGBA2BGR if a.shape[2] == 4 else cv2.COLOR_RGB2BGR)
+            offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+        except IndexError:
+            return self._damaged(key, "no such tile in the file's tile table")
+        if not offset or not count:
+            self.unwritten.add(key)
+            return None
+        with self.lock:
+            fh = self.tif.filehandle
+            fh.seek(offset)
+            data = fh.read(count)
+        if len(data) < count:
+            return self._damaged(key, f"truncated file: {len(data)} of its {count} bytes")
+        if page.compression in JPEG_COMPRESSIONS:
+            problem = _jpeg_problem(data, page.jpegtables)
+            if problem:
+                return self._damaged(key, problem)
+        try:
+            seg, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
+        except Exception as e:  # noqa: BLE001 - each codec raises its own types
+            return self._damaged(key, f"{type(e).__name__}: {str(e)[:120]}")
+        if seg is None or seg.shape != tuple(shape) or seg.shape[0] != 1:
+            return self._damaged(key, f"decoded to {None if seg is None else seg.shape}, expected {tuple(shape)}")
+        return seg[0]
+
+    def _damaged(self, key: tuple[int, int], why: str) -> NoReturn:
+        level, index = key
+        page = self.pages[level]
+        per_row = int(page.chunked[1])
+        th, tw = int(page.chunks[0]), int(page.chunks[1])
+        r, c = divmod(index, per_row)
+        self.bad[key] = (f"{self.name}: level {level} tile {index} (pixels {c * tw},{r * th} to "
+                         f"{(c + 1) * tw},{(r + 1) * th}) cannot be decoded: {why}")
+        raise TileError(self.bad[key])
+
+    def problems(self) -> list[str]:
+        """What reading found: each damaged tile once (the first ``MAX_LISTED``, then a count), how many tiles were
+        never written, and what tifffile said about the file's structure."""
+        bad = [self.bad[k] for k in sorted(self.bad)]
+        out = bad[:MAX_LISTED] + ([f"and {len(bad) - MAX_LISTED} more damaged tiles (each field's error names its "
+                                   "tile)"] if len(bad) > MAX_LISTED else [])
+        out += [f"{self.name}: tifffile: {m}" for m in dict.fromkeys(self.log)]
+        if self.unwritten:
+            out.append(f"{len(self.unwritten)} tiles were never written (not scanned): read as glass (background)")
+        return out
 
     def close(self) -> None:
         self.tif.close()
+
+
+def _jpeg_problem(data: bytes, tables: bytes | None) -> str | None:
+    """Why a JPEG tile is damaged though it may still decode (libjpeg pads a truncated scan with grey, and reads a
+    corrupt one as other pixels, saying so only as a warning on stderr), or None. The check decodes the tile once
+    more with OpenCV's libjpeg, whose warnings are caught for this tile (runtime/imageio.py)."""
+    from runtime.imageio import DAMAGE, decoder_messages
+
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return "truncated JPEG data (no end-of-image marker)"
+    stream = tables[:-2] + data[2:] if tables and data.startswith(b"\xff\xd8") else data  # tables + the tile's scan
+    with decoder_messages() as messages:
+        img = cv2.imdecode(np.frombuffer(stream, np.uint8), cv2.IMREAD_UNCHANGED)
+    damaged = [m for m in messages if any(k in m.lower() for k in DAMAGE)]
+    if damaged or img is None:
+        return f"libjpeg: {'; '.join(damaged)[:160]}" if damaged else "libjpeg cannot decode it"
+    return None
+
+
+class _Collect(logging.Filter):
+    """tifffile's log records go to the source being opened in this thread (its errors and problems), not to an
+    unattributed line on stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        lines = getattr(_TIFF_MESSAGES, "lines", None)
+        if lines is None:
+            return True
+        lines.append(record.getMessage().strip()[:200])
+        return False
+
+
+_TIFF_MESSAGES = threading.local()
+logging.getLogger("tifffile").addFilter(_Collect())
+
+
+@contextmanager
+def _tifffile_messages(lines: list[str]) -> Iterator[None]:
+    _TIFF_MESSAGES.lines = lines
+    try:
+        yield
+    finally:
+        _TIFF_MESSAGES.lines = None
+
+
+def _said(log: list[str]) -> str:
+    return f"; tifffile says: {'; '.join(dict.fromkeys(log))[:200]}" if log else ""
 
 
 class OpenSlideSource(Source):

@@ -1,6 +1,7 @@
 """Classify a camera or video stream at a target rate and write an annotated stream (verdict, per-field boxes)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,10 @@ def run_stream(clf: Any, source: int | str, rate: float, out_path: Path | None =
                max_frames: int | None = None, show: bool = False) -> StreamStats:
     """Read frames as fast as they come; classify at most `rate` frames per second (the latest frame wins), and
     write every frame with the latest verdict drawn on it."""
+    for path in (source, out_path):  # OpenCV takes paths as UTF-8 and crashes on other bytes
+        if isinstance(path, (str, Path)) and not _utf8(str(path)):
+            raise RuntimeError(f"{os.fsencode(path)!r}: OpenCV's video I/O cannot open a path that is not valid "
+                               "UTF-8; rename the file")
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
         raise RuntimeError(f"cannot open {'camera ' if isinstance(source, int) else ''}{source}")
@@ -88,3 +93,11 @@ def run_stream(clf: Any, source: int | str, rate: float, out_path: Path | None =
     print(f"{stats.frames_read} frames read, {stats.frames_classified} classified, "
           f"{stats.summary()['read_fps']:.1f} frames/s", file=sys.stderr)
     return stats
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False

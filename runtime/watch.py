@@ -182,7 +182,7 @@ class Watcher:
         CSV, overlay and JSON written to the slides folder; the record holds the region verdict and its rule."""
         from runtime.errors import BreakhisError
         from runtime.manifest import sha256_file
-        from runtime.slide import classify_slide
+        from runtime.slide import classify_slide, output_stem
 
         assert self.slides is not None
         rec: dict[str, Any] = {"path": key, "label": None, "probability": None, "fields": [], "error": None}
@@ -193,12 +193,12 @@ class Watcher:
         prev = self.latest.get(key)
         rec |= {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha,
                 "supersedes": prev.get("sha256") if prev else None}
-        # Outputs named by the file and its hash: a reused name never overwrites an earlier capture's results.
-        stem = self.slides / f"{os.path.basename(key)}.{sha[:12]}"
+        stem = output_stem(self.slides, key, sha)  # a reused name never overwrites an earlier capture's results
         try:
             res = classify_slide(self.clf, Path(key), overlay=Path(f"{stem}.overlay.png"))
         except BreakhisError as e:
             return rec | {"error": str(e)}
+        res.sha256 = sha
         res.save(stem)
         return rec | {"label": res.aggregate["label"], "probability": res.aggregate["value"],
                       "fields": [asdict(f) for f in res.fields if f.status == "classified"],

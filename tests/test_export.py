@@ -49,7 +49,7 @@ def test_same_checkpoint_gives_byte_identical_onnx(model_dir, tmp_path, shared_d
         out = tmp_path / name
         run_module("export", "onnx", "--checkpoint", str(model_dir / "weights.pt"), "-o", str(out),
                    "--parity-count", "2", "--gate-count", "2", "--parity-images", str(shared_data / "breakhis-100x"),
-                   check=True)
+                   "--variants", "fp16", "--no-cache", check=True)  # made twice, not reused
         outs.append(out)
     for f in ("model.onnx", "model.fp16.onnx"):
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
@@ -75,3 +75,30 @@ def test_corrupt_checkpoint(tmp_path, content):
     (tmp_path / "c.pt").write_bytes(content)
     proc = run_module("export", "onnx", "--checkpoint", str(tmp_path / "c.pt"), "-o", str(tmp_path / "out"))
     assert proc.returncode == 2 and "not a readable PyTorch checkpoint" in proc.stderr and "c.pt" in proc.stderr
+
+
+def test_an_identical_export_is_reused_and_a_changed_or_damaged_one_is_made_again(model_dir, tmp_path, shared_data):
+    cache = tmp_path / "cache"
+    env = {"BREAKHIS_EXPORT_CACHE": str(cache)}
+    base = ["export", "onnx", "--checkpoint", str(model_dir / "weights.pt"), "--parity-count", "1", "--gate-count",
+            "1", "--parity-images", str(shared_data / "breakhis-100x")]
+    args = [*base, "--variants", "fp16"]
+    first = run_module(*args, "-o", str(tmp_path / "a"), env=env, check=True)
+    assert "reused" not in first.stderr and len(list(cache.iterdir())) == 1
+    second = run_module(*args, "-o", str(tmp_path / "b"), "--source", "another description", env=env, check=True)
+    assert "its files were reused" in second.stderr
+    a, b = Manifest.load(tmp_path / "a"), Manifest.load(tmp_path / "b")
+    assert a.files == b.files and a.variants == b.variants and set(a.files) == {"model.onnx", "model.fp16.onnx",
+                                                                                "weights.pt"}
+    assert b.provenance.source == "another description" and a.provenance.source != b.provenance.source
+    assert json.loads((tmp_path / "b" / "export_report.json").read_text())["export_cache"]["reused"] is True
+    changed = run_module(*base, "--variants", "none", "-o", str(tmp_path / "c"), env=env, check=True)
+    assert "reused" not in changed.stderr and "fp16" not in Manifest.load(tmp_path / "c").variants
+    entry = next(p for p in cache.iterdir() if (p / "manifest.json").is_file() and "fp16" in
+                 json.loads((p / "manifest.json").read_text())["variants"])
+    with open(entry / "model.fp16.onnx", "r+b") as f:  # damaged in place
+        f.seek(1000)
+        f.write(b"\x00" * 64)
+    again = run_module(*args, "-o", str(tmp_path / "d"), env=env, check=True)
+    assert "is damaged" in again.stderr and "reused" not in again.stderr
+    assert Manifest.load(tmp_path / "d").files == a.files  # made anew, the same bytes

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import tracemalloc
 from dataclasses import replace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from benchmarks.synthetic_slide import FIELD, write_mosaic
 from runtime.classifier import Classifier
-from runtime.manifest import Contract
+from runtime.manifest import Contract, sha256_file
 from runtime.scale import Scale, resample_factor
 from runtime.slide import AGGREGATES, aggregate_verdict, classify_slide
 from runtime.slide_source import open_source
@@ -156,10 +157,13 @@ def test_slide_cli_writes_every_output(trained_dir, mosaic, tmp_path):
                       "--aggregate", "topk", "--out", str(tmp_path), str(path))
     assert proc.returncode == 0, proc.stderr
     assert "topk" in proc.stdout and "7 classified, 5 background" in proc.stdout
+    stem = f"mosaic.tif.{sha256_file(path)[:12]}"
     for suffix in (".geojson", ".csv", ".overlay.png", ".json"):
-        assert (tmp_path / f"mosaic.tif{suffix}").is_file()
-    saved = json.loads((tmp_path / "mosaic.tif.json").read_text())
+        assert (tmp_path / f"{stem}{suffix}").is_file()
+    assert f"wrote {tmp_path / stem}.geojson" in proc.stdout
+    saved = json.loads((tmp_path / f"{stem}.json").read_text())
     assert saved["aggregate"]["rule"] == "topk" and saved["model"]["name"] == "breakhis-scratch-v1"
+    assert saved["sha256"] == sha256_file(path)
     proc = run_module("runtime.slide", "--no-progress", "--out", str(tmp_path), str(tmp_path / "missing.tif"))
     assert proc.returncode == 1 and "missing.tif" in proc.stderr
 
@@ -201,3 +205,19 @@ def test_openslide_reads_the_same_pixels_where_installed(mosaic, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "openslide", None)  # as on a machine without the extra
     with pytest.raises(ImageError, match="needs OpenSlide"):
         open_source(path.with_suffix(".ndpi"))
+
+
+def test_two_inputs_of_one_name_from_two_folders_keep_their_own_outputs(model_dir, images_100x, tmp_path):
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    for folder, img in ((a, images_100x[1]), (b, images_100x[2])):
+        folder.mkdir()
+        write_mosaic(folder / "scan.tif", [[img]], levels=1)
+    proc = run_module("runtime.slide", "--model", str(model_dir), "--backend", "cpu", "--no-progress", "--json",
+                      "--out", str(out), str(a / "scan.tif"), str(b / "scan.tif"))
+    assert proc.returncode == 0, proc.stderr
+    first, second = json.loads(proc.stdout)
+    assert first["fields"][0]["probability"] != second["fields"][0]["probability"]
+    for res, src in ((first, a / "scan.tif"), (second, b / "scan.tif")):
+        stem = out / f"scan.tif.{sha256_file(src)[:12]}"
+        assert json.loads(Path(f"{stem}.json").read_text())["fields"] == res["fields"]  # each kept its own
+    assert len(list(out.iterdir())) == 8

@@ -76,9 +76,9 @@ def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | 
                                      "--backend openvino, or auto on a CPU with native BF16)")
         from runtime.backends.openvino import native_bf16
 
-        ok, why = native_bf16()
+        ok, reason = native_bf16()
         if not ok:  # checked before the model's variant table: whether or not this export made a bf16 variant
-            raise BackendUnavailable(f"bf16 cannot run here: {why}; use --precision fp32")
+            raise BackendUnavailable(f"bf16 cannot run here: {reason}; use --precision fp32")
     notes: list[str] = []
     gpu_wanted = name in ("tensorrt", "onnxruntime-cuda") or (name == "auto" and precision != "bf16")
     if gpu_wanted and name in ("auto", "tensorrt"):
@@ -99,8 +99,8 @@ def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | 
             if ort.cuda_available():
                 prec, why = resolve_precision(precision, True, manifest, model_dir)
                 return ort.OrtBackend(model_dir, manifest, prec, cuda=True, threads=threads), notes + why
-        except BackendUnavailable as e:  # listed, but it did not start
-            msg = str(e).removeprefix("onnxruntime-cuda: ")
+        except ort.CudaDidNotStart as e:  # listed, but it did not start
+            msg = str(e)
         if name == "onnxruntime-cuda":
             raise BackendUnavailable(f"backend onnxruntime-cuda: {msg}")
         notes.append(f"onnxruntime-cuda skipped: {msg}")

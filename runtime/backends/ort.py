@@ -6,7 +6,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from runtime.errors import Unavailable
 from runtime.manifest import Manifest, ModelError, verified_file
+
+
+class CudaDidNotStart(Unavailable):
+    """onnxruntime-gpu lists its CUDA provider, but a session could not start it (missing CUDA or cuDNN, no GPU)."""
 
 
 def providers() -> list[str]:
@@ -41,9 +46,7 @@ class OrtBackend:
             # ONNX Runtime falls back to the CPU silently when the CUDA provider fails to start (missing CUDA or
             # cuDNN libraries, no usable GPU): this backend would then say CUDA while running on the CPU.
             del self.session
-            from runtime.backends import BackendUnavailable
-
-            raise BackendUnavailable("onnxruntime-cuda: the CUDA execution provider did not start (ONNX Runtime "
+            raise CudaDidNotStart("the CUDA execution provider did not start (ONNX Runtime "
                                      "fell back to the CPU; its log says why, e.g. missing CUDA or cuDNN "
                                      f"libraries); the session had only {', '.join(used)}")
         meta = self.session.get_modelmeta().custom_metadata_map
