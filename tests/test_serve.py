@@ -237,3 +237,22 @@ def test_page_in_headless_chromium(server, images_100x, small_mosaic, tmp_path):
             shutil.copy(slide_shot, os.environ["BREAKHIS_SCREENSHOT_DIR"])
     finally:
         driver.quit()
+
+
+def test_every_output_carries_the_classifiers_warnings(server, model_dir, shared_data, tmp_path):
+    """A BreakHis 400X image: the magnification warning the classifier adds reaches the CLI, the API (and so the
+    page, which shows the API's warnings) and the watch folder's record alike."""
+    img = next(p for p in sorted((shared_data / "breakhis-other").glob("*.png")) if "-400-" in p.name)
+    cli = json.loads(run_module("runtime.classify", "--no-progress", "--json", "--model", str(model_dir),
+                                "--backend", "cpu", str(img)).stdout)[0]
+    assert any("says 400X" in w for w in cli["warnings"]), cli["warnings"]
+    body, ctype = multipart(img.name, img.read_bytes())
+    status, api = post(server, body, ctype)
+    assert status == 200 and api["warnings"] == cli["warnings"]
+    inbox, out = tmp_path / "inbox", tmp_path / "out.jsonl"
+    inbox.mkdir()
+    shutil.copy(img, inbox / img.name)
+    proc = run_module("runtime.watch", str(inbox), "--out", str(out), "--model", str(model_dir), "--backend", "cpu",
+                      "--interval", "0.1", "--settle", "0.3", "--exit-when-idle", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["warnings"] == cli["warnings"]

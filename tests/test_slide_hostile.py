@@ -185,3 +185,24 @@ def test_slide_names_of_any_bytes_survive(model_dir, images_100x, tmp_path):
     assert "scan-\U0001f52c-" in proc.stdout and "Traceback" not in proc.stderr
     saved = json.loads(Path(f"{stem}.json").read_text())
     assert saved["counts"]["classified"] == 6
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists open files through /proc/self/fd")
+def test_a_tiff_refused_for_its_sample_type_leaves_no_file_open(tmp_path):
+    import tifffile
+
+    path = tmp_path / "u16.tif"
+    tifffile.imwrite(path, np.zeros((64, 64, 3), np.uint16), tile=(32, 32), photometric="rgb")
+    with pytest.raises(ImageError, match="uint16"):
+        open_source(path)
+
+    def open_files():
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                out.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                continue
+        return out
+
+    assert str(path) not in open_files()
