@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     ref = sub.add_parser("reference", help="build the seeded, UNTRAINED reference model (demos, tests, benchmarks)")
     ref.add_argument("--seed", type=int, default=None, help="weight seed (default: the project's fixed seed)")
+    ref.add_argument("--width", type=float, default=1.0,
+                     help="convolution widths as a fraction of VGG16's (default 1: VGG16); e.g. 0.125 makes a narrow "
+                          "model of the same structure, about 60x less arithmetic, for fast structural tests")
     _common(ref, "models/reference")
     tr = sub.add_parser("trained", help="export the trained model from the shared folder, as setup.sh does "
                         f"(default -o models/{TRAINED_NAME})")
@@ -155,13 +158,17 @@ def main(argv: list[str] | None = None) -> int:
 
             from export.reference import DEFAULT_SEED, reference_model
             seed = DEFAULT_SEED if args.seed is None else args.seed
-            print(f"building the untrained reference model (seed {seed}) ...", file=sys.stderr)
-            model = reference_model(seed)
+            if not 0 < args.width <= 1:
+                ap.error("--width must be in (0, 1]")
+            narrow = f", convolution width x{args.width:g}" if args.width != 1 else ""
+            print(f"building the untrained reference model (seed {seed}{narrow}) ...", file=sys.stderr)
+            model = reference_model(seed, args.width)
             digest = _state_sha256(model, torch)
-            prov = Provenance(source=f"seeded reference model, seed {seed}", sha256=digest, trained=False,
+            prov = Provenance(source=f"seeded reference model, seed {seed}{narrow}", sha256=digest, trained=False,
                               checkpoint="weights.pt",
-                              notes="UNTRAINED: random weights. Its verdicts are not a diagnosis.")
-            name = "reference-untrained"
+                              notes="UNTRAINED: random weights. Its verdicts are not a diagnosis." +
+                                    (" NARROW: not the VGG16 widths; for structural tests." if narrow else ""))
+            name = "reference-untrained" + (f"-w{args.width:g}" if narrow else "")
         elif args.cmd == "keras":
             from export.keras_h5 import import_pair
 

@@ -18,6 +18,7 @@ from runtime.fidelity import compare
 from runtime.manifest import REPORT_NAME, Manifest, Provenance, Variant, sha256_file
 from runtime.inputs import folder_fields
 from runtime.paths import sample_images
+from runtime.backends.openvino import native_bf16
 from runtime.errors import CheckFailed
 
 
@@ -42,7 +43,7 @@ def resolve_variants(choice: str) -> tuple[str, ...]:
     """--variants: "auto" makes what this machine can run (FP16 where an NVIDIA GPU is visible; BF16 is made
     where the CPU has native BF16, by its gate), "all" every one, "none" FP32 alone, or a list: "fp16,bf16"."""
     if choice == "auto":
-        return ("fp16", "bf16") if nvidia_gpu_visible() else ("bf16",)
+        return tuple(v for v in OPTIONAL_VARIANTS if _why_not(v) is None)
     if choice == "all":
         return OPTIONAL_VARIANTS
     if choice == "none":
@@ -55,9 +56,16 @@ def resolve_variants(choice: str) -> tuple[str, ...]:
     return tuple(v for v in OPTIONAL_VARIANTS if v in chosen)
 
 
-NOT_ASKED = {"fp16": "no NVIDIA GPU was visible at export, and FP16 runs only on GPUs (TensorRT, ONNX Runtime CUDA); "
-                     "export again on the GPU machine, or with --variants fp16",
-             "bf16": "not asked for (--variants)"}
+def _why_not(variant: str) -> str | None:
+    """Why this machine would not run ``variant`` (so "auto" does not make it), or None."""
+    if variant == "fp16" and not nvidia_gpu_visible():
+        return ("no NVIDIA GPU was visible at export, and FP16 runs only on GPUs (TensorRT, ONNX Runtime CUDA); "
+                "export again on the GPU machine, or with --variants fp16")
+    if variant == "bf16":
+        ok, why = native_bf16()
+        if not ok:
+            return f"bf16: {why}; run `python -m export bf16` on a CPU with native BF16"
+    return None
 
 
 def gate_fields(folder: Path | None, n_images: int | None, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -88,6 +96,8 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
     threshold = CONTRACT.threshold
     try:
         fields, where = gate_fields(images, n_gate)
+        if not variants_made:  # nothing to gate against FP32; the ranges (only FP16 needs them) from parity fields
+            fields, where = fields[:n_parity], f"{where}: the first {min(n_parity, len(fields))} (FP32 only)"
         log(f"exporting ONNX (opset {ox.OPSET}, dynamic batch) ...")
         ox.export_onnx(model, unscaled, CONTRACT, provenance)
         conv_names = ox.conv_outputs(onnx.load(str(unscaled)))
@@ -119,8 +129,8 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
 
         got16 = None
         if "fp16" not in variants_made:
-            report["not_made"]["fp16"] = NOT_ASKED["fp16"]
-            log(f"FP16 variant not made: {NOT_ASKED['fp16']}")
+            report["not_made"]["fp16"] = _why_not("fp16") or "not asked for (--variants)"
+            log(f"FP16 variant not made: {report['not_made']['fp16']}")
         else:
             log("making the FP16 variant (convolution chain float16; pooling, Dense, BatchNorm, LSTM float32) ...")
             problems = ox.fp16_structure(ox.make_fp16(tmp["model.onnx"], tmp["model.fp16.onnx"]))
@@ -167,7 +177,8 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
     if "bf16" in variants_made:
         bf16.gate_into(report, variants, out_dir / "model.onnx", fields, _outputs(ref), threshold, log)
     else:
-        report["not_made"]["bf16"] = NOT_ASKED["bf16"]
+        report["not_made"]["bf16"] = _why_not("bf16") or "not asked for (--variants)"
+        log(f"BF16 variant not made: {report['not_made']['bf16']}")
     files = {f: sha256_file(out_dir / f) for f in tmp}
     manifest = Manifest(name=name, contract=CONTRACT, provenance=provenance, files=files,
                         input_name=ox.INPUT, output_names=ox.OUTPUTS, variants=variants)

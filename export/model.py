@@ -32,14 +32,20 @@ BN_EPS = 1e-3  # Keras BatchNormalization default
 VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
 
+def block_widths(width: float = 1.0) -> tuple[tuple[int, ...], ...]:
+    """VGG16's convolution widths, scaled by ``width`` (1 = VGG16; the narrow test model uses 1/8: same layers,
+    same shapes of everything else, about 1/60 of the arithmetic)."""
+    return tuple(tuple(max(1, round(c * width)) for c in block) for block in VGG16_BLOCKS)
+
+
 class VGG16Features(nn.Module):
     """Keras VGG16(include_top=False): 13 conv3x3 'same' + ReLU, a 2x2 max-pool after each of 5 blocks."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: float = 1.0) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = 3
-        for block in VGG16_BLOCKS:
+        for block in block_widths(width):
             for cout in block:
                 layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)]
                 cin = cout
@@ -53,10 +59,10 @@ class VGG16Features(nn.Module):
 class PatchEncoder(nn.Module):
     """One 512-d feature per preprocessed patch (N, 3, P, P) -> (N, 512)."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: float = 1.0) -> None:
         super().__init__()
-        self.vgg16 = VGG16Features()
-        self.dense = nn.Linear(512, FEATURES)
+        self.vgg16 = VGG16Features(width)
+        self.dense = nn.Linear(block_widths(width)[-1][-1], FEATURES)
         self.bn = nn.BatchNorm1d(FEATURES, eps=BN_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,12 +90,15 @@ class SequenceHead(nn.Module):
 class BreakHisNet(nn.Module):
     """fields (B, T, 3, P, P) float32, preprocessed per the contract -> (logit (B, 1), probability (B, 1))."""
 
-    def __init__(self, contract: Contract = CONTRACT, units: int = LSTM_UNITS, bidirectional: bool = True) -> None:
+    def __init__(self, contract: Contract = CONTRACT, units: int = LSTM_UNITS, bidirectional: bool = True,
+                 width: float = 1.0) -> None:
         super().__init__()
         self.seq_len = contract.seq_len
         self.patch = contract.patch
         self.arch: dict = {"units": units, "bidirectional": bidirectional, "bn_eps": [BN_EPS, BN_EPS]}  # saved too
-        self.encoder = PatchEncoder()
+        if width != 1.0:
+            self.arch["width"] = width
+        self.encoder = PatchEncoder(width)
         self.head = SequenceHead(units, bidirectional)
 
     def set_bn_eps(self, encoder: float, head: float) -> None:
@@ -103,6 +112,7 @@ class BreakHisNet(nn.Module):
         return logit, torch.sigmoid(logit)
 
 
-def build_model(contract: Contract = CONTRACT, units: int = LSTM_UNITS, bidirectional: bool = True) -> BreakHisNet:
+def build_model(contract: Contract = CONTRACT, units: int = LSTM_UNITS, bidirectional: bool = True,
+                width: float = 1.0) -> BreakHisNet:
     """A fresh model in eval mode (BatchNorm uses its stored statistics, as Keras does at inference)."""
-    return BreakHisNet(contract, units, bidirectional).eval()
+    return BreakHisNet(contract, units, bidirectional, width).eval()

@@ -36,10 +36,11 @@ def _set_bn(bn: nn.BatchNorm1d, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def reference_model(seed: int = DEFAULT_SEED) -> BreakHisNet:
-    """Build the reference model from ``seed``; the same seed gives the same weights."""
+def reference_model(seed: int = DEFAULT_SEED, width: float = 1.0) -> BreakHisNet:
+    """Build the reference model from ``seed``; the same seed gives the same weights. ``width`` < 1 narrows the
+    convolution stack (export/model.py: block_widths) for a fast model of the same structure."""
     torch.manual_seed(seed)
-    model = build_model()
+    model = build_model(width=width)
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

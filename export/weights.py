@@ -29,7 +29,8 @@ def load_checkpoint(path: Path) -> BreakHisNet:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors)")
     arch = obj.get("arch", {}) if isinstance(obj, dict) else {}
-    model = build_model(units=int(arch.get("units", 500)), bidirectional=bool(arch.get("bidirectional", True)))
+    model = build_model(units=int(arch.get("units", 500)), bidirectional=bool(arch.get("bidirectional", True)),
+                        width=float(arch.get("width", 1.0)))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

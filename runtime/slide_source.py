@@ -50,9 +50,10 @@ class Source:
         w, h = self.sizes[i]
         f = min(1.0, max_side / max(w, h))
         thumb = np.empty((max(1, round(h * f)), max(1, round(w * f)), 3), np.uint8)
-        # blocks of about BLOCK x BLOCK pixels: longer along the long side of a thin image
-        bh, bw = (min(h, BLOCK), max(BLOCK, BLOCK * BLOCK // min(h, BLOCK))) if w >= h else \
-            (max(BLOCK, BLOCK * BLOCK // min(w, BLOCK)), min(w, BLOCK))
+        # BLOCK x BLOCK pixels at a time; along a thin image (a side under BLOCK / 8) as many pixels in longer blocks
+        bh = bw = BLOCK
+        if min(w, h) < BLOCK // 8:
+            bh, bw = (h, BLOCK * BLOCK // h) if w >= h else (BLOCK * BLOCK // w, w)
         for y0 in range(0, h, bh):
             for x0 in range(0, w, bw):
                 y1, x1 = min(y0 + bh, h), min(x0 + bw, w)

@@ -92,7 +92,7 @@ def failing_dir(trained_checkpoint, shared_data, tmp_path_factory):
     out.mkdir()
     (out / "model.fp16.onnx").write_bytes(b"stale file a backend could pick up")
     proc = run_module("export", "onnx", "--checkpoint", str(trained_checkpoint / "weights.pt"), "-o", str(out),
-                      "--no-range-safe", "--gate-count", "2", "--parity-count", "2", "--variants", "fp16",
+                      "--no-range-safe", "--gate-count", "1", "--parity-count", "1", "--variants", "fp16",
                       "--parity-images", str(shared_data / "breakhis-100x"))
     assert proc.returncode == 0, proc.stderr  # what it wrote (FP32) is sound
     assert "FP16 variant REJECTED" in proc.stderr
@@ -140,16 +140,21 @@ def test_a_non_finite_output_is_an_error_never_a_verdict(model_dir, images_100x,
 
 
 def test_accuracy_table_on_the_trained_model(trained_dir, shared_data, tmp_path):
-    proc = run_module("benchmarks.evaluate", "--images", str(shared_data / "breakhis-100x"), "--model",
-                      str(trained_dir), "--json", str(tmp_path / "acc.json"))
+    """The table's tool on every third shared image (16; the README's table is the full run): groups, counts and
+    metrics consistent, held-out patients told apart."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted((shared_data / "breakhis-100x").glob("*.png"))[::3]:
+        (images / p.name).symlink_to(p)
+    proc = run_module("benchmarks.evaluate", "--images", str(images), "--model", str(trained_dir), "--json",
+                      str(tmp_path / "acc.json"))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "acc.json").read_text())
     (run,) = report["runs"].values()
     held = set(Manifest.load(trained_dir).provenance.held_out_patients)
-    n_held = sum(p.name.rsplit("-", 2)[0] in held for p in (shared_data / "breakhis-100x").glob("*.png"))
-    assert run["groups"]["all"]["image"]["n"] == 48 and run["groups"]["held-out"]["image"]["n"] == n_held > 0
-    assert run["groups"]["held-out"]["patient"]["n"] == len({p for p in held if any(
-        (shared_data / "breakhis-100x").glob(f"{p}-*"))})
+    n_held = sum(p.name.rsplit("-", 2)[0] in held for p in images.glob("*.png"))
+    assert run["groups"]["all"]["image"]["n"] == 16 and run["groups"]["held-out"]["image"]["n"] == n_held > 0
+    assert run["groups"]["held-out"]["patient"]["n"] == len({p for p in held if any(images.glob(f"{p}-*"))})
     for group in run["groups"].values():
         for m in group.values():
             assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == m["n"]

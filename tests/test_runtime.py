@@ -206,7 +206,7 @@ def test_onnxruntime_cuda_that_falls_back_to_the_cpu_is_refused_not_named_cuda(m
     if ort.cuda_available():
         pytest.skip("this onnxruntime has a CUDA provider: the fallback cannot be reproduced here")
     manifest = Manifest.load(model_dir)
-    with pytest.raises(BackendUnavailable, match="CUDA execution provider did not start.*only CPUExecutionProvider"):
+    with pytest.raises(ort.CudaDidNotStart, match="CUDA execution provider did not start.*only CPUExecutionProvider"):
         ort.OrtBackend(model_dir, manifest, "fp32", cuda=True)
     monkeypatch.setattr(ort, "cuda_available", lambda: True)  # listed, as onnxruntime-gpu lists it without CUDA libs
     with pytest.raises(BackendUnavailable, match="backend onnxruntime-cuda: the CUDA execution provider did not"):

@@ -256,3 +256,37 @@ def test_every_output_carries_the_classifiers_warnings(server, model_dir, shared
                       "--interval", "0.1", "--settle", "0.3", "--exit-when-idle", "1")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["warnings"] == cli["warnings"]
+
+
+def _slide_job(server, name, data, timeout=120):
+    body, ctype = multipart(name, data)
+    status, job = post(server, body, ctype, path="/v1/slide")
+    assert status == 202, job
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with urllib.request.urlopen(server + job["status"], timeout=30) as r:
+            state = json.loads(r.read())
+        if state["state"] != "running":
+            return state
+        time.sleep(0.1)
+    pytest.fail(f"slide job still running after {timeout} s: {state}")
+
+
+def test_hostile_slide_uploads_end_in_a_clear_state(server, small_mosaic, tmp_path):
+    import tifffile
+
+    claim = tmp_path / "claim.tif"  # about 100 KB claiming 250,000 x 200,000 pixels (50 billion)
+    with tifffile.TiffWriter(claim, bigtiff=True) as tw:
+        tw.write(iter([np.full((4096, 4096, 3), 242, np.uint8)] + [None] * (62 * 49 - 1)), shape=(200_000, 250_000, 3),
+                 dtype=np.uint8, tile=(4096, 4096), photometric="rgb", compression="zlib")
+    assert claim.stat().st_size < 1e6
+    state = _slide_job(server, "claim.tif", claim.read_bytes())
+    assert state["state"] == "error" and "above the limit" in state["error"] and "claim.tif" in state["error"]
+    state = _slide_job(server, "cut.svs", small_mosaic.read_bytes()[:20_000])
+    assert state["state"] == "error" and "cut.svs" in state["error"] and "internal error" not in state["error"]
+    state = _slide_job(server, "sl\U0001f52cide \u00e9.tif", small_mosaic.read_bytes())  # odd characters in the name
+    assert state["state"] == "done" and state["result"]["path"] == "sl\U0001f52cide \u00e9.tif"
+    req = urllib.request.Request(server + "/v1/slide/nope", method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 404

@@ -23,9 +23,21 @@ from tests.test_serve import _free_port, post
 pytest.importorskip("fastapi", reason="fastapi not installed (setup.sh installs the serve extra)")
 
 
-def start(model_dir, *extra):
+# The real server, whose inference takes a stated time per field (the model's arithmetic replaced by a wait after
+# it, as the full model on a slow CPU would take): these tests are about queueing, refusals and fairness, which need
+# work to be waiting, on any machine. The order of events is what they check, never how long anything took.
+SLOW_SERVER = ("import sys, time\n"
+               "from runtime.backends import ort\n"
+               "run = ort.OrtBackend.run\n"
+               "ort.OrtBackend.run = lambda self, fields: (time.sleep(SECONDS * len(fields)), run(self, fields))[1]\n"
+               "from runtime.serve import main\n"
+               "sys.exit(main(sys.argv[1:]))\n")
+
+
+def start(model_dir, *extra, seconds_per_field=0.4):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(model_dir), "--port", str(port),
+    code = SLOW_SERVER.replace("SECONDS", repr(seconds_per_field))
+    proc = subprocess.Popen([sys.executable, "-c", code, "--model", str(model_dir), "--port", str(port),
                              "--backend", "cpu", "--max-upload-mb", "2", *extra], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

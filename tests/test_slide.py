@@ -25,8 +25,8 @@ FH, FW = FIELD
 
 
 @pytest.fixture(scope="module")
-def clf(trained_dir):
-    with Classifier(trained_dir, backend="cpu", precision="fp32", batch_size=1) as c:
+def clf(model_dir):
+    with Classifier(model_dir, backend="cpu", precision="fp32", batch_size=1) as c:
         yield c
 
 
@@ -113,7 +113,7 @@ def test_a_large_sparse_slide_is_classified_in_bounded_memory(clf, images_100x, 
     assert peak < 120e6, f"peak Python allocation {peak / 1e6:.0f} MB"
 
 
-def test_other_magnifications_are_flagged_in_every_output(clf, trained_dir, shared_data):
+def test_other_magnifications_are_flagged_in_every_output(clf, model_dir, shared_data):
     others = sorted((shared_data / "breakhis-other").glob("*.png"))
     assert len(others) == 10
     for r in clf.classify(others):
@@ -121,7 +121,7 @@ def test_other_magnifications_are_flagged_in_every_output(clf, trained_dir, shar
     (same,) = clf.classify([sorted((shared_data / "breakhis-100x").glob("*.png"))[0]])
     assert not any("file name says" in w for w in same.warnings)
     forty = next(p for p in others if "-40-" in p.name)
-    proc = run_module("runtime.classify", "--no-progress", "--model", str(trained_dir), "--backend", "cpu",
+    proc = run_module("runtime.classify", "--no-progress", "--model", str(model_dir), "--backend", "cpu",
                       "--precision", "fp32", str(forty))
     assert proc.returncode == 0 and "WARNING" in proc.stdout and "says 40X" in proc.stdout
     res = classify_slide(clf, forty)  # as a region: resampled to the model's scale, and said so
