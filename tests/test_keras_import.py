@@ -48,7 +48,7 @@ def test_imported_onnx_matches_keras_predict_on_real_images(keras_pair, images_1
     assert m.provenance.trained is True
     assert set(m.provenance.source_files) == {"fe.h5", "cls.h5"} and all(len(v) == 64 for v in
                                                                         m.provenance.source_files.values())
-    paths = images_100x[::8]
+    paths = images_100x[::16]
     fields = np.stack([preprocess_image(read_image(p).bgr, CONTRACT)[0] for p in paths])
     want = km.keras_predict(fe, cls, fields)
     with Classifier(out, backend="cpu") as clf:
