@@ -29,6 +29,7 @@ DONE = "complete"  # written last into an entry: an entry without it was cut sho
 
 
 def cache_dir() -> Path | None:
+    """$BREAKHIS_EXPORT_CACHE, or models/.export-cache; None where it is "off"."""
     where = os.environ.get("BREAKHIS_EXPORT_CACHE", "")
     if where.lower() in ("off", "0", "no"):
         return None

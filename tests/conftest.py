@@ -50,6 +50,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Pa
 
 
 @pytest.fixture(scope="session")
+def full_reference():
+    """The full-width seeded reference model in PyTorch (built once: 138 million seeded weights), for the tests
+    of the architecture itself. Tests must not change it (copy.deepcopy it first)."""
+    from export.reference import reference_model
+
+    return reference_model()
+
+
+@pytest.fixture(scope="session")
 def trained_checkpoint(shared_data: Path) -> Path:
     """The trained model's weights in ../shared/models; skips where they are absent."""
     if not (TRAINED / "weights.pt").is_file():

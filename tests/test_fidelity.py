@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from export import onnx_export as ox
-from export.reference import reference_model
 from runtime.fidelity import TOLERANCES, compare
 from runtime.imageio import read_image
 from runtime.preprocess import preprocess_image
@@ -44,8 +43,8 @@ def _run(model, fields):
         return {k: v.reshape(-1) for k, v in ox.torch_outputs(model.eval(), fields).items()}
 
 
-def test_a_wrong_import_is_far_outside_the_fp32_bound(fields):
-    model = reference_model()
+def test_a_wrong_import_is_far_outside_the_fp32_bound(full_reference, fields):
+    model = full_reference
     want = _run(model, fields)
     swapped = _run(model, np.ascontiguousarray(fields[:, :, ::-1]))  # RGB read as BGR
     gates = copy.deepcopy(model)

@@ -12,8 +12,8 @@ from runtime.preprocess import preprocess_image
 
 
 @pytest.fixture(scope="module")
-def ref():
-    return reference_model()
+def ref(full_reference):
+    return full_reference
 
 
 def test_vgg16_stack_shape_and_size():

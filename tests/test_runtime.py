@@ -182,13 +182,16 @@ def test_pipeline_peak_rss_does_not_grow_with_the_number_of_inputs(model_dir, im
     """Stated bound (README, "The folder pipeline"): the pipeline holds the images read ahead (2 per decode worker
     plus a batch) and the batch in progress, whatever the folder size. A fresh process streams 100, then another
     1,000 inputs through ``classify_iter``; the growth of its peak RSS after the model is loaded stays under that
-    bound both times (measured 23 and 28 MB against 59; without the bound, 78 MB after 100 inputs). Inference is replaced by a constant answer after a 40 ms wait per batch (slower than the
+    bound both times (measured 48-62 MB, with either count, against 75; unbounded, 100 inputs alone would hold
+    140 MB of pixels). Inference is replaced by a constant answer after a 40 ms wait per batch (slower than the
     decoders, as real inference is, so that decoded images would pile up if nothing bounded them): only the
     pipeline is under test, and 1,000 VGG16 passes would take minutes."""
     import subprocess
 
     workers, batch, image_mb, field_mb = 4, 4, 700 * 460 * 3 / 2**20, 6 * 3 * 224 * 224 * 4 / 2**20
-    bound = (2 * workers + 2 * batch) * image_mb * 2 + batch * field_mb + 16  # x2: bytes read + pixels; 16: slack
+    # x2: the bytes read and the pixels; 32 MB: the decode threads' allocator arenas and the codecs' buffers (the
+    # narrow test model loads with no peak of its own for these to hide under)
+    bound = (2 * workers + 2 * batch) * image_mb * 2 + batch * field_mb + 32
     for n in (100, 1000):
         proc = subprocess.run([sys.executable, "-c", _PIPELINE_RSS, str(model_dir), str(n), *map(str, images_100x)],
                               capture_output=True, text=True, timeout=600, check=False)
