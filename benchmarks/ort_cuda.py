@@ -17,21 +17,24 @@ import numpy as np
 
 from benchmarks import write_json
 
-# name -> (precision, CUDA execution provider options)
+# name -> (precision, CUDA execution provider options beyond the runtime's own): "runtime-<precision>" is exactly
+# the session the runtime ships (runtime/backends/ort.py: make_session), the others one setting away from it.
 CONFIGS = {
-    "fp32": ("fp32", {"use_tf32": "0"}),
-    "fp32-tf32": ("fp32", {"use_tf32": "1"}),
-    "fp16": ("fp16", {}),
-    "fp16-nhwc": ("fp16", {"prefer_nhwc": "1"}),
-    "fp16-nhwc-graph": ("fp16", {"prefer_nhwc": "1", "enable_cuda_graph": "1"}),
+    "runtime-fp32": ("fp32", {}),
+    "runtime-fp32-tf32": ("fp32", {"use_tf32": "1"}),
+    "runtime-fp16": ("fp16", {}),
+    "runtime-fp16-nhwc": ("fp16", {"prefer_nhwc": "1"}),
+    "runtime-fp16-nhwc-graph": ("fp16", {"prefer_nhwc": "1", "enable_cuda_graph": "1"}),
 }
 
 
-def time_config(path: Path, options: dict, batch: int, field_shape: tuple, runs: int) -> float:
+def time_config(path: Path, precision: str, options: dict, batch: int, field_shape: tuple, runs: int) -> float:
     """Median ms per field of ``runs`` inferences of one resident batch."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=[("CUDAExecutionProvider", options)])
+    from runtime.backends.ort import make_session
+
+    sess = make_session(path, precision, cuda=True, extra_cuda_options=options)
     x = ort.OrtValue.ortvalue_from_numpy(np.random.default_rng(0).normal(0, 50, (batch, *field_shape))
                                          .astype(np.float32), "cuda", 0)
     y = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1), np.float32, "cuda", 0)
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20, help="timed runs per setting (default 20)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    from runtime.backends.ort import cuda_options
     from runtime.manifest import Manifest
     from runtime.paths import default_model_dir
 
@@ -93,18 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, (precision, options) in CONFIGS.items():
         try:
             path = model / m.variant(precision, model).file
-            row = {str(b): time_config(path, options, int(b), m.contract.field_shape, args.runs)
+            row = {str(b): time_config(path, precision, options, int(b), m.contract.field_shape, args.runs)
                    for b in args.batches.split(",")}
         except Exception as e:  # ORT raises its own types (Fail, ...): a setting that cannot run is reported
             row = {"error": str(e).splitlines()[0][:300]}
-        out["configs"][name] = {"precision": precision, "options": options, "ms_per_field": row}
-        print(f"{name:18s} {json.dumps(row)}", flush=True)
+        out["configs"][name] = {"precision": precision, "options": cuda_options(precision) | options,
+                                "ms_per_field": row}
+        print(f"{name:24s} {json.dumps(row)}", flush=True)
     try:
         row = {str(b): time_torch(model, int(b), m.contract.field_shape, args.runs) for b in args.batches.split(",")}
     except Exception as e:  # no CUDA torch here: reported, not fatal
         row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     out["configs"]["pytorch-fp16-channels-last-graph"] = {"precision": "fp16", "ms_per_field": row}
-    print(f"{'pytorch-fp16-cl-graph':18s} {json.dumps(row)}", flush=True)
+    print(f"{'pytorch-fp16-cl-graph':24s} {json.dumps(row)}", flush=True)
     write_json(args.json, out)
     return 0
 

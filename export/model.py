@@ -82,8 +82,10 @@ class SequenceHead(nn.Module):
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         _, (h_n, _) = self.lstm(seq)
-        # Keras Bidirectional(return_sequences=False): forward final state, then backward final state.
-        last = torch.cat([h_n[i] for i in range(h_n.shape[0])], dim=1)
+        # Keras Bidirectional(return_sequences=False): forward final state, then backward final state. (directions,
+        # B, units) -> (B, directions * units) by a transpose and a reshape to a constant width: no shape arithmetic
+        # in the exported graph.
+        last = h_n.transpose(0, 1).reshape(-1, self.bn.num_features)
         return self.dense(self.bn(last))
 
 

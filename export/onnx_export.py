@@ -37,7 +37,7 @@ def export_onnx(model: BreakHisNet, path: Path, contract: Contract, provenance: 
             input_names=[INPUT], output_names=list(OUTPUTS),
             dynamic_axes={name: {0: "batch"} for name in (INPUT, *OUTPUTS)},
         )
-    m = onnxslim.slim(onnx.load_from_string(buf.getvalue()))
+    m = without_shape_arithmetic(onnxslim.slim(onnx.load_from_string(buf.getvalue())))
     m.producer_name, m.producer_version = "breakhis-edge export", "1"
     _set_metadata(m, {"contract": json.dumps(contract.to_dict(), sort_keys=True),
                       "trained": json.dumps(provenance.trained),
@@ -45,6 +45,52 @@ def export_onnx(model: BreakHisNet, path: Path, contract: Contract, provenance: 
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, str(path))
     return m
+
+
+SHAPE_OPS = ("Shape", "Gather", "ConstantOfShape", "Unsqueeze", "Squeeze", "Size")  # what ONNX Runtime puts on the CPU
+
+
+def without_shape_arithmetic(m: onnx.ModelProto) -> onnx.ModelProto:
+    """The LSTM's initial states left to ONNX's default (zeros, the spec's value for an absent initial_h /
+    initial_c) instead of zeros built from the input's shape, its unused full-sequence output dropped, and the nodes
+    that only fed them removed: nothing left that ONNX Runtime must compute on the CPU between GPU kernels (which
+    keeps CUDA graphs from capturing the model)."""
+    g = m.graph
+    consumed = {name for n in g.node for name in n.input} | {o.name for o in g.output}
+    for n in g.node:
+        if n.op_type != "LSTM":
+            continue
+        for k in (5, 6):  # initial_h, initial_c
+            if len(n.input) > k and n.input[k] and _zeros(g, n.input[k]):
+                n.input[k] = ""
+        while n.input and not n.input[-1]:
+            n.input.pop()
+        for k, out in enumerate(n.output):  # Y (every step's state) and Y_c (the last cell state): unused
+            if out not in consumed:
+                n.output[k] = ""
+        while n.output and not n.output[-1]:
+            n.output.pop()
+    while True:  # dead nodes: outputs nobody reads
+        live = {name for n in g.node for name in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o and o in live for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    used = {name for n in g.node for name in n.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return m
+
+
+def _zeros(g: onnx.GraphProto, name: str) -> bool:
+    """Whether ``name`` is made by a ConstantOfShape of value 0 (or of its default, which is 0)."""
+    node = next((n for n in g.node if name in n.output), None)
+    if node is None or node.op_type != "ConstantOfShape":
+        return False
+    value = next((a for a in node.attribute if a.name == "value"), None)
+    return value is None or not numpy_helper.to_array(value.t).any()
 
 
 def _set_metadata(m: onnx.ModelProto, props: dict[str, str]) -> None:

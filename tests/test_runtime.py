@@ -220,3 +220,35 @@ def test_onnxruntime_cuda_that_falls_back_to_the_cpu_is_refused_not_named_cuda(m
         assert any(n.startswith("onnxruntime-cuda skipped: the CUDA execution provider did not start") for n in notes)
     finally:
         backend.close()
+
+
+def test_one_session_builder_fp32_keeps_tf32_off_and_fp16_keeps_tensor_cores(model_dir, monkeypatch):
+    """The backend and the CUDA benchmark build their sessions through one function, so what is measured is what
+    ships; FP32 means FP32 (TF32 off), FP16 keeps cuDNN's default math (use_tf32=0 would select FMA-only kernels)."""
+    import onnxruntime
+
+    from benchmarks import ort_cuda
+    from runtime.backends import ort
+
+    asked = []
+    real = onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "InferenceSession",  # records what a session was asked for, then makes it
+                        lambda path, so=None, providers=None: asked.append(providers) or real(path, so))
+    ort.make_session(model_dir / "model.fp16.onnx", "fp16", cuda=True)
+    ort.make_session(model_dir / "model.onnx", "fp32", cuda=True)
+    assert asked == [[("CUDAExecutionProvider", {}), "CPUExecutionProvider"],
+                     [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]]
+
+    class Built(Exception):
+        pass
+
+    def builder(*args, **kw):
+        asked.append((args, kw))
+        raise Built
+
+    monkeypatch.setattr(ort, "make_session", builder)  # the benchmark's sessions come from the same builder
+    with pytest.raises(Built):
+        ort_cuda.time_config(model_dir / "model.fp16.onnx", "fp16", {"prefer_nhwc": "1"}, 1, (6, 3, 224, 224), 1)
+    assert asked[-1] == ((model_dir / "model.fp16.onnx", "fp16"),
+                         {"cuda": True, "extra_cuda_options": {"prefer_nhwc": "1"}})
+    assert ort_cuda.CONFIGS["runtime-fp16"] == ("fp16", {}) and ort_cuda.CONFIGS["runtime-fp32"] == ("fp32", {})

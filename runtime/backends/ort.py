@@ -22,23 +22,36 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in providers()
 
 
+def cuda_options(precision: str) -> dict[str, str]:
+    """The CUDA execution provider's options for a variant. FP32 means FP32: TF32 off (ONNX Runtime's default is on).
+    Every other variant keeps cuDNN's default math, tensor cores included: ``use_tf32=0`` selects cuDNN's FMA-only
+    kernels whatever the data type, which switched tensor cores off for FP16 too."""
+    return {"use_tf32": "0"} if precision == "fp32" else {}
+
+
+def make_session(model: Path | bytes, precision: str, cuda: bool, threads: int | None = None,
+                 extra_cuda_options: dict[str, str] | None = None) -> ort.InferenceSession:
+    """The one way an ONNX Runtime session is made for a variant, by the backend and by the benchmarks alike (what
+    is measured is what ships); ``extra_cuda_options`` for a benchmark's other settings (NHWC, CUDA graphs)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    # Worker threads sleep instead of spinning between runs: no CPU burnt while idle (power on a Jetson) and no
+    # stealing from other work on the same cores; a run is ~100s of ms on a CPU, so the wake-up cost is noise.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    provs: list = [("CUDAExecutionProvider", cuda_options(precision) | (extra_cuda_options or {})),
+                   "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=provs)
+
+
 class OrtBackend:
     def __init__(self, model_dir: Path, manifest: Manifest, precision: str = "fp32", cuda: bool = False,
                  threads: int | None = None) -> None:
         fname = manifest.variant(precision, model_dir).file
         path, self.file_sha256 = verified_file(model_dir, fname, manifest.files)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
-        # Worker threads sleep instead of spinning between runs: no CPU burnt while idle (power on a Jetson) and
-        # no stealing from other work on the same cores; a run is ~100s of ms, so the wake-up cost is noise.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # FP32 means FP32: no TF32 tensor-core rounding behind the user's back (ONNX Runtime's CUDA default).
-        provs: list = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] if cuda \
-            else ["CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=provs)
+            self.session = make_session(path, precision, cuda, threads)
         except Exception as e:  # ORT reports corrupt/foreign files with its own exception types
             raise ModelError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
         used = self.session.get_providers()
