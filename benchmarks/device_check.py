@@ -49,8 +49,10 @@ def plan(images: Path, out: Path, trained: Path, limit: int) -> list[tuple[str, 
     steps.append(("bench-slide", [*py, "benchmarks.slide", "--model", str(trained), "--images", str(images),
                                   "--backend", "onnxruntime-cuda", "--batch-size", "16", "--json",
                                   str(out / "slide-gpu.json")]))
+    # with the GPU tests, those of the trained model's FP16 variant, which the export makes only where a GPU is
     steps.append(("tests-gpu", [*py, "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
-                                "tests/test_gpu.py", f"--junitxml={out / 'tests-gpu.xml'}"]))
+                                "tests/test_gpu.py", "tests/test_real_weights.py", "tests/test_trt.py",
+                                f"--junitxml={out / 'tests-gpu.xml'}"]))
     return steps
 
 
