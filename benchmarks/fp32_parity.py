@@ -4,7 +4,6 @@ each kind of CPU (AVX-512, AVX2-only; ONEDNN_MAX_CPU_ISA=AVX2 makes PyTorch's on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path

@@ -14,13 +14,12 @@ from export import onnx_export as ox
 from export import range_safe as rs
 from export.model import CONTRACT, BreakHisNet
 from export.verify import ort_outputs
-from runtime.fidelity import compare
-from runtime.manifest import REPORT_NAME, Manifest, Provenance, Variant, sha256_file
-from runtime.inputs import folder_fields
-from runtime.paths import sample_images
 from runtime.backends.openvino import native_bf16
 from runtime.errors import CheckFailed
-
+from runtime.fidelity import compare
+from runtime.inputs import folder_fields
+from runtime.manifest import REPORT_NAME, Manifest, Provenance, Variant, sha256_file
+from runtime.paths import sample_images
 
 
 class ExportError(CheckFailed):

@@ -19,7 +19,6 @@ from runtime.batcher import Batcher, Busy
 from runtime.errors import BreakhisError
 from runtime.slide import classify_slide
 
-
 ROOM_WAIT_S = 600.0  # how long a slide's next field may wait for room in the queue before the job fails
 
 

@@ -231,8 +231,9 @@ class TiffSource(Source):
         """What reading found: each damaged tile once (the first ``MAX_LISTED``, then a count), how many tiles were
         never written, and what tifffile said about the file's structure."""
         bad = [self.bad[k] for k in sorted(self.bad)]
-        out = bad[:MAX_LISTED] + ([f"and {len(bad) - MAX_LISTED} more damaged tiles (each field's error names its "
-                                   "tile)"] if len(bad) > MAX_LISTED else [])
+        out = bad[:MAX_LISTED]
+        if len(bad) > MAX_LISTED:
+            out.append(f"and {len(bad) - MAX_LISTED} more damaged tiles (each field's error names its tile)")
         out += [f"{self.name}: tifffile: {m}" for m in dict.fromkeys(self.log)]
         if self.unwritten:
             out.append(f"{len(self.unwritten)} tiles were never written (not scanned): read as glass (background)")

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from export import onnx_export as ox
+from export.model import CONTRACT
 from runtime.fidelity import TOLERANCES, compare
 from runtime.imageio import read_image
 from runtime.preprocess import preprocess_image
-from export.model import CONTRACT
 
 
 def _outputs(logit):

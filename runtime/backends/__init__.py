@@ -6,8 +6,8 @@ from typing import Protocol
 
 import numpy as np
 
-from runtime.manifest import Manifest, ModelError
 from runtime.errors import Unavailable
+from runtime.manifest import Manifest, ModelError
 
 BACKENDS = ("auto", "cpu", "openvino", "onnxruntime-cuda", "tensorrt")  # "cpu" is ONNX Runtime on the CPU
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
@@ -83,8 +83,8 @@ def open_backend(name: str, model_dir: Path, manifest: Manifest, threads: int | 
     gpu_wanted = name in ("tensorrt", "onnxruntime-cuda") or (name == "auto" and precision != "bf16")
     if gpu_wanted and name in ("auto", "tensorrt"):
         from runtime.backends import trt
-        from runtime.engine_cache import EngineMismatch, TrtUnavailable
         from runtime.cuda import GpuUnavailable
+        from runtime.engine_cache import EngineMismatch, TrtUnavailable
 
         try:
             prec, why = resolve_precision(precision, True, manifest, model_dir)
