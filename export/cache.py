@@ -63,12 +63,12 @@ def reuse(key: str, out_dir: Path, name: str, provenance: Provenance, log: Any =
         for f, sha in stored.files.items():
             if sha256_file(entry / f) != sha:
                 raise ModelError(f"{f} does not match its sha256")
-    except (ModelError, OSError) as e:
+        report = json.loads((entry / REPORT_NAME).read_text())
+    except (ModelError, OSError, ValueError) as e:
         log(f"export cache: entry {entry.name} is damaged ({e}): dropped, the export runs")
         shutil.rmtree(entry, ignore_errors=True)
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = json.loads((entry / REPORT_NAME).read_text())
     report["export_cache"] = {"key": key, "reused": True}
     tmp = {f: out_dir / f".{f}.tmp" for f in stored.files}
     try:
@@ -96,6 +96,7 @@ def store(key: str, out_dir: Path, log: Any = print) -> None:
     root = cache_dir()
     if root is None:
         return
+    tmp: Path | None = None
     try:
         manifest = Manifest.load(out_dir)
         root.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,8 @@ def store(key: str, out_dir: Path, log: Any = print) -> None:
         tmp.rename(entry)
     except OSError as e:  # a cache that cannot be written costs the next export time, nothing else
         log(f"export cache: not stored ({e})")
-        shutil.rmtree(locals().get("tmp", root / ".none"), ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         return
     entries = sorted((p for p in root.iterdir() if (p / DONE).is_file()), key=lambda p: (p / DONE).stat().st_mtime)
     for old in entries[:-KEEP]:
