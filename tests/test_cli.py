@@ -198,14 +198,15 @@ def test_a_backend_is_closed_when_the_gpu_preprocessor_then_fails(model_dir, mon
     from runtime.classifier import Classifier
     from runtime.errors import Unavailable
 
+    from runtime import gpu
+
+    def cannot_start(*_args, **_kw):  # the kernel failing to start, as on a machine without pycuda or a GPU
+        raise Unavailable("GPU preprocessing cannot start here")
+
     closed, close = [], ort.OrtBackend.close
     monkeypatch.setattr(ort.OrtBackend, "close", lambda self: (closed.append(self.name), close(self)))
-    try:
-        import pycuda.autoinit  # noqa: F401
-        pytest.skip("pycuda and a GPU are usable here: the GPU preprocessor would open")
-    except Exception:
-        pass
-    with pytest.raises(Unavailable):
+    monkeypatch.setattr(gpu, "GpuPreprocessor", cannot_start)
+    with pytest.raises(Unavailable, match="cannot start here"):
         Classifier(model_dir, backend="cpu", preprocess="gpu")  # the backend opens, then the kernel cannot
     assert closed == ["onnxruntime-cpu-fp32"]
 
