@@ -79,9 +79,8 @@ def reuse(key: str, out_dir: Path, name: str, provenance: Provenance, log: Any =
     finally:
         for t in tmp.values():
             t.unlink(missing_ok=True)
-    for variant_file in ("model.fp16.onnx",):  # never leave a file of another export that this one did not make
-        if variant_file not in stored.files:
-            (out_dir / variant_file).unlink(missing_ok=True)
+    if "model.fp16.onnx" not in stored.files:  # never leave an older export's FP16 file a backend could load
+        (out_dir / "model.fp16.onnx").unlink(missing_ok=True)
     manifest = replace(stored, name=name, provenance=provenance)
     manifest.save(out_dir)
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

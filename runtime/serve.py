@@ -58,6 +58,7 @@ RETRY_AFTER_S = 5
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
 CLOSED = 499  # the client went away before its answer (nginx's code); not a server error
+NO_JOB = "no such slide job (finished jobs are kept for a while)"
 
 
 class Metrics:
@@ -230,12 +231,12 @@ def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = S
     @app.get("/v1/slide/{job_id}")
     def slide_status(job_id: str) -> Any:
         job = slides.get(job_id)
-        return error(404, "no such slide job (finished jobs are kept for a while)") if job is None else job.to_dict()
+        return error(404, NO_JOB) if job is None else job.to_dict()
 
     @app.delete("/v1/slide/{job_id}")
     def slide_cancel(job_id: str) -> Any:
         job = slides.cancel(job_id)
-        return error(404, "no such slide job (finished jobs are kept for a while)") if job is None else \
+        return error(404, NO_JOB) if job is None else \
             {"job": job.id, "state": job.state, "cancelling": job.state == "running"}
 
     app.state.classifier = clf
