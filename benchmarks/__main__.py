@@ -19,7 +19,7 @@ import numpy as np
 
 from benchmarks import write_json
 from benchmarks.variants import RUNTIME_TRT_FP16, SUITES, open_variant
-from runtime.fidelity import compare
+from runtime.model.fidelity import compare
 
 EPILOG = """examples:
   python -m benchmarks --images ../shared/data/breakhis-100x --json benchmarks/results/cpu.json
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant peak RSS children")
     ap.add_argument("--fp16-tflops", type=float, default=None, help="GPU dense FP16 rate for the floor (gpu suite)")
     args = ap.parse_args(argv)
-    from runtime.inputs import image_files
-    from runtime.paths import default_model_dir
+    from runtime.io.inputs import image_files
+    from runtime.model.paths import default_model_dir
 
     args.model = args.model or default_model_dir()
 

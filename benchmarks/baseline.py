@@ -14,7 +14,7 @@ import torch
 from patchify import patchify
 
 from export.weights import load_checkpoint
-from runtime.manifest import Manifest
+from runtime.model.manifest import Manifest
 
 
 class Baseline:

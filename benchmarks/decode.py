@@ -1,4 +1,4 @@
-"""python -m benchmarks.decode: images decoded per second by the runtime's decoder (runtime/imageio.py) with 1, 2,
+"""python -m benchmarks.decode: images decoded per second by the runtime's decoder (runtime/io/decode.py) with 1, 2,
 4, ... threads over the same files read into memory, next to OpenCV's plain ``imdecode``: shows whether decoding
 scales with the cores a folder pipeline gives it (on a GPU box it is what feeds the GPU).
 
@@ -19,8 +19,8 @@ import numpy as np
 
 from benchmarks import write_json
 from benchmarks.__main__ import machine
-from runtime.formats import is_image
-from runtime.imageio import decode
+from runtime.io.decode import decode
+from runtime.io.formats import is_image
 
 
 def _rate(fn: Callable[[bytes], object], datas: list[bytes], workers: int, repeats: int) -> float:

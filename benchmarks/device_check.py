@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.paths import MODELS, REPO, TRAINED_NAME, sample_images, trained_weights
-
+from runtime.model.paths import MODELS, REPO, TRAINED_NAME, sample_images, trained_weights
 
 
 def plan(images: Path, out: Path, trained: Path, limit: int) -> list[tuple[str, list[str]]]:
@@ -66,7 +65,7 @@ def describe() -> dict:
     except (OSError, subprocess.TimeoutExpired) as e:
         info["gpu"] = f"none ({e})"
     try:
-        from runtime.engine_cache import import_tensorrt
+        from runtime.backends.engines import import_tensorrt
 
         info["tensorrt"] = import_tensorrt().__version__
     except Exception as e:  # TrtUnavailable, or a broken install: a fact about the machine

@@ -132,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="a backend and precision to evaluate, repeatable (default: cpu:fp32)")
     ap.add_argument("--json", type=Path, default=None, help="also write the report here as JSON")
     args = ap.parse_args(argv)
-    from runtime.classifier import Classifier
-    from runtime.errors import BreakhisError, report as report_error
-    from runtime.inputs import image_files
+    from runtime.errors import BreakhisError
+    from runtime.errors import report as report_error
+    from runtime.io.inputs import image_files
+    from runtime.pipeline.classifier import Classifier
 
     runs = args.run or ["cpu:fp32"]
     for r in runs:

@@ -1,5 +1,5 @@
 """python -m benchmarks.fp32_parity: how far apart two FP32 runtimes (PyTorch, ONNX Runtime CPU) put this network's
-outputs on this CPU, on flat and steep models, against the FP32 parity tolerance (runtime/fidelity.py). Run it on
+outputs on this CPU, on flat and steep models, against the FP32 parity tolerance (runtime/model/fidelity.py). Run it on
 each kind of CPU (AVX-512, AVX2-only; ONEDNN_MAX_CPU_ISA=AVX2 makes PyTorch's oneDNN use AVX2 kernels)."""
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from export.model import CONTRACT
 from export.reference import reference_model
 from export.verify import ort_outputs
 from export.weights import load_checkpoint
-from runtime.fidelity import TOLERANCES
-from runtime.manifest import Provenance
-from runtime.paths import sample_images, trained_weights
+from runtime.model.fidelity import TOLERANCES
+from runtime.model.manifest import Provenance
+from runtime.model.paths import sample_images, trained_weights
 
 
 def models() -> dict[str, torch.nn.Module]:

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import write_json
-from runtime.imageio import read_image
-from runtime.manifest import Manifest
-from runtime.paths import default_model_dir
-from runtime.preprocess import preprocess_fields
-from runtime.tiling import plan_image
+from runtime.io.decode import read_image
+from runtime.model.manifest import Manifest
+from runtime.model.paths import default_model_dir
+from runtime.pipeline.preprocess import preprocess_fields
+from runtime.pipeline.tiling import plan_image
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp16", action="store_true", help="write FP16 (the TensorRT FP16 engine's input)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    from runtime.cuda import GpuUnavailable
-    from runtime.gpu import GpuPreprocessor
-    from runtime.inputs import image_files
+    from runtime.gpu.context import GpuUnavailable
+    from runtime.gpu.preprocessor import GpuPreprocessor
+    from runtime.io.inputs import image_files
 
     contract = Manifest.load(args.model or default_model_dir()).contract
     paths = image_files(args.images)

@@ -26,10 +26,10 @@ from export import range_safe as rs
 from export.model import CONTRACT, BreakHisNet
 from export.verify import ort_outputs
 from export.weights import load_checkpoint
-from runtime.fidelity import compare
-from runtime.inputs import folder_fields
-from runtime.manifest import REPORT_NAME, Manifest, Provenance, sha256_file
-from runtime.paths import sample_images, trained_weights
+from runtime.io.inputs import folder_fields
+from runtime.model.fidelity import compare
+from runtime.model.manifest import REPORT_NAME, Manifest, Provenance, sha256_file
+from runtime.model.paths import sample_images, trained_weights
 
 
 @torch.no_grad()

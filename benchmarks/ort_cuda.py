@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     from runtime.backends.ort import cuda_options
-    from runtime.manifest import Manifest
-    from runtime.paths import default_model_dir
+    from runtime.model.manifest import Manifest
+    from runtime.model.paths import default_model_dir
 
     model = args.model or default_model_dir()
     m = Manifest.load(model)

@@ -24,7 +24,7 @@ import numpy as np
 import psutil
 
 from benchmarks import write_json
-from runtime.paths import REPO, sample_images
+from runtime.model.paths import REPO, sample_images
 
 
 def _post(url: str, data: bytes) -> tuple[int, float]:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-fields", type=int, default=32, help="the server's --max-fields (default 32)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
-    from runtime.paths import default_model_dir
+    from runtime.model.paths import default_model_dir
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,14 +3,13 @@
 Uses the default model (made by setup.sh: the trained one where ../shared has it) and the shared BreakHis samples."""
 from __future__ import annotations
 
-
 import cv2
 import pytest
 
-from runtime.manifest import Manifest
-from runtime.paths import default_model_dir, sample_images
-from runtime.preprocess import preprocess_fields
-from runtime.tiling import plan_image
+from runtime.model.manifest import Manifest
+from runtime.model.paths import default_model_dir, sample_images
+from runtime.pipeline.preprocess import preprocess_fields
+from runtime.pipeline.tiling import plan_image
 
 MODEL = default_model_dir()
 IMAGE = sample_images() / "SOB_M_DC-14-10926-100-003.png"
@@ -35,7 +34,7 @@ def test_preprocess_baseline(benchmark):
 
 
 def test_classify_runtime_cpu(benchmark):
-    from runtime.classifier import Classifier
+    from runtime.pipeline.classifier import Classifier
 
     clf = Classifier(MODEL, backend="cpu")
     benchmark.pedantic(clf.classify, args=([IMAGE],), rounds=5, warmup_rounds=1)

@@ -39,7 +39,7 @@ class Variant:
     run: Callable[[Path], tuple[dict[str, float], float]]  # one image -> (seconds per stage, probability)
     run_all: Callable[[list[Path]], None]  # a list of images at the variant's batch size
     keep: Any  # the object behind it (kept alive while timing)
-    precision: str  # what its fidelity against the baseline is judged by (runtime/fidelity.py)
+    precision: str  # what its fidelity against the baseline is judged by (runtime/model/fidelity.py)
 
 
 def _baseline(model_dir: Path, threads: int, device: str) -> Variant:
@@ -62,7 +62,7 @@ def _baseline(model_dir: Path, threads: int, device: str) -> Variant:
 
 
 def _runtime(model_dir: Path, threads: int, **kw: Any) -> Variant:
-    from runtime.classifier import Classifier
+    from runtime.pipeline.classifier import Classifier
 
     clf = Classifier(model_dir, threads=threads, **kw)
 

@@ -9,10 +9,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime.backends import BACKENDS
-from runtime.fidelity import TOLERANCES
-from runtime.paths import TRAINED_NAME
-from runtime.trt_build import ENGINE_PRECISIONS
+from runtime.backends.choose import BACKENDS
+from runtime.backends.trt_build import ENGINE_PRECISIONS
+from runtime.model.fidelity import TOLERANCES
+from runtime.model.paths import TRAINED_NAME
 
 # The trained model's provenance text, as setup.sh exports it (`python -m export trained`).
 TRAINED_SOURCE = "VGG16-BiLSTM trained from scratch on public BreakHis 100X images (../shared/models/README.md)"
@@ -111,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     ver.add_argument("--backend", default="tensorrt", choices=[b for b in BACKENDS if b != "auto"],
                      help="the backend to check (default: tensorrt)")
     ver.add_argument("--precision", choices=list(TOLERANCES), default="fp16",
-                     help="the model variant to check (default: fp16); tolerances from runtime/fidelity.py")
+                     help="the model variant to check (default: fp16); tolerances from runtime/model/fidelity.py")
     ver.add_argument("--limit", type=int, default=None, help="use only the first N images")
     ver.add_argument("--json", type=Path, default=None, help="also write the comparison here as JSON")
     args = ap.parse_args(argv)
     if getattr(args, "model", "") is None:
-        from runtime.paths import default_model_dir
+        from runtime.model.paths import default_model_dir
 
         args.model = default_model_dir()
     if args.cmd == "trt":
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     from export.artefacts import default_parity_images, resolve_variants, write_model_dir
     from export.weights import load_checkpoint
     from runtime.errors import BreakhisError, report
-    from runtime.manifest import Provenance, sha256_file
-    from runtime.paths import trained_weights
+    from runtime.model.manifest import Provenance, sha256_file
+    from runtime.model.paths import trained_weights
 
     if args.parity_count < 1:
         ap.error("--parity-count must be at least 1")
@@ -229,7 +229,7 @@ def _log(message: str) -> None:
 
 @_errors_to_exit_codes
 def _trt(args: argparse.Namespace) -> int:
-    from runtime.trt_build import TrtOptions, build_engine
+    from runtime.backends.trt_build import TrtOptions, build_engine
 
     opts = TrtOptions(precision=args.precision, min_batch=args.min_batch, opt_batch=args.opt_batch,
                       max_batch=args.max_batch, workspace_mb=args.workspace_mb, dla_core=args.dla_core,
@@ -272,8 +272,8 @@ def _int8(args: argparse.Namespace) -> int:
 def _bf16(args: argparse.Namespace) -> int:
     from export.bf16 import add_to_model
     from runtime.backends.openvino import native_bf16
-    from runtime.manifest import ModelError
-    from runtime.paths import sample_images
+    from runtime.model.manifest import ModelError
+    from runtime.model.paths import sample_images
 
     ok, why = native_bf16()
     if not ok:

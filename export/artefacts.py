@@ -16,10 +16,10 @@ from export.model import CONTRACT, BreakHisNet
 from export.verify import ort_outputs
 from runtime.backends.openvino import native_bf16
 from runtime.errors import CheckFailed
-from runtime.fidelity import compare
-from runtime.inputs import folder_fields
-from runtime.manifest import REPORT_NAME, Manifest, Provenance, Variant, sha256_file
-from runtime.paths import sample_images
+from runtime.io.inputs import folder_fields
+from runtime.model.fidelity import compare
+from runtime.model.manifest import REPORT_NAME, Manifest, Provenance, Variant, sha256_file
+from runtime.model.paths import sample_images
 
 
 class ExportError(CheckFailed):

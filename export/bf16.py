@@ -12,9 +12,9 @@ import numpy as np
 from export.verify import OUTPUTS, ort_outputs
 from runtime.backends.openvino import compile_onnx, infer
 from runtime.errors import BreakhisError, Unavailable
-from runtime.fidelity import Comparison, compare
-from runtime.inputs import folder_fields
-from runtime.manifest import REPORT_NAME, Manifest, Variant, verified_file
+from runtime.io.inputs import folder_fields
+from runtime.model.fidelity import Comparison, compare
+from runtime.model.manifest import REPORT_NAME, Manifest, Variant, verified_file
 
 RUNTIME = "openvino-cpu"
 

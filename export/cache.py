@@ -19,8 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from runtime.manifest import MANIFEST_NAME, REPORT_NAME, Manifest, ModelError, Provenance, sha256_file
-from runtime.paths import MODELS, REPO
+from runtime.model.manifest import MANIFEST_NAME, REPORT_NAME, Manifest, ModelError, Provenance, sha256_file
+from runtime.model.paths import MODELS, REPO
 
 KEEP = 4
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "numpy", "opencv-python-headless", "imagecodecs",
@@ -39,7 +39,7 @@ def cache_dir() -> Path | None:
 def export_key(provenance: Provenance, images: Path | None, options: dict[str, Any]) -> str:
     """sha256 of what the files and gate results depend on. Not the model's name or provenance text, which only
     the manifest holds (the ONNX files carry the weights' sha256 and the trained flag, both in the key)."""
-    from runtime.inputs import image_files
+    from runtime.io.inputs import image_files
 
     gate_images = image_files(images) if images is not None and images.is_dir() else []
     n = options.get("gate_count")

@@ -13,17 +13,22 @@ from typing import Any
 import numpy as np
 
 from export.verify import ort_outputs
-from runtime.fidelity import Comparison, compare
-from runtime.manifest import REPORT_NAME, Manifest, Variant, sha256_file
-from runtime.inputs import folder_fields
+from runtime.io.inputs import folder_fields
+from runtime.model.fidelity import Comparison, compare
+from runtime.model.manifest import REPORT_NAME, Manifest, Variant, sha256_file
 
 QDQ_FILE = "model.int8.qdq.onnx"
 
 
 def quantize(model_dir: Path, calib_images: Path, calib_count: int = 32, log: Any = print) -> Path:
     """Write model_dir/.model.int8.qdq.onnx.tmp (not yet part of the model) and return its path."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     manifest = Manifest.load(model_dir)
     fields = folder_fields(calib_images, manifest.contract, calib_count)

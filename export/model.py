@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runtime.manifest import Contract
+from runtime.model.manifest import Contract
 
 # The preprocessing contract of the original system: the one place these values are typed. The export stage
 # writes it into every model artefact; everything downstream reads it from there.

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 
 from export.model import BreakHisNet
 from export.verify import OUTPUTS  # one definition, in the torch-free module
-from runtime.manifest import Contract, Provenance
+from runtime.model.manifest import Contract, Provenance
 
 OPSET = 17  # supported by TensorRT 10's ONNX parser and ONNX Runtime >= 1.14
 INPUT = "fields"

@@ -1,4 +1,4 @@
-"""Fidelity of a deployed variant against the FP32 reference on real images, through ``runtime.fidelity.compare``
+"""Fidelity of a deployed variant against the FP32 reference on real images, through ``runtime.model.fidelity.compare``
 (one comparison, one tolerance table): a backend/precision as the runtime runs it (``verify``), or an ONNX file
 that is not yet part of a model (``ort_outputs``, used by the export's gates). Torch-free: runs on the target."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.classifier import Classifier, Result
-from runtime.fidelity import Comparison, compare
-from runtime.inputs import image_files
+from runtime.io.inputs import image_files
+from runtime.model.fidelity import Comparison, compare
+from runtime.pipeline.classifier import Classifier, Result
 
 OUTPUTS = ("logit", "probability")  # the exported model's outputs, as the manifest lists them
 

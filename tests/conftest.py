@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.paths import shared_dir, trained_weights
+from runtime.model.paths import shared_dir, trained_weights
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3 is a test-only reference; never TensorFlow
 

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.manifest import sha256_file
+from runtime.model.manifest import sha256_file
 from tests.conftest import run_module
 
 
@@ -195,10 +195,9 @@ def test_decode_workers_help_states_both_defaults():
 
 def test_a_backend_is_closed_when_the_gpu_preprocessor_then_fails(model_dir, monkeypatch):
     from runtime.backends import ort
-    from runtime.classifier import Classifier
     from runtime.errors import Unavailable
-
-    from runtime import gpu
+    from runtime.gpu import preprocessor as gpu
+    from runtime.pipeline.classifier import Classifier
 
     def cannot_start(*_args, **_kw):  # the kernel failing to start, as on a machine without pycuda or a GPU
         raise Unavailable("GPU preprocessing cannot start here")
@@ -212,8 +211,8 @@ def test_a_backend_is_closed_when_the_gpu_preprocessor_then_fails(model_dir, mon
 
 
 def test_the_camera_overlay_uses_the_contracts_label(images_100x):
-    from runtime.classifier import FieldResult, Result
-    from runtime.stream import GREEN, RED, annotate
+    from runtime.apps.stream import GREEN, RED, annotate
+    from runtime.pipeline.classifier import FieldResult, Result
 
     frame = np.full((460, 700, 3), 255, np.uint8)
     field = FieldResult(0, 0, 0, 0, 460, 700, 6, 0.9, "Carcinoma")

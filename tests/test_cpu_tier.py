@@ -9,11 +9,11 @@ import shutil
 import pytest
 
 from export import bf16
-from runtime import fidelity
-from runtime.backends import BackendUnavailable
 from runtime.backends import openvino as ov
-from runtime.classifier import Classifier
-from runtime.manifest import Manifest, ModelError
+from runtime.backends.base import BackendUnavailable
+from runtime.model import fidelity
+from runtime.model.manifest import Manifest, ModelError
+from runtime.pipeline.classifier import Classifier
 from tests.conftest import run_module
 
 NATIVE, WHY_NOT = ov.native_bf16()

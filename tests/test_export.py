@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from export.onnx_export import OPSET, fp16_structure
-from runtime.manifest import Manifest
+from runtime.model.manifest import Manifest
 from tests.conftest import run_module
 
 

@@ -1,4 +1,4 @@
-"""The FP32 parity tolerance (runtime/fidelity.py): relative plus absolute, on logits and probabilities, labels
+"""The FP32 parity tolerance (runtime/model/fidelity.py): relative plus absolute, on logits and probabilities, labels
 identical. It passes a sound export of a steep model (large logits, where an absolute bound alone is tighter than
 FP32 arithmetic), and still refuses a wrong import: swapped channels, transposed LSTM gates."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 
 from export import onnx_export as ox
 from export.model import CONTRACT
-from runtime.fidelity import TOLERANCES, compare
-from runtime.imageio import read_image
-from runtime.preprocess import preprocess_image
+from runtime.io.decode import read_image
+from runtime.model.fidelity import TOLERANCES, compare
+from runtime.pipeline.preprocess import preprocess_image
 
 
 def _outputs(logit):

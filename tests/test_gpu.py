@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 
 from export.model import CONTRACT
-from runtime.preprocess import preprocess_image
-from runtime.tiling import plan_image
+from runtime.pipeline.preprocess import preprocess_image
+from runtime.pipeline.tiling import plan_image
 from tests.test_kernels import assert_matches  # same FP32 bit-exact / FP16 rounding rule
 
 
 @pytest.fixture(scope="session")
 def gpu_ok():
     """Skips (before any costly fixture) where pycuda or a CUDA device is missing."""
-    from runtime.cuda import GpuUnavailable, import_pycuda as _import_pycuda
+    from runtime.gpu.context import GpuUnavailable
+    from runtime.gpu.context import import_pycuda as _import_pycuda
 
     try:
         _import_pycuda()
@@ -24,7 +25,7 @@ def gpu_ok():
 
 @pytest.fixture(scope="module", params=[False, True], ids=["fp32", "fp16"])
 def gpu(gpu_ok, request):
-    from runtime.gpu import GpuPreprocessor
+    from runtime.gpu.preprocessor import GpuPreprocessor
 
     g = GpuPreprocessor(CONTRACT, fp16=request.param)
     yield g
@@ -50,7 +51,7 @@ def test_one_launch_many_images_rgba_and_large(gpu, images_100x):
 
 
 def test_classifier_gpu_preprocess_gives_cpu_answers(gpu_ok, model_dir, images_100x):
-    from runtime.classifier import Classifier
+    from runtime.pipeline.classifier import Classifier
 
     with Classifier(model_dir, backend="cpu", preprocess="gpu") as g, \
             Classifier(model_dir, backend="cpu", preprocess="cpu") as c:

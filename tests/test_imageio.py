@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.imageio import ImageError, decode, probe, read_image
+from runtime.io.decode import ImageError, decode, probe, read_image
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_png_layouts_give_what_opencv_gives(kind):
         data = cv2.imencode(".png", cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))[1].tobytes()
     else:
         data = _pil_png(kind.split("+")[0], **({"transparency": 3} if kind == "P+tRNS" else {}))
-    from runtime.imageio import FLAGS, to_bgr8
+    from runtime.io.decode import FLAGS, to_bgr8
 
     expected = to_bgr8(cv2.imdecode(np.frombuffer(data, np.uint8), FLAGS), "x")
     dec = decode(data, "x.png")
@@ -70,7 +70,7 @@ def test_png_decoder_messages_go_to_their_own_image_and_png_decodes_run_in_paral
     stderr lock that serialises OpenCV's decoders (it is held throughout here)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from runtime import imageio
+    from runtime.io import decode as imageio
 
     clean = sample.read_bytes()
     gama = b"gAMA" + struct.pack(">I", 45455)

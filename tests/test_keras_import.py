@@ -12,10 +12,10 @@ import torch
 from export.keras_h5 import KerasImportError, import_pair
 from export.model import CONTRACT
 from export.reference import reference_model
-from runtime.classifier import Classifier
-from runtime.imageio import read_image
-from runtime.manifest import Manifest
-from runtime.preprocess import preprocess_image
+from runtime.io.decode import read_image
+from runtime.model.manifest import Manifest
+from runtime.pipeline.classifier import Classifier
+from runtime.pipeline.preprocess import preprocess_image
 from tests.conftest import run_module
 
 km = pytest.importorskip("tests.keras_models")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from export.model import CONTRACT
-from runtime import kernel_abi as abi
-from runtime.kernel_build import build_cubin, build_harness
-from runtime.manifest import Contract
-from runtime.preprocess import preprocess_image
-from runtime.tiling import plan_fields
+from runtime.gpu import abi
+from runtime.gpu.build import build_cubin, build_harness
+from runtime.model.manifest import Contract
+from runtime.pipeline.preprocess import preprocess_image
+from runtime.pipeline.tiling import plan_fields
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
 

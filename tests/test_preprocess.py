@@ -1,16 +1,14 @@
 """CPU tiling + normalisation against the original path: patchify on the RGB image, then Keras preprocess_input."""
 from __future__ import annotations
 
-
 import cv2
 import numpy as np
 import pytest
 
 from export.model import CONTRACT
-from runtime.manifest import Contract
-from runtime.preprocess import preprocess_fields
-from runtime.tiling import TilingError, plan_fields, plan_image
-
+from runtime.model.manifest import Contract
+from runtime.pipeline.preprocess import preprocess_fields
+from runtime.pipeline.tiling import TilingError, plan_fields, plan_image
 
 
 def seed_path(rgb: np.ndarray) -> np.ndarray:

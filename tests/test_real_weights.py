@@ -15,13 +15,13 @@ from onnx import numpy_helper
 from export.model import CONTRACT
 from export.range_safe import FP16_MAX, TARGET_LOG2, rescale
 from export.weights import load_checkpoint
-from runtime import paths
-from runtime.backends import resolve_precision
-from runtime.classifier import Classifier
-from runtime.engine_cache import plan_build
-from runtime.imageio import read_image
-from runtime.manifest import Manifest, ModelError, sha256_file
-from runtime.preprocess import preprocess_image
+from runtime.backends.choose import resolve_precision
+from runtime.backends.engines import plan_build
+from runtime.io.decode import read_image
+from runtime.model import paths
+from runtime.model.manifest import Manifest, ModelError, sha256_file
+from runtime.pipeline.classifier import Classifier
+from runtime.pipeline.preprocess import preprocess_image
 from tests.conftest import run_module
 
 
@@ -187,7 +187,7 @@ def test_trained_model_on_a_gpu_backend_keeps_every_label(trained_dir, images_10
     """Where onnxruntime-gpu and a GPU exist: the path that once printed NaN as "Benign" (ONNX Runtime CUDA, FP16,
     GPU preprocessing) against the CPU FP32 answers, through the one comparison."""
     from runtime.backends import ort
-    from runtime.fidelity import compare
+    from runtime.model.fidelity import compare
 
     if not ort.cuda_available():
         pytest.skip("needs onnxruntime-gpu and a CUDA GPU")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks.baseline import Baseline
-from runtime.classifier import Classifier
+from runtime.pipeline.classifier import Classifier
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_large_image_is_tiled_into_fields(clf, images_100x):
 
 def test_runtime_never_imports_torch(model_dir, images_100x):
     code = ("import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
-            "from runtime.classifier import Classifier\n"
+            "from runtime.pipeline.classifier import Classifier\n"
             f"r = Classifier({str(model_dir)!r}, backend='cpu').classify([{str(images_100x[0])!r}])[0]\n"
             "assert r.error is None, r.error; print(r.label)")
     import subprocess
@@ -112,9 +112,9 @@ def test_import_graph_has_no_circle_and_runtime_never_imports_export():
 def test_auto_preprocessing_falls_back_to_the_cpu_with_a_note_when_the_kernel_cannot_run():
     """A runtime-only box: a GPU backend, but no nvcc to build the kernel (or no pycuda): the CPU path, said so."""
     from export.model import CONTRACT
-    from runtime.classifier import _open_gpu_preprocessor
     from runtime.errors import Unavailable
-    from runtime.kernel_build import KernelBuildError
+    from runtime.gpu.build import KernelBuildError
+    from runtime.pipeline.classifier import _open_gpu_preprocessor
 
     class DeviceInputBackend:  # the boundary: what a GPU backend offers the kernel
         device_input, input_fp16, stream = True, False, None
@@ -131,7 +131,7 @@ def test_decode_pipeline_keeps_order_bounds_what_it_reads_ahead_and_passes_bad_f
     """Decoding runs ahead in a pool of threads: results still come in input order and equal the sequential
     ones, a bad file in the middle gets its error without holding up the rest, and no more than a small window
     of inputs is read ahead of the results (so memory does not grow with the folder)."""
-    from runtime.inputs import ImageInput
+    from runtime.io.inputs import ImageInput
 
     items = [ImageInput(str(p)) for p in images_100x[:10]]
     items.insert(4, ImageInput("bad.png", data=b"\x89PNG\r\n\x1a\n not really"))
@@ -158,7 +158,7 @@ _PIPELINE_RSS = """
 import itertools, sys, time
 from pathlib import Path
 import numpy as np
-from runtime.classifier import Classifier
+from runtime.pipeline.classifier import Classifier
 
 def peak_mb():
     status = Path("/proc/self/status").read_text().splitlines()
@@ -203,8 +203,10 @@ def test_pipeline_peak_rss_does_not_grow_with_the_number_of_inputs(model_dir, im
 def test_onnxruntime_cuda_that_falls_back_to_the_cpu_is_refused_not_named_cuda(model_dir, monkeypatch):
     """ONNX Runtime builds a CPU-only session when the CUDA provider cannot start (here: it is not even built in,
     the same silent fallback). The backend must not then call itself onnxruntime-cuda."""
-    from runtime.backends import BackendUnavailable, open_backend, ort
-    from runtime.manifest import Manifest
+    from runtime.backends import ort
+    from runtime.backends.base import BackendUnavailable
+    from runtime.backends.choose import open_backend
+    from runtime.model.manifest import Manifest
 
     if ort.cuda_available():
         pytest.skip("this onnxruntime has a CUDA provider: the fallback cannot be reproduced here")

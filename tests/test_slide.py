@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from benchmarks.synthetic_slide import FIELD, write_mosaic
-from runtime.classifier import Classifier
-from runtime.manifest import Contract, sha256_file
-from runtime.scale import Scale, resample_factor
-from runtime.slide import AGGREGATES, aggregate_verdict, classify_slide
-from runtime.slide_source import open_source
+from runtime.apps.slide import AGGREGATES, aggregate_verdict, classify_slide
+from runtime.io.scale import Scale, resample_factor
+from runtime.io.slide_source import open_source
+from runtime.model.manifest import Contract, sha256_file
+from runtime.pipeline.classifier import Classifier
 from tests.conftest import run_module
 
 FH, FW = FIELD
@@ -188,8 +188,8 @@ def test_a_single_level_image_gives_its_thumbnail_block_by_block(images_100x, tm
 
 
 def test_openslide_reads_the_same_pixels_where_installed(mosaic, monkeypatch):
-    from runtime.imageio import ImageError
-    from runtime.slide_source import OpenSlideSource
+    from runtime.io.decode import ImageError
+    from runtime.io.slide_source import OpenSlideSource
 
     path, layout = mosaic
     try:

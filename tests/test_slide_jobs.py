@@ -9,9 +9,9 @@ import time
 import pytest
 
 from benchmarks.synthetic_slide import write_mosaic
-from runtime.batcher import Batcher
-from runtime.classifier import Classifier
-from runtime.slide_jobs import SlideJobs
+from runtime.apps.request_queue import Batcher
+from runtime.apps.slide_jobs import SlideJobs
+from runtime.pipeline.classifier import Classifier
 
 OPTIONS = {"aggregate": "max", "top_k": 3, "tissue_mask": True, "scale": None}
 

@@ -15,9 +15,9 @@ import onnx
 import pytest
 
 from export.trt_support import check_onnx
-from runtime import engine_cache
-from runtime.engine_cache import EngineInfo, EngineMismatch, EngineTarget, plan_build
-from runtime.manifest import Manifest, ModelError, Variant
+from runtime.backends import engines
+from runtime.backends.engines import EngineInfo, EngineMismatch, EngineTarget, plan_build
+from runtime.model.manifest import Manifest, ModelError, Variant
 from tests.conftest import REPO, run_module
 
 
@@ -62,19 +62,19 @@ def _target(**kw):
 
 def test_engine_selection_refuses_stale_or_foreign_engines(tmp_path):
     built = _target()
-    engine_cache.save(tmp_path, EngineInfo(built, "model.onnx", {"min": 1, "opt": 8, "max": 32}), b"plan")
-    path, info = engine_cache.select(tmp_path, built)
+    engines.save(tmp_path, EngineInfo(built, "model.onnx", {"min": 1, "opt": 8, "max": 32}), b"plan")
+    path, info = engines.select(tmp_path, built)
     assert path.read_bytes() == b"plan" and info.profile["max"] == 32
     path.write_bytes(b"swapped")  # an engine replaced after it was built is refused before deserialising
     with pytest.raises(ModelError, match="does not match"):
-        engine_cache.select(tmp_path, built)
+        engines.select(tmp_path, built)
     with pytest.raises(EngineMismatch) as e:
-        engine_cache.select(tmp_path, _target(tensorrt="10.7.0", onnx_sha256="cd" * 32))
+        engines.select(tmp_path, _target(tensorrt="10.7.0", onnx_sha256="cd" * 32))
     msg = str(e.value)
     assert "tensorrt '10.3.0' (here: '10.7.0')" in msg and "onnx_sha256" in msg and "python -m export trt" in msg
     assert "gpu" not in msg.split("built for another")[1].split("\n")[0]  # only what differs is listed
     with pytest.raises(EngineMismatch, match="no engines built yet"):
-        engine_cache.select(tmp_path / "empty", built)
+        engines.select(tmp_path / "empty", built)
 
 
 def test_engines_of_dotted_versions_and_other_exports_keep_their_own_files(tmp_path):
@@ -82,17 +82,17 @@ def test_engines_of_dotted_versions_and_other_exports_keep_their_own_files(tmp_p
     b = _target(tensorrt="10.13.3.9", onnx_sha256="cd" * 32)  # another export, same TensorRT
     c = _target(tensorrt="10.13.3.10")  # another patch release
     for t, plan in ((a, b"A"), (b, b"B"), (c, b"C")):
-        engine_cache.save(tmp_path, EngineInfo(t, "model.onnx", {"min": 1, "opt": 8, "max": 32}), plan)
-    names = sorted(p.name for p in engine_cache.engine_dir(tmp_path).iterdir())
+        engines.save(tmp_path, EngineInfo(t, "model.onnx", {"min": 1, "opt": 8, "max": 32}), plan)
+    names = sorted(p.name for p in engines.engine_dir(tmp_path).iterdir())
     assert names == sorted(f"{t.key()}{s}" for t in (a, b, c) for s in (".engine", ".json"))
-    assert [engine_cache.select(tmp_path, t)[0].read_bytes() for t in (a, b, c)] == [b"A", b"B", b"C"]
+    assert [engines.select(tmp_path, t)[0].read_bytes() for t in (a, b, c)] == [b"A", b"B", b"C"]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not json", "wrong fields", "unreadable"])
 def test_a_damaged_sidecar_is_refused_naming_the_file(tmp_path, damage):
     t = _target()
-    engine_cache.save(tmp_path, EngineInfo(t, "model.onnx", {"min": 1, "opt": 8, "max": 32}), b"plan")
-    side = engine_cache.paths(tmp_path, t)[1]
+    engines.save(tmp_path, EngineInfo(t, "model.onnx", {"min": 1, "opt": 8, "max": 32}), b"plan")
+    side = engines.paths(tmp_path, t)[1]
     if damage == "unreadable":
         side.unlink()
         side.mkdir()  # a folder where the sidecar should be: reading it fails with an OSError
@@ -100,7 +100,7 @@ def test_a_damaged_sidecar_is_refused_naming_the_file(tmp_path, damage):
         side.write_text({"truncated": side.read_text()[:40], "not json": "\x00\xff garbage",
                          "wrong fields": '{"target": {"gpu": 1}}'}[damage])
     with pytest.raises(EngineMismatch) as e:  # what --backend auto catches: the next backend is tried
-        engine_cache.select(tmp_path, t)
+        engines.select(tmp_path, t)
     assert side.name in str(e.value) and "unreadable" in str(e.value)
 
 
@@ -162,8 +162,9 @@ def test_auto_backend_says_what_it_skipped(model_dir, shared_data):
 
 @pytest.fixture(scope="session")
 def trt_ok():
-    from runtime.engine_cache import TrtUnavailable, import_tensorrt
-    from runtime.cuda import GpuUnavailable, import_pycuda as _import_pycuda
+    from runtime.backends.engines import TrtUnavailable, import_tensorrt
+    from runtime.gpu.context import GpuUnavailable
+    from runtime.gpu.context import import_pycuda as _import_pycuda
 
     try:
         import_tensorrt()
@@ -187,7 +188,7 @@ def test_fp16_engine_fidelity(engine_dir, shared_data):
 
 
 def test_tensorrt_with_gpu_preprocessing_into_the_engine_input(engine_dir, images_100x):
-    from runtime.classifier import Classifier
+    from runtime.pipeline.classifier import Classifier
 
     with Classifier(engine_dir, backend="tensorrt", preprocess="gpu", batch_size=8) as g, \
             Classifier(engine_dir, backend="cpu", preprocess="cpu") as c:
@@ -198,8 +199,8 @@ def test_tensorrt_with_gpu_preprocessing_into_the_engine_input(engine_dir, image
 
 
 def test_tampered_sidecar_is_refused_before_deserialising(engine_dir, images_100x):
-    from runtime.backends import BackendUnavailable
-    from runtime.classifier import Classifier
+    from runtime.backends.base import BackendUnavailable
+    from runtime.pipeline.classifier import Classifier
 
     side = next((engine_dir / "engines").glob("*.json"))
     d = json.loads(side.read_text())

@@ -188,14 +188,14 @@ class _Answers:
     """Stands in for the classifier (the watcher's bookkeeping is under test): one answer per input, at once."""
 
     def classify_iter(self, items):
-        from runtime.classifier import Result
+        from runtime.pipeline.classifier import Result
 
         for item in items:
             yield Result(path=item.name, label="Benign", probability=0.1, error=item.error)
 
 
 def test_a_touched_unchanged_file_and_a_vanished_one_leave_nothing_pending(images_100x, tmp_path):
-    from runtime.watch import Watcher
+    from runtime.apps.watch import Watcher
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import Unavailable
-from runtime.manifest import Manifest, ModelError, verified_file
+from runtime.model.manifest import Manifest, ModelError, verified_file
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision -> OpenVINO's inference precision
 

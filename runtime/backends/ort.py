@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.errors import Unavailable
-from runtime.manifest import Manifest, ModelError, verified_file
+from runtime.model.manifest import Manifest, ModelError, verified_file
 
 
 class CudaDidNotStart(Unavailable):
@@ -80,7 +80,7 @@ class OrtBackend:
 
     def _device_buffers(self, manifest: Manifest) -> None:
         """With pycuda present, an input buffer on the GPU that the preprocessing kernel fills (I/O binding)."""
-        from runtime.cuda import Context, GpuUnavailable
+        from runtime.gpu.context import Context, GpuUnavailable
 
         try:
             self.context = Context()  # the primary context: the one ONNX Runtime's CUDA EP also uses

@@ -11,28 +11,29 @@ from typing import Any
 
 import numpy as np
 
-from runtime import engine_cache
-from runtime.engine_cache import import_tensorrt
-from runtime.manifest import Manifest, ModelError
+from runtime.backends import engines
+from runtime.backends.engines import import_tensorrt
+from runtime.model.manifest import Manifest, ModelError
 
 
 class TensorRTBackend:
     def __init__(self, model_dir: Path, manifest: Manifest, precision: str = "fp16", allow_build: bool = False) -> None:
         import_tensorrt()
         import tensorrt as trt  # typed by tensorrt-stubs: mypy checks this code in CI
-        from runtime.cuda import Context
+
+        from runtime.gpu.context import Context
 
         self.context = Context()  # the primary context, shared with the preprocessing kernel
-        target = engine_cache.device_target(model_dir, manifest, precision, trt)
+        target = engines.device_target(model_dir, manifest, precision, trt)
         try:
-            path, info = engine_cache.select(model_dir, target)
-        except engine_cache.EngineMismatch:
+            path, info = engines.select(model_dir, target)
+        except engines.EngineMismatch:
             if not allow_build:
                 raise
-            from runtime.trt_build import TrtOptions, build_engine
+            from runtime.backends.trt_build import TrtOptions, build_engine
 
             build_engine(model_dir, TrtOptions(precision=precision))
-            path, info = engine_cache.select(model_dir, target)
+            path, info = engines.select(model_dir, target)
         self.name = f"tensorrt-{precision}"
         self.precision = precision
         self.model_file, self.file_sha256 = f"engines/{path.name}", info.engine_sha256

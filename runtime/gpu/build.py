@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from functools import lru_cache
 from pathlib import Path
+
 from runtime.errors import Unavailable
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"

@@ -20,6 +20,7 @@ import imagecodecs
 import numpy as np
 
 from runtime.errors import BreakhisError
+
 MAX_PAGES = 256  # a multi-page TIFF's directories are read to find its largest page: bounded
 FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP")  # as Pillow names them (MPO: a JPEG with extra frames)
 # Refuse images above this many pixels before decoding them (a 100X BreakHis field is 0.32 MP; 64 MP is a

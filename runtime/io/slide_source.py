@@ -16,9 +16,9 @@ from typing import Any, NoReturn
 import cv2
 import numpy as np
 
-from runtime.formats import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES
-from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, read_image
-from runtime.scale import Scale, from_name
+from runtime.io.decode import DEFAULT_MAX_PIXELS, ImageError, read_image
+from runtime.io.formats import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES
+from runtime.io.scale import Scale, from_name
 
 BLOCK = 2048  # pixels a side read at a time when a thumbnail is made from a large level
 MAX_SLIDE_PIXELS = 40_000_000_000  # level 0: beyond any scanner's 40X slide; a claim above it is refused
@@ -246,9 +246,9 @@ class TiffSource(Source):
 def _jpeg_problem(data: bytes, tables: bytes | None) -> str | None:
     """Why a JPEG tile is damaged though it may still decode (libjpeg pads a truncated scan with grey, and reads a
     corrupt one as other pixels, saying so only as a warning on stderr), or None. The check decodes the tile once
-    more with OpenCV's libjpeg, whose warnings are caught for this tile (runtime/imageio.py): about 0.3 ms per
+    more with OpenCV's libjpeg, whose warnings are caught for this tile (runtime/io/decode.py): about 0.3 ms per
     256 x 256 tile, a few ms per field, the price of hearing them (imagecodecs does not pass them on)."""
-    from runtime.imageio import DAMAGE, decoder_messages
+    from runtime.io.decode import DAMAGE, decoder_messages
 
     if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         return "truncated JPEG data (no end-of-image marker)"

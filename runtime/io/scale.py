@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.manifest import Contract
+from runtime.model.manifest import Contract
 
 # BreakHis names state the magnification: SOB_M_DC-14-10926-100-003.png is a 100X image.
 _BREAKHIS = re.compile(r"^SOB_[BM]_[A-Z]+-\d+-[0-9A-Za-z]+-(\d+)-\d+\.\w+$")

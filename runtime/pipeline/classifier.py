@@ -8,23 +8,24 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
-from runtime.backends import PREPROCESSORS, Backend, DeviceInputBackend, open_backend
-from runtime.imageio import DEFAULT_MAX_PIXELS, ImageError, decode, read_image, to_bgr8
-from runtime.inputs import ImageInput
+from runtime.backends.base import Backend, DeviceInputBackend
+from runtime.backends.choose import PREPROCESSORS, open_backend
 from runtime.errors import Unavailable
-from runtime.manifest import Contract, Manifest
-from runtime.paths import default_model_dir
-from runtime.preprocess import preprocess_fields
-from runtime.scale import name_warning
-from runtime.tiling import FieldPlan, TilingError, plan_fields
+from runtime.io.decode import DEFAULT_MAX_PIXELS, ImageError, decode, read_image, to_bgr8
+from runtime.io.inputs import ImageInput
+from runtime.io.scale import name_warning
+from runtime.model.manifest import Contract, Manifest
+from runtime.model.paths import default_model_dir
+from runtime.pipeline.preprocess import preprocess_fields
+from runtime.pipeline.tiling import FieldPlan, TilingError, plan_fields
 
 Input = str | Path | np.ndarray | ImageInput
 UNTRAINED_WARNING = "UNTRAINED reference weights: this verdict is NOT a diagnosis (demo/test model)."
@@ -98,7 +99,7 @@ class Classifier:
         # Images are read and decoded ahead of inference by a pool of threads, so decoding overlaps inference. With
         # inference on a GPU the host's cores are free for decoding (one is left for this thread); on the CPU
         # inference needs them and a few decode threads keep up. (PNGs decode in parallel; OpenCV's decoders take
-        # turns while their messages are captured for the file: runtime/imageio.py.)
+        # turns while their messages are captured for the file: runtime/io/decode.py.)
         cores = os.cpu_count() or 1
         self.decode_workers = decode_workers if decode_workers is not None else \
             min(16, max(1, cores - 1)) if self.backend.on_gpu else min(4, cores)
@@ -290,7 +291,7 @@ def _open_gpu_preprocessor(choice: str, backend: Backend, contract: Contract, no
     if choice == "cpu" or (choice == "auto" and not device_input):
         return None
     try:
-        from runtime.gpu import GpuPreprocessor
+        from runtime.gpu.preprocessor import GpuPreprocessor
 
         if device_input:
             gpu_backend = cast(DeviceInputBackend, backend)

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runtime import engine_cache
-from runtime.engine_cache import EngineInfo, TrtUnavailable, device_target, import_tensorrt, plan_build
-from runtime.manifest import Manifest
+from runtime.backends import engines
+from runtime.backends.engines import EngineInfo, TrtUnavailable, device_target, import_tensorrt, plan_build
+from runtime.model.manifest import Manifest
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -83,7 +83,7 @@ def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] =
         if not opts.calib_images:
             raise TrtUnavailable("INT8 on TensorRT 10 needs --calib-images DIR (real images for calibration)")
         config.int8_calibrator = make_calibrator(trt, manifest, Path(opts.calib_images), opts.calib_count,
-                                                 opts.opt_batch, engine_cache.engine_dir(model_dir) / "int8.calib")
+                                                 opts.opt_batch, engines.engine_dir(model_dir) / "int8.calib")
         config.set_calibration_profile(profile)
     if opts.dla_core is not None:
         if builder.num_DLA_cores <= opts.dla_core:
@@ -91,7 +91,7 @@ def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] =
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = opts.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers the DLA cannot run (LSTM) stay on the GPU
-    cache_path = Path(opts.timing_cache) if opts.timing_cache else engine_cache.engine_dir(model_dir) / "timing.cache"
+    cache_path = Path(opts.timing_cache) if opts.timing_cache else engines.engine_dir(model_dir) / "timing.cache"
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         log(f"{cache_path}: timing cache from another device or TensorRT; timing from scratch")
@@ -109,7 +109,7 @@ def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] =
     info = EngineInfo(target=target, onnx_file=plan.onnx_file,
                       profile={"min": opts.min_batch, "opt": opts.opt_batch, "max": opts.max_batch},
                       options=asdict(opts), build_seconds=round(seconds, 1))
-    path = engine_cache.save(model_dir, info, bytes(memoryview(serialized)))
+    path = engines.save(model_dir, info, bytes(memoryview(serialized)))
     log(f"built {path.name} in {seconds:.1f} s")
     return path
 
@@ -163,7 +163,7 @@ def make_calibrator(trt: Any, manifest: Manifest, folder: Path, n_images: int, b
     calibration cache is saved so a rebuild does not calibrate again."""
     import pycuda.driver as cuda
 
-    from runtime.inputs import folder_fields
+    from runtime.io.inputs import folder_fields
 
     data = folder_fields(folder, manifest.contract, n_images)
     if not len(data):

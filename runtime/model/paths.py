@@ -3,14 +3,14 @@
   BREAKHIS_SHARED        the shared folder (default: ../shared beside the repository): data/breakhis-100x holds the
                          sample images, models/breakhis-scratch-v1 the trained weights
   BREAKHIS_MODEL         the model directory used when none is named
-  BREAKHIS_KERNEL_CACHE  compiled CUDA kernels (runtime/kernel_build.py; default ~/.cache/breakhis-edge/kernels)
+  BREAKHIS_KERNEL_CACHE  compiled CUDA kernels (runtime/gpu/build.py; default ~/.cache/breakhis-edge/kernels)
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "models"
 TRAINED_NAME = "breakhis-scratch-v1"  # exported by setup.sh where the shared folder holds the trained weights
 UNTRAINED_NAME = "reference"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.formats import IMAGE_SUFFIXES, is_image
-from runtime.imageio import Decoded
-from runtime.manifest import Contract
+from runtime.io.decode import Decoded
+from runtime.io.formats import IMAGE_SUFFIXES, is_image
+from runtime.model.manifest import Contract
 
 
 @dataclass
@@ -79,9 +79,9 @@ def image_files(folder: Path) -> list[Path]:
 def folder_fields(folder: Path, contract: Contract, n_images: int | None = None, start: int = 0) -> np.ndarray:
     """Every preprocessed field of images ``start .. start + n_images`` of ``folder`` (sorted by name), for
     calibration and fidelity gates. Unreadable or too-small images are skipped. (N, T, 3, P, P); N may be 0."""
-    from runtime.imageio import ImageError, read_image
-    from runtime.preprocess import preprocess_image
-    from runtime.tiling import TilingError
+    from runtime.io.decode import ImageError, read_image
+    from runtime.pipeline.preprocess import preprocess_image
+    from runtime.pipeline.tiling import TilingError
 
     out: list[np.ndarray] = []
     for path in image_files(folder)[start:][:n_images]:

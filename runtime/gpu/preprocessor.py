@@ -1,4 +1,4 @@
-"""GPU preprocessing through pycuda: the one place that owns the CUDA context, stream, buffers and kernel.
+"""GPU preprocessing through pycuda: the kernel runner (stream, buffers, launch) inside runtime/gpu/context.py's context.
 
 Per call: images are packed into a reused page-locked staging buffer, copied to the device as uint8 (the only bus
 crossing), and one kernel launch writes every field of the batch as NCHW FP32/FP16 into the destination: our own
@@ -11,17 +11,17 @@ from typing import Any
 
 import numpy as np
 
-from runtime import kernel_abi as abi
-from runtime.manifest import Contract
-from runtime.tiling import FieldPlan
-from runtime.cuda import Context
+from runtime.gpu import abi
+from runtime.gpu.context import Context
+from runtime.model.manifest import Contract
+from runtime.pipeline.tiling import FieldPlan
 
 
 class GpuPreprocessor:
     """uint8 images -> preprocessed fields on the GPU. Buffers are sized for the largest batch seen and reused."""
 
     def __init__(self, contract: Contract, fp16: bool = False, device: int = 0, stream: Any = None) -> None:
-        from runtime.kernel_build import build_cubin
+        from runtime.gpu.build import build_cubin
 
         self.context = Context(device)
         cuda = self.cuda = self.context.cuda

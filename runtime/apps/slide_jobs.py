@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from runtime.batcher import Batcher, Busy
+from runtime.apps.request_queue import Batcher, Busy
+from runtime.apps.slide import classify_slide
 from runtime.errors import BreakhisError
-from runtime.slide import classify_slide
 
 ROOM_WAIT_S = 600.0  # how long a slide's next field may wait for room in the queue before the job fails
 

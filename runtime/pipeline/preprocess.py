@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.manifest import Contract
-from runtime.tiling import FieldPlan, plan_image
+from runtime.model.manifest import Contract
+from runtime.pipeline.tiling import FieldPlan, plan_image
 
 
 def preprocess_fields(bgr: np.ndarray, plan: FieldPlan, contract: Contract,

@@ -1,8 +1,8 @@
 """What each path reads, by file name: the one list behind the CLI's folders, the watch folder and the slide reader."""
 from __future__ import annotations
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # decoded whole (runtime/imageio.py)
-# read lazily, tile by tile, by tifffile (runtime/slide_source.py)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # decoded whole (runtime/io/decode.py)
+# read lazily, tile by tile, by tifffile (runtime/io/slide_source.py)
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
 OPENSLIDE_SUFFIXES = (".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")  # vendor formats: OpenSlide
 SLIDE_SUFFIXES = TIFF_SUFFIXES + OPENSLIDE_SUFFIXES  # what the slide path reads lazily

@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
 from runtime.errors import BreakhisError
 
 MANIFEST_NAME = "manifest.json"

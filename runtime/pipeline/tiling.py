@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.manifest import Contract
 from runtime.errors import BreakhisError
+from runtime.model.manifest import Contract
 
 
 class TilingError(BreakhisError, ValueError):

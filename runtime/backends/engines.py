@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.manifest import Manifest, ModelError, verified_file
 from runtime.errors import Unavailable
+from runtime.model.manifest import Manifest, ModelError, verified_file
 
 
 class EngineMismatch(Unavailable):
@@ -66,7 +66,7 @@ def plan_build(trt_major: int, precision: str, manifest: Manifest, model_dir: Pa
 
 def device_target(model_dir: Path, manifest: Manifest, precision: str, trt: Any) -> EngineTarget:
     """The engine key for this machine: TensorRT version, GPU, compute capability, ONNX hash, precision."""
-    from runtime.cuda import device_info
+    from runtime.gpu.context import device_info
 
     name, cc = device_info()
     onnx_file = plan_build(int(trt.__version__.split(".")[0]), precision, manifest, model_dir).onnx_file

@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.backends import BACKENDS, PRECISIONS, PREPROCESSORS
-from runtime.imageio import DEFAULT_MAX_PIXELS
-from runtime.paths import MODELS, TRAINED_NAME, UNTRAINED_NAME
+from runtime.backends.choose import BACKENDS, PRECISIONS, PREPROCESSORS
+from runtime.io.decode import DEFAULT_MAX_PIXELS
+from runtime.model.paths import MODELS, TRAINED_NAME, UNTRAINED_NAME
 
 if TYPE_CHECKING:
-    from runtime.classifier import Classifier
+    from runtime.pipeline.classifier import Classifier
 
 
 def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto",
@@ -44,7 +44,7 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
 
 def open_classifier(args: argparse.Namespace, **overrides) -> Classifier:
     """The Classifier the options describe; raises a BreakhisError (ModelError, Unavailable) when it cannot."""
-    from runtime.classifier import Classifier
+    from runtime.pipeline.classifier import Classifier
 
     kw = dict(model_dir=args.model, backend=args.backend, precision=args.precision, preprocess=args.preprocess,
               batch_size=args.batch_size, threads=args.threads, allow_build=args.build_engine,

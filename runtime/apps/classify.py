@@ -1,0 +1,133 @@
+"""python -m runtime.classify: Benign / Malignant for 100X H&E images (files, folders, globs).
+
+Exit status: 0 every input classified, 1 some inputs failed (the others are still reported),
+2 usage error, unusable model or unavailable backend.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime.io.decode import DEFAULT_MAX_PIXELS
+
+EPILOG = f"""examples:
+  python -m runtime.classify slide.png
+  python -m runtime.classify ../shared/data/breakhis-100x --batch-size 8
+  python -m runtime.classify 'captures/*.png' --json > results.json
+  python -m runtime.classify /data/run42 --recursive --jsonl > results.jsonl      # one line per image, as done
+  python -m runtime.classify img.tif --model models/breakhis-v1 --backend cpu --threads 2
+  python -m runtime.classify img.png --backend tensorrt --precision fp16 --build-engine   # Jetson / GPU
+  python -m runtime.classify --camera 0 --rate 2 --out-video session.mp4
+  python -m runtime.classify --video capture.avi --out-video annotated.avi
+
+Large images are tiled into non-overlapping fields (2x3 patches of 224 px each for the shipped contract);
+every field is classified and the image is Malignant if any field is (screening rule).
+Images above --max-pixels (default {DEFAULT_MAX_PIXELS:,}) are refused before decoding.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from runtime.apps.options import add_model_options
+
+    ap = argparse.ArgumentParser(prog="python -m runtime.classify", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="*", metavar="PATH", help="image files, folders of images, or glob patterns")
+    src = ap.add_argument_group("camera / video (instead of PATHs)")
+    src.add_argument("--camera", type=int, default=None, metavar="N", help="classify frames of camera N")
+    src.add_argument("--video", type=Path, default=None, help="classify frames of a video file")
+    src.add_argument("--rate", type=float, default=2.0, help="classifications per second (default 2)")
+    src.add_argument("--out-video", type=Path, default=None, help="write the annotated stream (.mp4 or .avi)")
+    src.add_argument("--show", action="store_true", help="show the annotated stream in a window")
+    src.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
+    add_model_options(ap)
+    ap.add_argument("--recursive", action="store_true", help="read sub-folders of folders too")
+    fmt = ap.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print a JSON list (one object per input) instead of a table")
+    fmt.add_argument("--jsonl", action="store_true",
+                     help="print one JSON object per line, as each input is done (for long runs and pipes)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = ap.parse_args(argv)
+    streams = (args.camera is not None) + (args.video is not None)
+    if streams > 1 or (streams and args.inputs) or not (streams or args.inputs):
+        ap.error("give image PATHs, or one of --camera / --video")
+    if args.rate <= 0:
+        ap.error("--rate must be positive")
+    return args
+
+
+def table(results: list, model_info: dict) -> str:
+    """A short, fixed-width table for people."""
+    lines = [f"model: {model_info['name']} ({'trained' if model_info['trained'] else 'UNTRAINED'}; backend "
+             f"{model_info['backend']}, preprocessing on {model_info['preprocess'].upper()})"]
+    lines += [f"note: {n}" for n in model_info.get("backend_notes", [])]
+    if "warning" in model_info:
+        lines.append(f"WARNING: {model_info['warning']}")
+    lines.append(f"{'image':40s} {'verdict':10s} {'p(malig)':>8s} {'fields':>6s} {'ms':>8s}")
+    for r in results:
+        name = Path(r.path).name.encode("utf-8", "backslashreplace").decode()[-40:]  # any bytes, printable
+        if r.error:
+            lines.append(f"{name:40s} ERROR      {r.error}")
+        else:
+            lines.append(f"{name:40s} {r.label:10s} {r.probability:8.4f} {len(r.fields):6d} "
+                         f"{r.timings_ms['total']:8.1f}")
+            lines += [f"{'':40s}   note: {c}" for c in r.conversions]
+            lines += [f"{'':40s}   WARNING: {w}" for w in r.warnings]
+    n_err = sum(r.error is not None for r in results)
+    lines.append(f"{len(results) - n_err} classified, {n_err} failed")
+    return "\n".join(lines).encode("utf-8", "backslashreplace").decode()  # names of any bytes stay printable
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from runtime.apps.options import open_classifier
+    from runtime.errors import BreakhisError, report
+    from runtime.io.inputs import ImageInput, expand_inputs
+
+    try:
+        clf = open_classifier(args)
+    except BreakhisError as e:
+        return report(e)
+    if args.camera is not None or args.video is not None:
+        from runtime.apps.stream import run_stream
+
+        try:
+            stats = run_stream(clf, args.camera if args.camera is not None else str(args.video), args.rate,
+                               args.out_video, args.max_frames, args.show)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            clf.close()
+        print(json.dumps(stats.summary() | {"verdicts": stats.verdicts}) if args.json else
+              "\n".join(f"{k:18s} {v:.2f}" if isinstance(v, float) else f"{k:18s} {v}"
+                        for k, v in stats.summary().items()))
+        return 0
+    skipped: list[str] = []
+    items = [ImageInput(p, error=err) for p, err in expand_inputs(args.inputs, args.recursive, skipped)]
+    for note in skipped:
+        print(f"note: {note}", file=sys.stderr)
+    stream = clf.classify_iter(items)
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        stream = tqdm(stream, total=len(items), unit="img", file=sys.stderr, disable=None, leave=False)
+    if args.jsonl:  # streamed: memory stays bounded whatever the number of inputs
+        failed = False
+        for r in stream:
+            print(json.dumps(r.to_dict()), flush=True)
+            failed |= r.error is not None
+        clf.close()
+        return 1 if failed else 0
+    results = list(stream)
+    clf.close()
+    if args.json:
+        json.dump([r.to_dict() for r in results], sys.stdout, indent=2)
+        print()
+    else:
+        print(table(results, clf.model_info))
+    for r in results:
+        if r.error and args.json:
+            print(f"error: {r.error}", file=sys.stderr)
+    return 1 if any(r.error for r in results) else 0

@@ -1,0 +1,337 @@
+"""python -m runtime.serve: the classifier as a local web page and HTTP API, for the microscope workstation.
+
+  GET  /              the page: upload or drop images, see the classified pixels with the patch grid, the patches,
+                      the preprocessed patches, the verdict, per-field scores and timings (works offline)
+  POST /v1/classify   an image (multipart field "file", or the raw bytes as the body) -> the JSON of
+                      `python -m runtime.classify --json` for one input; add ?views=1 for the images the page shows
+  POST /v1/slide      a slide, mosaic or large region (as above; ?aggregate=max|topk|mean|fraction&top_k=3&
+                      magnification=N&tissue_mask=0|1) -> 202 {"job": id}; one slide at a time, its fields batched
+                      with everyone else's
+  GET  /v1/slide/ID   that job: state, fields done / total, and when done the result with GeoJSON, CSV and the
+                      overlay PNG (base64)
+  DELETE /v1/slide/ID cancel that job: what it queued is withdrawn
+  GET  /v1/model      manifest: contract, provenance, trained, backend in use
+  GET  /healthz       liveness
+  GET  /metrics       request counts and latency percentiles
+
+This module does HTTP only: the classifier is owned by runtime.apps.request_queue's worker, the page's images come from
+runtime.apps.views. Limits: uploads above --max-upload-mb are refused while they stream in (413); images above
+--max-pixels or --max-fields get 413; a full queue gets 503 with Retry-After; work whose client has gone is
+dropped. Requests must name this server in their Host header (DNS rebinding), and a browser POST from another
+origin, or without the page's token, is refused (403). SIGTERM: stop accepting, finish the batch in progress,
+cancel what waits, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect
+
+from runtime.apps.request_queue import Batcher, Busy
+from runtime.apps.slide import AGGREGATES
+from runtime.apps.slide_jobs import SlideJobs
+from runtime.apps.views import patch_views
+from runtime.io.decode import ImageError, decode
+from runtime.io.inputs import ImageInput
+from runtime.io.scale import Scale
+from runtime.pipeline.tiling import TilingError, plan_fields
+
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+SERVE_MAX_PIXELS = 16_000_000  # per request: 4x a 2048x2048 camera frame (the CLI allows 64 MP)
+SERVE_MAX_FIELDS = 32  # per request: a bound on the inference one request can ask for
+MAX_PENDING_FIELDS = 128  # waiting in the queue, all requests together: beyond it, 503
+RETRY_AFTER_S = 5
+PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
+CLOSED = 499  # the client went away before its answer (nginx's code); not a server error
+NO_JOB = "no such slide job (finished jobs are kept for a while)"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.latency_ms: deque[float] = deque(maxlen=1000)
+        self.counts: dict[str, int] = {}
+
+    def record(self, status: int, ms: float) -> None:
+        with self.lock:
+            self.counts[str(status)] = self.counts.get(str(status), 0) + 1
+            if status != CLOSED:  # an abandoned request's wait is not a latency anyone saw
+                self.latency_ms.append(ms)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            lat = np.asarray(self.latency_ms) if self.latency_ms else np.zeros(1)
+            return {"requests": dict(self.counts), "latency_ms": {
+                "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
+                "max": float(lat.max()), "window": len(self.latency_ms)}}
+
+
+def allowed_hosts(host: str, extra: list[str]) -> set[str] | None:
+    """Host header names this server answers to; None (any) when bound to every interface."""
+    if host in ("0.0.0.0", "::"):
+        return None
+    names = {host, *extra} | (set(LOCAL_NAMES) if host in LOCAL_NAMES else set())
+    return {n.lower().strip("[]") for n in names}
+
+
+def _host_name(value: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:80' -> '::1'."""
+    return (urlsplit("//" + value).hostname or "").lower()
+
+
+def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = SERVE_MAX_FIELDS,
+               max_pending: int = MAX_PENDING_FIELDS, hosts: set[str] | None = None) -> Any:
+    """The app around an open Classifier (which it owns from now on, through one worker thread)."""
+    batcher = Batcher(clf, max_pending=max_pending)
+    slides = SlideJobs(clf, batcher)
+    metrics = Metrics()
+    token = secrets.token_urlsafe(16)  # the page carries it; another site's page cannot read it
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        yield
+        slides.stop()
+        batcher.stop()  # shutdown: waiting work is cancelled; the batch in progress finishes
+
+    app = FastAPI(title="breakhis-edge", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    def error(status: int, msg: str, **headers: str) -> JSONResponse:
+        return JSONResponse({"error": msg}, status_code=status, headers=headers)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE.read_text().replace("{{TOKEN}}", token)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/model")
+    def model() -> dict[str, Any]:
+        m = clf.manifest
+        return {"name": m.name, "contract": m.contract.to_dict(), "provenance": m.provenance.__dict__,
+                "trained": m.provenance.trained, **clf.model_info,
+                "limits": {"max_upload_bytes": max_upload, "max_pixels": clf.max_pixels, "max_fields": max_fields}}
+
+    @app.get("/metrics")
+    def get_metrics() -> dict[str, Any]:
+        return metrics.snapshot() | {"queue": {"pending_fields": batcher.pending, "dropped": batcher.dropped}}
+
+    async def read_body(request: Request) -> bytes | None:
+        """The body, read as it streams in; None once it passes the limit. Past the limit nothing more is kept,
+        and up to twice the limit is read and dropped so that an ordinary client still receives its 413; a larger
+        upload is cut off there."""
+        chunks: list[bytes] | None = []
+        n = 0
+        if int(request.headers.get("content-length") or 0) > 2 * max_upload:
+            return None
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > max_upload:
+                chunks = None
+                if n > 2 * max_upload:
+                    break
+            elif chunks is not None:
+                chunks.append(chunk)
+        return b"".join(chunks) if chunks is not None else None
+
+    async def read_upload(request: Request) -> tuple[str, bytes] | JSONResponse:
+        """(file name, bytes) of a multipart field "file" or a raw body, bounded by the upload limit."""
+        data = await read_body(request)
+        if data is None:
+            return error(413, f"upload above the limit of {max_upload:,} bytes")
+        name = "upload"
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            request._body = data  # Starlette parses the form from the body already read (and bounded) here
+            try:
+                form = await request.form(max_part_size=max_upload)
+            except Exception as e:  # malformed multipart bodies raise parser-specific errors
+                return error(400, f"malformed multipart body: {e}")
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                return error(400, "multipart body has no file field named 'file'")
+            name = upload.filename or name
+            data = await upload.read()
+        return name, data
+
+    @app.post("/v1/classify")
+    async def classify(request: Request, views: int = 0) -> Any:
+        got = await read_upload(request)
+        if isinstance(got, JSONResponse):
+            return got
+        name, data = got
+        t0 = time.perf_counter()
+        try:
+            dec = await asyncio.to_thread(decode, data, name, clf.max_pixels)
+            height, width = dec.bgr.shape[:2]
+            n_fields = plan_fields(height, width, clf.contract).n_fields
+        except ImageError as e:
+            return error(413 if "above the limit" in str(e) else 422 if data else 400, str(e))
+        except TilingError as e:
+            return error(422, f"{name}: {e}")
+        if n_fields > max_fields:
+            return error(413, f"{name}: {n_fields} fields is above this server's limit of {max_fields} per request")
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        try:
+            fut = batcher.submit(ImageInput(name, decoded=dec), n_fields)
+        except Busy as e:
+            return error(503, f"busy: {e}; try again in {RETRY_AFTER_S} s", **{"Retry-After": str(RETRY_AFTER_S)})
+        waiting = asyncio.wrap_future(fut)
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=0.25)
+            if not waiting.done() and await request.is_disconnected():
+                fut.cancel()  # dropped before it is classified, if it has not started
+                return Response(status_code=CLOSED)
+        if waiting.cancelled():
+            return error(503, "the server is shutting down", **{"Retry-After": str(RETRY_AFTER_S)})
+        res = waiting.result()
+        if res.error:
+            return error(422, res.error)
+        out = res.to_dict()  # its warnings: the decoder's and the classifier's (e.g. another magnification)
+        out["timings_ms"]["decode"] = decode_ms
+        out["timings_ms"]["total"] += decode_ms
+        if views:
+            out["views"] = patch_views(dec.bgr, out, clf.contract)
+        return out
+
+    @app.post("/v1/slide", status_code=202)
+    async def slide(request: Request, aggregate: str = "max", top_k: int = 3, magnification: float | None = None,
+                    tissue_mask: int = 1) -> Any:
+        got = await read_upload(request)  # read first: a client still sending cannot read an early answer
+        if isinstance(got, JSONResponse):
+            return got
+        name, data = got
+        if aggregate not in AGGREGATES or top_k < 1 or (magnification is not None and magnification <= 0):
+            return error(400, f"aggregate must be one of {', '.join(AGGREGATES)}, top_k >= 1, magnification > 0")
+        if not data:
+            return error(400, "empty upload")
+        options = {"aggregate": aggregate, "top_k": top_k, "tissue_mask": bool(tissue_mask),
+                   "scale": Scale(magnification, None, "request") if magnification else None}
+        try:
+            job = slides.start(data, name, options)
+        except Busy as e:
+            return error(503, f"busy: {e}; try again in {RETRY_AFTER_S} s", **{"Retry-After": str(RETRY_AFTER_S)})
+        return {"job": job.id, "status": f"/v1/slide/{job.id}"}
+
+    @app.get("/v1/slide/{job_id}")
+    def slide_status(job_id: str) -> Any:
+        job = slides.get(job_id)
+        return error(404, NO_JOB) if job is None else job.to_dict()
+
+    @app.delete("/v1/slide/{job_id}")
+    def slide_cancel(job_id: str) -> Any:
+        job = slides.cancel(job_id)
+        return error(404, NO_JOB) if job is None else \
+            {"job": job.id, "state": job.state, "cancelling": job.state == "running"}
+
+    app.state.classifier = clf
+    app.add_middleware(Guard, hosts=hosts, token=token, metrics=metrics,  # type: ignore[arg-type]
+                       max_upload=max_upload)
+    return app
+
+
+class Guard:
+    """Pure ASGI middleware (so that handlers still see their client's disconnect): refuses foreign Host headers
+    (421) and browser POSTs from another origin or without the page's token (403), turns an unexpected exception
+    into a 500 without a traceback, and records each /v1/classify answer in the metrics."""
+
+    def __init__(self, app: Any, hosts: set[str] | None, token: str, metrics: Metrics, max_upload: int) -> None:
+        self.app, self.hosts, self.token, self.metrics, self.max_upload = app, hosts, token, metrics, max_upload
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host, origin = headers.get("host", ""), headers.get("origin")
+        refusal = None
+        if self.hosts is not None and _host_name(host) not in self.hosts:
+            refusal = (421, f"this server does not answer to Host {host!r}")
+        elif scope["method"] in ("POST", "DELETE") and origin is not None and (
+                _host_name(urlsplit(origin).netloc) != _host_name(host)
+                or headers.get("x-breakhis-token") != self.token):
+            refusal = (403, "cross-origin request refused (use the page served here, or a client without Origin)")
+        if refusal is not None:
+            # Read (and drop) what the client is still sending, up to twice the upload limit, so that it can read
+            # the refusal instead of meeting a closed connection.
+            n = 0
+            while n <= 2 * self.max_upload:
+                message = await receive()
+                n += len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    break
+            return await JSONResponse({"error": refusal[1]}, status_code=refusal[0])(scope, receive, send)
+        t0, status = time.perf_counter(), [CLOSED]
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except ClientDisconnect:
+            status[0] = CLOSED
+        except Exception as e:  # the last guard: a bug must not take the server down or leak a traceback
+            status[0] = 500
+            await JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)(
+                scope, receive, send)
+        if scope["path"].startswith("/v1/classify"):
+            self.metrics.record(status[0], (time.perf_counter() - t0) * 1e3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from runtime.apps.options import add_model_options
+
+    ap = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1: this machine only). WARNING: another address exposes "
+                         "the service, which has no authentication, to the network")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    ap.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="another name this server may be reached by (Host header), repeatable")
+    ap.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES >> 20,
+                    help=f"refuse larger uploads with 413, while they stream in (default {MAX_UPLOAD_BYTES >> 20})")
+    ap.add_argument("--max-fields", type=int, default=SERVE_MAX_FIELDS,
+                    help=f"refuse images of more fields per request with 413 (default {SERVE_MAX_FIELDS})")
+    ap.add_argument("--max-pending", type=int, default=MAX_PENDING_FIELDS,
+                    help=f"fields allowed to wait, all requests together; beyond, 503 (default {MAX_PENDING_FIELDS})")
+    add_model_options(ap, max_pixels=SERVE_MAX_PIXELS)
+    args = ap.parse_args(argv)
+    import uvicorn
+
+    from runtime.apps.options import open_classifier
+    from runtime.errors import BreakhisError, report
+
+    hosts = allowed_hosts(args.host, args.allowed_host)
+    if hosts is None or args.host not in LOCAL_NAMES:
+        print(f"WARNING: binding to {args.host}: anyone who can reach this address can use the service "
+              "(no authentication).", file=sys.stderr)
+    try:
+        app = create_app(open_classifier(args), args.max_upload_mb << 20, args.max_fields, args.max_pending, hosts)
+    except BreakhisError as e:
+        return report(e)
+    clf = app.state.classifier
+    print(f"serving {clf.manifest.name} ({clf.backend.name}) on http://{args.host}:{args.port}/", file=sys.stderr)
+    # uvicorn stops gracefully on SIGTERM/SIGINT and then re-raises the signal to the handler it found; a quiet
+    # one makes that graceful stop an exit with status 0 instead of a death by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    print("stopped", file=sys.stderr)
+    return 0

@@ -1,0 +1,359 @@
+"""Slides, stage mosaics and large regions: fields tiled at the model's scale, background skipped, every field's
+probability with its level-0 coordinates, a named region verdict, and GeoJSON (QuPath), CSV and an overlay image.
+
+Memory: a tiled TIFF is read tile by tile; what is held at once is the thumbnail (<= 1024 px side, made block by block),
+one chunk of field crops (CHUNK x 0.9 MB) and the classifier's batch, whatever the slide's size. PNG/JPEG and other
+formats without tiles are decoded whole, within --max-pixels.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from runtime.errors import BreakhisError
+from runtime.io.decode import ImageError
+from runtime.io.inputs import ImageInput
+from runtime.io.scale import Scale, resample_factor
+from runtime.io.slide_source import Source, open_source
+from runtime.model.manifest import sha256_file
+from runtime.pipeline.classifier import Classifier
+
+AGGREGATES = ("max", "topk", "mean", "fraction")
+# Tissue rule: under brightfield, glass is bright and grey. A thumbnail pixel is background when its HSV value is
+# >= 220 and its saturation <= 15 (of 255); a field is classified when >= --min-tissue of its pixels are not.
+# (On the 58 shared BreakHis fields, tissue fractions are 0.41-1.0: every one of them is kept at the default 0.25.)
+BACKGROUND_VALUE, BACKGROUND_SATURATION, MIN_TISSUE = 220, 15, 0.25
+CHUNK = 32  # fields cut and handed to the classifier at a time
+
+
+@dataclass
+class SlideField:
+    row: int
+    col: int
+    x: int  # level-0 pixels: the field's top-left corner and size
+    y: int
+    width: int
+    height: int
+    tissue: float  # fraction of the field's thumbnail pixels that are not background
+    status: str  # "classified", "background" (skipped by the tissue mask) or "error"
+    probability: float | None = None
+    label: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class SlideResult:
+    path: str
+    size: tuple[int, int]  # level-0 (width, height)
+    levels: int
+    scale: dict[str, Any]  # what the input states, where from, the model's, the factor and the level read
+    aggregate: dict[str, Any]  # rule, value, label, meaning
+    counts: dict[str, int]
+    tissue_rule: str
+    fields: list[SlideField] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None  # of the file classified, where it was hashed (its outputs are named by it)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def geojson(self) -> dict[str, Any]:
+        """A FeatureCollection of the classified fields (QuPath: File > Import objects), level-0 pixel polygons."""
+        feats = []
+        for f in self.fields:
+            if f.status != "classified":
+                continue
+            ring = [[f.x, f.y], [f.x + f.width, f.y], [f.x + f.width, f.y + f.height], [f.x, f.y + f.height],
+                    [f.x, f.y]]
+            feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                          "properties": {"objectType": "tile", "name": f"field r{f.row} c{f.col}",
+                                         "classification": {"name": f.label, "color": list(_rgb(f.probability))},
+                                         "measurements": {"probability": f.probability, "tissue": f.tissue},
+                                         "row": f.row, "col": f.col}})
+        return {"type": "FeatureCollection", "features": feats}
+
+    def save(self, stem: str | Path) -> None:
+        """Write STEM.geojson, STEM.csv and STEM.json (the overlay is written while classifying)."""
+        Path(f"{stem}.geojson").write_text(json.dumps(self.geojson()) + "\n")
+        Path(f"{stem}.csv").write_text(self.csv())
+        Path(f"{stem}.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    def csv(self) -> str:
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(["row", "col", "x", "y", "width", "height", "tissue", "status", "probability", "label", "error"])
+        for f in self.fields:
+            w.writerow([f.row, f.col, f.x, f.y, f.width, f.height, f"{f.tissue:.3f}", f.status,
+                        "" if f.probability is None else f"{f.probability:.6f}", f.label or "", f.error or ""])
+        return out.getvalue()
+
+
+def classify_slide(clf: Classifier, path: Path | str, aggregate: str = "max", top_k: int = 3,
+                   scale: Scale | None = None, tissue_mask: bool = True, min_tissue: float = MIN_TISSUE,
+                   max_pixels: int | None = None, overlay: Path | None = None,
+                   progress: Callable[[int, int], None] | None = None, name: str | None = None) -> SlideResult:
+    """Tile ``path`` into fields at the model's scale, skip background, classify the rest in chunks and aggregate.
+    ``scale`` overrides what the file states; ``name`` is what results and messages call it (default: the path).
+    Raises ImageError for an unreadable file."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, not {aggregate!r}")
+    t0 = time.perf_counter()
+    src = open_source(path, max_pixels or clf.max_pixels)
+    src.name = name or src.name
+    try:
+        return _classify(clf, src, aggregate, top_k, scale or src.scale, tissue_mask, min_tissue, overlay, progress,
+                         t0)
+    finally:
+        src.close()
+
+
+def _classify(clf: Classifier, src: Source, aggregate: str, top_k: int, scale: Scale, tissue_mask: bool,
+              min_tissue: float, overlay: Path | None, progress: Callable[[int, int], None] | None,
+              t0: float) -> SlideResult:
+    c = clf.contract
+    factor, warnings = resample_factor(scale, c)
+    fh, fw = c.field_size
+    W, H = src.sizes[0]
+    cols, rows = int(W // (fw * factor)), int(H // (fh * factor))
+    # The level read: the coarsest one that still has at least the model's resolution.
+    level = max((i for i, d in enumerate(src.downsamples) if d <= factor * (1 + 1e-6)), default=0)
+    thumb, t_down = src.thumbnail()
+    background = _background(thumb)
+    fields = []
+    for r in range(rows):
+        for col in range(cols):
+            x, y = round(col * fw * factor), round(r * fh * factor)
+            w, h = round((col + 1) * fw * factor) - x, round((r + 1) * fh * factor) - y
+            tissue = 1.0 - float(background[int(y / t_down):max(int(y / t_down) + 1, int((y + h) / t_down)),
+                                             int(x / t_down):max(int(x / t_down) + 1, int((x + w) / t_down))].mean())
+            keep = not tissue_mask or tissue >= min_tissue
+            fields.append(SlideField(r, col, x, y, w, h, round(tissue, 4), "classified" if keep else "background"))
+    t_plan = time.perf_counter()
+    todo = [f for f in fields if f.status == "classified"]
+    for i in range(0, len(todo), CHUNK):
+        chunk, crops = [], []
+        for f in todo[i:i + CHUNK]:
+            try:
+                crops.append(ImageInput(f"{src.name} field r{f.row} c{f.col}", array=_crop(src, level, f, (fw, fh))))
+                chunk.append(f)
+            except ImageError as e:  # a damaged tile costs the fields that touch it, not the slide
+                f.status, f.error = "error", str(e)
+        for f, res in zip(chunk, clf.classify(crops) if crops else []):
+            if res.error or res.probability is None:
+                f.status, f.error = "error", res.error
+            else:
+                f.probability, f.label = res.probability, res.label
+        if progress:
+            progress(min(i + CHUNK, len(todo)), len(todo))
+    t_infer = time.perf_counter()
+    warnings += src.problems()
+    if not fields:
+        warnings.append(f"smaller than one field ({fw * factor:.0f}x{fh * factor:.0f} level-0 pixels at this scale)")
+    counts = {"fields": len(fields), "classified": sum(f.status == "classified" for f in fields),
+              "background": sum(f.status == "background" for f in fields),
+              "errors": sum(f.status == "error" for f in fields)}
+    result = SlideResult(
+        path=src.name, size=(W, H), levels=len(src.sizes),
+        scale={"magnification": scale.magnification, "mpp": scale.mpp, "source": scale.source,
+               "model_magnification": c.magnification, "model_mpp": c.mpp, "factor": factor, "level": level,
+               "level_downsample": src.downsamples[level]},
+        aggregate=aggregate_verdict([f.probability for f in fields if f.status == "classified"], aggregate, top_k,
+                                    c.threshold, c.labels),
+        counts=counts, tissue_rule=(f"background: HSV value >= {BACKGROUND_VALUE} and saturation <= "
+                                    f"{BACKGROUND_SATURATION}; classified when tissue >= {min_tissue:g}"
+                                    if tissue_mask else "off: every field classified"),
+        fields=fields, warnings=warnings, model=clf.model_info,
+        timings_ms={"plan_and_mask": (t_plan - t0) * 1e3, "classify": (t_infer - t_plan) * 1e3})
+    if overlay is not None:
+        # encoded here and written by Python: OpenCV's imwrite crashes on names that are not valid UTF-8
+        Path(overlay).write_bytes(cv2.imencode(".png", overlay_image(thumb, t_down, fields))[1].tobytes())
+    result.timings_ms["total"] = (time.perf_counter() - t0) * 1e3
+    return result
+
+
+def output_stem(folder: Path, name: str, sha256: str) -> Path:
+    """FOLDER/NAME.<first 12 hex of the file's sha256>: two inputs of one name (other folders, a reused name) never
+    write over each other's results, and the same file always lands on the same names."""
+    return folder / f"{Path(name).name}.{sha256[:12]}"
+
+
+def _background(thumb: np.ndarray) -> np.ndarray:
+    hsv = cv2.cvtColor(thumb, cv2.COLOR_BGR2HSV)
+    return (hsv[..., 2] >= BACKGROUND_VALUE) & (hsv[..., 1] <= BACKGROUND_SATURATION)
+
+
+def _crop(src: Source, level: int, f: SlideField, size: tuple[int, int]) -> np.ndarray:
+    """The field's pixels at the model's scale: read at ``level``, resized only where that level's pixels are not
+    the model's (exact crops at the model's scale, so a field equals the same pixels given as an image)."""
+    d = src.downsamples[level]
+    lw, lh = src.sizes[level]
+    x, y = min(round(f.x / d), lw - 1), min(round(f.y / d), lh - 1)
+    w, h = min(max(1, round(f.width / d)), lw - x), min(max(1, round(f.height / d)), lh - y)
+    img = src.read(level, x, y, w, h)
+    if (img.shape[1], img.shape[0]) != size:
+        shrink = img.shape[1] > size[0]
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return img
+
+
+def aggregate_verdict(probs: list[float | None], rule: str, top_k: int, threshold: float,
+                      labels: tuple[str, str]) -> dict[str, Any]:
+    """The region's verdict from its classified fields, by a named rule (max = the screening default)."""
+    p = np.asarray([v for v in probs if v is not None], np.float64)
+    meaning = {"max": "highest field probability: one malignant field makes the region Malignant (screening)",
+               "topk": f"mean of the {top_k} highest field probabilities",
+               "mean": "mean field probability",
+               "fraction": f"fraction of fields that are {labels[1]}; {labels[1]} when above {threshold:g}"}[rule]
+    out: dict[str, Any] = {"rule": rule, "meaning": meaning, "fields": int(p.size)}
+    if rule == "topk":
+        out["k"] = top_k
+    if not p.size:
+        return out | {"value": None, "label": None, "note": "no tissue field to classify"}
+    value = {"max": lambda: p.max(), "topk": lambda: np.sort(p)[-top_k:].mean(), "mean": lambda: p.mean(),
+             "fraction": lambda: (p > threshold).mean()}[rule]()
+    return out | {"value": float(value), "label": labels[1] if value > threshold else labels[0]}
+
+
+def _rgb(p: float | None) -> tuple[int, int, int]:
+    """Green (benign) through yellow to red (malignant)."""
+    if p is None:
+        return 128, 128, 128
+    return int(255 * min(1.0, 2 * p)), int(255 * min(1.0, 2 * (1 - p))), 0
+
+
+def overlay_image(thumb: np.ndarray, t_down: float, fields: list[SlideField]) -> np.ndarray:
+    """The thumbnail with every classified field tinted by its probability, errors crossed, background untouched."""
+    tint, out = thumb.copy(), thumb.copy()
+    boxes = [(f, (int(f.x / t_down), int(f.y / t_down)),
+              (int((f.x + f.width) / t_down) - 1, int((f.y + f.height) / t_down) - 1)) for f in fields]
+    for f, a, b in boxes:
+        if f.status == "classified":
+            r, g, bl = _rgb(f.probability)
+            cv2.rectangle(tint, a, b, (bl, g, r), -1)
+        elif f.status == "error":
+            cv2.line(out, a, b, (0, 0, 0), 1)
+    out = cv2.addWeighted(tint, 0.45, out, 0.55, 0)
+    for f, a, b in boxes:
+        if f.status == "classified":
+            cv2.rectangle(out, a, b, (60, 60, 60), 1)
+    return out
+
+
+EPILOG = """examples:
+  python -m runtime.slide mosaic.ome.tif --out results/        # GeoJSON, CSV, overlay PNG and JSON per input
+  python -m runtime.slide region.png --magnification 100 --aggregate topk --top-k 5
+  python -m runtime.slide slide.svs --no-tissue-mask --json    # every field, JSON on stdout
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from runtime.apps.options import add_model_options, open_classifier
+    from runtime.errors import report
+
+    ap = argparse.ArgumentParser(prog="python -m runtime.slide", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", type=Path, help="slides, mosaics or large images (TIFF family read lazily)")
+    ap.add_argument("--out", type=Path, default=Path("slide-results"),
+                    help="folder for STEM.geojson, STEM.csv, STEM.overlay.png and STEM.json, STEM being the file's "
+                         "name and the start of its sha256 (default: slide-results)")
+    ap.add_argument("--aggregate", choices=AGGREGATES, default="max",
+                    help="the region verdict's rule (default: max, the screening rule); named in every output")
+    ap.add_argument("--top-k", type=int, default=3, help="fields averaged by --aggregate topk (default: 3)")
+    ap.add_argument("--magnification", type=float, default=None,
+                    help="the input's objective magnification, overriding what the file states (e.g. 200)")
+    ap.add_argument("--mpp", type=float, default=None,
+                    help="the input's microns per pixel at level 0, overriding what the file states")
+    ap.add_argument("--no-tissue-mask", action="store_true", help="classify every field, background too")
+    ap.add_argument("--min-tissue", type=float, default=MIN_TISSUE,
+                    help=f"fraction of a field that must be tissue for it to be classified (default: {MIN_TISSUE})")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_model_options(ap, max_pixels=100_000_000)
+    args = ap.parse_args(argv)
+    if args.top_k < 1 or not 0 <= args.min_tissue <= 1:
+        ap.error("--top-k must be at least 1 and --min-tissue between 0 and 1")
+    scale = Scale(args.magnification, args.mpp, "flag") if args.magnification or args.mpp else None
+    try:
+        clf = open_classifier(args)
+    except BreakhisError as e:
+        return report(e)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, failed = [], 0
+    with clf:
+        for path in args.inputs:
+            bar = None if args.no_progress else _bar(path)
+            try:
+                sha = sha256_file(path)
+            except OSError as e:
+                print(f"error: {path}: cannot read ({e.strerror or e})", file=sys.stderr)
+                failed += 1
+                continue
+            stem = output_stem(args.out, path.name, sha)
+            try:
+                res = classify_slide(clf, path, args.aggregate, args.top_k, scale, not args.no_tissue_mask,
+                                     args.min_tissue, args.max_pixels, Path(f"{stem}.overlay.png"), progress=bar)
+            except BreakhisError as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            finally:
+                if bar:
+                    bar(-1, -1)
+            res.sha256 = sha
+            res.save(stem)
+            failed += res.counts["errors"] > 0
+            results.append(res)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=1))
+    else:
+        for r in results:  # names of any bytes stay printable
+            print(_summary(r, args.out).encode("utf-8", "backslashreplace").decode())
+    return 1 if failed else 0
+
+
+def _summary(r: SlideResult, out: Path) -> str:
+    a, n, s = r.aggregate, r.counts, r.scale
+    verdict = f"{a['label']} ({a['rule']} = {a['value']:.4f})" if a["value"] is not None else a["note"]
+    model = f"{s['model_magnification']:g}X" if s["model_magnification"] else "the model's"
+    given = f"{s['magnification']:g}X" if s["magnification"] else "?"
+    lines = [f"{r.path}: {verdict}",
+             f"  {n['fields']} fields at {model} scale (input {given} from {s['source']}, factor {s['factor']:.3g}, "
+             f"level {s['level']}): "
+             f"{n['classified']} classified, {n['background']} background, {n['errors']} errors; "
+             f"{r.timings_ms['total'] / 1e3:.1f} s",
+             f"  wrote {output_stem(out, r.path, r.sha256 or '')}.geojson / .csv / .overlay.png / .json"]
+    lines += [f"  WARNING: {w}" for w in r.warnings]
+    if "warning" in r.model:
+        lines.append(f"  WARNING: {r.model['warning']}")
+    return "\n".join(lines)
+
+
+def _bar(path: Path) -> Callable[[int, int], None]:
+    """A tqdm bar on stderr, fed (done, total); (-1, -1) closes it."""
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        if done < 0:
+            if "bar" in state:
+                state["bar"].close()
+            return
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=path.name[-30:], unit="field", file=sys.stderr)
+        state["bar"].update(done - state["bar"].n)
+
+    return update
