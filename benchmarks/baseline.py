@@ -14,12 +14,12 @@ import torch
 from patchify import patchify
 
 from export.weights import load_checkpoint
-from runtime.model.manifest import Manifest
+from runtime.model.model_dir import ModelDir
 
 
 class Baseline:
     def __init__(self, model_dir: Path | str, threads: int | None = None, device: str = "cpu") -> None:
-        self.manifest = Manifest.load(model_dir)
+        self.manifest = ModelDir.open(model_dir).manifest
         self.contract = self.manifest.contract
         ckpt = self.manifest.provenance.checkpoint
         if not ckpt:

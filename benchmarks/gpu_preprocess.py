@@ -16,7 +16,7 @@ import numpy as np
 
 from benchmarks import write_json
 from runtime.io.decode import read_image
-from runtime.model.manifest import Manifest
+from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir
 from runtime.pipeline.preprocess import preprocess_fields
 from runtime.pipeline.tiling import plan_image
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.gpu.preprocessor import GpuPreprocessor
     from runtime.io.inputs import image_files
 
-    contract = Manifest.load(args.model or default_model_dir()).contract
+    contract = ModelDir.open(args.model or default_model_dir()).contract
     paths = image_files(args.images)
     imgs = [read_image(p).bgr for p in paths[: args.batch]]
     while len(imgs) < args.batch:  # one field per BreakHis image: repeat them to fill the batch

@@ -28,7 +28,8 @@ from export.verify import ort_outputs
 from export.weights import load_checkpoint
 from runtime.io.inputs import folder_fields
 from runtime.model.fidelity import compare
-from runtime.model.manifest import REPORT_NAME, Manifest, Provenance, sha256_file
+from runtime.model.manifest import Provenance, sha256_file
+from runtime.model.model_dir import ModelDir
 from runtime.model.paths import sample_images, trained_weights
 
 
@@ -110,7 +111,7 @@ def main() -> None:
                     help="also record the trials in that export of the same weights (its export_report.json): "
                          "`--precision int8` then names them when it refuses")
     args = ap.parse_args()
-    if args.record is not None and Manifest.load(args.record).provenance.sha256 != sha256_file(
+    if args.record is not None and ModelDir.open(args.record).manifest.provenance.sha256 != sha256_file(
             trained_weights() / "weights.pt"):
         ap.error(f"--record {args.record}: not an export of {trained_weights() / 'weights.pt'}")
     torch.set_num_threads(2)
@@ -137,15 +138,14 @@ def main() -> None:
     table = {"fields": len(fields), "trials": rows}
     write_json(args.json, table)
     if args.record is not None:
-        path = args.record / REPORT_NAME
-        report = json.loads(path.read_text()) if path.is_file() else {}
-        report["int8_trials"] = table
-        if not any(r["passes_gate"] for r in rows):
+        model = ModelDir.open(args.record)
+        if any(r["passes_gate"] for r in rows):
+            model.write_report(model.report() | {"int8_trials": table})
+        else:
             best = min(rows, key=lambda r: r["flips"])
-            report.setdefault("rejected", {})["int8"] = (
-                f"none of {len(rows)} INT8 recipes kept every label on {len(fields)} fields (fewest flips: "
-                f"{best['flips']}, {best['recipe']}); see int8_trials in {path.name}")
-        path.write_text(json.dumps(report, indent=2) + "\n")
+            model.reject("int8", f"none of {len(rows)} INT8 recipes kept every label on {len(fields)} fields (fewest "
+                         f"flips: {best['flips']}, {best['recipe']}); see int8_trials in export_report.json",
+                         int8_trials=table)
 
 
 if __name__ == "__main__":

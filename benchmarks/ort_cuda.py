@@ -88,15 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     from runtime.backends.ort import cuda_options
-    from runtime.model.manifest import Manifest
+    from runtime.model.model_dir import ModelDir
     from runtime.model.paths import default_model_dir
 
     model = args.model or default_model_dir()
-    m = Manifest.load(model)
+    m = ModelDir.open(model)
     out: dict = {"model": str(model), "configs": {}}
     for name, (precision, options) in CONFIGS.items():
         try:
-            path = model / m.variant(precision, model).file
+            path = model / m.variant(precision).file
             row = {str(b): time_config(path, precision, options, int(b), m.contract.field_shape, args.runs)
                    for b in args.batches.split(",")}
         except Exception as e:  # ORT raises its own types (Fail, ...): a setting that cannot run is reported

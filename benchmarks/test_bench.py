@@ -6,7 +6,7 @@ from __future__ import annotations
 import cv2
 import pytest
 
-from runtime.model.manifest import Manifest
+from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir, sample_images
 from runtime.pipeline.preprocess import preprocess_fields
 from runtime.pipeline.tiling import plan_image
@@ -21,7 +21,7 @@ pytestmark = [
 
 
 def test_preprocess_runtime(benchmark):
-    c = Manifest.load(MODEL).contract
+    c = ModelDir.open(MODEL).contract
     bgr = cv2.imread(str(IMAGE))
     plan = plan_image(bgr, c)
     benchmark(preprocess_fields, bgr, plan, c)

@@ -230,6 +230,7 @@ def _log(message: str) -> None:
 @_errors_to_exit_codes
 def _trt(args: argparse.Namespace) -> int:
     from runtime.backends.trt_build import TrtOptions, build_engine
+    from runtime.model.model_dir import ModelDir
 
     opts = TrtOptions(precision=args.precision, min_batch=args.min_batch, opt_batch=args.opt_batch,
                       max_batch=args.max_batch, workspace_mb=args.workspace_mb, dla_core=args.dla_core,
@@ -237,7 +238,7 @@ def _trt(args: argparse.Namespace) -> int:
                       calib_images=str(args.calib_images) if args.calib_images else None,
                       calib_count=args.calib_count)
     opts.validate()
-    build_engine(args.model, opts, log=_log)
+    build_engine(ModelDir.open(args.model), opts, log=_log)
     return 0
 
 
@@ -281,7 +282,7 @@ def _bf16(args: argparse.Namespace) -> int:
         return 2
     m = add_to_model(args.model, args.images or sample_images(), args.count, log=_log)
     try:
-        m.variant("bf16", args.model)
+        m.variant("bf16")
     except ModelError as e:  # it was gated and refused
         print(f"error: {e}", file=sys.stderr)
         return 1

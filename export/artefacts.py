@@ -2,7 +2,6 @@
 gate), weights.pt, manifest.json (the variant table, with BF16 where this CPU could gate it), export_report.json."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ from runtime.backends.openvino import native_bf16
 from runtime.errors import CheckFailed
 from runtime.io.inputs import folder_fields
 from runtime.model.fidelity import compare
-from runtime.model.manifest import REPORT_NAME, Manifest, Provenance, Variant, sha256_file
+from runtime.model.manifest import Manifest, Provenance, Variant, sha256_file
+from runtime.model.model_dir import REPORT_NAME, ModelDir
 from runtime.model.paths import sample_images
 
 
@@ -181,8 +181,7 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
     files = {f: sha256_file(out_dir / f) for f in tmp}
     manifest = Manifest(name=name, contract=CONTRACT, provenance=provenance, files=files,
                         input_name=ox.INPUT, output_names=ox.OUTPUTS, variants=variants)
-    manifest.save(out_dir)
-    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    ModelDir.create(out_dir, manifest, report)
     log(f"wrote {out_dir}: {', '.join(sorted(files))}, manifest.json ({', '.join(variants)}), {REPORT_NAME}")
     return manifest
 

@@ -3,7 +3,6 @@ field, through the one comparison and tolerance table. Measured only on a CPU wi
 is not made and the report says why (a gate run in emulation, or silently in FP32, would certify nothing)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,8 @@ from runtime.backends.openvino import compile_onnx, infer
 from runtime.errors import BreakhisError, Unavailable
 from runtime.io.inputs import folder_fields
 from runtime.model.fidelity import Comparison, compare
-from runtime.model.manifest import REPORT_NAME, Manifest, Variant, verified_file
+from runtime.model.manifest import Variant
+from runtime.model.model_dir import ModelDir
 
 RUNTIME = "openvino-cpu"
 
@@ -56,19 +56,19 @@ def gate_into(report: dict, variants: dict[str, Variant], model_path: Path, fiel
         log(f"  BF16 variant REJECTED ({result.reason()}): not listed")
 
 
-def add_to_model(model_dir: Path, images: Path, n_images: int | None = None, log: Any = print) -> Manifest:
+def add_to_model(model_dir: Path, images: Path, n_images: int | None = None, log: Any = print) -> ModelDir:
     """Gate BF16 for an exported model directory (e.g. exported on a machine without BF16) and update its
     manifest and report; torch-free."""
-    manifest = Manifest.load(model_dir)
+    model = ModelDir.open(model_dir)
+    manifest = model.manifest
     fields = folder_fields(images, manifest.contract, n_images)
     if not len(fields):
         raise ValueError(f"{images}: no usable images to gate BF16 on")
-    fp32, _ = verified_file(model_dir, manifest.variant("fp32", model_dir).file, manifest.files)  # what is gated
+    fp32, _ = model.file(model.variant("fp32").file)  # what is gated
     log(f"FP32 reference on {len(fields)} fields (ONNX Runtime CPU) ...")
     reference = {k: v for k, v in ort_outputs(fp32, fields, input_name=manifest.input_name).items() if k in OUTPUTS}
-    report_path = Path(model_dir) / REPORT_NAME
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report = model.report()
     gate_into(report, manifest.variants, fp32, fields, reference, manifest.contract.threshold, log)
-    manifest.save(model_dir)
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    return manifest
+    model.save()
+    model.write_report(report)
+    return model

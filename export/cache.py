@@ -19,7 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from runtime.model.manifest import MANIFEST_NAME, REPORT_NAME, Manifest, ModelError, Provenance, sha256_file
+from runtime.model.manifest import Manifest, ModelError, Provenance, sha256_file
+from runtime.model.model_dir import MANIFEST_NAME, REPORT_NAME, ModelDir
 from runtime.model.paths import MODELS, REPO
 
 KEEP = 4
@@ -59,11 +60,11 @@ def reuse(key: str, out_dir: Path, name: str, provenance: Provenance, log: Any =
     if entry is None or not (entry / DONE).is_file():
         return None
     try:
-        stored = Manifest.load(entry)
+        cached = ModelDir.open(entry)
+        stored, report = cached.manifest, cached.report()
         for f, sha in stored.files.items():
             if sha256_file(entry / f) != sha:
                 raise ModelError(f"{f} does not match its sha256")
-        report = json.loads((entry / REPORT_NAME).read_text())
     except (ModelError, OSError, ValueError) as e:
         log(f"export cache: entry {entry.name} is damaged ({e}): dropped, the export runs")
         shutil.rmtree(entry, ignore_errors=True)
@@ -82,8 +83,7 @@ def reuse(key: str, out_dir: Path, name: str, provenance: Provenance, log: Any =
     if "model.fp16.onnx" not in stored.files:  # never leave an older export's FP16 file a backend could load
         (out_dir / "model.fp16.onnx").unlink(missing_ok=True)
     manifest = replace(stored, name=name, provenance=provenance)
-    manifest.save(out_dir)
-    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    ModelDir.create(out_dir, manifest, report)
     os.utime(entry / DONE)  # recently used: kept longest
     log(f"export cache: the same export (same weights, images, options, code, libraries, CPU) was made before and "
         f"passed its gates; its files were reused ({entry}); --no-cache makes it again")
@@ -97,7 +97,7 @@ def store(key: str, out_dir: Path, log: Any = print) -> None:
         return
     tmp: Path | None = None
     try:
-        manifest = Manifest.load(out_dir)
+        manifest = ModelDir.open(out_dir).manifest
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
         for f in [*manifest.files, MANIFEST_NAME, REPORT_NAME]:

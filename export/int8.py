@@ -6,7 +6,6 @@ the LSTM stays FP32.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,8 @@ import numpy as np
 from export.verify import ort_outputs
 from runtime.io.inputs import folder_fields
 from runtime.model.fidelity import Comparison, compare
-from runtime.model.manifest import REPORT_NAME, Manifest, Variant, sha256_file
+from runtime.model.manifest import Variant
+from runtime.model.model_dir import ModelDir
 
 QDQ_FILE = "model.int8.qdq.onnx"
 
@@ -30,7 +30,8 @@ def quantize(model_dir: Path, calib_images: Path, calib_count: int = 32, log: An
         quantize_static,
     )
 
-    manifest = Manifest.load(model_dir)
+    model = ModelDir.open(model_dir)
+    manifest = model.manifest
     fields = folder_fields(calib_images, manifest.contract, calib_count)
     if not len(fields):
         raise ValueError(f"{calib_images}: no usable images for INT8 calibration")
@@ -45,7 +46,7 @@ def quantize(model_dir: Path, calib_images: Path, calib_count: int = 32, log: An
             return None if x is None else {manifest.input_name: x}
 
     tmp = Path(model_dir) / f".{QDQ_FILE}.tmp"
-    fp32 = Path(model_dir) / manifest.variant("fp32", model_dir).file
+    fp32, _ = model.file(model.variant("fp32").file)
     quantize_static(str(fp32), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                     op_types_to_quantize=["Conv", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
@@ -56,38 +57,24 @@ def quantize(model_dir: Path, calib_images: Path, calib_count: int = 32, log: An
 def gate(model_dir: Path, candidate: Path, images: Path, skip: int) -> Comparison:
     """The INT8 candidate vs the FP32 model on ONNX Runtime CPU, on every field of the folder's images after the
     first ``skip`` (the calibration images), through the one comparison and tolerance table."""
-    manifest = Manifest.load(model_dir)
-    held = folder_fields(images, manifest.contract, start=skip)
+    model = ModelDir.open(model_dir)
+    held = folder_fields(images, model.contract, start=skip)
     if not len(held):
         raise ValueError(f"{images}: no images left after the {skip} calibration images to gate INT8 on")
-    ref = ort_outputs(Path(model_dir) / manifest.variant("fp32", model_dir).file, held)
+    ref = ort_outputs(model.file(model.variant("fp32").file)[0], held)
     got = ort_outputs(candidate, held)
-    return compare(ref, got, "int8", manifest.contract.threshold, f"onnxruntime-cpu {QDQ_FILE} (held-out images)")
+    return compare(ref, got, "int8", model.contract.threshold, f"onnxruntime-cpu {QDQ_FILE} (held-out images)")
 
 
-def accept(model_dir: Path, tmp: Path, result: Comparison) -> Manifest:
+def accept(model_dir: Path, tmp: Path, result: Comparison) -> ModelDir:
     """Move a gated Q/DQ model into the model directory and list it in the manifest's variant table."""
-    final = Path(model_dir) / QDQ_FILE
-    tmp.replace(final)
-    m = Manifest.load(model_dir)
-    m.files[QDQ_FILE] = sha256_file(final)
-    m.variants["int8"] = Variant(QDQ_FILE, result.summary())
-    m.save(model_dir)
-    return m
+    tmp.replace(Path(model_dir) / QDQ_FILE)
+    model = ModelDir.open(model_dir)
+    model.accept("int8", Variant(QDQ_FILE, result.summary()), result.to_dict())
+    return model
 
 
 def reject(model_dir: Path, result: Comparison | str) -> None:
     """Record why INT8 was refused (export_report.json) and make sure no INT8 file or listing is left behind."""
-    reason = result if isinstance(result, str) else result.reason()
-    report_path = Path(model_dir) / REPORT_NAME
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    report.setdefault("rejected", {})["int8"] = reason
-    if not isinstance(result, str):
-        report.setdefault("gates", {})["int8"] = result.to_dict()
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    (Path(model_dir) / QDQ_FILE).unlink(missing_ok=True)
-    m = Manifest.load(model_dir)
-    if "int8" in m.variants or QDQ_FILE in m.files:
-        m.variants.pop("int8", None)
-        m.files.pop(QDQ_FILE, None)
-        m.save(model_dir)
+    gate = None if isinstance(result, str) else result.to_dict()
+    ModelDir.open(model_dir).reject("int8", result if isinstance(result, str) else result.reason(), gate, QDQ_FILE)

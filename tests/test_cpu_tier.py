@@ -12,7 +12,8 @@ from export import bf16
 from runtime.backends import openvino as ov
 from runtime.backends.base import BackendUnavailable
 from runtime.model import fidelity
-from runtime.model.manifest import Manifest, ModelError
+from runtime.model.manifest import ModelError
+from runtime.model.model_dir import ModelDir
 from runtime.pipeline.classifier import Classifier
 from tests.conftest import run_module
 
@@ -35,8 +36,8 @@ def small_copy(trained_dir, tmp_path):
 
 @needs_bf16
 def test_bf16_gate_passed_on_every_shared_image(trained_dir):
-    m = Manifest.load(trained_dir)
-    v = m.variant("bf16", trained_dir)
+    m = ModelDir.open(trained_dir)
+    v = m.variant("bf16")
     assert v.file == "model.onnx" and v.runtime == "openvino-cpu"
     gate = json.loads((trained_dir / "export_report.json").read_text())["gates"]["bf16"]
     assert gate["ok"] and gate["fields"] == 48 and gate["flips"] == 0 and gate["non_finite"] == 0
@@ -78,19 +79,19 @@ def test_without_native_bf16_bf16_is_refused_the_same_way_whether_or_not_the_exp
                                                                                              no_bf16_cpu):
     """On an AVX2-only CPU the export made no bf16 variant (the report says "not made"); a model exported on a
     BF16 CPU lists one. Either way, asking for bf16 here is the one refusal: this CPU cannot."""
-    m = Manifest.load(small_copy)
-    m.variants["bf16"] = m.variants["fp32"]  # listed, as a BF16 machine's export leaves it
-    m.save(small_copy)
+    m = ModelDir.open(small_copy)
+    m.manifest.variants["bf16"] = m.manifest.variants["fp32"]  # listed, as a BF16 machine's export leaves it
+    m.save()
     for listed in (True, False):
         if not listed:  # as this CPU's own export leaves it
-            m.variants.pop("bf16")
-            m.save(small_copy)
+            m.manifest.variants.pop("bf16")
+            m.save()
             report = json.loads((small_copy / "export_report.json").read_text())
             report["gates"].pop("bf16", None)
             report.setdefault("not_made", {})["bf16"] = f"bf16: {ov.native_bf16()[1]}"
             (small_copy / "export_report.json").write_text(json.dumps(report))
             with pytest.raises(ModelError, match="not made at export"):
-                m.variant("bf16", small_copy)
+                m.variant("bf16")
         for backend in ("openvino", "auto"):
             with pytest.raises(BackendUnavailable, match="bf16 cannot run here: this CPU has no native BF16"):
                 Classifier(small_copy, backend=backend, precision="bf16")
@@ -98,18 +99,18 @@ def test_without_native_bf16_bf16_is_refused_the_same_way_whether_or_not_the_exp
 
 def test_gating_on_a_cpu_without_native_bf16_makes_no_variant(small_copy, shared_data, no_bf16_cpu):
     m = bf16.add_to_model(small_copy, shared_data / "breakhis-100x", 2, log=lambda _: None)
-    assert "bf16" not in m.variants
+    assert "bf16" not in m.manifest.variants
     with pytest.raises(ModelError, match="not made at export: .*no native BF16"):
-        m.variant("bf16", small_copy)
+        m.variant("bf16")
 
 
 @needs_bf16
 def test_a_bf16_variant_that_fails_its_gate_is_not_listed_or_chosen(small_copy, shared_data, monkeypatch):
     m = bf16.add_to_model(small_copy, shared_data / "breakhis-100x", 2, log=lambda _: None)
-    assert "bf16" in Manifest.load(small_copy).variants  # passes with the real tolerance
+    assert "bf16" in ModelDir.open(small_copy).manifest.variants  # passes with the real tolerance
     monkeypatch.setitem(fidelity.TOLERANCES, "bf16", fidelity.Tolerance(probability=1e-9, logit=None))
     m = bf16.add_to_model(small_copy, shared_data / "breakhis-100x", 2, log=lambda _: None)
-    assert "bf16" not in m.variants and "bf16" not in Manifest.load(small_copy).variants
+    assert "bf16" not in m.manifest.variants and "bf16" not in ModelDir.open(small_copy).manifest.variants
     with pytest.raises(ModelError, match="failed its fidelity gate at export: probability max"):
         Classifier(small_copy, backend="openvino", precision="bf16")
     with Classifier(small_copy) as clf:
@@ -129,13 +130,13 @@ def test_precisions_and_backends_that_do_not_go_together_are_refused(model_dir):
 
 @needs_bf16
 def test_export_bf16_command_gates_an_existing_model(small_copy, shared_data):
-    m = Manifest.load(small_copy)
-    m.variants.pop("bf16")
-    m.save(small_copy)
+    m = ModelDir.open(small_copy)
+    m.manifest.variants.pop("bf16")
+    m.save()
     proc = run_module("export", "bf16", "-m", str(small_copy), "--images", str(shared_data / "breakhis-100x"),
                       "--count", "2")
     assert proc.returncode == 0, proc.stderr
-    assert "bf16 listed" in proc.stdout and Manifest.load(small_copy).variants["bf16"].gate["fields"] == 2
+    assert "bf16 listed" in proc.stdout and ModelDir.open(small_copy).manifest.variants["bf16"].gate["fields"] == 2
 
 
 @needs_bf16

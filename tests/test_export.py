@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from export.onnx_export import OPSET, fp16_structure
-from runtime.model.manifest import Manifest
+from runtime.model.model_dir import ModelDir
 from tests.conftest import run_module
 
 
 def test_reference_artefacts(model_dir):
-    m = Manifest.load(model_dir)
+    m = ModelDir.open(model_dir).manifest
     assert m.provenance.trained is False and "UNTRAINED" in m.provenance.notes
     assert m.contract.grid == (2, 3) and m.contract.patch == 224 and m.contract.channel_order == "BGR"
     assert set(m.files) == {"model.onnx", "model.fp16.onnx", "weights.pt"}
@@ -54,7 +54,7 @@ def test_same_checkpoint_gives_byte_identical_onnx(model_dir, tmp_path, shared_d
         outs.append(out)
     for f in ("model.onnx", "model.fp16.onnx"):
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
-    assert Manifest.load(outs[0]).provenance.trained is True
+    assert ModelDir.open(outs[0]).manifest.provenance.trained is True
 
 
 def test_mismatched_checkpoint_is_refused_with_every_problem(model_dir, tmp_path):
@@ -88,7 +88,7 @@ def test_an_identical_export_is_reused_and_a_changed_or_damaged_one_is_made_agai
     assert "reused" not in first.stderr and len(list(cache.iterdir())) == 1
     second = run_module(*args, "-o", str(tmp_path / "b"), "--source", "another description", env=env, check=True)
     assert "its files were reused" in second.stderr
-    a, b = Manifest.load(tmp_path / "a"), Manifest.load(tmp_path / "b")
+    a, b = ModelDir.open(tmp_path / "a").manifest, ModelDir.open(tmp_path / "b").manifest
     assert a.files == b.files and a.variants == b.variants and set(a.files) == {"model.onnx", "model.fp16.onnx",
                                                                                 "weights.pt"}
     assert b.provenance.source == "another description" and a.provenance.source != b.provenance.source
@@ -99,13 +99,13 @@ def test_an_identical_export_is_reused_and_a_changed_or_damaged_one_is_made_agai
         f.write(b"\x00" * 64)
     again = run_module(*args, "-o", str(tmp_path / "d"), env=env, check=True)
     assert "is damaged" in again.stderr and "reused" not in again.stderr
-    assert Manifest.load(tmp_path / "d").files == a.files  # made anew, the same bytes
+    assert ModelDir.open(tmp_path / "d").manifest.files == a.files  # made anew, the same bytes
 
 
 def test_the_export_key_changes_with_every_input_it_names(model_dir, shared_data, tmp_path):
     from export.cache import export_key
 
-    prov = Manifest.load(model_dir).provenance
+    prov = ModelDir.open(model_dir).manifest.provenance
     images = shared_data / "breakhis-100x"
     opts = {"parity_count": 6, "gate_count": None, "range_safe": True, "variants": ["bf16"]}
     key = export_key(prov, images, opts)

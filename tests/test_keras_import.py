@@ -13,7 +13,7 @@ from export.keras_h5 import KerasImportError, import_pair
 from export.model import CONTRACT
 from export.reference import reference_model
 from runtime.io.decode import read_image
-from runtime.model.manifest import Manifest
+from runtime.model.model_dir import ModelDir
 from runtime.pipeline.classifier import Classifier
 from runtime.pipeline.preprocess import preprocess_image
 from tests.conftest import run_module
@@ -44,7 +44,7 @@ def test_imported_onnx_matches_keras_predict_on_real_images(keras_pair, images_1
     run_module("export", "keras", "--feature-extractor", str(fe_h5), "--classifier", str(cls_h5), "-o", str(out),
                "--parity-images", str(shared_data / "breakhis-100x"), "--parity-count", "2", "--gate-count", "2",
                "--variants", "none", check=True)
-    m = Manifest.load(out)
+    m = ModelDir.open(out).manifest
     assert m.provenance.trained is True
     assert set(m.provenance.source_files) == {"fe.h5", "cls.h5"} and all(len(v) == 64 for v in
                                                                         m.provenance.source_files.values())

@@ -19,7 +19,8 @@ from runtime.backends.choose import resolve_precision
 from runtime.backends.engines import plan_build
 from runtime.io.decode import read_image
 from runtime.model import paths
-from runtime.model.manifest import Manifest, ModelError, sha256_file
+from runtime.model.manifest import ModelError, sha256_file
+from runtime.model.model_dir import ModelDir
 from runtime.pipeline.classifier import Classifier
 from runtime.pipeline.preprocess import preprocess_image
 from tests.conftest import run_module
@@ -32,28 +33,28 @@ def _report(d):
 @pytest.fixture(scope="module")
 def trained_fp16(trained_dir):
     """The trained model's FP16 variant, made where its export saw an NVIDIA GPU (FP16 runs only there)."""
-    m = Manifest.load(trained_dir)
-    if "fp16" not in m.variants and "fp16" in _report(trained_dir).get("not_made", {}):
+    m = ModelDir.open(trained_dir)
+    if "fp16" not in m.manifest.variants and "fp16" in _report(trained_dir).get("not_made", {}):
         pytest.skip(f"the trained export made no FP16 variant here: {_report(trained_dir)['not_made']['fp16']}")
     return trained_dir
 
 
 def test_the_trained_export_says_why_a_variant_was_not_made(trained_dir):
-    m, report = Manifest.load(trained_dir), _report(trained_dir)
+    m, report = ModelDir.open(trained_dir), _report(trained_dir)
     for v in ("fp16", "bf16"):
-        assert (v in m.variants) != (v in report["not_made"] or v in report["rejected"]), v  # listed, or why not
+        assert (v in m.manifest.variants) != (v in report["not_made"] or v in report["rejected"]), v  # listed, or why not
 
 
 def test_trained_export_lists_fp16_after_its_gate_on_every_shared_image(trained_fp16):
     trained_dir = trained_fp16
-    m = Manifest.load(trained_dir)
-    assert m.provenance.trained is True and len(m.provenance.held_out_patients) == 7
-    assert 0.5 < m.provenance.metrics["val_acc"] < 1
-    assert set(m.variants) - {"bf16"} == {"fp32", "fp16"}  # bf16 where this CPU has it: tests/test_cpu_tier.py
+    m = ModelDir.open(trained_dir)
+    assert m.manifest.provenance.trained is True and len(m.manifest.provenance.held_out_patients) == 7
+    assert 0.5 < m.manifest.provenance.metrics["val_acc"] < 1
+    assert set(m.manifest.variants) - {"bf16"} == {"fp32", "fp16"}  # bf16 where this CPU has it: tests/test_cpu_tier.py
     gate = _report(trained_dir)["gates"]["fp16"]
     assert gate["ok"] and gate["fields"] == 48 and gate["flips"] == 0 and gate["non_finite"] == 0
     assert {o["output"]: o["max_abs"] for o in gate["outputs"]}["probability"] <= 1e-2
-    assert m.variants["fp16"].gate["label_agreement"] == 1.0
+    assert m.manifest.variants["fp16"].gate["label_agreement"] == 1.0
 
 
 def test_every_fp16_convolution_output_stays_within_float16(trained_dir):
@@ -100,20 +101,20 @@ def failing_dir(trained_checkpoint, shared_data, tmp_path_factory):
 
 
 def test_a_variant_that_fails_its_gate_is_not_written_listed_or_loaded(failing_dir, images_100x):
-    m = Manifest.load(failing_dir)
-    assert "fp16" not in m.variants and "model.fp16.onnx" not in m.files
+    m = ModelDir.open(failing_dir)
+    assert "fp16" not in m.manifest.variants and "model.fp16.onnx" not in m.manifest.files
     assert not (failing_dir / "model.fp16.onnx").exists()
     assert "float16's range" in _report(failing_dir)["rejected"]["fp16"]
     with pytest.raises(ModelError, match="failed its fidelity gate"):
         Classifier(failing_dir, backend="cpu", precision="fp16")
     for on_gpu in (False, True):  # ONNX Runtime CPU and CUDA and TensorRT resolve precision the same way
         with pytest.raises(ModelError, match="failed its fidelity gate"):
-            resolve_precision("fp16", on_gpu, m, failing_dir)
-    precision, notes = resolve_precision("auto", True, m, failing_dir)
+            resolve_precision("fp16", on_gpu, m)
+    precision, notes = resolve_precision("auto", True, m)
     assert precision == "fp32" and "failed its fidelity gate" in notes[0]
     for trt_major in (10, 11):
         with pytest.raises(ModelError, match="failed its fidelity gate"):
-            plan_build(trt_major, "fp16", m, failing_dir)
+            plan_build(trt_major, "fp16", m)
     proc = run_module("runtime.classify", "--no-progress", "--model", str(failing_dir), "--precision", "fp16",
                       str(images_100x[0]))
     assert proc.returncode == 2 and "no fp16 variant" in proc.stderr and "float16's range" in proc.stderr
@@ -128,9 +129,9 @@ def test_a_non_finite_output_is_an_error_never_a_verdict(model_dir, images_100x,
     bias = next(t for t in m.graph.initializer if t.name == "head.dense.bias")
     bias.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(bias).shape, value, np.float32), bias.name))
     onnx.save(m, str(d / "model.onnx"))
-    man = Manifest.load(d)
-    man.files["model.onnx"] = sha256_file(d / "model.onnx")
-    man.save(d)
+    man = ModelDir.open(d)
+    man.manifest.files["model.onnx"] = sha256_file(d / "model.onnx")
+    man.save()
     proc = run_module("runtime.classify", "--no-progress", "--json", "--model", str(d), "--backend", "cpu",
                       str(images_100x[0]), str(images_100x[1]))
     assert proc.returncode == 1
@@ -151,7 +152,7 @@ def test_accuracy_table_on_the_trained_model(trained_dir, shared_data, tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "acc.json").read_text())
     (run,) = report["runs"].values()
-    held = set(Manifest.load(trained_dir).provenance.held_out_patients)
+    held = set(ModelDir.open(trained_dir).manifest.provenance.held_out_patients)
     n_held = sum(p.name.rsplit("-", 2)[0] in held for p in images.glob("*.png"))
     assert run["groups"]["all"]["image"]["n"] == 16 and run["groups"]["held-out"]["image"]["n"] == n_held > 0
     assert run["groups"]["held-out"]["patient"]["n"] == len({p for p in held if any(images.glob(f"{p}-*"))})

@@ -206,17 +206,17 @@ def test_onnxruntime_cuda_that_falls_back_to_the_cpu_is_refused_not_named_cuda(m
     from runtime.backends import ort
     from runtime.backends.base import BackendUnavailable
     from runtime.backends.choose import open_backend
-    from runtime.model.manifest import Manifest
+    from runtime.model.model_dir import ModelDir
 
     if ort.cuda_available():
         pytest.skip("this onnxruntime has a CUDA provider: the fallback cannot be reproduced here")
-    manifest = Manifest.load(model_dir)
+    model = ModelDir.open(model_dir)
     with pytest.raises(ort.CudaDidNotStart, match="CUDA execution provider did not start.*only CPUExecutionProvider"):
-        ort.OrtBackend(model_dir, manifest, "fp32", cuda=True)
+        ort.OrtBackend(model, "fp32", cuda=True)
     monkeypatch.setattr(ort, "cuda_available", lambda: True)  # listed, as onnxruntime-gpu lists it without CUDA libs
     with pytest.raises(BackendUnavailable, match="backend onnxruntime-cuda: the CUDA execution provider did not"):
-        open_backend("onnxruntime-cuda", model_dir, manifest)
-    backend, notes = open_backend("auto", model_dir, manifest, precision="fp32")
+        open_backend("onnxruntime-cuda", model)
+    backend, notes = open_backend("auto", model, precision="fp32")
     try:
         assert backend.name == "onnxruntime-cpu-fp32" and not backend.on_gpu
         assert any(n.startswith("onnxruntime-cuda skipped: the CUDA execution provider did not start") for n in notes)

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -17,7 +16,8 @@ import pytest
 from export.trt_support import check_onnx
 from runtime.backends import engines
 from runtime.backends.engines import EngineInfo, EngineMismatch, EngineTarget, plan_build
-from runtime.model.manifest import Manifest, ModelError, Variant
+from runtime.model.manifest import ModelError, Variant
+from runtime.model.model_dir import ModelDir
 from tests.conftest import REPO, run_module
 
 
@@ -37,11 +37,11 @@ def test_parser_check_catches_lstm_restrictions_and_unknown_ops(model_dir):
 
 
 def test_build_plans_per_tensorrt_generation(model_dir):
-    m = Manifest.load(model_dir)
-    m = replace(m, variants={**m.variants, "int8": Variant("model.int8.qdq.onnx")})  # as if INT8 had passed
+    m = ModelDir.open(model_dir)
+    m.manifest.variants["int8"] = Variant("model.int8.qdq.onnx")  # as if INT8 had passed (in memory only)
 
     def plan(major, precision):
-        return plan_build(major, precision, m, model_dir)
+        return plan_build(major, precision, m)
 
     fp16_10 = plan(10, "fp16")
     assert fp16_10.onnx_file == "model.onnx" and not fp16_10.strongly_typed
@@ -52,7 +52,7 @@ def test_build_plans_per_tensorrt_generation(model_dir):
     assert fp16_11.strongly_typed and fp16_11.flags == ()  # TensorRT 11: no precision flags exist
     assert plan(11, "int8").onnx_file == "model.int8.qdq.onnx"
     with pytest.raises(ModelError, match="no int8 variant"):  # INT8 that never passed its gate is never built
-        plan_build(11, "int8", Manifest.load(model_dir), model_dir)
+        plan_build(11, "int8", ModelDir.open(model_dir))
 
 
 def _target(**kw):
@@ -62,14 +62,14 @@ def _target(**kw):
 
 def test_engine_selection_refuses_stale_or_foreign_engines(tmp_path):
     built = _target()
-    engines.save(tmp_path, EngineInfo(built, "model.onnx", {"min": 1, "opt": 8, "max": 32}), b"plan")
-    path, info = engines.select(tmp_path, built)
+    engines.save(tmp_path / "engines", EngineInfo(built, "model.onnx", {"min": 1, "opt": 8, "max": 32}), b"plan")
+    path, info = engines.select(tmp_path / "engines", built)
     assert path.read_bytes() == b"plan" and info.profile["max"] == 32
     path.write_bytes(b"swapped")  # an engine replaced after it was built is refused before deserialising
     with pytest.raises(ModelError, match="does not match"):
-        engines.select(tmp_path, built)
+        engines.select(tmp_path / "engines", built)
     with pytest.raises(EngineMismatch) as e:
-        engines.select(tmp_path, _target(tensorrt="10.7.0", onnx_sha256="cd" * 32))
+        engines.select(tmp_path / "engines", _target(tensorrt="10.7.0", onnx_sha256="cd" * 32))
     msg = str(e.value)
     assert "tensorrt '10.3.0' (here: '10.7.0')" in msg and "onnx_sha256" in msg and "python -m export trt" in msg
     assert "gpu" not in msg.split("built for another")[1].split("\n")[0]  # only what differs is listed
@@ -82,17 +82,17 @@ def test_engines_of_dotted_versions_and_other_exports_keep_their_own_files(tmp_p
     b = _target(tensorrt="10.13.3.9", onnx_sha256="cd" * 32)  # another export, same TensorRT
     c = _target(tensorrt="10.13.3.10")  # another patch release
     for t, plan in ((a, b"A"), (b, b"B"), (c, b"C")):
-        engines.save(tmp_path, EngineInfo(t, "model.onnx", {"min": 1, "opt": 8, "max": 32}), plan)
-    names = sorted(p.name for p in engines.engine_dir(tmp_path).iterdir())
+        engines.save(tmp_path / "engines", EngineInfo(t, "model.onnx", {"min": 1, "opt": 8, "max": 32}), plan)
+    names = sorted(p.name for p in (tmp_path / "engines").iterdir())
     assert names == sorted(f"{t.key()}{s}" for t in (a, b, c) for s in (".engine", ".json"))
-    assert [engines.select(tmp_path, t)[0].read_bytes() for t in (a, b, c)] == [b"A", b"B", b"C"]
+    assert [engines.select(tmp_path / "engines", t)[0].read_bytes() for t in (a, b, c)] == [b"A", b"B", b"C"]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not json", "wrong fields", "unreadable"])
 def test_a_damaged_sidecar_is_refused_naming_the_file(tmp_path, damage):
     t = _target()
-    engines.save(tmp_path, EngineInfo(t, "model.onnx", {"min": 1, "opt": 8, "max": 32}), b"plan")
-    side = engines.paths(tmp_path, t)[1]
+    engines.save(tmp_path / "engines", EngineInfo(t, "model.onnx", {"min": 1, "opt": 8, "max": 32}), b"plan")
+    side = engines.paths(tmp_path / "engines", t)[1]
     if damage == "unreadable":
         side.unlink()
         side.mkdir()  # a folder where the sidecar should be: reading it fails with an OSError
@@ -100,7 +100,7 @@ def test_a_damaged_sidecar_is_refused_naming_the_file(tmp_path, damage):
         side.write_text({"truncated": side.read_text()[:40], "not json": "\x00\xff garbage",
                          "wrong fields": '{"target": {"gpu": 1}}'}[damage])
     with pytest.raises(EngineMismatch) as e:  # what --backend auto catches: the next backend is tried
-        engines.select(tmp_path, t)
+        engines.select(tmp_path / "engines", t)
     assert side.name in str(e.value) and "unreadable" in str(e.value)
 
 
@@ -236,4 +236,4 @@ def test_int8_qdq_is_parser_clean_and_gated(trained_dir, shared_data, tmp_path):
         assert not listed and not (d / QDQ_FILE).exists()
         assert json.loads((d / "export_report.json").read_text())["rejected"]["int8"]
         assert set(json.loads((d / "manifest.json").read_text())["variants"]) == \
-            set(Manifest.load(trained_dir).variants)  # the rest stays
+            set(ModelDir.open(trained_dir).manifest.variants)  # the rest stays

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import Unavailable
-from runtime.model.manifest import Manifest, ModelError, verified_file
+from runtime.model.manifest import ModelError
+from runtime.model.model_dir import ModelDir, verified_file
 
 
 class EngineMismatch(Unavailable):
@@ -47,15 +48,15 @@ class BuildPlan:
     calibrate: bool
 
 
-def plan_build(trt_major: int, precision: str, manifest: Manifest, model_dir: Path) -> BuildPlan:
+def plan_build(trt_major: int, precision: str, model: ModelDir) -> BuildPlan:
     """TensorRT 10 takes the range-safe FP32 ONNX and precision flags (the FP32 tail pinned, constraints obeyed);
     TensorRT 11 has no FP16/INT8 flags and builds strongly typed networks from the variant's own ONNX. Either way
     the precision must be a variant that passed its gate (ModelError naming the gate result otherwise)."""
     if trt_major < 10:
         raise TrtUnavailable(f"TensorRT {trt_major}.x is not supported (needs the TensorRT 10+ named-tensor API)")
-    variant = manifest.variant(precision, model_dir).file
+    variant = model.variant(precision).file
     if trt_major == 10:
-        fp32 = manifest.variant("fp32", model_dir).file
+        fp32 = model.variant("fp32").file
         return {
             "fp32": BuildPlan(fp32, False, (), False, False),
             "fp16": BuildPlan(fp32, False, ("FP16", "OBEY_PRECISION_CONSTRAINTS"), True, False),
@@ -64,15 +65,15 @@ def plan_build(trt_major: int, precision: str, manifest: Manifest, model_dir: Pa
     return BuildPlan(variant, True, (), False, False)
 
 
-def device_target(model_dir: Path, manifest: Manifest, precision: str, trt: Any) -> EngineTarget:
+def device_target(model: ModelDir, precision: str, trt: Any) -> EngineTarget:
     """The engine key for this machine: TensorRT version, GPU, compute capability, ONNX hash, precision."""
     from runtime.gpu.context import device_info
 
     name, cc = device_info()
-    onnx_file = plan_build(int(trt.__version__.split(".")[0]), precision, manifest, model_dir).onnx_file
-    sha = manifest.files.get(onnx_file)
+    onnx_file = plan_build(int(trt.__version__.split(".")[0]), precision, model).onnx_file
+    sha = model.manifest.files.get(onnx_file)
     if sha is None:
-        raise ModelError(f"{model_dir}: {onnx_file} has no sha256 in manifest.json (export the model again)")
+        raise ModelError(f"{model}: {onnx_file} has no sha256 in manifest.json (export the model again)")
     return EngineTarget(tensorrt=trt.__version__, gpu=name, compute_capability=cc, onnx_sha256=sha,
                         precision=precision)
 
@@ -115,18 +116,15 @@ class EngineInfo:
                    engine_sha256=d.get("engine_sha256", ""))
 
 
-def engine_dir(model_dir: Path) -> Path:
-    return Path(model_dir) / "engines"
-
-
-def paths(model_dir: Path, target: EngineTarget) -> tuple[Path, Path]:
-    """(engine, sidecar). The key holds dots (TensorRT 10.13.3.9): suffixes are appended, never substituted."""
+def paths(folder: Path, target: EngineTarget) -> tuple[Path, Path]:
+    """(engine, sidecar) in a model's engines folder (ModelDir.engines). The key holds dots (TensorRT 10.13.3.9):
+    suffixes are appended, never substituted."""
     key = target.key()
-    return engine_dir(model_dir) / f"{key}.engine", engine_dir(model_dir) / f"{key}.json"
+    return folder / f"{key}.engine", folder / f"{key}.json"
 
 
-def save(model_dir: Path, info: EngineInfo, engine: bytes) -> Path:
-    eng, side = paths(model_dir, info.target)
+def save(folder: Path, info: EngineInfo, engine: bytes) -> Path:
+    eng, side = paths(folder, info.target)
     eng.parent.mkdir(parents=True, exist_ok=True)
     eng.write_bytes(engine)
     info.engine_sha256 = hashlib.sha256(engine).hexdigest()
@@ -134,9 +132,9 @@ def save(model_dir: Path, info: EngineInfo, engine: bytes) -> Path:
     return eng
 
 
-def select(model_dir: Path, want: EngineTarget) -> tuple[Path, EngineInfo]:
+def select(folder: Path, want: EngineTarget) -> tuple[Path, EngineInfo]:
     """The engine built for exactly ``want``; otherwise EngineMismatch saying how the others differ."""
-    eng, side = paths(model_dir, want)
+    eng, side, model_dir = *paths(folder, want), folder.parent
     if eng.is_file() and side.is_file():
         try:
             info = EngineInfo.from_json(side.read_text())
@@ -148,7 +146,7 @@ def select(model_dir: Path, want: EngineTarget) -> tuple[Path, EngineInfo]:
             verified_file(eng.parent, eng.name, {eng.name: info.engine_sha256})  # a swapped engine is refused
             return eng, info
     reasons = []
-    for other in sorted(engine_dir(model_dir).glob("*.json")):
+    for other in sorted(folder.glob("*.json")):
         try:
             t = EngineInfo.from_json(other.read_text()).target
         except (OSError, ValueError, KeyError, TypeError) as e:

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import Unavailable
-from runtime.model.manifest import Manifest, ModelError, verified_file
+from runtime.model.manifest import ModelError
+from runtime.model.model_dir import ModelDir
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision -> OpenVINO's inference precision
 
@@ -79,17 +80,16 @@ def infer(request: Any, input_name: str, output_names: list[str], fields: np.nda
 
 
 class OpenVinoBackend:
-    def __init__(self, model_dir: Path, manifest: Manifest, precision: str = "bf16",
-                 threads: int | None = None) -> None:
+    def __init__(self, model: ModelDir, precision: str = "bf16", threads: int | None = None) -> None:
         # Both precisions run the FP32 file; BF16 is how OpenVINO executes it, gated like a file of its own.
-        fname = manifest.variant(precision, model_dir).file
-        path, self.file_sha256 = verified_file(model_dir, fname, manifest.files)
-        model, self.compiled = compile_onnx(path, precision, threads)
+        manifest, fname = model.manifest, model.variant(precision).file
+        path, self.file_sha256 = model.file(fname)
+        graph, self.compiled = compile_onnx(path, precision, threads)
         key = ["framework", "contract"]  # the ONNX file's metadata, as OpenVINO keeps it
-        stored = model.get_rt_info(key).astype(str) if model.has_rt_info(key) else None
+        stored = graph.get_rt_info(key).astype(str) if graph.has_rt_info(key) else None
         manifest.check_model(path, {i.get_any_name(): [d.get_length() if d.is_static else "?"
-                                                       for d in i.get_partial_shape()] for i in model.inputs},
-                             [o.get_any_name() for o in model.outputs], stored)
+                                                       for d in i.get_partial_shape()] for i in graph.inputs},
+                             [o.get_any_name() for o in graph.outputs], stored)
         self.request = self.compiled.create_infer_request()
         self.input_name = manifest.input_name
         self.output_names = list(manifest.output_names)

@@ -7,7 +7,8 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.errors import Unavailable
-from runtime.model.manifest import Manifest, ModelError, verified_file
+from runtime.model.manifest import Manifest, ModelError
+from runtime.model.model_dir import ModelDir
 
 
 class CudaDidNotStart(Unavailable):
@@ -46,10 +47,10 @@ def make_session(model: Path | bytes, precision: str, cuda: bool, threads: int |
 
 
 class OrtBackend:
-    def __init__(self, model_dir: Path, manifest: Manifest, precision: str = "fp32", cuda: bool = False,
+    def __init__(self, model: ModelDir, precision: str = "fp32", cuda: bool = False,
                  threads: int | None = None) -> None:
-        fname = manifest.variant(precision, model_dir).file
-        path, self.file_sha256 = verified_file(model_dir, fname, manifest.files)
+        manifest, fname = model.manifest, model.variant(precision).file
+        path, self.file_sha256 = model.file(fname)
         try:
             self.session = make_session(path, precision, cuda, threads)
         except Exception as e:  # ORT reports corrupt/foreign files with its own exception types

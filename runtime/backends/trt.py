@@ -6,34 +6,34 @@ sized from the engine's own tensor shapes and types, checked against the manifes
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from runtime.backends import engines
 from runtime.backends.engines import import_tensorrt
-from runtime.model.manifest import Manifest, ModelError
+from runtime.model.manifest import ModelError
+from runtime.model.model_dir import ModelDir
 
 
 class TensorRTBackend:
-    def __init__(self, model_dir: Path, manifest: Manifest, precision: str = "fp16", allow_build: bool = False) -> None:
+    def __init__(self, model: ModelDir, precision: str = "fp16", allow_build: bool = False) -> None:
         import_tensorrt()
         import tensorrt as trt  # typed by tensorrt-stubs: mypy checks this code in CI
 
         from runtime.gpu.context import Context
 
         self.context = Context()  # the primary context, shared with the preprocessing kernel
-        target = engines.device_target(model_dir, manifest, precision, trt)
+        manifest, target = model.manifest, engines.device_target(model, precision, trt)
         try:
-            path, info = engines.select(model_dir, target)
+            path, info = engines.select(model.engines, target)
         except engines.EngineMismatch:
             if not allow_build:
                 raise
             from runtime.backends.trt_build import TrtOptions, build_engine
 
-            build_engine(model_dir, TrtOptions(precision=precision))
-            path, info = engines.select(model_dir, target)
+            build_engine(model, TrtOptions(precision=precision))
+            path, info = engines.select(model.engines, target)
         self.name = f"tensorrt-{precision}"
         self.precision = precision
         self.model_file, self.file_sha256 = f"engines/{path.name}", info.engine_sha256

@@ -16,6 +16,7 @@ import numpy as np
 from runtime.backends import engines
 from runtime.backends.engines import EngineInfo, TrtUnavailable, device_target, import_tensorrt, plan_build
 from runtime.model.manifest import Manifest
+from runtime.model.model_dir import ModelDir
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -47,17 +48,17 @@ class TrtOptions:
             raise ValueError("workspace must be at least 16 MB")
 
 
-def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] = print) -> Path:
+def build_engine(model: ModelDir, opts: TrtOptions, log: Callable[[str], None] = print) -> Path:
     """Build, save with its sidecar and return the engine path. Raises TrtUnavailable with the parser's errors."""
     opts.validate()
     import_tensorrt()  # clear error where TensorRT is missing or only its stubs are installed
     import tensorrt as trt  # typed by tensorrt-stubs: mypy checks this builder code in CI
-    manifest = Manifest.load(model_dir)
-    plan = plan_build(int(trt.__version__.split(".")[0]), opts.precision, manifest, model_dir)
-    onnx_path = Path(model_dir) / plan.onnx_file
+    manifest = model.manifest
+    plan = plan_build(int(trt.__version__.split(".")[0]), opts.precision, model)
+    onnx_path = model.path / plan.onnx_file
     if not onnx_path.is_file():
         raise TrtUnavailable(f"{onnx_path}: not found (TensorRT {trt.__version__} builds {opts.precision} from it)")
-    target = device_target(model_dir, manifest, opts.precision, trt)
+    target = device_target(model, opts.precision, trt)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
@@ -83,7 +84,7 @@ def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] =
         if not opts.calib_images:
             raise TrtUnavailable("INT8 on TensorRT 10 needs --calib-images DIR (real images for calibration)")
         config.int8_calibrator = make_calibrator(trt, manifest, Path(opts.calib_images), opts.calib_count,
-                                                 opts.opt_batch, engines.engine_dir(model_dir) / "int8.calib")
+                                                 opts.opt_batch, model.engines / "int8.calib")
         config.set_calibration_profile(profile)
     if opts.dla_core is not None:
         if builder.num_DLA_cores <= opts.dla_core:
@@ -91,7 +92,7 @@ def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] =
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = opts.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers the DLA cannot run (LSTM) stay on the GPU
-    cache_path = Path(opts.timing_cache) if opts.timing_cache else engines.engine_dir(model_dir) / "timing.cache"
+    cache_path = Path(opts.timing_cache) if opts.timing_cache else model.engines / "timing.cache"
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         log(f"{cache_path}: timing cache from another device or TensorRT; timing from scratch")
@@ -109,7 +110,7 @@ def build_engine(model_dir: Path, opts: TrtOptions, log: Callable[[str], None] =
     info = EngineInfo(target=target, onnx_file=plan.onnx_file,
                       profile={"min": opts.min_batch, "opt": opts.opt_batch, "max": opts.max_batch},
                       options=asdict(opts), build_seconds=round(seconds, 1))
-    path = engines.save(model_dir, info, bytes(memoryview(serialized)))
+    path = engines.save(model.engines, info, bytes(memoryview(serialized)))
     log(f"built {path.name} in {seconds:.1f} s")
     return path
 

@@ -1,11 +1,11 @@
 """The preprocessing contract and provenance stored beside a model artefact.
 
 This module names the contract's fields; their *values* come from the export stage (export/model.py) and are
-read back here from ``manifest.json``, so the runtime never re-types 224, the means or the threshold.
+read back from ``manifest.json`` (by runtime/model/model_dir.py), so the runtime never re-types 224, the means or
+the threshold.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -14,31 +14,7 @@ from typing import Any
 
 from runtime.errors import BreakhisError
 
-MANIFEST_NAME = "manifest.json"
-REPORT_NAME = "export_report.json"
 FORMAT_VERSION = 2  # 2: the variant table (precision -> file + the gate it passed)
-
-def verified_file(model_dir: Path, name: str, files: dict[str, str]) -> tuple[Path, str]:
-    """(path, sha256) of a model file whose bytes match the manifest's sha256; ModelError naming the file if not.
-    Hashing is cached per (path, size, mtime), so a process that opens a model again does not read it again."""
-    path = Path(model_dir) / name
-    want = files.get(name)
-    if not path.is_file():
-        raise ModelError(f"{path}: model file not found")
-    if want is None:
-        raise ModelError(f"{path}: not listed in manifest.json, so it cannot be verified (export the model again)")
-    st = path.stat()
-    got = _cached_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if got != want:
-        raise ModelError(f"{path}: sha256 {got[:16]}... does not match manifest.json ({want[:16]}...): the file was "
-                         "replaced or damaged after the export; export the model again")
-    return path, got
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(Path(path))
-
 
 def sha256_file(path: Path) -> str:
     """sha256 of a file, read in 1 MiB chunks (model files are tens of MB)."""
@@ -151,22 +127,6 @@ class Manifest:
     output_names: tuple[str, ...] = ("logit", "probability")
     variants: dict[str, Variant] = field(default_factory=dict)  # precision -> passing variant; nothing else listed
 
-    def variant(self, precision: str, model_dir: Path) -> Variant:
-        """The listed variant of this precision, or ModelError saying why there is none (its gate result)."""
-        if precision in self.variants:
-            return self.variants[precision]
-        why = "it was never made"
-        try:
-            report = json.loads((Path(model_dir) / REPORT_NAME).read_text())
-            if precision in report.get("rejected", {}):
-                why = f"it failed its fidelity gate at export: {report['rejected'][precision]}"
-            elif precision in report.get("not_made", {}):
-                why = f"it was not made at export: {report['not_made'][precision]}"
-        except (OSError, ValueError, AttributeError):
-            pass
-        raise ModelError(f"{model_dir}: no {precision} variant ({why}); this model has "
-                         f"{', '.join(sorted(self.variants)) or 'none'}")
-
     def check_model(self, path: Path, inputs: dict[str, list], outputs: list[str], stored_contract: str | None) -> None:
         """Refuse a model file whose inputs, outputs or embedded contract (JSON, where the file carries one) do not
         fit this manifest; any runtime's view of the file: input name -> shape (batch first), output names."""
@@ -196,19 +156,11 @@ class Manifest:
         }
         return json.dumps(d, indent=2) + "\n"
 
-    def save(self, model_dir: Path) -> Path:
-        path = Path(model_dir) / MANIFEST_NAME
-        path.write_text(self.to_json())
-        return path
-
     @classmethod
-    def load(cls, model_dir: Path | str) -> Manifest:
-        path = Path(model_dir) / MANIFEST_NAME
-        if not path.is_file():
-            raise ModelError(f"{path}: manifest not found (name a model directory with --model; `bash setup.sh` "
-                             "exports the models into models/)")
+    def from_json(cls, text: str, path: Path) -> Manifest:
+        """Parse manifest.json's text (``path`` names it in errors); ModelDir.open is what reads the file."""
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelError(f"{path}: manifest is not valid JSON: {e}") from e
         if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:

@@ -22,7 +22,8 @@ from runtime.errors import Unavailable
 from runtime.io.decode import DEFAULT_MAX_PIXELS, ImageError, decode, read_image, to_bgr8
 from runtime.io.inputs import ImageInput
 from runtime.io.scale import name_warning
-from runtime.model.manifest import Contract, Manifest
+from runtime.model.manifest import Contract
+from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir
 from runtime.pipeline.preprocess import preprocess_fields
 from runtime.pipeline.tiling import FieldPlan, TilingError, plan_fields
@@ -91,11 +92,11 @@ class Classifier:
                  precision: str = "auto", allow_build: bool = False, decode_workers: int | None = None) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-        self.manifest = Manifest.load(self.model_dir)
+        self.model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
+        self.manifest = self.model.manifest
         self.contract = self.manifest.contract
         self.max_pixels = max_pixels
-        self.backend, notes = open_backend(backend, self.model_dir, self.manifest, threads, precision, allow_build)
+        self.backend, notes = open_backend(backend, self.model, threads, precision, allow_build)
         # Images are read and decoded ahead of inference by a pool of threads, so decoding overlaps inference. With
         # inference on a GPU the host's cores are free for decoding (one is left for this thread); on the CPU
         # inference needs them and a few decode threads keep up. (PNGs decode in parallel; OpenCV's decoders take

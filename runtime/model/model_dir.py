@@ -1,0 +1,139 @@
+"""A model directory on disk: the one reader and writer of manifest.json and export_report.json, the checked way to
+a model file, and the engines folder. Nothing else opens those JSON files."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from runtime.model.manifest import Contract, Manifest, ModelError, Variant, sha256_file
+
+MANIFEST_NAME = "manifest.json"
+REPORT_NAME = "export_report.json"
+
+
+class ModelDir:
+    """``ModelDir.open(path)``: the manifest read and checked once; variants, verified files and the export report
+    (gates passed, rejected, not made) through it."""
+
+    def __init__(self, path: Path | str, manifest: Manifest) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: Path | str) -> ModelDir:
+        file = Path(path) / MANIFEST_NAME
+        if not file.is_file():
+            raise ModelError(f"{file}: manifest not found (name a model directory with --model; `bash setup.sh` "
+                             "exports the models into models/)")
+        return cls(path, Manifest.from_json(file.read_text(), file))
+
+    @classmethod
+    def create(cls, path: Path, manifest: Manifest, report: dict[str, Any]) -> ModelDir:
+        """A new export's directory: its manifest and report written (the files themselves are already there)."""
+        model = cls(path, manifest)
+        model.save()
+        model.write_report(report)
+        return model
+
+    @property
+    def contract(self) -> Contract:
+        return self.manifest.contract
+
+    @property
+    def engines(self) -> Path:
+        """Where TensorRT engines built for this model live (runtime/backends/engines.py)."""
+        return self.path / "engines"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def save(self) -> Path:
+        file = self.path / MANIFEST_NAME
+        file.write_text(self.manifest.to_json())
+        return file
+
+    def report(self) -> dict[str, Any]:
+        """The export report ({} where there is none); ModelError where it cannot be read."""
+        file = self.path / REPORT_NAME
+        if not file.is_file():
+            return {}
+        try:
+            report = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{file}: unreadable export report ({e})") from None
+        if not isinstance(report, dict):
+            raise ModelError(f"{file}: the export report is not a JSON object")
+        return report
+
+    def write_report(self, report: dict[str, Any]) -> None:
+        (self.path / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+
+    def variant(self, precision: str) -> Variant:
+        """The listed variant of this precision, or ModelError saying why there is none (its gate result)."""
+        if precision in self.manifest.variants:
+            return self.manifest.variants[precision]
+        why = "it was never made"
+        try:
+            report = self.report()
+        except ModelError:  # the report only explains; a damaged one changes nothing here
+            report = {}
+        if precision in report.get("rejected", {}):
+            why = f"it failed its fidelity gate at export: {report['rejected'][precision]}"
+        elif precision in report.get("not_made", {}):
+            why = f"it was not made at export: {report['not_made'][precision]}"
+        raise ModelError(f"{self.path}: no {precision} variant ({why}); this model has "
+                         f"{', '.join(sorted(self.manifest.variants)) or 'none'}")
+
+    def file(self, name: str) -> tuple[Path, str]:
+        """(path, sha256) of a model file whose bytes match the manifest; ModelError naming the file if not."""
+        return verified_file(self.path, name, self.manifest.files)
+
+    def accept(self, precision: str, variant: Variant, gate: dict[str, Any] | None = None) -> None:
+        """List a variant that passed its gate (its file hashed into the manifest) and record the gate."""
+        self.manifest.files[variant.file] = sha256_file(self.path / variant.file)
+        self.manifest.variants[precision] = variant
+        report = self.report()
+        report.get("rejected", {}).pop(precision, None)
+        if gate is not None:
+            report.setdefault("gates", {})[precision] = gate
+        self.save()
+        self.write_report(report)
+
+    def reject(self, precision: str, reason: str, gate: dict[str, Any] | None = None, remove: str | None = None,
+               **record: Any) -> None:
+        """Record why a variant was refused (its gate, anything else under ``record``) and unlist it; ``remove``:
+        its own file, deleted and dropped from the manifest."""
+        report = self.report()
+        report.setdefault("rejected", {})[precision] = reason
+        if gate is not None:
+            report.setdefault("gates", {})[precision] = gate
+        self.write_report(report | record)
+        self.manifest.variants.pop(precision, None)
+        if remove is not None:
+            (self.path / remove).unlink(missing_ok=True)
+            self.manifest.files.pop(remove, None)
+        self.save()
+
+
+def verified_file(folder: Path, name: str, files: dict[str, str]) -> tuple[Path, str]:
+    """(path, sha256) of a file whose bytes match ``files[name]``; ModelError naming the file if not. Hashing is
+    cached per (path, size, mtime), so a process that opens a model again does not read it again."""
+    path = Path(folder) / name
+    want = files.get(name)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    if want is None:
+        raise ModelError(f"{path}: not listed in manifest.json, so it cannot be verified (export the model again)")
+    st = path.stat()
+    got = _cached_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if got != want:
+        raise ModelError(f"{path}: sha256 {got[:16]}... does not match manifest.json ({want[:16]}...): the file was "
+                         "replaced or damaged after the export; export the model again")
+    return path, got
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
