@@ -18,9 +18,9 @@ from export.model import CONTRACT
 from export.reference import reference_model
 from export.verify import ort_outputs
 from export.weights import load_checkpoint
-from runtime.model.fidelity import TOLERANCES
 from runtime.model.manifest import Provenance
 from runtime.model.paths import sample_images, trained_weights
+from runtime.model.precisions import PRECISIONS
 
 
 def models() -> dict[str, torch.nn.Module]:
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     fields = gate_fields(args.images, args.fields)[0][:args.fields]  # the first images, every field of each
-    tol = TOLERANCES["fp32"]
+    tol = PRECISIONS["fp32"].tolerance
     rows = {}
     for name, model in models().items():
         with tempfile.TemporaryDirectory() as d, torch.no_grad():

@@ -10,9 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runtime.backends.choose import BACKENDS
-from runtime.backends.trt_build import ENGINE_PRECISIONS
-from runtime.model.fidelity import TOLERANCES
 from runtime.model.paths import TRAINED_NAME
+from runtime.model.precisions import ENGINE_PRECISIONS, PRECISIONS
 
 # The trained model's provenance text, as setup.sh exports it (`python -m export trained`).
 TRAINED_SOURCE = "VGG16-BiLSTM trained from scratch on public BreakHis 100X images (../shared/models/README.md)"
@@ -44,8 +43,9 @@ def _common(p: argparse.ArgumentParser, default_out: str | None) -> None:
     p.add_argument("--no-range-safe", action="store_true",
                    help="skip the power-of-two rescaling (to see the FP16 gate refuse an overflowing variant)")
     p.add_argument("--variants", default="auto", metavar="auto|all|LIST",
-                   help="variants besides FP32 to make and gate (default: auto = what this machine runs: fp16 where "
-                        "an NVIDIA GPU is visible, bf16 where the CPU has native BF16; all; none; or a list: fp16,bf16)")
+                   help="variants besides FP32 to make and gate (default: auto = what this machine runs: fp16 "
+                        "where an NVIDIA GPU is visible, bf16 where the CPU has native BF16; all; none; or a list: "
+                        "fp16,bf16)")
     p.add_argument("--no-cache", action="store_true",
                    help="make the export even if an identical one (same weights, images, options, code, libraries "
                         "and CPU) passed its gates before (default: reuse it; export/cache.py)")
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ver.add_argument("--images", type=Path, required=True, help="folder of real images")
     ver.add_argument("--backend", default="tensorrt", choices=[b for b in BACKENDS if b != "auto"],
                      help="the backend to check (default: tensorrt)")
-    ver.add_argument("--precision", choices=list(TOLERANCES), default="fp16",
-                     help="the model variant to check (default: fp16); tolerances from runtime/model/fidelity.py")
+    ver.add_argument("--precision", choices=list(PRECISIONS), default="fp16",
+                     help="the model variant to check (default: fp16); tolerances from runtime/model/precisions.py")
     ver.add_argument("--limit", type=int, default=None, help="use only the first N images")
     ver.add_argument("--json", type=Path, default=None, help="also write the comparison here as JSON")
     args = ap.parse_args(argv)
@@ -272,11 +272,11 @@ def _int8(args: argparse.Namespace) -> int:
 @_errors_to_exit_codes
 def _bf16(args: argparse.Namespace) -> int:
     from export.bf16 import add_to_model
-    from runtime.backends.openvino import native_bf16
+    from runtime.backends.openvino import native
     from runtime.model.manifest import ModelError
     from runtime.model.paths import sample_images
 
-    ok, why = native_bf16()
+    ok, why = native("bf16")
     if not ok:
         print(f"error: cannot gate BF16 here: {why}", file=sys.stderr)
         return 2

@@ -13,13 +13,14 @@ from export import onnx_export as ox
 from export import range_safe as rs
 from export.model import CONTRACT, BreakHisNet
 from export.verify import ort_outputs
-from runtime.backends.openvino import native_bf16
+from runtime.backends.openvino import native
 from runtime.errors import CheckFailed
 from runtime.io.inputs import folder_fields
 from runtime.model.fidelity import compare
 from runtime.model.manifest import Manifest, Provenance, Variant, sha256_file
 from runtime.model.model_dir import REPORT_NAME, ModelDir
 from runtime.model.paths import sample_images
+from runtime.model.precisions import OPTIONAL_VARIANTS, PRECISIONS
 
 
 class ExportError(CheckFailed):
@@ -30,7 +31,7 @@ def default_parity_images() -> Path | None:
     return sample_images() if sample_images().is_dir() else None
 
 
-OPTIONAL_VARIANTS = ("fp16", "bf16")  # FP32 is always made: it is the reference every other variant is gated on
+FP16_FILE = PRECISIONS["fp16"].file
 
 
 def nvidia_gpu_visible() -> bool:
@@ -57,14 +58,13 @@ def resolve_variants(choice: str) -> tuple[str, ...]:
 
 def _why_not(variant: str) -> str | None:
     """Why this machine would not run ``variant`` (so "auto" does not make it), or None."""
-    if variant == "fp16" and not nvidia_gpu_visible():
-        return ("no NVIDIA GPU was visible at export, and FP16 runs only on GPUs (TensorRT, ONNX Runtime CUDA); "
-                "export again on the GPU machine, or with --variants fp16")
-    if variant == "bf16":
-        ok, why = native_bf16()
-        if not ok:
-            return f"bf16: {why}; run `python -m export bf16` on a CPU with native BF16"
-    return None
+    row = PRECISIONS[variant]
+    if row.auto == "gpu" and not nvidia_gpu_visible():
+        return (f"no NVIDIA GPU was visible at export, and {variant.upper()} runs only on GPUs (TensorRT, ONNX Runtime "
+                f"CUDA); export again on the GPU machine, or with --variants {variant}")
+    ok, why = native(variant)
+    return None if ok else f"{variant}: {why}; run `python -m export {variant}` on a CPU with native " \
+                           f"{row.cpu_capability}"
 
 
 def gate_fields(folder: Path | None, n_images: int | None, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -90,7 +90,7 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
     convolution chain in float16. Files are written under temporary names and renamed only when the FP32 model
     passed, so a failed export leaves an existing model directory untouched."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = {k: out_dir / f".{k}.tmp" for k in ("model.onnx", "model.fp16.onnx", "weights.pt")}
+    tmp = {k: out_dir / f".{k}.tmp" for k in ("model.onnx", FP16_FILE, "weights.pt")}
     unscaled = out_dir / ".model.unscaled.onnx.tmp"
     threshold = CONTRACT.threshold
     try:
@@ -132,11 +132,11 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
             log(f"FP16 variant not made: {report['not_made']['fp16']}")
         else:
             log("making the FP16 variant (convolution chain float16; pooling, Dense, BatchNorm, LSTM float32) ...")
-            problems = ox.fp16_structure(ox.make_fp16(tmp["model.onnx"], tmp["model.fp16.onnx"]))
+            problems = ox.fp16_structure(ox.make_fp16(tmp["model.onnx"], tmp[FP16_FILE]))
             if problems:
                 raise ExportError("FP16 variant has the wrong precision layout:\n  " + "\n  ".join(problems))
             try:
-                got16 = ort_outputs(tmp["model.fp16.onnx"], fields, extra_max=conv_names)
+                got16 = ort_outputs(tmp[FP16_FILE], fields, extra_max=conv_names)
             except Exception as e:  # ORT raises its own types; a variant that cannot be checked is not shipped
                 report["rejected"]["fp16"] = f"could not be checked: ONNX Runtime CPU cannot run it ({str(e)[:200]})"
         after = [float(got16[n]) for n in conv_names] if got16 is not None else \
@@ -161,12 +161,12 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
             elif not fp16.ok:
                 report["rejected"]["fp16"] = fp16.reason()
             else:
-                variants["fp16"] = Variant("model.fp16.onnx", fp16.summary())
+                variants["fp16"] = Variant(FP16_FILE, fp16.summary())
         if "fp16" not in variants:
             if "fp16" in report["rejected"]:
                 log(f"FP16 variant REJECTED ({report['rejected']['fp16']}): not written, not listed")
-            tmp.pop("model.fp16.onnx").unlink(missing_ok=True)
-            (out_dir / "model.fp16.onnx").unlink(missing_ok=True)  # never leave an old one a backend could load
+            tmp.pop(FP16_FILE).unlink(missing_ok=True)
+            (out_dir / FP16_FILE).unlink(missing_ok=True)  # never leave an old one a backend could load
         torch.save({"state_dict": model.state_dict(), "arch": model.arch}, tmp["weights.pt"])
         for final, t in tmp.items():
             t.replace(out_dir / final)

@@ -22,6 +22,7 @@ from typing import Any
 from runtime.model.manifest import Manifest, ModelError, Provenance, sha256_file
 from runtime.model.model_dir import MANIFEST_NAME, REPORT_NAME, ModelDir
 from runtime.model.paths import MODELS, REPO
+from runtime.model.precisions import PRECISIONS
 
 KEEP = 4
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "numpy", "opencv-python-headless", "imagecodecs",
@@ -80,8 +81,8 @@ def reuse(key: str, out_dir: Path, name: str, provenance: Provenance, log: Any =
     finally:
         for t in tmp.values():
             t.unlink(missing_ok=True)
-    if "model.fp16.onnx" not in stored.files:  # never leave an older export's FP16 file a backend could load
-        (out_dir / "model.fp16.onnx").unlink(missing_ok=True)
+    for f in {p.file for p in PRECISIONS.values()} - set(stored.files):  # no older export's variant file is left
+        (out_dir / f).unlink(missing_ok=True)
     manifest = replace(stored, name=name, provenance=provenance)
     ModelDir.create(out_dir, manifest, report)
     os.utime(entry / DONE)  # recently used: kept longest

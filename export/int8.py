@@ -16,8 +16,9 @@ from runtime.io.inputs import folder_fields
 from runtime.model.fidelity import Comparison, compare
 from runtime.model.manifest import Variant
 from runtime.model.model_dir import ModelDir
+from runtime.model.precisions import PRECISIONS
 
-QDQ_FILE = "model.int8.qdq.onnx"
+QDQ_FILE = PRECISIONS["int8"].file
 
 
 def quantize(model_dir: Path, calib_images: Path, calib_count: int = 32, log: Any = print) -> Path:

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 
 from export import bf16
 from runtime.backends import openvino as ov
 from runtime.backends.base import BackendUnavailable
-from runtime.model import fidelity
 from runtime.model.manifest import ModelError
 from runtime.model.model_dir import ModelDir
+from runtime.model.precisions import PRECISIONS, Tolerance
 from runtime.pipeline.classifier import Classifier
 from tests.conftest import run_module
 
-NATIVE, WHY_NOT = ov.native_bf16()
+NATIVE, WHY_NOT = ov.native("bf16")
 needs_bf16 = pytest.mark.skipif(not NATIVE, reason=f"needs a CPU with native BF16: {WHY_NOT}")
 
 
@@ -42,7 +43,7 @@ def test_bf16_gate_passed_on_every_shared_image(trained_dir):
     gate = json.loads((trained_dir / "export_report.json").read_text())["gates"]["bf16"]
     assert gate["ok"] and gate["fields"] == 48 and gate["flips"] == 0 and gate["non_finite"] == 0
     prob = {o["output"]: o for o in gate["outputs"]}["probability"]
-    assert 0 < prob["max_abs"] <= fidelity.TOLERANCES["bf16"].probability  # BF16 really ran: not bit-equal to FP32
+    assert 0 < prob["max_abs"] <= PRECISIONS["bf16"].tolerance.probability  # BF16 really ran: not bit-equal to FP32
 
 
 @needs_bf16
@@ -88,7 +89,7 @@ def test_without_native_bf16_bf16_is_refused_the_same_way_whether_or_not_the_exp
             m.save()
             report = json.loads((small_copy / "export_report.json").read_text())
             report["gates"].pop("bf16", None)
-            report.setdefault("not_made", {})["bf16"] = f"bf16: {ov.native_bf16()[1]}"
+            report.setdefault("not_made", {})["bf16"] = f"bf16: {ov.native('bf16')[1]}"
             (small_copy / "export_report.json").write_text(json.dumps(report))
             with pytest.raises(ModelError, match="not made at export"):
                 m.variant("bf16")
@@ -108,7 +109,8 @@ def test_gating_on_a_cpu_without_native_bf16_makes_no_variant(small_copy, shared
 def test_a_bf16_variant_that_fails_its_gate_is_not_listed_or_chosen(small_copy, shared_data, monkeypatch):
     m = bf16.add_to_model(small_copy, shared_data / "breakhis-100x", 2, log=lambda _: None)
     assert "bf16" in ModelDir.open(small_copy).manifest.variants  # passes with the real tolerance
-    monkeypatch.setitem(fidelity.TOLERANCES, "bf16", fidelity.Tolerance(probability=1e-9, logit=None))
+    strict = replace(PRECISIONS["bf16"], tolerance=Tolerance(probability=1e-9, logit=None))
+    monkeypatch.setitem(PRECISIONS, "bf16", strict)
     m = bf16.add_to_model(small_copy, shared_data / "breakhis-100x", 2, log=lambda _: None)
     assert "bf16" not in m.manifest.variants and "bf16" not in ModelDir.open(small_copy).manifest.variants
     with pytest.raises(ModelError, match="failed its fidelity gate at export: probability max"):

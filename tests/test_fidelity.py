@@ -12,7 +12,8 @@ import torch
 from export import onnx_export as ox
 from export.model import CONTRACT
 from runtime.io.decode import read_image
-from runtime.model.fidelity import TOLERANCES, compare
+from runtime.model.fidelity import compare
+from runtime.model.precisions import PRECISIONS
 from runtime.pipeline.preprocess import preprocess_image
 
 
@@ -30,7 +31,7 @@ def test_the_fp32_bound_is_relative_where_logits_are_large_and_absolute_near_zer
     assert not c.ok and "logit max|d| 0.0003 beyond 0.0001 + 0.0001 |ref|" in c.reason()
     flipped = _outputs([393.0, -250.0, -1e-5, 3.0])  # within the bound, but the label changed
     assert not compare(ref, flipped, "fp32", 0.5).ok
-    assert TOLERANCES["fp32"].labels == 1.0
+    assert PRECISIONS["fp32"].tolerance.labels == 1.0
 
 
 @pytest.fixture(scope="module")

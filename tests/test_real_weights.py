@@ -42,7 +42,7 @@ def trained_fp16(trained_dir):
 def test_the_trained_export_says_why_a_variant_was_not_made(trained_dir):
     m, report = ModelDir.open(trained_dir), _report(trained_dir)
     for v in ("fp16", "bf16"):
-        assert (v in m.manifest.variants) != (v in report["not_made"] or v in report["rejected"]), v  # listed, or why not
+        assert (v in m.manifest.variants) != (v in report["not_made"] or v in report["rejected"]), v  # listed, or why
 
 
 def test_trained_export_lists_fp16_after_its_gate_on_every_shared_image(trained_fp16):

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks.baseline import Baseline
 from runtime.pipeline.classifier import Classifier
+from tests.conftest import run_module
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +255,20 @@ def test_one_session_builder_fp32_keeps_tf32_off_and_fp16_keeps_tensor_cores(mod
     assert asked[-1] == ((model_dir / "model.fp16.onnx", "fp16"),
                          {"cuda": True, "extra_cuda_options": {"prefer_nhwc": "1"}})
     assert ort_cuda.CONFIGS["runtime-fp16"] == ("fp16", {}) and ort_cuda.CONFIGS["runtime-fp32"] == ("fp32", {})
+
+
+def test_one_precision_table_drives_the_choices_the_refusals_and_the_build_plans(model_dir):
+    """CLI choices, which backend runs what, TensorRT's precisions and the tolerances all come from one table."""
+    from runtime.backends.base import BackendUnavailable
+    from runtime.backends.choose import BACKENDS, open_backend
+    from runtime.model.model_dir import ModelDir
+    from runtime.model.precisions import CHOICES, ENGINE_PRECISIONS, PRECISIONS
+
+    assert CHOICES == ("auto", *PRECISIONS)
+    assert "{" + ",".join(CHOICES) + "}" in run_module("runtime.classify", "--help").stdout.replace("\n", "")
+    assert ENGINE_PRECISIONS == ("fp32", "fp16", "int8")  # bf16 is OpenVINO's alone
+    model = ModelDir.open(model_dir)
+    for row in PRECISIONS.values():
+        for name in set(BACKENDS) - {"auto", *row.backends}:
+            with pytest.raises(BackendUnavailable, match=f"backend {name} has no {row.name} tier: it runs"):
+                open_backend(name, model, precision=row.name)

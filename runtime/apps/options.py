@@ -6,9 +6,10 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.backends.choose import BACKENDS, PRECISIONS, PREPROCESSORS
+from runtime.backends.choose import BACKENDS, PREPROCESSORS
 from runtime.io.decode import DEFAULT_MAX_PIXELS
 from runtime.model.paths import MODELS, TRAINED_NAME, UNTRAINED_NAME
+from runtime.model.precisions import CHOICES
 
 if TYPE_CHECKING:
     from runtime.pipeline.classifier import Classifier
@@ -24,7 +25,7 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
                         f"{UNTRAINED_NAME} (untrained))")
     g.add_argument("--backend", choices=BACKENDS, default=backend_default,
                    help=f"inference backend (default: {backend_default}; auto = the fastest available here)")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+    g.add_argument("--precision", choices=CHOICES, default="auto",
                    help="model variant, the same meaning on every backend (default: auto = fp16 on a GPU, bf16 on a "
                         "CPU with native BF16 (OpenVINO), where the model has that variant and it passed its gate; "
                         "else fp32)")

@@ -5,25 +5,25 @@ from runtime.backends.base import Backend, BackendUnavailable
 from runtime.errors import Unavailable
 from runtime.model.manifest import ModelError
 from runtime.model.model_dir import ModelDir
+from runtime.model.precisions import CHOICES, GPU_BACKENDS, PRECISIONS, preferred, runs_on
 
 BACKENDS = ("auto", "cpu", "openvino", "onnxruntime-cuda", "tensorrt")  # "cpu" is ONNX Runtime on the CPU
-PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 PREPROCESSORS = ("auto", "cpu", "gpu")
 
 
 def resolve_precision(requested: str, on_gpu: bool, model: ModelDir) -> tuple[str, list[str]]:
     """(precision, notes). An explicit precision must be a listed variant (else ModelError with its gate result);
-    "auto" is FP16 on a GPU where the model has a passing FP16 variant, FP32 otherwise, and says why."""
-    if requested not in PRECISIONS:
-        raise BackendUnavailable(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
+    "auto" is the table's GPU precision on a GPU where the model has a passing variant of it, FP32 otherwise, and
+    says why."""
     if requested != "auto":
         model.variant(requested)
         return requested, []
-    if not on_gpu:
+    best = preferred("gpu")
+    if not on_gpu or best is None:
         return "fp32", []
     try:
-        model.variant("fp16")
-        return "fp16", []
+        model.variant(best.name)
+        return best.name, []
     except ModelError as e:
         return "fp32", [f"precision auto chose fp32: {e}"]
 
@@ -37,17 +37,21 @@ def open_backend(name: str, model: ModelDir, threads: int | None = None,
 
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if precision == "bf16":  # the one place the bf16 rule is stated: OpenVINO, on a CPU with native BF16
-        if name not in ("auto", "openvino"):
-            raise BackendUnavailable(f"bf16 is the CPU tier, run by OpenVINO: backend {name} has no bf16 tier (use "
-                                     "--backend openvino, or auto on a CPU with native BF16)")
-        from runtime.backends.openvino import native_bf16
+    if precision not in CHOICES:
+        raise BackendUnavailable(f"unknown precision {precision!r}; choose one of {', '.join(CHOICES)}")
+    row = PRECISIONS.get(precision)  # None: auto
+    if row is not None and name != "auto" and name not in row.backends:  # the table says which backends run it
+        raise BackendUnavailable(f"backend {name} has no {precision} tier: it runs {' and '.join(runs_on(name))}; "
+                                 f"{precision} is {row.role}")
+    if row is not None and row.cpu_capability:
+        from runtime.backends.openvino import native
 
-        ok, reason = native_bf16()
-        if not ok:  # checked before the model's variant table: whether or not this export made a bf16 variant
-            raise BackendUnavailable(f"bf16 cannot run here: {reason}; use --precision fp32")
+        ok, reason = native(precision)
+        if not ok:  # checked before the model's variant table: whether or not this export made the variant
+            raise BackendUnavailable(f"{precision} cannot run here: {reason}; use --precision fp32")
     notes: list[str] = []
-    gpu_wanted = name in ("tensorrt", "onnxruntime-cuda") or (name == "auto" and precision != "bf16")
+    on_gpu = row is None or bool(set(GPU_BACKENDS) & set(row.backends))  # auto tries the GPU for this precision
+    gpu_wanted = name in GPU_BACKENDS or (name == "auto" and on_gpu)
     if gpu_wanted and name in ("auto", "tensorrt"):
         from runtime.backends import trt
         from runtime.backends.engines import EngineMismatch, TrtUnavailable
@@ -76,39 +80,38 @@ def open_backend(name: str, model: ModelDir, threads: int | None = None,
 
 
 def cpu_tier(name: str, precision: str, model: ModelDir, threads: int | None) -> tuple[Backend, list[str]]:
-    """The CPU backends. Precision auto: BF16 on OpenVINO where this CPU has native BF16 and the model a BF16
-    variant that passed its gate (said in a note), else FP32 (ONNX Runtime, or OpenVINO when named). An explicit
-    precision runs exactly that variant, or is refused with the reason."""
+    """The CPU backends. Precision auto: the table's CPU precision (BF16) on OpenVINO where this CPU runs it natively
+    and the model has a variant of it that passed its gate (said in a note), else FP32 (ONNX Runtime, or OpenVINO
+    when named). An explicit precision runs exactly that variant, or is refused with the reason."""
     from runtime.backends import openvino, ort
 
-    if name == "cpu" or precision in ("fp16", "int8") or (name == "auto" and precision == "fp32"):
-        if name == "openvino":
-            raise BackendUnavailable(f"backend openvino runs fp32 and bf16, not {precision}")
+    row = PRECISIONS.get(precision)
+    if name == "cpu" or (row is not None and "openvino" not in row.backends) or (name, precision) == ("auto", "fp32"):
         prec, why = resolve_precision(precision, False, model)
         return ort.OrtBackend(model, prec, cuda=False, threads=threads), why
     notes: list[str] = []
-    if precision == "auto":
-        ok, reason = openvino.native_bf16()
+    best = preferred("cpu")
+    if precision == "auto" and best is not None:
+        ok, reason = openvino.native(best.name)
         try:
-            gate = model.variant("bf16").gate if ok else {}
+            gate = model.variant(best.name).gate if ok else {}
         except ModelError as e:
             ok, reason = False, str(e)
         if ok:
-            precision = "bf16"
-            notes.append(f"precision auto chose bf16 (OpenVINO): this CPU has native BF16 and the model's BF16 "
-                         f"variant passed its gate ({gate.get('fields')} fields, {gate.get('label_agreement', 0):.0%}"
-                         f" labels kept, probability max|d| {gate.get('max_abs', {}).get('probability', 0):.2g}); "
-                         "--precision fp32 forces FP32")
+            precision = best.name
+            notes.append(f"precision auto chose {best.name} (OpenVINO): this CPU has native {best.cpu_capability} and "
+                         f"the model's {best.name.upper()} variant passed its gate ({gate.get('fields')} fields, "
+                         f"{gate.get('label_agreement', 0):.0%} labels kept, probability max|d| "
+                         f"{gate.get('max_abs', {}).get('probability', 0):.2g}); --precision fp32 forces FP32")
         else:
-            notes.append(f"precision auto chose fp32: no bf16 tier here ({reason})")
+            notes.append(f"precision auto chose fp32: no {best.name} tier here ({reason})")
             if name == "auto":
                 return ort.OrtBackend(model, "fp32", cuda=False, threads=threads), notes
-            precision = "fp32"
+    precision = "fp32" if precision == "auto" else precision
     try:
         return openvino.OpenVinoBackend(model, precision, threads), notes
     except (openvino.OpenVinoUnavailable, ModelError) as e:
         if not (name == "auto" and notes):  # asked for explicitly: say why not
             raise BackendUnavailable(f"backend openvino: {e}") if isinstance(e, Unavailable) else e from None
-        why = [f"precision auto fell back to fp32: OpenVINO could not run bf16 ({str(e).splitlines()[0]})"]
+        why = [f"precision auto fell back to fp32: OpenVINO could not run {precision} ({str(e).splitlines()[0]})"]
         return ort.OrtBackend(model, "fp32", cuda=False, threads=threads), why
-

@@ -16,6 +16,7 @@ from typing import Any
 from runtime.errors import Unavailable
 from runtime.model.manifest import ModelError
 from runtime.model.model_dir import ModelDir, verified_file
+from runtime.model.precisions import ENGINE_PRECISIONS, PRECISIONS
 
 
 class EngineMismatch(Unavailable):
@@ -54,14 +55,12 @@ def plan_build(trt_major: int, precision: str, model: ModelDir) -> BuildPlan:
     the precision must be a variant that passed its gate (ModelError naming the gate result otherwise)."""
     if trt_major < 10:
         raise TrtUnavailable(f"TensorRT {trt_major}.x is not supported (needs the TensorRT 10+ named-tensor API)")
+    flags = PRECISIONS[precision].trt10_flags
+    if flags is None:
+        raise TrtUnavailable(f"TensorRT builds {', '.join(ENGINE_PRECISIONS)} engines, not {precision}")
     variant = model.variant(precision).file
     if trt_major == 10:
-        fp32 = model.variant("fp32").file
-        return {
-            "fp32": BuildPlan(fp32, False, (), False, False),
-            "fp16": BuildPlan(fp32, False, ("FP16", "OBEY_PRECISION_CONSTRAINTS"), True, False),
-            "int8": BuildPlan(fp32, False, ("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"), True, True),
-        }[precision]
+        return BuildPlan(model.variant("fp32").file, False, flags, bool(flags), "INT8" in flags)
     return BuildPlan(variant, True, (), False, False)
 
 

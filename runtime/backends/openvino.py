@@ -15,8 +15,7 @@ import numpy as np
 from runtime.errors import Unavailable
 from runtime.model.manifest import ModelError
 from runtime.model.model_dir import ModelDir
-
-HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision -> OpenVINO's inference precision
+from runtime.model.precisions import PRECISIONS, runs_on
 
 
 class OpenVinoUnavailable(Unavailable):
@@ -37,28 +36,29 @@ def cpu_capabilities() -> tuple[str, ...]:
     return tuple(_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
-def native_bf16() -> tuple[bool, str]:
-    """(whether this CPU has native BF16 for OpenVINO, and why not when it has not). The boundary tests mock."""
+def native(precision: str) -> tuple[bool, str]:
+    """(whether this CPU runs ``precision`` natively for OpenVINO, and why not when it does not)."""
+    need = PRECISIONS[precision].cpu_capability
     try:
-        caps = cpu_capabilities()
+        caps = cpu_capabilities() if need else ()
     except OpenVinoUnavailable as e:
         return False, str(e)
-    if "BF16" in caps:
+    if not need or need in caps:
         return True, ""
-    return False, f"this CPU has no native BF16 (OpenVINO's CPU capabilities: {', '.join(caps)})"
+    return False, f"this CPU has no native {need} (OpenVINO's CPU capabilities: {', '.join(caps)})"
 
 
 def compile_onnx(path: Path, precision: str, threads: int | None = None) -> tuple[Any, Any]:
     """(model as read, compiled model) for an ONNX file at ``precision`` (fp32 or bf16), latency-tuned; refuses
     BF16 where the CPU lacks it and checks that the hint took effect."""
-    if precision not in HINTS:
-        raise OpenVinoUnavailable(f"OpenVINO runs the fp32 and bf16 variants, not {precision!r}")
-    if precision == "bf16":
-        ok, why = native_bf16()
-        if not ok:
-            raise OpenVinoUnavailable(f"bf16: {why}")
+    hint = PRECISIONS[precision].openvino_hint if precision in PRECISIONS else ""
+    if not hint:
+        raise OpenVinoUnavailable(f"OpenVINO runs the {' and '.join(runs_on('openvino'))} variants, not {precision!r}")
+    ok, why = native(precision)
+    if not ok:
+        raise OpenVinoUnavailable(f"{precision}: {why}")
     core = _core()
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     try:
@@ -67,7 +67,7 @@ def compile_onnx(path: Path, precision: str, threads: int | None = None) -> tupl
     except RuntimeError as e:
         raise ModelError(f"{path}: OpenVINO cannot load it ({str(e).splitlines()[0][:300]})") from None
     got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-    if got != HINTS[precision]:
+    if got != hint:
         raise OpenVinoUnavailable(f"OpenVINO compiled {path.name} with inference precision {got}, not {precision}")
     return model, compiled
 

@@ -9,6 +9,7 @@ import onnxruntime as ort
 from runtime.errors import Unavailable
 from runtime.model.manifest import Manifest, ModelError
 from runtime.model.model_dir import ModelDir
+from runtime.model.precisions import PRECISIONS
 
 
 class CudaDidNotStart(Unavailable):
@@ -27,7 +28,7 @@ def cuda_options(precision: str) -> dict[str, str]:
     """The CUDA execution provider's options for a variant. FP32 means FP32: TF32 off (ONNX Runtime's default is on).
     Every other variant keeps cuDNN's default math, tensor cores included: ``use_tf32=0`` selects cuDNN's FMA-only
     kernels whatever the data type, which switched tensor cores off for FP16 too."""
-    return {"use_tf32": "0"} if precision == "fp32" else {}
+    return {} if PRECISIONS[precision].tensor_cores else {"use_tf32": "0"}
 
 
 def make_session(model: Path | bytes, precision: str, cuda: bool, threads: int | None = None,

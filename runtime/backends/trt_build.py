@@ -17,12 +17,12 @@ from runtime.backends import engines
 from runtime.backends.engines import EngineInfo, TrtUnavailable, device_target, import_tensorrt, plan_build
 from runtime.model.manifest import Manifest
 from runtime.model.model_dir import ModelDir
+from runtime.model.precisions import ENGINE_PRECISIONS
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 CONV_SCOPE = "/encoder/vgg16/"  # ONNX node-name prefix of the convolution chain (export/model.py's module path)
-ENGINE_PRECISIONS = ("fp32", "fp16", "int8")  # what a TensorRT engine can be built as
 
 
 @dataclass(frozen=True)

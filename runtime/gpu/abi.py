@@ -1,7 +1,7 @@
 """The preprocessing kernel's ABI in numpy: its structs, its job table, and the packed source buffer layout.
 
-Pure numpy (no CUDA): shared by the pycuda path (runtime/gpu/preprocessor.py) and the CPU-side host harness tests, so both
-feed the kernel exactly the same bytes. Field positions come from runtime/pipeline/tiling.py, like the CPU path.
+Pure numpy (no CUDA): shared by the pycuda path (runtime/gpu/preprocessor.py) and the CPU-side host harness tests, so
+both feed the kernel exactly the same bytes. Field positions come from runtime/pipeline/tiling.py, like the CPU path.
 """
 from __future__ import annotations
 

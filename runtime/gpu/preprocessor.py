@@ -1,4 +1,4 @@
-"""GPU preprocessing through pycuda: the kernel runner (stream, buffers, launch) inside runtime/gpu/context.py's context.
+"""GPU preprocessing through pycuda: the kernel runner (stream, buffers, launch), in runtime/gpu/context.py's context.
 
 Per call: images are packed into a reused page-locked staging buffer, copied to the device as uint8 (the only bus
 crossing), and one kernel launch writes every field of the batch as NCHW FP32/FP16 into the destination: our own

@@ -1,0 +1,83 @@
+"""The one precision table: for each precision, its file, the backends that run it, where "auto" prefers it, how
+TensorRT builds it, OpenVINO's hint, and the tolerance its gate applies. Adding a precision is one row (and the
+export step that makes its file)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What a precision must meet against FP32, per output as Polygraphy states it: every field within
+    ``atol + rtol * |reference|``. ``None``: that output is reported only."""
+
+    probability: float | None  # atol on the probability
+    logit: float | None  # atol on the logit
+    labels: float = 1.0  # fraction of fields whose label must agree
+    rtol: float = 0.0  # the relative part, for every checked output
+
+    def bound(self, output: str) -> float | None:
+        return getattr(self, output, None)
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    file: str  # the ONNX file of its variant ("model.onnx": the FP32 file, executed at this precision)
+    backends: tuple[str, ...]  # the backends that run it ("cpu" is ONNX Runtime on the CPU)
+    tolerance: Tolerance  # its gate against the FP32 reference (bounds explained below)
+    role: str  # what it is for, in the words an error message uses
+    made_by: str  # "export": always; "--variants": by the export where asked (auto: where it runs); else its command
+    auto: str = ""  # where --precision auto prefers it: "gpu", or "cpu" (a CPU with native support); "": never
+    cpu_capability: str = ""  # the OpenVINO CPU capability it needs natively (checked before the variant table)
+    trt10_flags: tuple[str, ...] | None = None  # TensorRT 10 builds it from the FP32 ONNX with these; None: no engine
+    openvino_hint: str = ""  # OpenVINO's INFERENCE_PRECISION_HINT where OpenVINO runs it
+    tensor_cores: bool = True  # ONNX Runtime CUDA may use tensor-core math (TF32); FP32 means FP32: off
+
+
+GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")
+
+# FP32: another runtime of the same arithmetic (PyTorch vs ONNX Runtime, one CPU's kernels vs another's, CPU vs GPU):
+# only the summation order differs. Float32 rounds each operation by at most u = 2^-24 = 6e-8; a dot product of length
+# K summed in another order differs by about sqrt(K) u (at worst K u) of the size of its terms. Over this network's
+# layers (13 convolutions with K = 27 ... 4608, Dense 512, the LSTM's 1012 per gate and step, Dense 1000) sqrt(K)
+# adds up to about 700: about 4e-5 of the size of the terms behind the logit. Where the logit is large (a steep output
+# layer) that is relative to the logit; near the decision boundary the terms cancel and only an absolute bound holds.
+# Hence atol 1e-4 plus rtol 1e-4, on logits and probabilities (|d p| <= |d logit| / 4), labels identical. Measured
+# 2026-12-01 by `python -m benchmarks.fp32_parity` (PyTorch vs ONNX Runtime, 12 shared fields, AMD EPYC Zen 5, with
+# PyTorch's oneDNN at AVX-512 / limited to AVX2): worst |d| / (atol + rtol |ref|) = 0.05 / 0.14 (flat reference
+# model), 0.002 / 0.004 (trained), 0.045 / 0.049 (trained, output layer x100: logits up to 393, |d logit| 1.5e-4, which
+# an absolute 1e-4 alone refuses). A wrong import (channels swapped, LSTM gates transposed) is more than 100 times the
+# bound (tests/test_fidelity.py).
+# FP16/INT8: 1e-2 on the probability (a decision 0.5 +- 0.01 is a coin toss either way) and every label kept.
+# BF16: 3e-2. BF16 keeps 8 significant bits (each rounding off by up to 2^-9 = 0.2 %); rounded again at each of the
+# ~16 layers (accumulation stays FP32), the features drift by 1-2 %, i.e. |d logit| ~0.1 at this model's logit scale,
+# and |d probability| <= 0.25 |d logit| ~0.025. Measured: 0.0115 on the 48 shared images, 0.019 on 150 (issue 14).
+# Labels are the binding part: every one kept.
+PRECISIONS = {p.name: p for p in (
+    Precision("fp32", "model.onnx", ("cpu", "openvino", *GPU_BACKENDS), Tolerance(1e-4, 1e-4, rtol=1e-4),
+              "the reference, run by every backend", "export", trt10_flags=(), openvino_hint="f32",
+              tensor_cores=False),
+    Precision("fp16", "model.fp16.onnx", ("cpu", *GPU_BACKENDS), Tolerance(1e-2, None),
+              "the GPU tier (TensorRT, ONNX Runtime CUDA; the cpu backend checks it)", "--variants", auto="gpu",
+              trt10_flags=("FP16", "OBEY_PRECISION_CONSTRAINTS")),
+    Precision("bf16", "model.onnx", ("openvino",), Tolerance(3e-2, None),
+              "the CPU tier, run by OpenVINO (use --backend openvino, or auto on a CPU with native BF16)",
+              "--variants", auto="cpu", cpu_capability="BF16", openvino_hint="bf16"),
+    Precision("int8", "model.int8.qdq.onnx", ("cpu", *GPU_BACKENDS), Tolerance(1e-2, None),
+              "Q/DQ INT8 for TensorRT (python -m export int8)", "export int8",
+              trt10_flags=("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS")),
+)}
+CHOICES = ("auto", *PRECISIONS)  # --precision
+ENGINE_PRECISIONS = tuple(p.name for p in PRECISIONS.values() if p.trt10_flags is not None)
+OPTIONAL_VARIANTS = tuple(p.name for p in PRECISIONS.values() if p.made_by == "--variants")
+
+
+def preferred(device: str) -> Precision | None:
+    """The precision "auto" prefers on a "gpu" or a "cpu" (where its variant passed and the device supports it)."""
+    return next((p for p in PRECISIONS.values() if p.auto == device), None)
+
+
+def runs_on(backend: str) -> list[str]:
+    """The precisions a backend runs."""
+    return [p.name for p in PRECISIONS.values() if backend in p.backends]
