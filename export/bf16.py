@@ -11,10 +11,10 @@ import numpy as np
 from export.verify import OUTPUTS, ort_outputs
 from runtime.backends.openvino import compile_onnx, infer
 from runtime.errors import BreakhisError, Unavailable
-from runtime.io.inputs import folder_fields
 from runtime.model.fidelity import Comparison, compare
 from runtime.model.manifest import Variant
 from runtime.model.model_dir import ModelDir
+from runtime.pipeline.preprocess import folder_fields
 
 RUNTIME = "openvino-cpu"
 

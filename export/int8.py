@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 
 from export.verify import ort_outputs
-from runtime.io.inputs import folder_fields
 from runtime.model.fidelity import Comparison, compare
 from runtime.model.manifest import Variant
 from runtime.model.model_dir import ModelDir
 from runtime.model.precisions import PRECISIONS
+from runtime.pipeline.preprocess import folder_fields
 
 QDQ_FILE = PRECISIONS["int8"].file
 

@@ -69,7 +69,7 @@ def test_bf16_verified_through_the_runtime(trained_dir, shared_data):
 def test_without_native_bf16_auto_stays_fp32_and_bf16_is_refused(trained_dir, no_bf16_cpu):
     with Classifier(trained_dir) as clf:
         assert clf.backend.name == "onnxruntime-cpu-fp32"
-        assert any("no native BF16" in n for n in clf.model_info["backend_notes"])
+        assert any("no native BF16" in n for n in clf.model_info.backend_notes)
     with pytest.raises(BackendUnavailable, match="no native BF16"):
         Classifier(trained_dir, backend="openvino", precision="bf16")
     with Classifier(trained_dir, backend="openvino") as clf:  # named, precision auto: FP32 with an explicit hint
@@ -117,7 +117,7 @@ def test_a_bf16_variant_that_fails_its_gate_is_not_listed_or_chosen(small_copy, 
         Classifier(small_copy, backend="openvino", precision="bf16")
     with Classifier(small_copy) as clf:
         assert clf.backend.name == "onnxruntime-cpu-fp32"
-        assert any("failed its fidelity gate" in n for n in clf.model_info["backend_notes"])
+        assert any("failed its fidelity gate" in n for n in clf.model_info.backend_notes)
 
 
 def test_precisions_and_backends_that_do_not_go_together_are_refused(model_dir):
@@ -149,6 +149,6 @@ def test_auto_falls_back_to_fp32_when_openvino_cannot_run_the_chosen_bf16(traine
     monkeypatch.setattr(ov, "OpenVinoBackend", broken)
     with Classifier(trained_dir) as clf:
         assert clf.backend.name == "onnxruntime-cpu-fp32"
-        assert any("fell back to fp32" in n for n in clf.model_info["backend_notes"])
+        assert any("fell back to fp32" in n for n in clf.model_info.backend_notes)
     with pytest.raises(BackendUnavailable, match="not bf16"):
         Classifier(trained_dir, backend="openvino", precision="bf16")

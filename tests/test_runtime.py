@@ -115,17 +115,17 @@ def test_auto_preprocessing_falls_back_to_the_cpu_with_a_note_when_the_kernel_ca
     from export.model import CONTRACT
     from runtime.errors import Unavailable
     from runtime.gpu.build import KernelBuildError
-    from runtime.pipeline.classifier import _open_gpu_preprocessor
+    from runtime.pipeline.preprocessors import open_preprocessor
 
     class DeviceInputBackend:  # the boundary: what a GPU backend offers the kernel
         device_input, input_fp16, stream = True, False, None
 
     assert issubclass(KernelBuildError, Unavailable)  # so every automatic fallback catches it
     notes: list[str] = []
-    assert _open_gpu_preprocessor("auto", DeviceInputBackend(), CONTRACT, notes) is None
+    assert open_preprocessor("auto", DeviceInputBackend(), CONTRACT, 1, notes).name == "cpu"
     assert notes and notes[0].startswith("preprocess auto chose the CPU")
     with pytest.raises(Unavailable):
-        _open_gpu_preprocessor("gpu", DeviceInputBackend(), CONTRACT, [])
+        open_preprocessor("gpu", DeviceInputBackend(), CONTRACT, 1, [])
 
 
 def test_decode_pipeline_keeps_order_bounds_what_it_reads_ahead_and_passes_bad_files(model_dir, images_100x):

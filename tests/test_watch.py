@@ -188,7 +188,7 @@ class _Answers:
     """Stands in for the classifier (the watcher's bookkeeping is under test): one answer per input, at once."""
 
     def classify_iter(self, items):
-        from runtime.pipeline.classifier import Result
+        from runtime.pipeline.results import Result
 
         for item in items:
             yield Result(path=item.name, label="Benign", probability=0.1, error=item.error)

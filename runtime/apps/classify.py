@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from runtime.io.decode import DEFAULT_MAX_PIXELS
+from runtime.pipeline.results import ModelInfo
 
 EPILOG = f"""examples:
   python -m runtime.classify slide.png
@@ -57,13 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def table(results: list, model_info: dict) -> str:
+def table(results: list, model: ModelInfo) -> str:
     """A short, fixed-width table for people."""
-    lines = [f"model: {model_info['name']} ({'trained' if model_info['trained'] else 'UNTRAINED'}; backend "
-             f"{model_info['backend']}, preprocessing on {model_info['preprocess'].upper()})"]
-    lines += [f"note: {n}" for n in model_info.get("backend_notes", [])]
-    if "warning" in model_info:
-        lines.append(f"WARNING: {model_info['warning']}")
+    lines = [f"model: {model.name} ({'trained' if model.trained else 'UNTRAINED'}; backend {model.backend}, "
+             f"preprocessing on {model.preprocess.upper()})"]
+    lines += [f"note: {n}" for n in model.backend_notes]
+    if model.warning:
+        lines.append(f"WARNING: {model.warning}")
     lines.append(f"{'image':40s} {'verdict':10s} {'p(malig)':>8s} {'fields':>6s} {'ms':>8s}")
     for r in results:
         name = Path(r.path).name.encode("utf-8", "backslashreplace").decode()[-40:]  # any bytes, printable

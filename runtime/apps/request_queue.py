@@ -12,7 +12,9 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+
+from runtime.pipeline.classifier import Classifies
+from runtime.pipeline.decoding import Input
 
 
 class Busy(Exception):
@@ -23,12 +25,12 @@ class Busy(Exception):
 class _Job:
     fields: int
     seq: int
-    item: Any = field(compare=False)
+    item: Input = field(compare=False)
     future: Future = field(compare=False)
 
 
 class Batcher:
-    def __init__(self, clf: Any, max_pending: int = 128, max_items: int = 16) -> None:
+    def __init__(self, clf: Classifies, max_pending: int = 128, max_items: int = 16) -> None:
         self.clf, self.max_pending, self.max_items = clf, max_pending, max_items
         self.budget = max(getattr(clf, "batch_size", 1), 1) * 4  # fields per worker round, beyond the first image
         self.jobs: list[_Job] = []
@@ -40,7 +42,7 @@ class Batcher:
         self.thread = threading.Thread(target=self._work, name="classifier", daemon=True)
         self.thread.start()
 
-    def submit(self, item: Any, fields: int, wait: float = 0.0, cancelled: threading.Event | None = None) -> Future:
+    def submit(self, item: Input, fields: int, wait: float = 0.0, cancelled: threading.Event | None = None) -> Future:
         """Queue one image of ``fields`` fields. When the bound would be exceeded: Busy at once, or, with
         ``wait`` (seconds), once room has not come in that time (a background job's way: it waits its turn
         instead of failing). ``cancelled`` ends such a wait early, with Busy."""

@@ -32,12 +32,13 @@ import threading
 import time
 from collections import deque
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
@@ -45,16 +46,15 @@ from runtime.apps.request_queue import Batcher, Busy
 from runtime.apps.slide import AGGREGATES
 from runtime.apps.slide_jobs import SlideJobs
 from runtime.apps.views import patch_views
-from runtime.io.decode import ImageError, decode
+from runtime.io.decode import ImageTooLarge
 from runtime.io.inputs import ImageInput
 from runtime.io.scale import Scale
-from runtime.pipeline.tiling import TilingError, plan_fields
+from runtime.pipeline.classifier import Classifier
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 SERVE_MAX_PIXELS = 16_000_000  # per request: 4x a 2048x2048 camera frame (the CLI allows 64 MP)
 SERVE_MAX_FIELDS = 32  # per request: a bound on the inference one request can ask for
 MAX_PENDING_FIELDS = 128  # waiting in the queue, all requests together: beyond it, 503
-RETRY_AFTER_S = 5
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
 CLOSED = 499  # the client went away before its answer (nginx's code); not a server error
@@ -94,154 +94,198 @@ def _host_name(value: str) -> str:
     return (urlsplit("//" + value).hostname or "").lower()
 
 
-def create_app(clf: Any, max_upload: int = MAX_UPLOAD_BYTES, max_fields: int = SERVE_MAX_FIELDS,
-               max_pending: int = MAX_PENDING_FIELDS, hosts: set[str] | None = None) -> Any:
+@dataclass(frozen=True)
+class Limits:
+    """What one request, and all requests together, may ask of the server: beyond, 413 or 503."""
+
+    max_upload: int = MAX_UPLOAD_BYTES  # bytes per upload, refused while it streams in
+    max_fields: int = SERVE_MAX_FIELDS  # fields per image request
+    max_pending: int = MAX_PENDING_FIELDS  # fields waiting in the queue, all requests together
+    retry_after_s: int = 5  # what a 503 tells the client to wait
+
+
+@dataclass
+class Service:
+    """What the routes share: the classifier behind its queue, the slide jobs, the limits, the page's token."""
+
+    clf: Classifier
+    batcher: Batcher
+    slides: SlideJobs
+    limits: Limits
+    metrics: Metrics = field(default_factory=Metrics)
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(16))  # another site's page cannot read it
+
+
+routes = APIRouter()
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def error(status: int, msg: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": msg}, status_code=status, headers=headers)
+
+
+def busy(svc: Service, e: Exception | None = None) -> JSONResponse:
+    """503 with Retry-After: the queue is full (``e`` says how full), or the server is shutting down."""
+    wait = svc.limits.retry_after_s
+    return error(503, f"busy: {e}; try again in {wait} s" if e else "the server is shutting down",
+                 **{"Retry-After": str(wait)})
+
+
+@routes.get("/", response_class=HTMLResponse)
+def page(request: Request) -> str:
+    return PAGE.read_text().replace("{{TOKEN}}", _service(request).token)
+
+
+@routes.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@routes.get("/v1/model")
+def model(request: Request) -> dict[str, Any]:
+    svc = _service(request)
+    m, lim = svc.clf.manifest, svc.limits
+    return {"name": m.name, "contract": m.contract.to_dict(), "provenance": m.provenance.__dict__,
+            "trained": m.provenance.trained, **svc.clf.model_info.to_dict(),
+            "limits": {"max_upload_bytes": lim.max_upload, "max_pixels": svc.clf.max_pixels,
+                       "max_fields": lim.max_fields}}
+
+
+@routes.get("/metrics")
+def get_metrics(request: Request) -> dict[str, Any]:
+    svc = _service(request)
+    return svc.metrics.snapshot() | {"queue": {"pending_fields": svc.batcher.pending, "dropped": svc.batcher.dropped}}
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The body, read as it streams in; None once it passes the limit. Past the limit nothing more is kept, and up
+    to twice the limit is read and dropped so that an ordinary client still receives its 413; a larger upload is
+    cut off there."""
+    chunks: list[bytes] | None = []
+    n = 0
+    if int(request.headers.get("content-length") or 0) > 2 * limit:
+        return None
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            chunks = None
+            if n > 2 * limit:
+                break
+        elif chunks is not None:
+            chunks.append(chunk)
+    return b"".join(chunks) if chunks is not None else None
+
+
+async def read_upload(request: Request, limit: int) -> tuple[str, bytes] | JSONResponse:
+    """(file name, bytes) of a multipart field "file" or a raw body, bounded by the upload limit."""
+    data = await read_body(request, limit)
+    if data is None:
+        return error(413, f"upload above the limit of {limit:,} bytes")
+    name = "upload"
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        request._body = data  # Starlette parses the form from the body already read (and bounded) here
+        try:
+            form = await request.form(max_part_size=limit)
+        except Exception as e:  # malformed multipart bodies raise parser-specific errors
+            return error(400, f"malformed multipart body: {e}")
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            return error(400, "multipart body has no file field named 'file'")
+        name = upload.filename or name
+        data = await upload.read()
+    return name, data
+
+
+@routes.post("/v1/classify")
+async def classify(request: Request, views: int = 0) -> Any:
+    svc = _service(request)
+    got = await read_upload(request, svc.limits.max_upload)
+    if isinstance(got, JSONResponse):
+        return got
+    name, data = got
+    item = await asyncio.to_thread(svc.clf.prepare, ImageInput(name, data=data))  # as the classifier would
+    if item.failure is not None:
+        status = 413 if isinstance(item.failure, ImageTooLarge) else 400 if not data else 422
+        return error(status, item.result.error or str(item.failure))
+    if item.n_fields > svc.limits.max_fields:
+        return error(413, f"{name}: {item.n_fields} fields is above this server's limit of {svc.limits.max_fields} "
+                          "per request")
+    bgr = item.bgr
+    assert bgr is not None  # prepared without failure: decoded and planned
+    try:
+        fut = svc.batcher.submit(item, item.n_fields)
+    except Busy as e:
+        return busy(svc, e)
+    waiting = asyncio.wrap_future(fut)
+    while not waiting.done():
+        await asyncio.wait({waiting}, timeout=0.25)
+        if not waiting.done() and await request.is_disconnected():
+            fut.cancel()  # dropped before it is classified, if it has not started
+            return Response(status_code=CLOSED)
+    if waiting.cancelled():
+        return busy(svc)
+    res = waiting.result()
+    if res.error:
+        return error(422, res.error)
+    out = res.to_dict()  # its warnings: the decoder's and the classifier's (e.g. another magnification)
+    if views:
+        out["views"] = patch_views(bgr, out, svc.clf.contract)
+    return out
+
+
+@routes.post("/v1/slide", status_code=202)
+async def slide(request: Request, aggregate: str = "max", top_k: int = 3, magnification: float | None = None,
+                tissue_mask: int = 1) -> Any:
+    svc = _service(request)
+    got = await read_upload(request, svc.limits.max_upload)  # read first: a client still sending cannot read an
+    if isinstance(got, JSONResponse):  # early answer
+        return got
+    name, data = got
+    if aggregate not in AGGREGATES or top_k < 1 or (magnification is not None and magnification <= 0):
+        return error(400, f"aggregate must be one of {', '.join(AGGREGATES)}, top_k >= 1, magnification > 0")
+    if not data:
+        return error(400, "empty upload")
+    options = {"aggregate": aggregate, "top_k": top_k, "tissue_mask": bool(tissue_mask),
+               "scale": Scale(magnification, None, "request") if magnification else None}
+    try:
+        job = svc.slides.start(data, name, options)
+    except Busy as e:
+        return busy(svc, e)
+    return {"job": job.id, "status": f"/v1/slide/{job.id}"}
+
+
+@routes.get("/v1/slide/{job_id}")
+def slide_status(request: Request, job_id: str) -> Any:
+    job = _service(request).slides.get(job_id)
+    return error(404, NO_JOB) if job is None else job.to_dict()
+
+
+@routes.delete("/v1/slide/{job_id}")
+def slide_cancel(request: Request, job_id: str) -> Any:
+    job = _service(request).slides.cancel(job_id)
+    return error(404, NO_JOB) if job is None else \
+        {"job": job.id, "state": job.state, "cancelling": job.state == "running"}
+
+
+def create_app(clf: Classifier, limits: Limits = Limits(), hosts: set[str] | None = None) -> FastAPI:
     """The app around an open Classifier (which it owns from now on, through one worker thread)."""
-    batcher = Batcher(clf, max_pending=max_pending)
-    slides = SlideJobs(clf, batcher)
-    metrics = Metrics()
-    token = secrets.token_urlsafe(16)  # the page carries it; another site's page cannot read it
+    batcher = Batcher(clf, max_pending=limits.max_pending)
+    svc = Service(clf, batcher, SlideJobs(clf, batcher), limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         yield
-        slides.stop()
+        svc.slides.stop()
         batcher.stop()  # shutdown: waiting work is cancelled; the batch in progress finishes
 
     app = FastAPI(title="breakhis-edge", docs_url=None, redoc_url=None, lifespan=lifespan)
-
-    def error(status: int, msg: str, **headers: str) -> JSONResponse:
-        return JSONResponse({"error": msg}, status_code=status, headers=headers)
-
-    @app.get("/", response_class=HTMLResponse)
-    def page() -> str:
-        return PAGE.read_text().replace("{{TOKEN}}", token)
-
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/v1/model")
-    def model() -> dict[str, Any]:
-        m = clf.manifest
-        return {"name": m.name, "contract": m.contract.to_dict(), "provenance": m.provenance.__dict__,
-                "trained": m.provenance.trained, **clf.model_info,
-                "limits": {"max_upload_bytes": max_upload, "max_pixels": clf.max_pixels, "max_fields": max_fields}}
-
-    @app.get("/metrics")
-    def get_metrics() -> dict[str, Any]:
-        return metrics.snapshot() | {"queue": {"pending_fields": batcher.pending, "dropped": batcher.dropped}}
-
-    async def read_body(request: Request) -> bytes | None:
-        """The body, read as it streams in; None once it passes the limit. Past the limit nothing more is kept,
-        and up to twice the limit is read and dropped so that an ordinary client still receives its 413; a larger
-        upload is cut off there."""
-        chunks: list[bytes] | None = []
-        n = 0
-        if int(request.headers.get("content-length") or 0) > 2 * max_upload:
-            return None
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > max_upload:
-                chunks = None
-                if n > 2 * max_upload:
-                    break
-            elif chunks is not None:
-                chunks.append(chunk)
-        return b"".join(chunks) if chunks is not None else None
-
-    async def read_upload(request: Request) -> tuple[str, bytes] | JSONResponse:
-        """(file name, bytes) of a multipart field "file" or a raw body, bounded by the upload limit."""
-        data = await read_body(request)
-        if data is None:
-            return error(413, f"upload above the limit of {max_upload:,} bytes")
-        name = "upload"
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            request._body = data  # Starlette parses the form from the body already read (and bounded) here
-            try:
-                form = await request.form(max_part_size=max_upload)
-            except Exception as e:  # malformed multipart bodies raise parser-specific errors
-                return error(400, f"malformed multipart body: {e}")
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                return error(400, "multipart body has no file field named 'file'")
-            name = upload.filename or name
-            data = await upload.read()
-        return name, data
-
-    @app.post("/v1/classify")
-    async def classify(request: Request, views: int = 0) -> Any:
-        got = await read_upload(request)
-        if isinstance(got, JSONResponse):
-            return got
-        name, data = got
-        t0 = time.perf_counter()
-        try:
-            dec = await asyncio.to_thread(decode, data, name, clf.max_pixels)
-            height, width = dec.bgr.shape[:2]
-            n_fields = plan_fields(height, width, clf.contract).n_fields
-        except ImageError as e:
-            return error(413 if "above the limit" in str(e) else 422 if data else 400, str(e))
-        except TilingError as e:
-            return error(422, f"{name}: {e}")
-        if n_fields > max_fields:
-            return error(413, f"{name}: {n_fields} fields is above this server's limit of {max_fields} per request")
-        decode_ms = (time.perf_counter() - t0) * 1e3
-        try:
-            fut = batcher.submit(ImageInput(name, decoded=dec), n_fields)
-        except Busy as e:
-            return error(503, f"busy: {e}; try again in {RETRY_AFTER_S} s", **{"Retry-After": str(RETRY_AFTER_S)})
-        waiting = asyncio.wrap_future(fut)
-        while not waiting.done():
-            await asyncio.wait({waiting}, timeout=0.25)
-            if not waiting.done() and await request.is_disconnected():
-                fut.cancel()  # dropped before it is classified, if it has not started
-                return Response(status_code=CLOSED)
-        if waiting.cancelled():
-            return error(503, "the server is shutting down", **{"Retry-After": str(RETRY_AFTER_S)})
-        res = waiting.result()
-        if res.error:
-            return error(422, res.error)
-        out = res.to_dict()  # its warnings: the decoder's and the classifier's (e.g. another magnification)
-        out["timings_ms"]["decode"] = decode_ms
-        out["timings_ms"]["total"] += decode_ms
-        if views:
-            out["views"] = patch_views(dec.bgr, out, clf.contract)
-        return out
-
-    @app.post("/v1/slide", status_code=202)
-    async def slide(request: Request, aggregate: str = "max", top_k: int = 3, magnification: float | None = None,
-                    tissue_mask: int = 1) -> Any:
-        got = await read_upload(request)  # read first: a client still sending cannot read an early answer
-        if isinstance(got, JSONResponse):
-            return got
-        name, data = got
-        if aggregate not in AGGREGATES or top_k < 1 or (magnification is not None and magnification <= 0):
-            return error(400, f"aggregate must be one of {', '.join(AGGREGATES)}, top_k >= 1, magnification > 0")
-        if not data:
-            return error(400, "empty upload")
-        options = {"aggregate": aggregate, "top_k": top_k, "tissue_mask": bool(tissue_mask),
-                   "scale": Scale(magnification, None, "request") if magnification else None}
-        try:
-            job = slides.start(data, name, options)
-        except Busy as e:
-            return error(503, f"busy: {e}; try again in {RETRY_AFTER_S} s", **{"Retry-After": str(RETRY_AFTER_S)})
-        return {"job": job.id, "status": f"/v1/slide/{job.id}"}
-
-    @app.get("/v1/slide/{job_id}")
-    def slide_status(job_id: str) -> Any:
-        job = slides.get(job_id)
-        return error(404, NO_JOB) if job is None else job.to_dict()
-
-    @app.delete("/v1/slide/{job_id}")
-    def slide_cancel(job_id: str) -> Any:
-        job = slides.cancel(job_id)
-        return error(404, NO_JOB) if job is None else \
-            {"job": job.id, "state": job.state, "cancelling": job.state == "running"}
-
-    app.state.classifier = clf
-    app.add_middleware(Guard, hosts=hosts, token=token, metrics=metrics,  # type: ignore[arg-type]
-                       max_upload=max_upload)
+    app.include_router(routes)
+    app.state.service = svc
+    app.add_middleware(Guard, hosts=hosts, token=svc.token, metrics=svc.metrics,  # type: ignore[arg-type]
+                       max_upload=limits.max_upload)
     return app
 
 
@@ -323,10 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: binding to {args.host}: anyone who can reach this address can use the service "
               "(no authentication).", file=sys.stderr)
     try:
-        app = create_app(open_classifier(args), args.max_upload_mb << 20, args.max_fields, args.max_pending, hosts)
+        app = create_app(open_classifier(args), Limits(args.max_upload_mb << 20, args.max_fields, args.max_pending),
+                         hosts)
     except BreakhisError as e:
         return report(e)
-    clf = app.state.classifier
+    clf = app.state.service.clf
     print(f"serving {clf.manifest.name} ({clf.backend.name}) on http://{args.host}:{args.port}/", file=sys.stderr)
     # uvicorn stops gracefully on SIGTERM/SIGINT and then re-raises the signal to the handler it found; a quiet
     # one makes that graceful stop an exit with status 0 instead of a death by signal.

@@ -27,7 +27,8 @@ from runtime.io.inputs import ImageInput
 from runtime.io.scale import Scale, resample_factor
 from runtime.io.slide_source import Source, open_source
 from runtime.model.manifest import sha256_file
-from runtime.pipeline.classifier import Classifier
+from runtime.pipeline.classifier import Classifies
+from runtime.pipeline.results import ModelInfo
 
 AGGREGATES = ("max", "topk", "mean", "fraction")
 # Tissue rule: under brightfield, glass is bright and grey. A thumbnail pixel is background when its HSV value is
@@ -64,11 +65,11 @@ class SlideResult:
     fields: list[SlideField] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
-    model: dict[str, Any] = field(default_factory=dict)
+    model: ModelInfo | None = None
     sha256: str | None = None  # of the file classified, where it was hashed (its outputs are named by it)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"model": self.model.to_dict() if self.model else {}}
 
     def geojson(self) -> dict[str, Any]:
         """A FeatureCollection of the classified fields (QuPath: File > Import objects), level-0 pixel polygons."""
@@ -101,7 +102,7 @@ class SlideResult:
         return out.getvalue()
 
 
-def classify_slide(clf: Classifier, path: Path | str, aggregate: str = "max", top_k: int = 3,
+def classify_slide(clf: Classifies, path: Path | str, aggregate: str = "max", top_k: int = 3,
                    scale: Scale | None = None, tissue_mask: bool = True, min_tissue: float = MIN_TISSUE,
                    max_pixels: int | None = None, overlay: Path | None = None,
                    progress: Callable[[int, int], None] | None = None, name: str | None = None) -> SlideResult:
@@ -120,7 +121,7 @@ def classify_slide(clf: Classifier, path: Path | str, aggregate: str = "max", to
         src.close()
 
 
-def _classify(clf: Classifier, src: Source, aggregate: str, top_k: int, scale: Scale, tissue_mask: bool,
+def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: Scale, tissue_mask: bool,
               min_tissue: float, overlay: Path | None, progress: Callable[[int, int], None] | None,
               t0: float) -> SlideResult:
     c = clf.contract
@@ -336,8 +337,8 @@ def _summary(r: SlideResult, out: Path) -> str:
              f"{r.timings_ms['total'] / 1e3:.1f} s",
              f"  wrote {output_stem(out, r.path, r.sha256 or '')}.geojson / .csv / .overlay.png / .json"]
     lines += [f"  WARNING: {w}" for w in r.warnings]
-    if "warning" in r.model:
-        lines.append(f"  WARNING: {r.model['warning']}")
+    if r.model and r.model.warning:
+        lines.append(f"  WARNING: {r.model.warning}")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, TimeoutError
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +19,9 @@ from typing import Any
 from runtime.apps.request_queue import Batcher, Busy
 from runtime.apps.slide import classify_slide
 from runtime.errors import BreakhisError
+from runtime.pipeline.classifier import Classifies
+from runtime.pipeline.decoding import Input
+from runtime.pipeline.results import Result
 
 ROOM_WAIT_S = 600.0  # how long a slide's next field may wait for room in the queue before the job fails
 
@@ -31,11 +35,11 @@ class BatchedClassifier:
     waits for room in the queue (bounded by ``ROOM_WAIT_S``) rather than failing the job, and a chunk that fails
     or is cancelled withdraws whatever of it is still queued."""
 
-    def __init__(self, clf: Any, batcher: Batcher, cancelled: threading.Event) -> None:
+    def __init__(self, clf: Classifies, batcher: Batcher, cancelled: threading.Event) -> None:
         self.contract, self.max_pixels, self.model_info = clf.contract, clf.max_pixels, clf.model_info
         self.batcher, self.cancelled = batcher, cancelled
 
-    def classify(self, items: list) -> list:
+    def classify(self, items: Sequence[Input]) -> list[Result]:
         futures: list[Future] = []
         try:
             for item in items:
@@ -78,7 +82,7 @@ class SlideJob:
 
 
 class SlideJobs:
-    def __init__(self, clf: Any, batcher: Batcher, keep: int = 8) -> None:
+    def __init__(self, clf: Classifies, batcher: Batcher, keep: int = 8) -> None:
         self.clf, self.batcher = clf, batcher
         self.jobs: dict[str, SlideJob] = {}
         self.keep = keep

@@ -32,6 +32,10 @@ class ImageError(BreakhisError):
     """An input that cannot be turned into a BGR uint8 image. The message names the file and the reason."""
 
 
+class ImageTooLarge(ImageError):
+    """An input above a stated size limit (the server's 413)."""
+
+
 @dataclass
 class Decoded:
     """A BGR uint8 HxWx3 image, the conversions applied to get it, and what the decoder said about it (reported,
@@ -152,7 +156,7 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Deco
     page = max(range(len(info.pages)), key=lambda i: info.pages[i][0] * info.pages[i][1])
     w, h = info.pages[page]
     if w * h > max_pixels:
-        raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels is above the limit of {max_pixels:,} "
+        raise ImageTooLarge(f"{name}: {w}x{h} = {w * h:,} pixels is above the limit of {max_pixels:,} "
                          "(raise it with --max-pixels)")
     conversions: list[str] = []
     img: np.ndarray | None

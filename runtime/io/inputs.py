@@ -8,22 +8,18 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.io.decode import Decoded
 from runtime.io.formats import IMAGE_SUFFIXES, is_image
-from runtime.model.manifest import Contract
 
 
 @dataclass
 class ImageInput:
-    """One input and the name it is reported under: encoded bytes (a watched file read once), a decoded BGR array
-    (a camera frame), an image already decoded with what its decoder said (an upload the server checked), or an
-    error found before decoding (a missing path)."""
+    """One input and the name it is reported under: encoded bytes (a watched file read once, an upload), a decoded
+    BGR array (a camera frame), or an error found before decoding (a missing path)."""
 
     name: str
     data: bytes | None = None
     array: np.ndarray | None = None
     error: str | None = None
-    decoded: Decoded | None = None
 
 
 def expand_inputs(items: list[str], recursive: bool = False,
@@ -74,19 +70,3 @@ def _folder_images(folder: Path, recursive: bool, notes: list[str]) -> list[str]
 def image_files(folder: Path) -> list[Path]:
     """The images directly inside ``folder``, sorted by name."""
     return [Path(p) for p, err in expand_inputs([str(folder)]) if err is None]
-
-
-def folder_fields(folder: Path, contract: Contract, n_images: int | None = None, start: int = 0) -> np.ndarray:
-    """Every preprocessed field of images ``start .. start + n_images`` of ``folder`` (sorted by name), for
-    calibration and fidelity gates. Unreadable or too-small images are skipped. (N, T, 3, P, P); N may be 0."""
-    from runtime.io.decode import ImageError, read_image
-    from runtime.pipeline.preprocess import preprocess_image
-    from runtime.pipeline.tiling import TilingError
-
-    out: list[np.ndarray] = []
-    for path in image_files(folder)[start:][:n_images]:
-        try:
-            out.extend(preprocess_image(read_image(path).bgr, contract))
-        except (ImageError, TilingError):
-            continue
-    return np.stack(out) if out else np.empty((0, *contract.field_shape), np.float32)

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import cv2
 import numpy as np
 
-from runtime.io.decode import DEFAULT_MAX_PIXELS, ImageError, read_image
+from runtime.io.decode import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, read_image
 from runtime.io.formats import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES
 from runtime.io.scale import Scale, from_name
 
@@ -142,11 +142,11 @@ class TiffSource(Source):
             raise ImageError(f"{path}: a level with no pixels ({self.sizes})")
         w0, h0 = self.sizes[0]
         if w0 * h0 > MAX_SLIDE_PIXELS:
-            raise ImageError(f"{path}: claims {w0:,} x {h0:,} = {w0 * h0:,} pixels, above the limit of "
+            raise ImageTooLarge(f"{path}: claims {w0:,} x {h0:,} = {w0 * h0:,} pixels, above the limit of "
                              f"{MAX_SLIDE_PIXELS:,} for a slide (a whole 40X scan is about 10 billion)")
         smallest = min(w * h for w, h in self.sizes)
         if smallest > MAX_THUMBNAIL_SOURCE_PIXELS:
-            raise ImageError(f"{path}: its smallest level is {smallest:,} pixels, above the limit of "
+            raise ImageTooLarge(f"{path}: its smallest level is {smallest:,} pixels, above the limit of "
                              f"{MAX_THUMBNAIL_SOURCE_PIXELS:,} read for the tissue map; an image this large needs "
                              "a pyramid (e.g. vips tiffsave --tile --pyramid, or bfconvert -pyramid-resolutions)")
         size = path.stat().st_size

@@ -1,0 +1,84 @@
+"""What a classification gives: every field with its coordinates and probability, the image's verdict, and the
+model and backend that made it (``ModelInfo``, shared by image and slide results)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from runtime.backends.base import Backend
+from runtime.model.manifest import Contract, Manifest
+from runtime.pipeline.tiling import FieldPlan
+
+UNTRAINED_WARNING = "UNTRAINED reference weights: this verdict is NOT a diagnosis (demo/test model)."
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The provenance block every result carries: the model, what ran it, and why it was chosen."""
+
+    name: str
+    trained: bool
+    source: str
+    sha256: str
+    backend: str
+    precision: str
+    file: str
+    file_sha256: str
+    preprocess: str  # "cpu" or "gpu"
+    backend_notes: tuple[str, ...] = ()
+    warning: str | None = None  # set for untrained weights
+
+    @classmethod
+    def of(cls, manifest: Manifest, backend: Backend, preprocess: str, notes: list[str]) -> ModelInfo:
+        return cls(**manifest.model_info(), backend=backend.name, precision=backend.precision,
+                   file=backend.model_file, file_sha256=backend.file_sha256, preprocess=preprocess,
+                   backend_notes=tuple(notes),
+                   warning=None if manifest.provenance.trained else UNTRAINED_WARNING)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As results' JSON has it: notes and warning only where there are any."""
+        d = asdict(self) | {"backend_notes": list(self.backend_notes)}
+        return {k: v for k, v in d.items() if not (k in ("backend_notes", "warning") and not v)}
+
+
+@dataclass
+class FieldResult:
+    row: int  # field position in the image's field grid
+    col: int
+    y: int  # top-left pixel of the field
+    x: int
+    height: int
+    width: int
+    patches: int
+    probability: float
+    label: str
+
+
+@dataclass
+class Result:
+    path: str
+    label: str | None = None
+    probability: float | None = None
+    fields: list[FieldResult] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    model: ModelInfo | None = None
+    error: str | None = None
+    size: tuple[int, int] | None = None  # (width, height)
+    conversions: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the decoder said about this image
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"model": self.model.to_dict() if self.model else {}}
+
+    def finish(self, plan: FieldPlan, probs: np.ndarray, contract: Contract) -> None:
+        """The verdict from every field's probability (screening rule: the image's probability is the highest
+        field probability, so one malignant field makes the image Malignant)."""
+        fh, fw = contract.field_size
+        cols = plan.grid[1]
+        self.fields = [FieldResult(row=i // cols, col=i % cols, y=int(y), x=int(x), height=fh, width=fw,
+                                   patches=contract.seq_len, probability=float(pr), label=contract.label(float(pr)))
+                       for i, ((y, x), pr) in enumerate(zip(plan.field_origins, probs))]
+        self.probability = float(probs.max())
+        self.label = contract.label(self.probability)
