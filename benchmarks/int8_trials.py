@@ -1,6 +1,6 @@
 """INT8 recipes tried on the trained model, each gated like a shipped variant (every field of every shared image vs
 FP32, the one tolerance table) and timed on ONNX Runtime CPU at batch 1. Research record for issue 14: none keeps
-every label, so no INT8 variant is shipped; the numbers are in README.md ("INT8: tried, not shipped").
+every label, so no INT8 variant is shipped; the numbers are in docs/models.md ("INT8: tried, not shipped").
 
   python -m benchmarks.int8_trials --json benchmarks/results/int8-trials.json --record models/breakhis-scratch-v1
 """

@@ -1,6 +1,6 @@
 """A synthetic pyramidal BigTIFF made of real fields: each cell of a grid holds the model-scale field of a 700x460
 BreakHis image (its top-left 672x448 pixels) or blank glass, written tile by tile (never whole in memory), with
-downsampled levels as SubIFDs. For the slide tests, the slide benchmark and the README's overlay picture."""
+downsampled levels as SubIFDs. For the slide tests, the slide benchmark and the overlay picture in docs/slides.md."""
 from __future__ import annotations
 
 import argparse

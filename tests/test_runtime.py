@@ -180,7 +180,7 @@ print(done, peak_mb() - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc/self/status")
 def test_pipeline_peak_rss_does_not_grow_with_the_number_of_inputs(model_dir, images_100x):
-    """Stated bound (README, "The folder pipeline"): the pipeline holds the images read ahead (2 per decode worker
+    """Stated bound (docs/performance.md, "The folder pipeline"): the pipeline holds the images read ahead (2 per decode worker
     plus a batch) and the batch in progress, whatever the folder size. A fresh process streams 100, then another
     1,000 inputs through ``classify_iter``; the growth of its peak RSS after the model is loaded stays under that
     bound both times (measured 48-62 MB, with either count, against 75; unbounded, 100 inputs alone would hold

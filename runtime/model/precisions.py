@@ -52,7 +52,7 @@ GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")
 # FP16/INT8: 1e-2 on the probability (a decision 0.5 +- 0.01 is a coin toss either way) and every label kept.
 # BF16: 3e-2. BF16 keeps 8 significant bits (each rounding off by up to 2^-9 = 0.2 %); rounded again at each of the
 # ~16 layers (accumulation stays FP32), the features drift by 1-2 %, i.e. |d logit| ~0.1 at this model's logit scale,
-# and |d probability| <= 0.25 |d logit| ~0.025. Measured: 0.0115 on the 48 shared images, 0.019 on 150 (issue 14).
+# and |d probability| <= 0.25 |d logit| ~0.025. Measured: 0.0115 on the 48 shared images, 0.019 on 150 (2026-11-25).
 # Labels are the binding part: every one kept.
 PRECISIONS = {p.name: p for p in (
     Precision("fp32", "model.onnx", ("cpu", "openvino", *GPU_BACKENDS), Tolerance(1e-4, 1e-4, rtol=1e-4),
