@@ -141,8 +141,8 @@ def test_a_non_finite_output_is_an_error_never_a_verdict(model_dir, images_100x,
 
 
 def test_accuracy_table_on_the_trained_model(trained_dir, shared_data, tmp_path):
-    """The table's tool on every third shared image (16; the table in docs/models.md is the full run): groups, counts and
-    metrics consistent, held-out patients told apart."""
+    """The table's tool on every third shared image (16; the table in docs/models.md is the full run): groups,
+    counts and metrics consistent, held-out patients told apart."""
     images = tmp_path / "images"
     images.mkdir()
     for p in sorted((shared_data / "breakhis-100x").glob("*.png"))[::3]:

@@ -180,13 +180,13 @@ print(done, peak_mb() - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc/self/status")
 def test_pipeline_peak_rss_does_not_grow_with_the_number_of_inputs(model_dir, images_100x):
-    """Stated bound (docs/performance.md, "The folder pipeline"): the pipeline holds the images read ahead (2 per decode worker
-    plus a batch) and the batch in progress, whatever the folder size. A fresh process streams 100, then another
-    1,000 inputs through ``classify_iter``; the growth of its peak RSS after the model is loaded stays under that
-    bound both times (measured 48-62 MB, with either count, against 75; unbounded, 100 inputs alone would hold
+    """Stated bound (docs/performance.md, "The folder pipeline"): the pipeline holds the images read ahead (2 per decode
+    worker plus a batch) and the batch in progress, whatever the folder size. A fresh process streams 100, then
+    another 1,000 inputs through ``classify_iter``; the growth of its peak RSS after the model is loaded stays under
+    that bound both times (measured 48-62 MB, with either count, against 75; unbounded, 100 inputs alone would hold
     140 MB of pixels). Inference is replaced by a constant answer after a 40 ms wait per batch (slower than the
-    decoders, as real inference is, so that decoded images would pile up if nothing bounded them): only the
-    pipeline is under test, and 1,000 VGG16 passes would take minutes."""
+    decoders, as real inference is, so that decoded images would pile up if nothing bounded them): only the pipeline
+    is under test, and 1,000 VGG16 passes would take minutes."""
     import subprocess
 
     workers, batch, image_mb, field_mb = 4, 4, 700 * 460 * 3 / 2**20, 6 * 3 * 224 * 224 * 4 / 2**20
@@ -272,3 +272,56 @@ def test_one_precision_table_drives_the_choices_the_refusals_and_the_build_plans
         for name in set(BACKENDS) - {"auto", *row.backends}:
             with pytest.raises(BackendUnavailable, match=f"backend {name} has no {row.name} tier: it runs"):
                 open_backend(name, model, precision=row.name)
+
+
+def test_with_two_slots_the_next_batch_is_staged_while_the_current_one_runs(model_dir, images_100x):
+    """The overlap the GPU paths rely on, proved by event order: the stand-in's run of batch k lasts until batch
+    k+1's staging has begun (a serial scheduler would never begin it, and the order below would fail), a slot is
+    staged again only after its previous run ended, and the answers equal those of the in-series run."""
+    import threading
+
+    from runtime.backends import ort
+    from runtime.model.model_dir import ModelDir
+    from runtime.pipeline.decoding import prepare
+    from runtime.pipeline.preprocessors import CpuPreprocessor
+    from runtime.pipeline.scheduler import FieldScheduler
+
+    model = ModelDir.open(model_dir)
+    backend = ort.OrtBackend(model, "fp32")
+    n_batches = 5  # one 700x460 image is one field: batch size 1, one image a batch
+    events: list[tuple[str, int]] = []
+    began = [threading.Event() for _ in range(n_batches)]
+
+    class SlowStandIn(CpuPreprocessor):  # the real preprocessing and backend; the run is the slow stand-in
+        staged = ran = 0
+
+        def stage(self, images, plans, n, slot):
+            k, self.staged = self.staged, self.staged + 1
+            events.append(("stage", k))
+            began[k].set()
+            super().stage(images, plans, n, slot)
+
+        def run(self, n, slot):
+            k, self.ran = self.ran, self.ran + 1
+            if k + 1 < n_batches:
+                assert began[k + 1].wait(timeout=10), f"batch {k + 1} was not staged while batch {k} ran"
+            out = super().run(n, slot)
+            events.append(("run-end", k))
+            return out
+
+    def results(preprocessor):
+        items = [prepare(str(p), model.contract, 64_000_000) for p in images_100x[:n_batches]]
+        return list(FieldScheduler(preprocessor, 1, model.contract, "the stand-in").run(items))
+
+    try:
+        overlapped = results(SlowStandIn(backend, model.contract, 1, slots=2))
+        serial = results(CpuPreprocessor(backend, model.contract, 1))
+    finally:
+        backend.close()
+    for k in range(1, n_batches):
+        assert events.index(("stage", k)) < events.index(("run-end", k - 1))  # staged while the previous one ran
+    for k in range(2, n_batches):
+        assert events.index(("stage", k)) > events.index(("run-end", k - 2))  # its slot was free again
+    assert [r.path for r in overlapped] == [str(p) for p in images_100x[:n_batches]]
+    assert [r.probability for r in overlapped] == [r.probability for r in serial]
+    assert all(r.error is None and r.timings_ms["inference"] > 0 for r in overlapped)

@@ -29,10 +29,13 @@ class Backend(Protocol):
 
 
 class DeviceInputBackend(Backend, Protocol):
-    """A GPU backend whose input the preprocessing kernel can write directly (``input_ptr``, on ``stream``)."""
+    """A GPU backend whose inputs the preprocessing kernel writes directly, on the backend's ``stream``: one device
+    input per slot (two: batch k+1 is written into one while batch k runs from the other)."""
 
-    input_ptr: int
+    input_ptrs: tuple[int, ...]
     input_fp16: bool
     stream: object
 
-    def run_device(self, n: int) -> dict[str, np.ndarray]: ...
+    def run_device(self, n: int, slot: int = 0) -> dict[str, np.ndarray]:
+        """Outputs for the n fields the kernel wrote (on ``stream``) into input ``slot``."""
+        ...

@@ -52,18 +52,24 @@ class OrtBackend:
                  threads: int | None = None) -> None:
         manifest, fname = model.manifest, model.variant(precision).file
         path, self.file_sha256 = model.file(fname)
+        self.device_input = False
+        device_options = self._device_buffers(manifest) if cuda else None
         try:
-            self.session = make_session(path, precision, cuda, threads)
-        except Exception as e:  # ORT reports corrupt/foreign files with its own exception types
-            raise ModelError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
-        used = self.session.get_providers()
-        if cuda and "CUDAExecutionProvider" not in used:
-            # ONNX Runtime falls back to the CPU silently when the CUDA provider fails to start (missing CUDA or
-            # cuDNN libraries, no usable GPU): this backend would then say CUDA while running on the CPU.
-            del self.session
-            raise CudaDidNotStart("the CUDA execution provider did not start (ONNX Runtime "
-                                     "fell back to the CPU; its log says why, e.g. missing CUDA or cuDNN "
-                                     f"libraries); the session had only {', '.join(used)}")
+            try:
+                self.session = make_session(path, precision, cuda, threads, device_options)
+            except Exception as e:  # ORT reports corrupt/foreign files with its own exception types
+                raise ModelError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
+            used = self.session.get_providers()
+            if cuda and "CUDAExecutionProvider" not in used:
+                # ONNX Runtime falls back to the CPU silently when the CUDA provider fails to start (missing CUDA or
+                # cuDNN libraries, no usable GPU): this backend would then say CUDA while running on the CPU.
+                del self.session
+                raise CudaDidNotStart("the CUDA execution provider did not start (ONNX Runtime fell back to the "
+                                      "CPU; its log says why, e.g. missing CUDA or cuDNN libraries); the session "
+                                      f"had only {', '.join(used)}")
+        except BaseException:
+            self._free_device()  # the device inputs made above are not left behind
+            raise
         meta = self.session.get_modelmeta().custom_metadata_map
         manifest.check_model(path, {i.name: list(i.shape) for i in self.session.get_inputs()},
                              [o.name for o in self.session.get_outputs()], meta.get("contract"))
@@ -72,37 +78,36 @@ class OrtBackend:
         self.precision = precision
         self.name = f"onnxruntime-{'cuda' if cuda else 'cpu'}-{precision}"
         self.model_file = fname
-        # On the CPU one field (6 patches) per run: larger batches only cost memory (README, "Speed"); GPUs want more.
+        # On the CPU one field (6 patches) per run: larger batches only cost memory (docs/performance.md); GPUs want
+        # more.
         self.preferred_batch = 8 if cuda else 1
-        self.device_input = False
         self.on_gpu = cuda
 
-        if cuda:
-            self._device_buffers(manifest)
-
-    def _device_buffers(self, manifest: Manifest) -> None:
-        """With pycuda present, an input buffer on the GPU that the preprocessing kernel fills (I/O binding)."""
+    def _device_buffers(self, manifest: Manifest) -> dict[str, str] | None:
+        """With pycuda present: a stream of ours that ONNX Runtime computes on (``user_compute_stream``), so the
+        preprocessing kernel, the run and the next batch's upload are ordered on it without a host wait, and two
+        device inputs the kernel fills in turn (I/O binding). The provider options that say so; None: host input."""
         from runtime.gpu.context import Context, GpuUnavailable
 
         try:
             self.context = Context()  # the primary context: the one ONNX Runtime's CUDA EP also uses
         except GpuUnavailable:
-            return  # host input only
+            return None
         self.field_shape = manifest.contract.field_shape
         self.max_batch = 32
         with self.context.active() as cuda:
             self.stream = cuda.Stream()
-            self.d_input = cuda.mem_alloc(self.max_batch * int(np.prod(self.field_shape)) * 4)
-        self.input_ptr = int(self.d_input)
+            self.d_inputs = [cuda.mem_alloc(self.max_batch * int(np.prod(self.field_shape)) * 4) for _ in range(2)]
+        self.input_ptrs = tuple(int(d) for d in self.d_inputs)
         self.input_fp16 = False  # every variant keeps float32 inputs
         self.device_input = True
+        return {"has_user_compute_stream": "1", "user_compute_stream": str(self.stream.handle)}
 
-    def run_device(self, n: int) -> dict[str, np.ndarray]:
-        """Outputs for the n fields the preprocessing kernel wrote to input_ptr, via I/O binding."""
-        with self.context.active():
-            self.stream.synchronize()  # ONNX Runtime reads on its own stream: the kernel must be done
+    def run_device(self, n: int, slot: int = 0) -> dict[str, np.ndarray]:
+        """Outputs for the n fields the preprocessing kernel wrote into input ``slot``, via I/O binding. The kernel
+        ran on the stream ONNX Runtime computes on, so it is done before the run reads its input."""
         io = self.session.io_binding()
-        io.bind_input(self.input_name, "cuda", 0, np.float32, [n, *self.field_shape], self.input_ptr)
+        io.bind_input(self.input_name, "cuda", 0, np.float32, [n, *self.field_shape], self.input_ptrs[slot])
         for name in self.output_names:
             io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
@@ -116,7 +121,13 @@ class OrtBackend:
 
     def close(self) -> None:
         del self.session
-        if hasattr(self, "d_input"):
+        self._free_device()
+
+    def _free_device(self) -> None:
+        if hasattr(self, "d_inputs"):
             with self.context.active():
-                self.d_input.free()
+                self.stream.synchronize()
+                for d in self.d_inputs:
+                    d.free()
+            del self.d_inputs
             self.context.close()

@@ -1,8 +1,9 @@
 """TensorRT backend: one engine deserialised once, one execution context on one stream, named-tensor API.
 
-Input comes either from the host (``run``) or already on the device in ``input_ptr``, written there by the GPU
-preprocessing kernel on ``stream`` (``run_device``): then the image crosses the bus once, as uint8. Buffers are
-sized from the engine's own tensor shapes and types, checked against the manifest's contract.
+Input comes either from the host (``run``) or already on the device in one of two ``input_ptrs``, written there by
+the GPU preprocessing kernel on ``stream`` (``run_device``; the next batch is written into the other): then the
+image crosses the bus once, as uint8. Buffers are sized from the engine's own tensor shapes and types, checked
+against the manifest's contract.
 """
 from __future__ import annotations
 
@@ -61,30 +62,33 @@ class TensorRTBackend:
                 raise ModelError(f"{path}: engine input {shape} does not fit the contract's fields {self.field_shape}")
             self.in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input)))
             self.stream = cuda.Stream()
-            self.d_input = cuda.mem_alloc(self.max_batch * int(np.prod(self.field_shape)) * self.in_dtype.itemsize)
+            self.d_inputs = [cuda.mem_alloc(self.max_batch * int(np.prod(self.field_shape)) * self.in_dtype.itemsize)
+                             for _ in range(2)]
             self.h_out: dict[str, Any] = {}
             self.d_out: dict[str, Any] = {}
             for n in self.outputs:  # (B, 1) each; element type from the engine
                 dt = np.dtype(trt.nptype(self.engine.get_tensor_dtype(n)))
                 self.h_out[n] = cuda.pagelocked_empty(self.max_batch, dt)
                 self.d_out[n] = cuda.mem_alloc(self.max_batch * dt.itemsize)
-            for n, ptr in [(self.input, self.d_input), *self.d_out.items()]:
+            for n, ptr in [(self.input, self.d_inputs[0]), *self.d_out.items()]:
                 if not self.execution.set_tensor_address(n, int(ptr)):
                     raise ModelError(f"{path}: TensorRT refused the address of tensor {n}")
             self._execute(self.preferred_batch)  # warm-up: first-inference costs stay out of steady state
             self.stream.synchronize()
 
     @property
-    def input_ptr(self) -> int:
-        """Device address of the (max_batch, T, 3, P, P) input binding, for the preprocessing kernel."""
-        return int(self.d_input)
+    def input_ptrs(self) -> tuple[int, ...]:
+        """Device addresses of the two (max_batch, T, 3, P, P) inputs, for the preprocessing kernel."""
+        return tuple(int(d) for d in self.d_inputs)
 
     @property
     def input_fp16(self) -> bool:
         return self.in_dtype == np.float16
 
-    def _execute(self, n: int) -> None:
-        """Enqueue inference of n fields already in d_input, and the outputs' download, on self.stream."""
+    def _execute(self, n: int, slot: int = 0) -> None:
+        """Enqueue inference of n fields already in input ``slot``, and the outputs' download, on self.stream."""
+        if not self.execution.set_tensor_address(self.input, int(self.d_inputs[slot])):
+            raise RuntimeError(f"TensorRT refused the address of input {slot}")
         if not self.execution.set_input_shape(self.input, (n, *self.field_shape)):
             raise RuntimeError(f"TensorRT refused batch {n} (profile 1..{self.max_batch})")
         if not self.execution.execute_async_v3(self.stream.handle):
@@ -92,12 +96,12 @@ class TensorRTBackend:
         for name, d in self.d_out.items():
             self.cuda.memcpy_dtoh_async(self.h_out[name][:n], d, self.stream)
 
-    def run_device(self, n: int) -> dict[str, np.ndarray]:
-        """Outputs for the n fields the preprocessing kernel wrote to input_ptr (on self.stream)."""
+    def run_device(self, n: int, slot: int = 0) -> dict[str, np.ndarray]:
+        """Outputs for the n fields the preprocessing kernel wrote into input ``slot`` (on self.stream)."""
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"batch of {n} fields is outside the engine's profile 1..{self.max_batch}")
         with self.context.active():
-            self._execute(n)
+            self._execute(n, slot)
             self.stream.synchronize()  # the only host wait: the result is needed now
         return {name: h[:n].astype(np.float32) for name, h in self.h_out.items()}
 
@@ -106,7 +110,7 @@ class TensorRTBackend:
         for i in range(0, len(fields), self.max_batch):
             chunk = np.ascontiguousarray(fields[i:i + self.max_batch], dtype=self.in_dtype)
             with self.context.active() as cuda:
-                cuda.memcpy_htod_async(self.d_input, chunk, self.stream)
+                cuda.memcpy_htod_async(self.d_inputs[0], chunk, self.stream)
             out.append(self.run_device(len(chunk)))
         return {name: np.concatenate([o[name] for o in out]) for name in self.outputs}
 
@@ -114,7 +118,8 @@ class TensorRTBackend:
         with self.context.active():
             self.stream.synchronize()
             del self.execution, self.engine, self.runtime
-            self.d_input.free()
+            for d in self.d_inputs:
+                d.free()
             for d in self.d_out.values():
                 d.free()
         self.context.close()

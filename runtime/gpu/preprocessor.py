@@ -1,9 +1,10 @@
 """GPU preprocessing through pycuda: the kernel runner (stream, buffers, launch), in runtime/gpu/context.py's context.
 
-Per call: images are packed into a reused page-locked staging buffer, copied to the device as uint8 (the only bus
-crossing), and one kernel launch writes every field of the batch as NCHW FP32/FP16 into the destination: our own
-buffer, or a consumer's (e.g. a TensorRT input binding) at a batch offset. Copy, kernel and the consumer are
-ordered on one stream; the host waits only when it needs a result.
+Per call: images are packed into one of two reused page-locked staging slots, copied to the device as uint8 (the
+only bus crossing), and one kernel launch writes every field of the batch as NCHW FP32/FP16 into the destination:
+our own buffer, or a consumer's (a backend's device input) at a batch offset. Copy, kernel and the consumer are
+ordered on one stream (the backend's); a slot is packed again only once its previous upload has left it (an event
+per slot), so the next batch is packed and queued while the current one runs; the host waits only for a result.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class GpuPreprocessor:
             self.kernel = self.module.get_function("bhx_preprocess")
             self.kernel.prepare("PPPP")
             self.stream = stream or cuda.Stream()  # share the consumer's stream to order kernel -> engine
-            self.copied = cuda.Event()  # staging may be refilled once the previous upload has finished
+            self.copied = (cuda.Event(), cuda.Event())  # a staging slot is refilled once its upload has finished
         self.field_bytes = int(np.prod(contract.field_shape)) * (2 if fp16 else 4)
         self._bufs: dict[str, tuple[Any, Any, int]] = {}  # name -> (host pinned or None, device, bytes)
 
@@ -54,7 +55,7 @@ class GpuPreprocessor:
         return host, dev
 
     def submit(self, images: list[np.ndarray], plans: list[FieldPlan], bgr: bool = True,
-               dst: int | None = None, dst_field0: int = 0) -> tuple[int, int]:
+               dst: int | None = None, dst_field0: int = 0, slot: int = 0) -> tuple[int, int]:
         """Queue the upload and the kernel for all fields of ``images``; returns (device pointer, fields).
 
         ``dst`` is a device pointer to a (B, T, 3, P, P) tensor of the right dtype (default: our own buffer);
@@ -68,17 +69,17 @@ class GpuPreprocessor:
             jobs = abi.job_table(srcs, offsets, plans)
             n = len(jobs)
             params = abi.params(self.contract, n, self.fp16, dst_field0)
-            self.copied.synchronize()  # the previous upload has left the staging buffers
-            staging, d_src = self._buffer("src", total, pinned=True)
+            self.copied[slot].synchronize()  # this slot's previous upload has left its staging buffers
+            staging, d_src = self._buffer(f"src{slot}", total, pinned=True)
             abi.pack(images, staging, bgr)
             meta = jobs.tobytes() + params.tobytes()
-            h_meta, d_meta = self._buffer("meta", len(meta), pinned=True)
+            h_meta, d_meta = self._buffer(f"meta{slot}", len(meta), pinned=True)
             h_meta[: len(meta)] = np.frombuffer(meta, np.uint8)
             cuda.memcpy_htod_async(d_src, staging[:total], self.stream)
             cuda.memcpy_htod_async(d_meta, h_meta[: len(meta)], self.stream)
-            self.copied.record(self.stream)
+            self.copied[slot].record(self.stream)
             if dst is None:
-                _, d_out = self._buffer("out", (dst_field0 + n) * self.field_bytes, pinned=False)
+                _, d_out = self._buffer(f"out{slot}", (dst_field0 + n) * self.field_bytes, pinned=False)
                 dst = int(d_out)
             threads = abi.thread_count(self.contract, n)
             grid = (-(-threads // abi.BLOCK), 1)
@@ -89,9 +90,10 @@ class GpuPreprocessor:
         return dst, n
 
 
-    def to_host(self, images: list[np.ndarray], plans: list[FieldPlan], bgr: bool = True) -> np.ndarray:
+    def to_host(self, images: list[np.ndarray], plans: list[FieldPlan], bgr: bool = True,
+                slot: int = 0) -> np.ndarray:
         """Preprocess and bring the fields back: for CPU consumers, tests and the CPU-vs-GPU benchmark."""
-        dptr, n = self.submit(images, plans, bgr)
+        dptr, n = self.submit(images, plans, bgr, slot=slot)
         c = self.contract
         out = np.empty((n, *c.field_shape), np.float16 if self.fp16 else np.float32)
         with self.active():

@@ -3,7 +3,6 @@ writing straight into a GPU backend's input (images cross the bus once, as uint8
 brought back for a backend that takes host input."""
 from __future__ import annotations
 
-import time
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -19,64 +18,82 @@ Outputs = dict[str, np.ndarray]
 
 
 class Preprocessor(Protocol):
-    """The fields of decoded images -> the backend's outputs, through one preprocessing path."""
+    """The fields of decoded images -> the backend's outputs, through one preprocessing path, in ``slots`` buffers:
+    with two, batch k+1 is staged into one while batch k runs from the other (the scheduler's runner thread)."""
 
     name: str  # where preprocessing runs, as results report it: "cpu" or "gpu"
+    slots: int
 
-    def infer(self, images: list[np.ndarray], plans: list[FieldPlan], n: int) -> tuple[float, Outputs]:
-        """(perf_counter when preprocessing was handed on, outputs) for the ``n`` fields of ``plans``."""
+    def stage(self, images: list[np.ndarray], plans: list[FieldPlan], n: int, slot: int) -> None:
+        """Preprocess the ``n`` fields of ``plans`` into ``slot`` (on a GPU: queued, not waited for)."""
+        ...
+
+    def run(self, n: int, slot: int) -> Outputs:
+        """The backend's outputs for the ``n`` fields staged in ``slot``."""
         ...
 
     def close(self) -> None: ...
 
 
 class CpuPreprocessor:
+    """numpy into reused host batches; one slot by default (inference needs the cores preprocessing would take)."""
+
     name = "cpu"
 
-    def __init__(self, backend: Backend, contract: Contract, batch_size: int) -> None:
-        self.backend, self.contract, self.batch_size = backend, contract, batch_size
-        self.batch: np.ndarray | None = None  # allocated on first use (a 32-field batch is 116 MB)
+    def __init__(self, backend: Backend, contract: Contract, batch_size: int, slots: int = 1) -> None:
+        self.backend, self.contract, self.batch_size, self.slots = backend, contract, batch_size, slots
+        self.batches: dict[int, np.ndarray] = {}  # allocated on first use (a 32-field batch is 116 MB)
 
-    def infer(self, images: list[np.ndarray], plans: list[FieldPlan], n: int) -> tuple[float, Outputs]:
-        if self.batch is None:
-            self.batch = np.empty((self.batch_size, *self.contract.field_shape), np.float32)
-        batch, k = self.batch[:n], 0
+    def stage(self, images: list[np.ndarray], plans: list[FieldPlan], n: int, slot: int) -> None:
+        if slot not in self.batches:
+            self.batches[slot] = np.empty((self.batch_size, *self.contract.field_shape), np.float32)
+        k = 0
         for img, plan in zip(images, plans):
-            preprocess_fields(img, plan, self.contract, out=batch[k:k + plan.n_fields])
+            preprocess_fields(img, plan, self.contract, out=self.batches[slot][k:k + plan.n_fields])
             k += plan.n_fields
-        return time.perf_counter(), self.backend.run(batch)
+
+    def run(self, n: int, slot: int) -> Outputs:
+        return self.backend.run(self.batches[slot][:n])
 
     def close(self) -> None:
-        self.batch = None
+        self.batches.clear()
 
 
 class GpuIntoBackend:
-    """One kernel launch for the whole batch, written into the backend's device input on its stream."""
+    """One kernel launch per batch, written into one of the backend's device inputs, on the backend's stream: the
+    upload and kernel of batch k+1 are queued while batch k runs from the other input."""
 
     name = "gpu"
 
     def __init__(self, backend: DeviceInputBackend, gpu: Any) -> None:
-        self.backend, self.gpu = backend, gpu
+        self.backend, self.gpu, self.slots = backend, gpu, len(backend.input_ptrs)
 
-    def infer(self, images: list[np.ndarray], plans: list[FieldPlan], n: int) -> tuple[float, Outputs]:
-        self.gpu.submit(images, plans, dst=self.backend.input_ptr)
-        return time.perf_counter(), self.backend.run_device(n)
+    def stage(self, images: list[np.ndarray], plans: list[FieldPlan], n: int, slot: int) -> None:
+        self.gpu.submit(images, plans, dst=self.backend.input_ptrs[slot], slot=slot)
+
+    def run(self, n: int, slot: int) -> Outputs:
+        return self.backend.run_device(n, slot)
 
     def close(self) -> None:
         self.gpu.close()
 
 
 class GpuToHost:
-    """The kernel, its batch brought back for a backend that takes host input."""
+    """The kernel, its batch brought back for a backend that takes host input (which runs while the next batch is
+    preprocessed on the GPU)."""
 
     name = "gpu"
+    slots = 2
 
     def __init__(self, backend: Backend, gpu: Any) -> None:
         self.backend, self.gpu = backend, gpu
+        self.batches: dict[int, np.ndarray] = {}
 
-    def infer(self, images: list[np.ndarray], plans: list[FieldPlan], n: int) -> tuple[float, Outputs]:
-        batch = self.gpu.to_host(images, plans)
-        return time.perf_counter(), self.backend.run(batch)
+    def stage(self, images: list[np.ndarray], plans: list[FieldPlan], n: int, slot: int) -> None:
+        self.batches[slot] = self.gpu.to_host(images, plans, slot=slot)
+
+    def run(self, n: int, slot: int) -> Outputs:
+        return self.backend.run(self.batches.pop(slot))
 
     def close(self) -> None:
         self.gpu.close()

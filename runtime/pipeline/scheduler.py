@@ -1,17 +1,22 @@
 """The field scheduler: fields of consecutive images batched together up to the batch size (only the fields of
 the batch in progress are preprocessed), each image charged its share of the time, results released in input
-order. A NaN or inf output makes that image an error, never a verdict (NaN > 0.5 is False: "Benign")."""
+order. A NaN or inf output makes that image an error, never a verdict (NaN > 0.5 is False: "Benign").
+
+With a preprocessor of two slots (double-buffered, the GPU paths) batch k+1 is preprocessed into one slot while
+batch k runs from the other in a runner thread; with one slot (the CPU path) the two take turns in this thread."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from runtime.model.manifest import Contract
 from runtime.pipeline.decoding import Prepared
-from runtime.pipeline.preprocessors import Preprocessor
+from runtime.pipeline.preprocessors import Outputs, Preprocessor
 from runtime.pipeline.results import Result
 
 
@@ -20,35 +25,53 @@ class _Job:
     item: Prepared
     probs: list[np.ndarray] = field(default_factory=list)
     non_finite: list[str] = field(default_factory=list)  # "field 3: probability nan, logit inf", ...
+    staged: int = 0  # fields handed to a batch so far
     done: int = 0  # fields inferred so far
     t_pre: float = 0.0
     t_infer: float = 0.0
 
     @property
     def todo(self) -> int:
-        return self.item.n_fields - self.done
+        return self.item.n_fields - self.staged
+
+
+@dataclass
+class _Batch:
+    owners: list[tuple[_Job, int]]  # (image, fields of it), in batch order
+    n: int
+    t_pre: float
+    outputs: Future  # (outputs, seconds the run took)
 
 
 class FieldScheduler:
     def __init__(self, preprocessor: Preprocessor, batch_size: int, contract: Contract, runs_on: str) -> None:
         self.preprocessor, self.batch_size, self.contract = preprocessor, batch_size, contract
         self.runs_on = runs_on  # "backend X, precision Y": what a non-finite output's error names
+        self.next_slot = 0
 
     def run(self, items: Iterable[Prepared]) -> Iterator[Result]:
-        """Results in input order; memory bounded by the batch in progress and what ``items`` holds ahead."""
+        """Results in input order; memory bounded by the batches in flight and what ``items`` holds ahead."""
         queue: list[_Job] = []
-        for item in items:
-            queue.append(_Job(item))
-            while sum(j.todo for j in queue) >= self.batch_size:
-                self._infer_batch(queue)
+        flight: deque[_Batch] = deque()
+        with ThreadPoolExecutor(1, thread_name_prefix="runner") as runner:
+            for item in items:
+                queue.append(_Job(item))
+                while sum(j.todo for j in queue) >= self.batch_size:
+                    self._stage(queue, flight, runner)
+                    yield from self._pop_finished(queue)
                 yield from self._pop_finished(queue)
+            while any(j.todo > 0 for j in queue):
+                self._stage(queue, flight, runner)
+            while flight:
+                self._collect(flight.popleft())
             yield from self._pop_finished(queue)
-        while any(j.todo > 0 for j in queue):
-            self._infer_batch(queue)
-        yield from self._pop_finished(queue)
 
-    def _infer_batch(self, queue: list[_Job]) -> None:
-        """Run up to batch_size pending fields (from one or several images) through the preprocessor at once."""
+    def _stage(self, queue: list[_Job], flight: deque[_Batch], runner: ThreadPoolExecutor) -> None:
+        """Preprocess up to batch_size pending fields (of one or several images) into a free slot and start its
+        run; with every slot busy, the oldest batch is collected first (its slot is the one reused)."""
+        slots = self.preprocessor.slots
+        if len(flight) >= slots:
+            self._collect(flight.popleft())
         owners, n = [], 0
         for j in queue:
             take = min(j.todo, self.batch_size - n)
@@ -61,23 +84,42 @@ class FieldScheduler:
         for j, take in owners:
             assert j.item.plan is not None and j.item.bgr is not None
             images.append(j.item.bgr)
-            plans.append(replace(j.item.plan, field_origins=j.item.plan.field_origins[j.done:j.done + take]))
+            plans.append(replace(j.item.plan, field_origins=j.item.plan.field_origins[j.staged:j.staged + take]))
+            j.staged += take
+        slot, self.next_slot = self.next_slot, (self.next_slot + 1) % slots
         t0 = time.perf_counter()
-        t1, outs = self.preprocessor.infer(images, plans, n)
-        t2 = time.perf_counter()
+        self.preprocessor.stage(images, plans, n, slot)
+        t_pre = time.perf_counter() - t0
+        if slots == 1:  # in series: nothing to overlap with
+            done: Future = Future()
+            done.set_result(self._timed_run(n, slot))
+        else:
+            done = runner.submit(self._timed_run, n, slot)
+        flight.append(_Batch(owners, n, t_pre, done))
+        if slots == 1:
+            self._collect(flight.popleft())
+
+    def _timed_run(self, n: int, slot: int) -> tuple[Outputs, float]:
+        t0 = time.perf_counter()
+        outs = self.preprocessor.run(n, slot)
+        return outs, time.perf_counter() - t0
+
+    def _collect(self, batch: _Batch) -> None:
+        """Wait for a batch's outputs and charge each image its share."""
+        outs, seconds = batch.outputs.result()
         finite = np.logical_and.reduce([np.isfinite(v) for v in outs.values()])
         k = 0
-        for j, take in owners:  # each image is charged its share of the batch
+        for j, take in batch.owners:
             j.probs.append(outs["probability"][k:k + take])
             j.non_finite += [f"field {j.done + i}: " + ", ".join(f"{name} {v[k + i]}" for name, v in outs.items())
                              for i in range(take) if not finite[k + i]]
             j.done += take
-            j.t_pre += (t1 - t0) * take / n
-            j.t_infer += (t2 - t1) * take / n
+            j.t_pre += batch.t_pre * take / batch.n
+            j.t_infer += seconds * take / batch.n
             k += take
 
     def _pop_finished(self, queue: list[_Job]) -> Iterator[Result]:
-        while queue and queue[0].todo <= 0:
+        while queue and queue[0].done >= queue[0].item.n_fields:
             j = queue.pop(0)
             res = j.item.result
             if j.non_finite:
