@@ -173,7 +173,7 @@ def test_slide_api_runs_a_job_with_progress_and_every_output(server, small_mosai
     out = state["result"]
     assert out["path"] == "mosaic.tif" and out["counts"]["classified"] == 2 and out["counts"]["background"] == 2
     assert out["aggregate"]["rule"] == "mean" and out["aggregate"]["label"] in ("Benign", "Malignant")
-    assert len(out["geojson"]["features"]) == 2 and out["csv"].startswith("row,col,x,y")
+    assert len(out["geojson"]["features"]) == 2 and out["csv"].startswith("row,col,minx,miny")
     png = base64.b64decode(out["overlay_png"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert post(server, body, ctype, path="/v1/slide?aggregate=median")[0] == 400

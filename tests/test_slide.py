@@ -89,7 +89,7 @@ def test_geojson_tiles_the_tissue_fields_in_level0_pixels_and_round_trips(clf, m
         boxes.add((x0, y0))
     assert boxes == {(c * FW, r * FH) for r, row in enumerate(layout) for c, p in enumerate(row) if p is not None}
     lines = res.csv().splitlines()
-    assert lines[0].startswith("row,col,x,y,width,height") and len(lines) == 13
+    assert lines[0].startswith("row,col,minx,miny,width,height") and len(lines) == 13
     overlay = cv2.imread(str(tmp_path / "o.png"))
     assert overlay is not None and max(overlay.shape[:2]) <= 1024
 
@@ -158,7 +158,7 @@ def test_slide_cli_writes_every_output(trained_dir, mosaic, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "topk" in proc.stdout and "7 classified, 5 background" in proc.stdout
     stem = f"mosaic.tif.{sha256_file(path)[:12]}"
-    for suffix in (".geojson", ".csv", ".overlay.png", ".json"):
+    for suffix in (".geojson", ".csv", ".overlay.png", ".json", ".probability.ome.tif"):
         assert (tmp_path / f"{stem}{suffix}").is_file()
     assert f"wrote {tmp_path / stem}.geojson" in proc.stdout
     saved = json.loads((tmp_path / f"{stem}.json").read_text())
@@ -220,4 +220,4 @@ def test_two_inputs_of_one_name_from_two_folders_keep_their_own_outputs(model_di
     for res, src in ((first, a / "scan.tif"), (second, b / "scan.tif")):
         stem = out / f"scan.tif.{sha256_file(src)[:12]}"
         assert json.loads(Path(f"{stem}.json").read_text())["fields"] == res["fields"]  # each kept its own
-    assert len(list(out.iterdir())) == 8
+    assert len(list(out.iterdir())) == 10  # 5 outputs each: GeoJSON, CSV, JSON, overlay, probability map

@@ -168,7 +168,8 @@ def test_slides_dropped_into_the_folder_go_through_the_slide_path(model_dir, ima
         f["probability"] for f in slide["fields"])
     made = sorted(p.name for p in slides.iterdir())
     stems = [f"m.svs.{slide['sha256'][:12]}", f"m.tif.{slide['sha256'][:12]}"]
-    assert made == sorted(f"{stem}{s}" for stem in stems for s in (".csv", ".geojson", ".json", ".overlay.png"))
+    assert made == sorted(f"{stem}{s}" for stem in stems for s in (".csv", ".geojson", ".json", ".overlay.png",
+                                                                              ".probability.ome.tif"))
     assert single["error"] is None and len(single["fields"]) == 1 and "slide" not in single
 
 

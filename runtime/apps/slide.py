@@ -11,8 +11,11 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,30 +75,65 @@ class SlideResult:
         return asdict(self) | {"model": self.model.to_dict() if self.model else {}}
 
     def geojson(self) -> dict[str, Any]:
-        """A FeatureCollection of the classified fields (QuPath: File > Import objects), level-0 pixel polygons."""
-        feats = []
+        """A FeatureCollection of the classified fields (QuPath: File > Import objects), level-0 pixel polygons; each
+        feature's ``id`` a UUID unique to the file (its sha256) and field, the same on every run."""
+        feats, ident = [], f"breakhis-edge:{self.sha256 or self.path}"
         for f in self.fields:
             if f.status != "classified":
                 continue
             ring = [[f.x, f.y], [f.x + f.width, f.y], [f.x + f.width, f.y + f.height], [f.x, f.y + f.height],
                     [f.x, f.y]]
-            feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+            feats.append({"type": "Feature", "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{ident}#r{f.row}c{f.col}")),
+                          "geometry": {"type": "Polygon", "coordinates": [ring]},
                           "properties": {"objectType": "tile", "name": f"field r{f.row} c{f.col}",
                                          "classification": {"name": f.label, "color": list(_rgb(f.probability))},
                                          "measurements": {"probability": f.probability, "tissue": f.tissue},
                                          "row": f.row, "col": f.col}})
         return {"type": "FeatureCollection", "features": feats}
 
+    def outputs(self) -> dict[str, bytes]:
+        """STEM suffix -> bytes: .geojson, .csv, .json and the probability map .probability.ome.tif (the overlay PNG
+        is made while classifying)."""
+        return {".geojson": (json.dumps(self.geojson()) + "\n").encode(), ".csv": self.csv().encode(),
+                ".json": (json.dumps(self.to_dict(), indent=1) + "\n").encode(),
+                ".probability.ome.tif": self.probability_map()}
+
     def save(self, stem: str | Path) -> None:
-        """Write STEM.geojson, STEM.csv and STEM.json (the overlay is written while classifying)."""
-        Path(f"{stem}.geojson").write_text(json.dumps(self.geojson()) + "\n")
-        Path(f"{stem}.csv").write_text(self.csv())
-        Path(f"{stem}.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        """Write every output beside STEM, each under a temporary name renamed into place."""
+        for suffix, data in self.outputs().items():
+            write_atomic(Path(f"{stem}{suffix}"), data)
+
+    def probability_map(self) -> bytes:
+        """A pyramidal OME-TIFF, one float32 pixel per field (NaN: background or error), with the field's physical
+        size where the scale is known: QuPath and tifffile open it."""
+        import tifffile
+
+        rows = 1 + max((f.row for f in self.fields), default=-1)
+        cols = 1 + max((f.col for f in self.fields), default=-1)
+        grid = np.full((max(rows, 1), max(cols, 1)), np.nan, np.float32)
+        for f in self.fields:
+            if f.probability is not None:
+                grid[f.row, f.col] = f.probability
+        levels = [grid]
+        while min(levels[-1].shape) >= 32:
+            levels.append(levels[-1][::2, ::2])
+        meta: dict[str, Any] = {"axes": "YX", "Name": "probability per field"}
+        mpp, first = self.scale.get("mpp"), next(iter(self.fields), None)
+        if mpp and first is not None:
+            meta |= {"PhysicalSizeX": mpp * first.width, "PhysicalSizeXUnit": "µm",
+                     "PhysicalSizeY": mpp * first.height, "PhysicalSizeYUnit": "µm"}
+        buf = io.BytesIO()
+        with tifffile.TiffWriter(buf, ome=True) as tw:
+            tw.write(levels[0], subifds=len(levels) - 1, metadata=meta)
+            for level in levels[1:]:
+                tw.write(level, subfiletype=1)
+        return buf.getvalue()
 
     def csv(self) -> str:
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\n")
-        w.writerow(["row", "col", "x", "y", "width", "height", "tissue", "status", "probability", "label", "error"])
+        w.writerow(["row", "col", "minx", "miny", "width", "height", "tissue", "status", "probability", "label",
+                    "error"])  # minx, miny, width, height, probability: as WSInfer writes them
         for f in self.fields:
             w.writerow([f.row, f.col, f.x, f.y, f.width, f.height, f"{f.tissue:.3f}", f.status,
                         "" if f.probability is None else f"{f.probability:.6f}", f.label or "", f.error or ""])
@@ -183,6 +221,18 @@ def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: S
         Path(overlay).write_bytes(cv2.imencode(".png", overlay_image(thumb, t_down, fields))[1].tobytes())
     result.timings_ms["total"] = (time.perf_counter() - t0) * 1e3
     return result
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` whole or not at all: written under a temporary name in its folder, then renamed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:80]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def output_stem(folder: Path, name: str, sha256: str) -> Path:
@@ -335,7 +385,8 @@ def _summary(r: SlideResult, out: Path) -> str:
              f"level {s['level']}): "
              f"{n['classified']} classified, {n['background']} background, {n['errors']} errors; "
              f"{r.timings_ms['total'] / 1e3:.1f} s",
-             f"  wrote {output_stem(out, r.path, r.sha256 or '')}.geojson / .csv / .overlay.png / .json"]
+             f"  wrote {output_stem(out, r.path, r.sha256 or '')}.geojson / .csv / .overlay.png / .json / "
+             ".probability.ome.tif"]
     lines += [f"  WARNING: {w}" for w in r.warnings]
     if r.model and r.model.warning:
         lines.append(f"  WARNING: {r.model.warning}")

@@ -1,0 +1,398 @@
+"""python -m runtime.cohort INPUTS... --out DIR: a cohort of slides, mosaics and large images through the slide
+path, in one process or on a Ray cluster, resumable, with one table of every slide.
+
+Each slide's outputs land in DIR/slides/ under NAME.<sha256[:12]> (GeoJSON for QuPath, CSV, overlay PNG, JSON, a
+probability map as OME-TIFF); DIR/cohort.csv (and cohort.parquet where pyarrow is installed) has a row per slide, and
+DIR/run.json the run's versions, model, options, hosts and times. A slide whose file (by sha256) already has a
+complete result for the same model, variant and options is skipped; every file is written under a temporary name and
+renamed, and a slide's record last, so an interrupted run (even kill -9) never leaves a half result taken as done.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.apps.slide import AGGREGATES, MIN_TISSUE, classify_slide, output_stem, write_atomic
+from runtime.errors import BreakhisError
+from runtime.io.formats import is_image, is_slide
+from runtime.io.scale import Scale
+from runtime.model.manifest import sha256_file
+
+COLUMNS = ("path", "size_bytes", "sha256", "magnification", "mpp", "scale_source", "verdict", "probability", "rule",
+           "fields", "classified", "background", "errors", "seconds", "status", "error", "resumed", "outputs")
+RECORD = ".result.json"  # a slide's record: written last, so its presence means the slide's outputs are whole
+MAX_ATTEMPTS = 3  # a slide whose worker died this often is recorded as an error
+
+
+class CohortError(BreakhisError):
+    """The cohort cannot run as asked (no inputs, no Ray); the message says why."""
+
+
+@dataclass
+class Unit:
+    """One slide of the cohort: where it is, what its bytes are, where its outputs go."""
+
+    path: str
+    size_bytes: int
+    sha256: str
+    stem: str  # DIR/slides/NAME.<sha256[:12]>
+
+
+def cohort_inputs(items: list[str], notes: list[str]) -> list[Path]:
+    """Files, folders (their slides and images, sorted, recursively), globs, or .csv / .txt lists of paths (a
+    "path" column, or the first column; relative paths from the list's folder), in the order given, once each."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_file() and p.suffix.lower() in (".csv", ".txt"):
+            text = p.read_text(errors="surrogateescape")
+            rows = list(csv.reader(io.StringIO(text)))
+            col = rows[0].index("path") if rows and "path" in rows[0] else 0
+            listed = [r[col].strip() for r in rows[1 if rows and "path" in rows[0] else 0:] if r and r[col].strip()]
+            out += [q if q.is_absolute() else p.parent / q for q in map(Path, listed)]
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and (is_slide(f.name) or is_image(f.name)))
+            out += found
+            if not found:
+                notes.append(f"{p}: no slides or images in it")
+        elif glob.has_magic(item):
+            found = [Path(f) for f in sorted(glob.glob(item, recursive=True))]
+            out += found
+            if not found:
+                notes.append(f"{item}: pattern matches no files")
+        else:
+            out.append(p)  # a missing file gets its row with the reason
+    unique: dict[str, Path] = {}
+    for p in out:  # a path given twice (or through two spellings) is one slide
+        unique.setdefault(str(p.resolve()), p)
+    return list(unique.values())
+
+
+def run_key(model: dict[str, Any], options: dict[str, Any]) -> str:
+    """What a slide's result depends on besides its bytes: the model's weights, the variant's file and precision,
+    and every option that changes a probability or a verdict."""
+    keep = {k: model.get(k) for k in ("sha256", "file_sha256", "precision")}
+    return hashlib.sha256(json.dumps({"model": keep, "options": options}, sort_keys=True).encode()).hexdigest()
+
+
+def classify_unit(clf: Any, unit: Unit, options: dict[str, Any],
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """One slide: {"row": its table row, "files": {suffix: bytes}}. A slide that cannot be read is a row with its
+    error, never an exception: the other slides go on."""
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"path": unit.path, "size_bytes": unit.size_bytes, "sha256": unit.sha256,
+                           "outputs": Path(unit.stem).name, "resumed": False}
+    scale = Scale(options["magnification"], options["mpp"], "flag") \
+        if options["magnification"] or options["mpp"] else None
+    with tempfile.TemporaryDirectory(prefix="cohort-") as tmp:
+        overlay = Path(tmp) / "overlay.png"
+        try:
+            res = classify_slide(clf, unit.path, options["aggregate"], options["top_k"], scale,
+                                 options["tissue_mask"], options["min_tissue"], options["max_pixels"], overlay,
+                                 progress)
+        except BreakhisError as e:
+            return {"row": row | {"status": "error", "error": str(e), "seconds": time.perf_counter() - t0},
+                    "files": {}}
+        res.sha256 = unit.sha256
+        files = res.outputs() | {".overlay.png": overlay.read_bytes()}
+    a, n, s = res.aggregate, res.counts, res.scale
+    row |= {"magnification": s["magnification"], "mpp": s["mpp"], "scale_source": s["source"],
+            "verdict": a["label"], "probability": a["value"], "rule": a["rule"], **n,
+            "seconds": time.perf_counter() - t0, "error": "; ".join(res.warnings) if n["errors"] else None,
+            "status": "classified with errors" if n["errors"] else "classified"}
+    return {"row": row, "files": files}
+
+
+class SlideWorker:
+    """What a Ray actor holds: one Classifier, the model loaded once for every slide the actor is given."""
+
+    def __init__(self, classifier_kw: dict[str, Any]) -> None:
+        from runtime.pipeline.classifier import Classifier
+
+        self.clf = Classifier(**classifier_kw)
+
+    def classify(self, unit: Unit, options: dict[str, Any]) -> dict[str, Any]:
+        return classify_unit(self.clf, unit, options)
+
+    def model_info(self) -> dict[str, Any]:
+        return self.clf.model_info.to_dict() | {"host": socket.gethostname()}
+
+
+def run_local(clf: Any, units: list[Unit], options: dict[str, Any],
+              field_progress: bool) -> Iterator[tuple[Unit, dict[str, Any]]]:
+    """Slides one after another in this process."""
+    for unit in units:
+        yield unit, classify_unit(clf, unit, options, _field_bar(unit) if field_progress else None)
+
+
+class RayPool:
+    """Long-lived Ray actors (one per GPU, else one per ``cpus_per_actor`` cores), each holding one Classifier.
+    Work units are slides; a unit whose actor dies goes to another (a new actor takes the dead one's place), and
+    after MAX_ATTEMPTS it is recorded as an error. Results come back to this process, which alone writes them."""
+
+    def __init__(self, classifier_kw: dict[str, Any], address: str, actors: int | None, cpus_per_actor: int) -> None:
+        ray = self.ray = import_ray()
+        if not ray.is_initialized():
+            ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        n = actors or (gpus if gpus else max(1, int(resources.get("CPU", 1)) // cpus_per_actor))
+        self.worker = ray.remote(num_cpus=cpus_per_actor, num_gpus=1 if gpus else 0)(SlideWorker)
+        self.kw = classifier_kw | {"threads": classifier_kw.get("threads") or cpus_per_actor}
+        self.started = 0
+        self.idle = [self._start() for _ in range(n)]
+        infos = ray.get([w.model_info.remote() for w in self.idle])  # each actor's model, loaded once
+        self.model = {k: v for k, v in infos[0].items() if k != "host"}
+        self.info: dict[str, Any] = {"address": address, "actors": n, "cpus_per_actor": cpus_per_actor, "gpus": gpus,
+                     "hosts": sorted({i["host"] for i in infos}), "worker_restarts": 0}
+
+    def _start(self) -> Any:
+        self.started += 1
+        return self.worker.options(name=f"breakhis-cohort-{os.getpid()}-{self.started}").remote(self.kw)
+
+    def run(self, units: list[Unit], options: dict[str, Any]) -> Iterator[tuple[Unit, dict[str, Any]]]:
+        ray = self.ray
+        queue, attempts = deque(units), {u.stem: 0 for u in units}
+        pending: dict[Any, tuple[Unit, Any]] = {}  # Ray object ref -> (its slide, the actor working on it)
+        while queue or pending:
+            while queue and self.idle:
+                w, u = self.idle.pop(), queue.popleft()
+                attempts[u.stem] += 1
+                pending[w.classify.remote(u, options)] = (u, w)
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            u, w = pending.pop(ref)
+            try:
+                payload = ray.get(ref)
+                self.idle.append(w)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+                self.info["worker_restarts"] += 1
+                self.idle.append(self._start())
+                if attempts[u.stem] < MAX_ATTEMPTS:
+                    queue.appendleft(u)
+                    continue
+                payload = {"row": {"path": u.path, "size_bytes": u.size_bytes, "sha256": u.sha256,
+                                   "outputs": Path(u.stem).name, "resumed": False, "status": "error",
+                                   "error": f"its worker died {MAX_ATTEMPTS} times ({type(e).__name__})"},
+                           "files": {}}
+            yield u, payload
+
+    def close(self) -> None:
+        for w in self.idle:
+            self.ray.kill(w)
+        self.idle = []
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise CohortError("--ray needs Ray: pip install -e '.[cluster]' (or pip install 'ray>=2.40'); without "
+                          "--ray the cohort runs in this process") from None
+    return ray
+
+
+def write_unit(unit: Unit, payload: dict[str, Any], key: str) -> dict[str, Any]:
+    """The slide's outputs, then its record (last: a record means every output beside it is whole)."""
+    for suffix, data in payload["files"].items():
+        write_atomic(Path(f"{unit.stem}{suffix}"), data)
+    write_atomic(Path(f"{unit.stem}{RECORD}"), (json.dumps({"key": key, "row": payload["row"]}) + "\n").encode())
+    return payload["row"]
+
+
+def finished(unit: Unit, key: str, retry_errors: bool) -> dict[str, Any] | None:
+    """The row of an earlier complete result of this slide for this model and these options, or None."""
+    try:
+        record = json.loads(Path(f"{unit.stem}{RECORD}").read_text())
+    except (OSError, ValueError):
+        return None
+    row = record.get("row") if isinstance(record, dict) and record.get("key") == key else None
+    if row is None or (retry_errors and row.get("status") == "error"):
+        return None
+    return row | {"resumed": True}
+
+
+def write_table(out: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """cohort.csv, and cohort.parquet where pyarrow is installed; the names written."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(out / "cohort.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return ["cohort.csv"]
+    table = pa.table({c: [r.get(c) for r in rows] for c in COLUMNS})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_atomic(out / "cohort.parquet", sink.getvalue().to_pybytes())
+    return ["cohort.csv", "cohort.parquet"]
+
+
+def plan_units(paths: list[Path], slides: Path, key: str, retry_errors: bool) -> tuple[list[Unit], list[dict]]:
+    """(units to classify, rows already done or unreadable), in input order by path."""
+    todo, rows = [], []
+    for p in paths:
+        try:
+            unit = Unit(str(p), p.stat().st_size, sha256_file(p), "")
+        except OSError as e:
+            rows.append({"path": str(p), "status": "error", "error": f"{p}: cannot read ({e.strerror or e})",
+                         "resumed": False})
+            continue
+        unit.stem = str(output_stem(slides, p.name, unit.sha256))
+        done = finished(unit, key, retry_errors)
+        if done is not None:
+            rows.append(done | {"path": unit.path})
+        else:
+            todo.append(unit)
+    return todo, rows
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for lib in ("breakhis-edge", "numpy", "onnxruntime", "onnxruntime-gpu", "openvino", "tifffile", "ray",
+                "pyarrow"):
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+EPILOG = """examples:
+  python -m runtime.cohort slides/ --out cohort-2026-12/                 # every slide under slides/, here
+  python -m runtime.cohort list.csv --out results/ --retry-errors        # a list of paths; failed ones again
+  python -m runtime.cohort /data/slides --out /data/out --ray local      # a Ray cluster on this machine
+  python -m runtime.cohort /shared/slides --out /shared/out --ray auto   # the Ray cluster this node is part of
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from runtime.apps.options import add_model_options, open_classifier
+    from runtime.errors import report
+
+    ap = argparse.ArgumentParser(prog="python -m runtime.cohort", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", help="slides, images, folders (searched recursively), globs, or .csv/.txt "
+                                              "lists of paths")
+    ap.add_argument("--out", type=Path, required=True, help="folder for cohort.csv, run.json and slides/")
+    ap.add_argument("--aggregate", choices=AGGREGATES, default="max", help="each slide's verdict rule (default max)")
+    ap.add_argument("--top-k", type=int, default=3, help="fields averaged by --aggregate topk (default: 3)")
+    ap.add_argument("--magnification", type=float, default=None, help="every input's magnification, overriding "
+                                                                       "what the files state")
+    ap.add_argument("--mpp", type=float, default=None, help="every input's microns per pixel, overriding the files")
+    ap.add_argument("--no-tissue-mask", action="store_true", help="classify every field, background too")
+    ap.add_argument("--min-tissue", type=float, default=MIN_TISSUE,
+                    help=f"tissue fraction a field needs to be classified (default: {MIN_TISSUE})")
+    ap.add_argument("--retry-errors", action="store_true", help="classify again the slides that failed before")
+    ap.add_argument("--ray", metavar="local|auto|ADDRESS", default=None,
+                    help="run on Ray: local (a cluster on this machine), auto (the cluster this node belongs to) or "
+                         "a cluster's address (ray://HOST:10001 or HOST:6379); needs the cluster extra")
+    ap.add_argument("--actors", type=int, default=None,
+                    help="Ray actors, each holding the model once (default: one per GPU, else one per "
+                         "--cpus-per-actor cores)")
+    ap.add_argument("--cpus-per-actor", type=int, default=2, help="cores each CPU actor uses (default: 2)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_model_options(ap, max_pixels=100_000_000)
+    args = ap.parse_args(argv)
+    if args.top_k < 1 or not 0 <= args.min_tissue <= 1 or (args.actors is not None and args.actors < 1) \
+            or args.cpus_per_actor < 1:
+        ap.error("--top-k, --actors and --cpus-per-actor must be at least 1, --min-tissue between 0 and 1")
+    options = {"aggregate": args.aggregate, "top_k": args.top_k, "magnification": args.magnification,
+               "mpp": args.mpp, "tissue_mask": not args.no_tissue_mask, "min_tissue": args.min_tissue,
+               "max_pixels": args.max_pixels}
+    classifier_kw = dict(model_dir=args.model, backend=args.backend, precision=args.precision,
+                         preprocess=args.preprocess, batch_size=args.batch_size, threads=args.threads,
+                         allow_build=args.build_engine, max_pixels=args.max_pixels, decode_workers=args.decode_workers)
+    started = time.time()
+    pool: RayPool | None = None
+    clf = None
+    try:
+        if args.ray:  # the model as the actors run it: its identity keys the results
+            pool = RayPool(classifier_kw, args.ray, args.actors, args.cpus_per_actor)
+            model, info = pool.model, {"hosts": pool.info["hosts"], "ray": pool.info}
+        else:
+            clf = open_classifier(args)
+            model, info = clf.model_info.to_dict(), {"hosts": [socket.gethostname()]}
+        notes: list[str] = []
+        paths = cohort_inputs(args.inputs, notes)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        if not paths:
+            raise CohortError("no inputs to classify")
+        slides = args.out / "slides"
+        slides.mkdir(parents=True, exist_ok=True)
+        key = run_key(model, options)
+        todo, rows = plan_units(paths, slides, key, args.retry_errors)
+        print(f"{len(paths)} inputs: {len(todo)} to classify, {sum(r.get('resumed', False) for r in rows)} done "
+              f"before (same file, model and options), {sum(not r.get('resumed') for r in rows)} unreadable",
+              file=sys.stderr)
+        stream = pool.run(todo, options) if pool else run_local(clf, todo, options, not args.no_progress)
+        bar = None
+        if not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), unit="slide", file=sys.stderr, position=0)
+        for unit, payload in stream:
+            rows.append(write_unit(unit, payload, key))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+    except BreakhisError as e:
+        return report(e)
+    finally:
+        if clf is not None:
+            clf.close()
+        if pool is not None:
+            pool.close()
+    order = {str(p): i for i, p in enumerate(paths)}
+    rows.sort(key=lambda r: order.get(r["path"], len(order)))
+    tables = write_table(args.out, rows)
+    run = {"started": _iso(started), "finished": _iso(time.time()), "versions": versions(), "model": model,
+           "options": options, "key": key, "inputs": len(paths), "classified": len(todo),
+           "resumed": sum(bool(r.get("resumed")) for r in rows),
+           "errors": sum(r.get("status") == "error" for r in rows), "tables": tables, "argv": sys.argv[1:]} | info
+    write_atomic(args.out / "run.json", (json.dumps(run, indent=1) + "\n").encode())
+    print(f"{len(rows)} slides: {run['classified']} classified now, {run['resumed']} skipped (done before), "
+          f"{run['errors']} errors; {args.out / 'cohort.csv'}", file=sys.stderr)
+    return 1 if run["errors"] else 0
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _field_bar(unit: Unit) -> Callable[[int, int], None]:
+    """A second tqdm bar, over the fields of the slide in progress."""
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=Path(unit.path).name[-30:], unit="field", file=sys.stderr,
+                                position=1, leave=False)
+        state["bar"].update(done - state["bar"].n)
+        if done >= total:
+            state["bar"].close()
+
+    return update
