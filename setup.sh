@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 is the CPU build (a plain "torch" would pull a multi-GB CUDA build).
-.venv/bin/python -m pip install -q -e '.[export,serve,openvino,openslide,cluster,dev]'
+.venv/bin/python -m pip install -q -e '.[export,serve,openvino,openslide,cluster,dicom,dev]'
 # Test-only references installed without their dependency pins: patchify's metadata caps numpy < 2 (its code runs
 # on numpy 2), and tensorrt-stubs would pull the real TensorRT wheel, which fetches from another index.
 .venv/bin/python -m pip install -q --no-deps patchify==0.2.3 tensorrt-stubs==10.13.0.35.1

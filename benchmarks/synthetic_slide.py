@@ -15,10 +15,12 @@ GLASS = 242  # blank glass: bright and grey
 
 
 def write_mosaic(path: Path, layout: Sequence[Sequence[Path | None]], levels: int = 4, tile: int = 512,
-                 magnification: float | None = 100.0) -> tuple[int, int]:
+                 magnification: float | None = 100.0, mpp: float | None = None,
+                 compression: str = "zlib") -> tuple[int, int]:
     """Write the grid ``layout`` (rows of image paths or None for glass) as a tiled, zlib-compressed pyramidal
     BigTIFF; each level halves the previous one. ``magnification`` goes into the description as ``AppMag = N``
-    (None: no scale stated). Returns level 0's (width, height)."""
+    (None: no scale stated); ``mpp``, microns per level-0 pixel, goes into the resolution tags. Returns level 0's
+    (width, height)."""
     import tifffile
 
     rows, cols = len(layout), len(layout[0])
@@ -34,8 +36,10 @@ def write_mosaic(path: Path, layout: Sequence[Sequence[Path | None]], levels: in
                       for p, c in cells.items()}
             shape = (rows * ch, cols * cw, 3)
             kw = {"subifds": levels - 1, "description": desc} if lv == 0 else {"subfiletype": 1}
+            if mpp:
+                kw |= {"resolution": (1e4 / (mpp * d), 1e4 / (mpp * d)), "resolutionunit": "CENTIMETER"}
             tw.write(_tiles(layout, scaled, ch, cw, shape, tile), shape=shape, dtype=np.uint8, tile=(tile, tile),
-                     photometric="rgb", compression="zlib", metadata=None, **kw)
+                     photometric="rgb", compression=compression, metadata=None, **kw)
     return cols * fw, rows * fh
 
 

@@ -154,3 +154,32 @@ def test_without_ray_the_flag_says_how_to_install_it(model_dir, cohort, tmp_path
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "pip install -e '.[cluster]'" in proc.stderr
     assert not (tmp_path / "cohort.csv").exists()
+
+
+def test_a_dicom_slide_gives_the_fields_and_probabilities_of_the_tiff_it_came_from(model_dir, images_100x, tmp_path):
+    """A DICOM WSI made here from a JPEG-tiled pyramidal TIFF (wsidicomizer, JPEG lossless: the same pixels), read
+    through wsidicom with its scale from the DICOM pixel spacing."""
+    dicomizer = pytest.importorskip("wsidicomizer", reason="wsidicomizer is not installed (the dev extra has it)")
+    from wsidicom import WsiDicom
+    from wsidicom.codec import JpegLosslessSettings
+
+    tif = tmp_path / "scan.tif"
+    write_mosaic(tif, [[images_100x[5], None], [images_100x[15], images_100x[25]]], levels=2, tile=256, mpp=0.5,
+                 compression="jpeg")
+    dcm = tmp_path / "scan-dicom"
+    dcm.mkdir()
+    try:
+        with dicomizer.WsiDicomizer.open(tif, encoding=JpegLosslessSettings()) as wsi:
+            wsi.save(dcm)
+    except (ImportError, OSError, RuntimeError) as e:  # e.g. no libturbojpeg on this machine
+        pytest.skip(f"wsidicomizer cannot convert here: {e}")
+    with WsiDicom.open(dcm) as wsi:
+        assert len(wsi.levels) == 2 and wsi.mpp.width == pytest.approx(0.5)
+    out = tmp_path / "out"
+    assert main([str(tif), str(dcm), "--out", str(out), "--model", str(model_dir), "--backend", "cpu",
+                 "--no-progress"]) == 0
+    a, b = _rows(out)
+    assert (b["path"], b["scale_source"], float(b["mpp"])) == (str(dcm), "DICOM pixel spacing", 0.5)
+    assert (a["classified"], a["background"], a["probability"]) == (b["classified"], b["background"], b["probability"])
+    fields = [json.loads((out / "slides" / f"{r['outputs']}.json").read_text())["fields"] for r in (a, b)]
+    assert fields[0] == fields[1] and sum(f["status"] == "classified" for f in fields[0]) == 3

@@ -29,7 +29,7 @@ from typing import Any
 
 from runtime.apps.slide import AGGREGATES, MIN_TISSUE, classify_slide, output_stem, write_atomic
 from runtime.errors import BreakhisError
-from runtime.io.formats import is_image, is_slide
+from runtime.io.formats import is_dicom, is_image, is_slide
 from runtime.io.scale import Scale
 from runtime.model.manifest import sha256_file
 
@@ -65,8 +65,11 @@ def cohort_inputs(items: list[str], notes: list[str]) -> list[Path]:
             col = rows[0].index("path") if rows and "path" in rows[0] else 0
             listed = [r[col].strip() for r in rows[1 if rows and "path" in rows[0] else 0:] if r and r[col].strip()]
             out += [q if q.is_absolute() else p.parent / q for q in map(Path, listed)]
+        elif is_dicom(p):
+            out.append(p)  # a DICOM slide: the folder of its instances
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and (is_slide(f.name) or is_image(f.name)))
+            found = sorted({f.parent if f.suffix.lower() == ".dcm" else f for f in p.rglob("*")
+                            if f.is_file() and (is_slide(f.name) or is_image(f.name) or f.suffix.lower() == ".dcm")})
             out += found
             if not found:
                 notes.append(f"{p}: no slides or images in it")
@@ -250,7 +253,7 @@ def plan_units(paths: list[Path], slides: Path, key: str, retry_errors: bool) ->
     todo, rows = [], []
     for p in paths:
         try:
-            unit = Unit(str(p), p.stat().st_size, sha256_file(p), "")
+            unit = Unit(str(p), *_identity(p), "")
         except OSError as e:
             rows.append({"path": str(p), "status": "error", "error": f"{p}: cannot read ({e.strerror or e})",
                          "resumed": False})
@@ -264,12 +267,21 @@ def plan_units(paths: list[Path], slides: Path, key: str, retry_errors: bool) ->
     return todo, rows
 
 
+def _identity(p: Path) -> tuple[int, str]:
+    """(bytes, sha256) of a file, or of a DICOM slide's folder (over its instances' names and hashes)."""
+    if not p.is_dir():
+        return p.stat().st_size, sha256_file(p)
+    files = sorted(p.glob("*.dcm"))
+    digest = "".join(f"{f.name}:{sha256_file(f)}\n" for f in files)
+    return sum(f.stat().st_size for f in files), hashlib.sha256(digest.encode()).hexdigest()
+
+
 def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for lib in ("breakhis-edge", "numpy", "onnxruntime", "onnxruntime-gpu", "openvino", "tifffile", "ray",
-                "pyarrow"):
+    for lib in ("breakhis-edge", "numpy", "onnxruntime", "onnxruntime-gpu", "openvino", "tifffile", "wsidicom",
+                "ray", "pyarrow"):
         try:
             out[lib] = metadata.version(lib)
         except metadata.PackageNotFoundError:

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from runtime.io.decode import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, read_image
-from runtime.io.formats import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES
+from runtime.io.formats import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES, is_dicom
 from runtime.io.scale import Scale, from_name
 
 BLOCK = 2048  # pixels a side read at a time when a thumbnail is made from a large level
@@ -75,6 +75,8 @@ def open_source(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sourc
     """A TiffSource for TIFF-family files, an OpenSlideSource for other vendor slide formats, else the image decoded
     whole (refused above ``max_pixels``)."""
     path = Path(path)
+    if is_dicom(path):
+        return DicomSource(path if path.is_dir() else path.parent)
     if path.name.lower().endswith(TIFF_SUFFIXES):
         return TiffSource(path)
     if path.name.lower().endswith(OPENSLIDE_SUFFIXES):
@@ -288,6 +290,36 @@ def _tifffile_messages(lines: list[str]) -> Iterator[None]:
 
 def _said(log: list[str]) -> str:
     return f"; tifffile says: {'; '.join(dict.fromkeys(log))[:200]}" if log else ""
+
+
+class DicomSource(Source):
+    """A DICOM whole-slide image (a folder of one series' instances, VL Whole Slide Microscopy) through wsidicom,
+    an optional extra; the scale from the DICOM pixel spacing."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            from wsidicom import WsiDicom
+        except ImportError:
+            raise ImageError(f"{folder}: a DICOM slide; reading it needs wsidicom (pip install "
+                             "'breakhis-edge[dicom]')") from None
+        self.name = str(folder)
+        try:
+            self.wsi = WsiDicom.open(folder)
+        except Exception as e:  # wsidicom and pydicom raise their own types for foreign or damaged files
+            raise ImageError(f"{folder}: not a readable DICOM slide ({type(e).__name__}: {str(e)[:200]})") from None
+        levels = list(self.wsi.levels)
+        self.levels = [lv.level for lv in levels]
+        self.sizes = [(int(lv.size.width), int(lv.size.height)) for lv in levels]
+        self.downsamples = [self.sizes[0][0] / w for w, _ in self.sizes]
+        mpp = self.wsi.mpp.width if self.wsi.mpp is not None else None
+        self.scale = Scale(None, float(mpp), "DICOM pixel spacing") if mpp else from_name(folder.name)
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        rgb = np.asarray(self.wsi.read_region((x, y), self.levels[level], (w, h)).convert("RGB"))
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+
+    def close(self) -> None:
+        self.wsi.close()
 
 
 class OpenSlideSource(Source):
