@@ -4,6 +4,7 @@ outputs pathology tools read (GeoJSON ids, the OME-TIFF probability map, the tab
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import signal
@@ -79,6 +80,7 @@ def test_one_process_writes_every_output_a_row_each_and_the_run(model_dir, cohor
     with tifffile.TiffFile(f"{stem}.probability.ome.tif") as t:
         assert t.is_ome and t.series[0].shape == (2, 2)
         assert 'PhysicalSizeX="336.0"' in t.ome_metadata  # 0.5 um x 672 px per field
+    assert not Path(f"{stem}.geojson.gz").exists()  # only with --geojson-gz (the Ray test asks for it)
     header = Path(f"{stem}.csv").read_text().splitlines()[0].split(",")
     assert {"minx", "miny", "width", "height", "probability"} <= set(header)
 
@@ -99,6 +101,10 @@ def test_resume_skips_what_is_done_and_redoes_what_changed(model_dir, cohort, im
     assert again[str(folder / "m1.tif")]["probability"] == first[str(folder / "m1.tif")]["probability"]
     assert _run(model_dir, out, folder, extra=("--aggregate", "topk", "--top-k", "2")) == 0  # other options
     assert all(r["resumed"] == "False" and r["rule"] == "topk" for r in _rows(out))
+    assert _run(model_dir, out, folder, extra=("--aggregate", "topk", "--top-k", "2", "--precision", "fp16")) == 0
+    assert all(r["resumed"] == "False" for r in _rows(out))  # another variant of the model: classified again
+    assert _run(model_dir, out, folder, extra=("--aggregate", "topk", "--top-k", "2", "--precision", "fp16")) == 0
+    assert all(r["resumed"] == "True" for r in _rows(out))
 
 
 def test_a_run_killed_with_sigkill_is_finished_by_the_next_one(model_dir, cohort, tmp_path):
@@ -129,7 +135,7 @@ def test_ray_gives_the_same_table_and_loses_no_slide_when_an_actor_is_killed(mod
     want = {r["path"]: r["probability"] for r in _rows(ref)}
     out = tmp_path / "ray"
     code: list[int] = []
-    extra = ("--ray", "local", "--actors", "2", "--cpus-per-actor", "1")
+    extra = ("--ray", "local", "--actors", "2", "--cpus-per-actor", "1", "--geojson-gz")
     worker = threading.Thread(target=lambda: code.append(_run(model_dir, out, cohort / "a", cohort / "b",
                                                               extra=extra)))
     worker.start()
@@ -145,6 +151,8 @@ def test_ray_gives_the_same_table_and_loses_no_slide_when_an_actor_is_killed(mod
     assert {r["path"]: r["probability"] for r in rows} == want  # the same probabilities on the same backend
     run = json.loads((out / "run.json").read_text())
     assert run["ray"]["actors"] == 2 and run["ray"]["worker_restarts"] >= 1
+    stem = out / "slides" / next(r["outputs"] for r in rows if r["status"] != "error")
+    assert gzip.decompress(Path(f"{stem}.geojson.gz").read_bytes()) == Path(f"{stem}.geojson").read_bytes()
 
 
 def test_without_ray_the_flag_says_how_to_install_it(model_dir, cohort, tmp_path):
@@ -183,3 +191,25 @@ def test_a_dicom_slide_gives_the_fields_and_probabilities_of_the_tiff_it_came_fr
     assert (a["classified"], a["background"], a["probability"]) == (b["classified"], b["background"], b["probability"])
     fields = [json.loads((out / "slides" / f"{r['outputs']}.json").read_text())["fields"] for r in (a, b)]
     assert fields[0] == fields[1] and sum(f["status"] == "classified" for f in fields[0]) == 3
+
+
+def test_bands_of_a_slide_on_two_actors_give_the_whole_slides_result(model_dir, cohort, tmp_path, local_ray):
+    """--band-rows 1: every 2-row mosaic is two units, classified by whichever actor is free, and joined again."""
+    import cv2
+    import numpy as np
+
+    whole, banded = tmp_path / "whole", tmp_path / "banded"
+    _run(model_dir, whole, cohort / "a")
+    _run(model_dir, banded, cohort / "a", extra=("--ray", "local", "--actors", "2", "--cpus-per-actor", "1",
+                                                 "--band-rows", "1"))
+    keep = ("path", "probability", "fields", "classified", "background", "errors", "status")
+    assert [{k: r[k] for k in keep} for r in _rows(banded)] == [{k: r[k] for k in keep} for r in _rows(whole)]
+    for r in _rows(whole):
+        if r["status"] == "error":
+            continue
+        a, b = (out / "slides" / r["outputs"] for out in (whole, banded))
+        fields = [json.loads(Path(f"{x}.json").read_text())["fields"] for x in (a, b)]
+        assert fields[0] == fields[1]
+        assert Path(f"{b}.geojson").read_text() == Path(f"{a}.geojson").read_text()
+        assert np.array_equal(cv2.imread(f"{b}.overlay.png"), cv2.imread(f"{a}.overlay.png"))
+    assert json.loads((banded / "run.json").read_text())["band_rows"] == 1

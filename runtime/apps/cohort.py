@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import gzip
 import hashlib
 import io
 import json
@@ -23,15 +24,26 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from runtime.apps.slide import AGGREGATES, MIN_TISSUE, classify_slide, output_stem, write_atomic
+from runtime.apps.slide import (
+    AGGREGATES,
+    MIN_TISSUE,
+    classify_slide,
+    field_rows,
+    merge_bands,
+    merge_overlays,
+    output_stem,
+    write_atomic,
+)
 from runtime.errors import BreakhisError
 from runtime.io.formats import is_dicom, is_image, is_slide
 from runtime.io.scale import Scale
 from runtime.model.manifest import sha256_file
+from runtime.model.model_dir import ModelDir
+from runtime.model.paths import default_model_dir
 
 COLUMNS = ("path", "size_bytes", "sha256", "magnification", "mpp", "scale_source", "verdict", "probability", "rule",
            "fields", "classified", "background", "errors", "seconds", "status", "error", "resumed", "outputs")
@@ -51,6 +63,9 @@ class Unit:
     size_bytes: int
     sha256: str
     stem: str  # DIR/slides/NAME.<sha256[:12]>
+    rows: tuple[int, int] | None = None  # a band of field rows (start, stop); None: the whole slide
+    part: int = 0  # which band of the slide's ``parts``
+    parts: int = 1
 
 
 def cohort_inputs(items: list[str], notes: list[str]) -> list[Path]:
@@ -93,31 +108,49 @@ def run_key(model: dict[str, Any], options: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({"model": keep, "options": options}, sort_keys=True).encode()).hexdigest()
 
 
-def classify_unit(clf: Any, unit: Unit, options: dict[str, Any],
+def classify_part(clf: Any, unit: Unit, options: dict[str, Any],
                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """One slide: {"row": its table row, "files": {suffix: bytes}}. A slide that cannot be read is a row with its
-    error, never an exception: the other slides go on."""
+    """One slide, or one band of its field rows: {"result": SlideResult or None, "error", "overlay" (PNG bytes),
+    "threshold", "labels", "seconds"}. A slide that cannot be read gives its error, never an exception: the other
+    slides go on."""
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"path": unit.path, "size_bytes": unit.size_bytes, "sha256": unit.sha256,
-                           "outputs": Path(unit.stem).name, "resumed": False}
     scale = Scale(options["magnification"], options["mpp"], "flag") \
         if options["magnification"] or options["mpp"] else None
+    part: dict[str, Any] = {"threshold": clf.contract.threshold, "labels": clf.contract.labels, "result": None,
+                            "error": None, "overlay": b""}
     with tempfile.TemporaryDirectory(prefix="cohort-") as tmp:
         overlay = Path(tmp) / "overlay.png"
         try:
-            res = classify_slide(clf, unit.path, options["aggregate"], options["top_k"], scale,
-                                 options["tissue_mask"], options["min_tissue"], options["max_pixels"], overlay,
-                                 progress)
+            part["result"] = classify_slide(clf, unit.path, options["aggregate"], options["top_k"], scale,
+                                            options["tissue_mask"], options["min_tissue"], options["max_pixels"],
+                                            overlay, progress, rows=unit.rows)
+            part["overlay"] = overlay.read_bytes()
         except BreakhisError as e:
-            return {"row": row | {"status": "error", "error": str(e), "seconds": time.perf_counter() - t0},
-                    "files": {}}
-        res.sha256 = unit.sha256
-        files = res.outputs() | {".overlay.png": overlay.read_bytes()}
+            part["error"] = str(e)
+    return part | {"seconds": time.perf_counter() - t0}
+
+
+def finish_slide(unit: Unit, parts: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
+    """{"row": the slide's table row, "files": {suffix: bytes}} from its parts (bands merged, in row order)."""
+    row: dict[str, Any] = {"path": unit.path, "size_bytes": unit.size_bytes, "sha256": unit.sha256,
+                           "outputs": Path(unit.stem).name, "resumed": False,
+                           "seconds": sum(p.get("seconds", 0.0) for p in parts)}
+    failed = next((p["error"] for p in parts if p["error"]), None)
+    if failed:
+        return {"row": row | {"status": "error", "error": failed}, "files": {}}
+    results = [p["result"] for p in parts]
+    res = results[0] if len(parts) == 1 else merge_bands(results, options["aggregate"], options["top_k"],
+                                                         parts[0]["threshold"], tuple(parts[0]["labels"]))
+    overlay = parts[0]["overlay"] if len(parts) == 1 else merge_overlays([(p["result"], p["overlay"]) for p in parts])
+    res.sha256 = unit.sha256
     a, n, s = res.aggregate, res.counts, res.scale
     row |= {"magnification": s["magnification"], "mpp": s["mpp"], "scale_source": s["source"],
             "verdict": a["label"], "probability": a["value"], "rule": a["rule"], **n,
-            "seconds": time.perf_counter() - t0, "error": "; ".join(res.warnings) if n["errors"] else None,
+            "error": "; ".join(res.warnings) if n["errors"] else None,
             "status": "classified with errors" if n["errors"] else "classified"}
+    files = res.outputs() | {".overlay.png": overlay}
+    if options.get("geojson_gz"):
+        files[".geojson.gz"] = gzip.compress(files[".geojson"], mtime=0)
     return {"row": row, "files": files}
 
 
@@ -130,7 +163,7 @@ class SlideWorker:
         self.clf = Classifier(**classifier_kw)
 
     def classify(self, unit: Unit, options: dict[str, Any]) -> dict[str, Any]:
-        return classify_unit(self.clf, unit, options)
+        return classify_part(self.clf, unit, options)
 
     def model_info(self) -> dict[str, Any]:
         return self.clf.model_info.to_dict() | {"host": socket.gethostname()}
@@ -140,7 +173,7 @@ def run_local(clf: Any, units: list[Unit], options: dict[str, Any],
               field_progress: bool) -> Iterator[tuple[Unit, dict[str, Any]]]:
     """Slides one after another in this process."""
     for unit in units:
-        yield unit, classify_unit(clf, unit, options, _field_bar(unit) if field_progress else None)
+        yield unit, classify_part(clf, unit, options, _field_bar(unit) if field_progress else None)
 
 
 class RayPool:
@@ -170,12 +203,12 @@ class RayPool:
 
     def run(self, units: list[Unit], options: dict[str, Any]) -> Iterator[tuple[Unit, dict[str, Any]]]:
         ray = self.ray
-        queue, attempts = deque(units), {u.stem: 0 for u in units}
+        queue, attempts = deque(units), {(u.stem, u.part): 0 for u in units}
         pending: dict[Any, tuple[Unit, Any]] = {}  # Ray object ref -> (its slide, the actor working on it)
         while queue or pending:
             while queue and self.idle:
                 w, u = self.idle.pop(), queue.popleft()
-                attempts[u.stem] += 1
+                attempts[u.stem, u.part] += 1
                 pending[w.classify.remote(u, options)] = (u, w)
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             u, w = pending.pop(ref)
@@ -185,13 +218,11 @@ class RayPool:
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
                 self.info["worker_restarts"] += 1
                 self.idle.append(self._start())
-                if attempts[u.stem] < MAX_ATTEMPTS:
+                if attempts[u.stem, u.part] < MAX_ATTEMPTS:
                     queue.appendleft(u)
                     continue
-                payload = {"row": {"path": u.path, "size_bytes": u.size_bytes, "sha256": u.sha256,
-                                   "outputs": Path(u.stem).name, "resumed": False, "status": "error",
-                                   "error": f"its worker died {MAX_ATTEMPTS} times ({type(e).__name__})"},
-                           "files": {}}
+                payload = {"result": None, "overlay": b"", "seconds": 0.0,
+                           "error": f"its worker died {MAX_ATTEMPTS} times ({type(e).__name__})"}
             yield u, payload
 
     def close(self) -> None:
@@ -267,6 +298,23 @@ def plan_units(paths: list[Path], slides: Path, key: str, retry_errors: bool) ->
     return todo, rows
 
 
+def split_bands(units: list[Unit], band_rows: int, contract: Any, options: dict[str, Any]) -> list[Unit]:
+    """Each slide as bands of ``band_rows`` field rows (one unit each); a slide whose rows cannot be counted here
+    stays whole (its error, if it has one, comes from classifying it)."""
+    out = []
+    scale = Scale(options["magnification"], options["mpp"], "flag") \
+        if options["magnification"] or options["mpp"] else None
+    for u in units:
+        try:
+            n = field_rows(u.path, contract, scale, options["max_pixels"])
+        except BreakhisError:
+            n = 0
+        starts = list(range(0, n, band_rows)) or [0]
+        out += [replace(u, rows=(r, r + band_rows) if n else None, part=i, parts=len(starts))
+                for i, r in enumerate(starts)]
+    return out
+
+
 def _identity(p: Path) -> tuple[int, str]:
     """(bytes, sha256) of a file, or of a DICOM slide's folder (over its instances' names and hashes)."""
     if not p.is_dir():
@@ -322,15 +370,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="Ray actors, each holding the model once (default: one per GPU, else one per "
                          "--cpus-per-actor cores)")
     ap.add_argument("--cpus-per-actor", type=int, default=2, help="cores each CPU actor uses (default: 2)")
+    ap.add_argument("--geojson-gz", action="store_true", help="also write each slide's GeoJSON gzipped (.geojson.gz)")
+    ap.add_argument("--band-rows", type=int, default=0, metavar="N",
+                    help="split each slide into bands of N field rows, classified as separate units (so one large "
+                         "slide uses several Ray actors; the results are the same); default 0: whole slides")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_model_options(ap, max_pixels=100_000_000)
     args = ap.parse_args(argv)
     if args.top_k < 1 or not 0 <= args.min_tissue <= 1 or (args.actors is not None and args.actors < 1) \
-            or args.cpus_per_actor < 1:
+            or args.cpus_per_actor < 1 or args.band_rows < 0:
         ap.error("--top-k, --actors and --cpus-per-actor must be at least 1, --min-tissue between 0 and 1")
     options = {"aggregate": args.aggregate, "top_k": args.top_k, "magnification": args.magnification,
                "mpp": args.mpp, "tissue_mask": not args.no_tissue_mask, "min_tissue": args.min_tissue,
-               "max_pixels": args.max_pixels}
+               "max_pixels": args.max_pixels, "geojson_gz": args.geojson_gz}
     classifier_kw = dict(model_dir=args.model, backend=args.backend, precision=args.precision,
                          preprocess=args.preprocess, batch_size=args.batch_size, threads=args.threads,
                          allow_build=args.build_engine, max_pixels=args.max_pixels, decode_workers=args.decode_workers)
@@ -354,19 +406,28 @@ def main(argv: list[str] | None = None) -> int:
         slides.mkdir(parents=True, exist_ok=True)
         key = run_key(model, options)
         todo, rows = plan_units(paths, slides, key, args.retry_errors)
-        print(f"{len(paths)} inputs: {len(todo)} to classify, {sum(r.get('resumed', False) for r in rows)} done "
-              f"before (same file, model and options), {sum(not r.get('resumed') for r in rows)} unreadable",
-              file=sys.stderr)
+        slides_todo = len(todo)
+        if args.band_rows:
+            contract = clf.contract if clf is not None else \
+                ModelDir.open(args.model or default_model_dir()).contract
+            todo = split_bands(todo, args.band_rows, contract, options)
+        resumed = sum(bool(r.get("resumed")) for r in rows)
+        print(f"{len(paths)} inputs: {slides_todo} to classify ({len(todo)} units), {resumed} done before (same "
+              f"file, model and options), {len(rows) - resumed} unreadable", file=sys.stderr)
         stream = pool.run(todo, options) if pool else run_local(clf, todo, options, not args.no_progress)
         bar = None
         if not args.no_progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(todo), unit="slide", file=sys.stderr, position=0)
-        for unit, payload in stream:
-            rows.append(write_unit(unit, payload, key))
-            if bar is not None:
-                bar.update(1)
+            bar = tqdm(total=slides_todo, unit="slide", file=sys.stderr, position=0)
+        parts: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        for unit, part in stream:  # a slide is written once every band of it is in
+            parts.setdefault(unit.stem, []).append((unit.part, part))
+            if len(parts[unit.stem]) == unit.parts:
+                done = [p for _, p in sorted(parts.pop(unit.stem), key=lambda t: t[0])]
+                rows.append(write_unit(unit, finish_slide(unit, done, options), key))
+                if bar is not None:
+                    bar.update(1)
         if bar is not None:
             bar.close()
     except BreakhisError as e:
@@ -380,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: order.get(r["path"], len(order)))
     tables = write_table(args.out, rows)
     run = {"started": _iso(started), "finished": _iso(time.time()), "versions": versions(), "model": model,
-           "options": options, "key": key, "inputs": len(paths), "classified": len(todo),
+           "options": options, "band_rows": args.band_rows, "key": key, "inputs": len(paths),
+           "classified": slides_todo,
            "resumed": sum(bool(r.get("resumed")) for r in rows),
            "errors": sum(r.get("status") == "error" for r in rows), "tables": tables, "argv": sys.argv[1:]} | info
     write_atomic(args.out / "run.json", (json.dumps(run, indent=1) + "\n").encode())

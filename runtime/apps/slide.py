@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,11 @@ import cv2
 import numpy as np
 
 from runtime.errors import BreakhisError
-from runtime.io.decode import ImageError
+from runtime.io.decode import DEFAULT_MAX_PIXELS, ImageError
 from runtime.io.inputs import ImageInput
 from runtime.io.scale import Scale, resample_factor
 from runtime.io.slide_source import Source, open_source
-from runtime.model.manifest import sha256_file
+from runtime.model.manifest import Contract, sha256_file
 from runtime.pipeline.classifier import Classifies
 from runtime.pipeline.results import ModelInfo
 
@@ -143,9 +143,11 @@ class SlideResult:
 def classify_slide(clf: Classifies, path: Path | str, aggregate: str = "max", top_k: int = 3,
                    scale: Scale | None = None, tissue_mask: bool = True, min_tissue: float = MIN_TISSUE,
                    max_pixels: int | None = None, overlay: Path | None = None,
-                   progress: Callable[[int, int], None] | None = None, name: str | None = None) -> SlideResult:
+                   progress: Callable[[int, int], None] | None = None, name: str | None = None,
+                   rows: tuple[int, int] | None = None) -> SlideResult:
     """Tile ``path`` into fields at the model's scale, skip background, classify the rest in chunks and aggregate.
-    ``scale`` overrides what the file states; ``name`` is what results and messages call it (default: the path).
+    ``scale`` overrides what the file states; ``name`` is what results and messages call it (default: the path);
+    ``rows`` (start, stop): only that band of field rows (merge_bands joins the bands of a slide).
     Raises ImageError for an unreadable file."""
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, not {aggregate!r}")
@@ -154,14 +156,14 @@ def classify_slide(clf: Classifies, path: Path | str, aggregate: str = "max", to
     src.name = name or src.name
     try:
         return _classify(clf, src, aggregate, top_k, scale or src.scale, tissue_mask, min_tissue, overlay, progress,
-                         t0)
+                         t0, rows)
     finally:
         src.close()
 
 
 def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: Scale, tissue_mask: bool,
               min_tissue: float, overlay: Path | None, progress: Callable[[int, int], None] | None,
-              t0: float) -> SlideResult:
+              t0: float, band: tuple[int, int] | None = None) -> SlideResult:
     c = clf.contract
     factor, warnings = resample_factor(scale, c)
     fh, fw = c.field_size
@@ -172,7 +174,8 @@ def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: S
     thumb, t_down = src.thumbnail()
     background = _background(thumb)
     fields = []
-    for r in range(rows):
+    r0, r1 = band or (0, rows)
+    for r in range(r0, min(r1, rows)):
         for col in range(cols):
             x, y = round(col * fw * factor), round(r * fh * factor)
             w, h = round((col + 1) * fw * factor) - x, round((r + 1) * fh * factor) - y
@@ -221,6 +224,46 @@ def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: S
         Path(overlay).write_bytes(cv2.imencode(".png", overlay_image(thumb, t_down, fields))[1].tobytes())
     result.timings_ms["total"] = (time.perf_counter() - t0) * 1e3
     return result
+
+
+def field_rows(path: Path | str, contract: Contract, scale: Scale | None = None,
+               max_pixels: int | None = None) -> int:
+    """How many rows of fields ``path`` has at the model's scale (what a cohort splits into bands)."""
+    src = open_source(path, max_pixels or DEFAULT_MAX_PIXELS)
+    try:
+        factor, _ = resample_factor(scale or src.scale, contract)
+        return int(src.sizes[0][1] // (contract.field_size[0] * factor))
+    finally:
+        src.close()
+
+
+def merge_bands(parts: list[SlideResult], aggregate: str, top_k: int, threshold: float,
+                labels: tuple[str, str]) -> SlideResult:
+    """One slide's result from the results of its bands of field rows (each classified on its own)."""
+    fields = sorted((f for p in parts for f in p.fields), key=lambda f: (f.row, f.col))
+    return replace(parts[0], fields=fields, counts={k: sum(p.counts[k] for p in parts) for k in parts[0].counts},
+                   warnings=list(dict.fromkeys(w for p in parts for w in p.warnings)),
+                   timings_ms={k: sum(p.timings_ms.get(k, 0.0) for p in parts) for k in parts[0].timings_ms},
+                   aggregate=aggregate_verdict([f.probability for f in fields if f.status == "classified"],
+                                               aggregate, top_k, threshold, labels))
+
+
+def merge_overlays(parts: list[tuple[SlideResult, bytes]]) -> bytes:
+    """One overlay PNG from the bands' own: each band's rows of the thumbnail taken from the band that drew them
+    (a band's overlay differs from the thumbnail only inside its own fields)."""
+    images: list[np.ndarray] = []
+    for _, png in parts:
+        img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise ImageError("a band's overlay could not be decoded")
+        images.append(img)
+    out = images[0].copy()
+    for (res, _), img in zip(parts, images):
+        if res.fields:
+            t_down = res.size[0] / img.shape[1]
+            y0, y1 = min(f.y for f in res.fields), max(f.y + f.height for f in res.fields)
+            out[int(y0 / t_down):int(y1 / t_down)] = img[int(y0 / t_down):int(y1 / t_down)]
+    return cv2.imencode(".png", out)[1].tobytes()
 
 
 def write_atomic(path: Path, data: bytes) -> None:
