@@ -191,6 +191,11 @@ def test_a_dicom_slide_gives_the_fields_and_probabilities_of_the_tiff_it_came_fr
     assert (a["classified"], a["background"], a["probability"]) == (b["classified"], b["background"], b["probability"])
     fields = [json.loads((out / "slides" / f"{r['outputs']}.json").read_text())["fields"] for r in (a, b)]
     assert fields[0] == fields[1] and sum(f["status"] == "classified" for f in fields[0]) == 3
+    from runtime.apps.slide import main as slide_main
+
+    assert slide_main([str(dcm), "--out", str(tmp_path / "one"), "--model", str(model_dir), "--backend", "cpu",
+                       "--no-progress"]) == 0  # the slide CLI takes the folder too, named by its instances' hashes
+    assert json.loads((tmp_path / "one" / f"{b['outputs']}.json").read_text())["fields"] == fields[1]
 
 
 def test_bands_of_a_slide_on_two_actors_give_the_whole_slides_result(model_dir, cohort, tmp_path, local_ray):

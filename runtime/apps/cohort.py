@@ -41,7 +41,7 @@ from runtime.apps.slide import (
 from runtime.errors import BreakhisError
 from runtime.io.formats import is_dicom, is_image, is_slide
 from runtime.io.scale import Scale
-from runtime.model.manifest import sha256_file
+from runtime.io.slide_source import slide_identity
 from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir
 
@@ -284,7 +284,7 @@ def plan_units(paths: list[Path], slides: Path, key: str, retry_errors: bool) ->
     todo, rows = [], []
     for p in paths:
         try:
-            unit = Unit(str(p), *_identity(p), "")
+            unit = Unit(str(p), *slide_identity(p), "")
         except OSError as e:
             rows.append({"path": str(p), "status": "error", "error": f"{p}: cannot read ({e.strerror or e})",
                          "resumed": False})
@@ -313,15 +313,6 @@ def split_bands(units: list[Unit], band_rows: int, contract: Any, options: dict[
         out += [replace(u, rows=(r, r + band_rows) if n else None, part=i, parts=len(starts))
                 for i, r in enumerate(starts)]
     return out
-
-
-def _identity(p: Path) -> tuple[int, str]:
-    """(bytes, sha256) of a file, or of a DICOM slide's folder (over its instances' names and hashes)."""
-    if not p.is_dir():
-        return p.stat().st_size, sha256_file(p)
-    files = sorted(p.glob("*.dcm"))
-    digest = "".join(f"{f.name}:{sha256_file(f)}\n" for f in files)
-    return sum(f.stat().st_size for f in files), hashlib.sha256(digest.encode()).hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -404,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
             raise CohortError("no inputs to classify")
         slides = args.out / "slides"
         slides.mkdir(parents=True, exist_ok=True)
+        for tmp in slides.glob(".*.tmp"):  # what an interrupted run was writing (never a result): gone when stale
+            if time.time() - tmp.stat().st_mtime > 600:
+                tmp.unlink(missing_ok=True)
         key = run_key(model, options)
         todo, rows = plan_units(paths, slides, key, args.retry_errors)
         slides_todo = len(todo)

@@ -28,8 +28,8 @@ from runtime.errors import BreakhisError
 from runtime.io.decode import DEFAULT_MAX_PIXELS, ImageError
 from runtime.io.inputs import ImageInput
 from runtime.io.scale import Scale, resample_factor
-from runtime.io.slide_source import Source, open_source
-from runtime.model.manifest import Contract, sha256_file
+from runtime.io.slide_source import Source, open_source, slide_identity
+from runtime.model.manifest import Contract
 from runtime.pipeline.classifier import Classifies
 from runtime.pipeline.results import ModelInfo
 
@@ -359,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m runtime.slide", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="+", type=Path, help="slides, mosaics or large images (TIFF family read lazily)")
+    ap.add_argument("inputs", nargs="+", type=Path,
+                    help="slides, mosaics or large images (TIFF family read lazily), or DICOM slides (the folder of "
+                         "a slide's instances)")
     ap.add_argument("--out", type=Path, default=Path("slide-results"),
                     help="folder for STEM.geojson, STEM.csv, STEM.overlay.png and STEM.json, STEM being the file's "
                          "name and the start of its sha256 (default: slide-results)")
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.inputs:
             bar = None if args.no_progress else _bar(path)
             try:
-                sha = sha256_file(path)
+                _, sha = slide_identity(path)  # a file, or a DICOM slide's folder
             except OSError as e:
                 print(f"error: {path}: cannot read ({e.strerror or e})", file=sys.stderr)
                 failed += 1

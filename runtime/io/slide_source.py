@@ -4,6 +4,7 @@ OpenSlide where it is installed (optional); other images (PNG, JPEG, ...) decode
 Every region comes back as BGR uint8, and the source says what it knows of its scale."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import struct
@@ -19,6 +20,7 @@ import numpy as np
 from runtime.io.decode import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, read_image
 from runtime.io.formats import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES, is_dicom
 from runtime.io.scale import Scale, from_name
+from runtime.model.manifest import sha256_file
 
 BLOCK = 2048  # pixels a side read at a time when a thumbnail is made from a large level
 MAX_SLIDE_PIXELS = 40_000_000_000  # level 0: beyond any scanner's 40X slide; a claim above it is refused
@@ -69,6 +71,16 @@ class Source:
 
     def close(self) -> None:
         pass
+
+
+def slide_identity(path: Path) -> tuple[int, str]:
+    """(bytes, sha256) of a slide file, or of a DICOM slide's folder (over its instances' names and hashes): what
+    its outputs are named by and a cohort resumes by."""
+    if not path.is_dir():
+        return path.stat().st_size, sha256_file(path)
+    files = sorted(path.glob("*.dcm"))
+    digest = "".join(f"{f.name}:{sha256_file(f)}\n" for f in files)
+    return sum(f.stat().st_size for f in files), hashlib.sha256(digest.encode()).hexdigest()
 
 
 def open_source(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
