@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import gzip
 import hashlib
 import io
@@ -32,6 +31,7 @@ from runtime.apps.slide import (
     AGGREGATES,
     MIN_TISSUE,
     classify_slide,
+    field_bar,
     field_rows,
     merge_bands,
     merge_overlays,
@@ -39,7 +39,7 @@ from runtime.apps.slide import (
     write_atomic,
 )
 from runtime.errors import BreakhisError
-from runtime.io.formats import is_dicom, is_image, is_slide
+from runtime.io.inputs import expand_inputs
 from runtime.io.scale import Scale
 from runtime.io.slide_source import slide_identity
 from runtime.model.model_dir import ModelDir
@@ -68,36 +68,25 @@ class Unit:
     parts: int = 1
 
 
-def cohort_inputs(items: list[str], notes: list[str]) -> list[Path]:
-    """Files, folders (their slides and images, sorted, recursively), globs, or .csv / .txt lists of paths (a
-    "path" column, or the first column; relative paths from the list's folder), in the order given, once each."""
-    out: list[Path] = []
+def cohort_inputs(items: list[str], notes: list[str]) -> list[tuple[Path, str | None]]:
+    """[(path, error)]: files, folders (their slides and images, recursively; a folder of DICOM instances is one
+    slide), globs, or .csv / .txt lists of paths (a "path" column, or the first; relative paths from the list's
+    folder), in the order given, each once. A missing path, an empty folder or a glob matching nothing keeps its
+    error (runtime/io/inputs.py: expand_inputs, as every CLI reads its inputs)."""
+    expanded: list[str] = []
     for item in items:
         p = Path(item)
         if p.is_file() and p.suffix.lower() in (".csv", ".txt"):
-            text = p.read_text(errors="surrogateescape")
-            rows = list(csv.reader(io.StringIO(text)))
-            col = rows[0].index("path") if rows and "path" in rows[0] else 0
-            listed = [r[col].strip() for r in rows[1 if rows and "path" in rows[0] else 0:] if r and r[col].strip()]
-            out += [q if q.is_absolute() else p.parent / q for q in map(Path, listed)]
-        elif is_dicom(p):
-            out.append(p)  # a DICOM slide: the folder of its instances
-        elif p.is_dir():
-            found = sorted({f.parent if f.suffix.lower() == ".dcm" else f for f in p.rglob("*")
-                            if f.is_file() and (is_slide(f.name) or is_image(f.name) or f.suffix.lower() == ".dcm")})
-            out += found
-            if not found:
-                notes.append(f"{p}: no slides or images in it")
-        elif glob.has_magic(item):
-            found = [Path(f) for f in sorted(glob.glob(item, recursive=True))]
-            out += found
-            if not found:
-                notes.append(f"{item}: pattern matches no files")
+            rows = list(csv.reader(io.StringIO(p.read_text(errors="surrogateescape"))))
+            header = bool(rows) and "path" in rows[0]
+            col = rows[0].index("path") if header else 0
+            listed = [Path(r[col].strip()) for r in rows[header:] if len(r) > col and r[col].strip()]
+            expanded += [str(q if q.is_absolute() else p.parent / q) for q in listed]
         else:
-            out.append(p)  # a missing file gets its row with the reason
-    unique: dict[str, Path] = {}
-    for p in out:  # a path given twice (or through two spellings) is one slide
-        unique.setdefault(str(p.resolve()), p)
+            expanded.append(item)
+    unique: dict[str, tuple[Path, str | None]] = {}
+    for path, error in expand_inputs(expanded, recursive=True, skipped=notes, slides=True):
+        unique.setdefault(os.path.realpath(path), (Path(path), error))  # one slide, however often it was named
     return list(unique.values())
 
 
@@ -114,8 +103,7 @@ def classify_part(clf: Any, unit: Unit, options: dict[str, Any],
     "threshold", "labels", "seconds"}. A slide that cannot be read gives its error, never an exception: the other
     slides go on."""
     t0 = time.perf_counter()
-    scale = Scale(options["magnification"], options["mpp"], "flag") \
-        if options["magnification"] or options["mpp"] else None
+    scale = _scale(options)
     part: dict[str, Any] = {"threshold": clf.contract.threshold, "labels": clf.contract.labels, "result": None,
                             "error": None, "overlay": b""}
     with tempfile.TemporaryDirectory(prefix="cohort-") as tmp:
@@ -173,7 +161,11 @@ def run_local(clf: Any, units: list[Unit], options: dict[str, Any],
               field_progress: bool) -> Iterator[tuple[Unit, dict[str, Any]]]:
     """Slides one after another in this process."""
     for unit in units:
-        yield unit, classify_part(clf, unit, options, _field_bar(unit) if field_progress else None)
+        bar = field_bar(Path(unit.path), position=1) if field_progress else None
+        part = classify_part(clf, unit, options, bar)
+        if bar is not None:
+            bar(-1, -1)
+        yield unit, part
 
 
 class RayPool:
@@ -279,10 +271,14 @@ def write_table(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     return ["cohort.csv", "cohort.parquet"]
 
 
-def plan_units(paths: list[Path], slides: Path, key: str, retry_errors: bool) -> tuple[list[Unit], list[dict]]:
+def plan_units(paths: list[tuple[Path, str | None]], slides: Path, key: str,
+               retry_errors: bool) -> tuple[list[Unit], list[dict]]:
     """(units to classify, rows already done or unreadable), in input order by path."""
     todo, rows = [], []
-    for p in paths:
+    for p, error in paths:
+        if error is not None:
+            rows.append({"path": str(p), "status": "error", "error": error, "resumed": False})
+            continue
         try:
             unit = Unit(str(p), *slide_identity(p), "")
         except OSError as e:
@@ -302,8 +298,7 @@ def split_bands(units: list[Unit], band_rows: int, contract: Any, options: dict[
     """Each slide as bands of ``band_rows`` field rows (one unit each); a slide whose rows cannot be counted here
     stays whole (its error, if it has one, comes from classifying it)."""
     out = []
-    scale = Scale(options["magnification"], options["mpp"], "flag") \
-        if options["magnification"] or options["mpp"] else None
+    scale = _scale(options)
     for u in units:
         try:
             n = field_rows(u.path, contract, scale, options["max_pixels"])
@@ -431,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             clf.close()
         if pool is not None:
             pool.close()
-    order = {str(p): i for i, p in enumerate(paths)}
+    order = {str(p): i for i, (p, _) in enumerate(paths)}
     rows.sort(key=lambda r: order.get(r["path"], len(order)))
     tables = write_table(args.out, rows)
     run = {"started": _iso(started), "finished": _iso(time.time()), "versions": versions(), "model": model,
@@ -445,22 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if run["errors"] else 0
 
 
+def _scale(options: dict[str, Any]) -> Scale | None:
+    """The scale --magnification / --mpp state for every input; None: what each file says."""
+    return Scale(options["magnification"], options["mpp"], "flag") if options["magnification"] or options["mpp"] \
+        else None
+
+
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _field_bar(unit: Unit) -> Callable[[int, int], None]:
-    """A second tqdm bar, over the fields of the slide in progress."""
-    from tqdm import tqdm
-
-    state: dict[str, Any] = {}
-
-    def update(done: int, total: int) -> None:
-        if "bar" not in state:
-            state["bar"] = tqdm(total=total, desc=Path(unit.path).name[-30:], unit="field", file=sys.stderr,
-                                position=1, leave=False)
-        state["bar"].update(done - state["bar"].n)
-        if done >= total:
-            state["bar"].close()
-
-    return update

@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = [], 0
     with clf:
         for path in args.inputs:
-            bar = None if args.no_progress else _bar(path)
+            bar = None if args.no_progress else field_bar(path)
             try:
                 _, sha = slide_identity(path)  # a file, or a DICOM slide's folder
             except OSError as e:
@@ -438,8 +438,8 @@ def _summary(r: SlideResult, out: Path) -> str:
     return "\n".join(lines)
 
 
-def _bar(path: Path) -> Callable[[int, int], None]:
-    """A tqdm bar on stderr, fed (done, total); (-1, -1) closes it."""
+def field_bar(path: Path, position: int = 0) -> Callable[[int, int], None]:
+    """A tqdm bar on stderr over a slide's fields, fed (done, total); (-1, -1) closes it."""
     from tqdm import tqdm
 
     state: dict[str, Any] = {}
@@ -450,7 +450,8 @@ def _bar(path: Path) -> Callable[[int, int], None]:
                 state["bar"].close()
             return
         if "bar" not in state:
-            state["bar"] = tqdm(total=total, desc=path.name[-30:], unit="field", file=sys.stderr)
+            state["bar"] = tqdm(total=total, desc=path.name[-30:], unit="field", file=sys.stderr, position=position,
+                                leave=position == 0)
         state["bar"].update(done - state["bar"].n)
 
     return update

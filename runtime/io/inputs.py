@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.io.formats import IMAGE_SUFFIXES, is_image
+from runtime.io.formats import IMAGE_SUFFIXES, SLIDE_SUFFIXES, is_dicom, is_image, is_slide
 
 
 @dataclass
@@ -22,20 +22,25 @@ class ImageInput:
     error: str | None = None
 
 
-def expand_inputs(items: list[str], recursive: bool = False,
-                  skipped: list[str] | None = None) -> list[tuple[str, str | None]]:
+def expand_inputs(items: list[str], recursive: bool = False, skipped: list[str] | None = None,
+                  slides: bool = False) -> list[tuple[str, str | None]]:
     """[(path, error)] in the order given: folders expand to their images (sorted; with ``recursive``, their
-    sub-folders too, links to folders not followed), globs to their matches. A folder without images, a glob
-    without matches, or a missing path stays as one entry with an error. What a folder holds but is not read
-    (other file types, sub-folders, broken links) is described in ``skipped``, when given."""
+    sub-folders too, links to folders not followed), globs to their matches; with ``slides``, slide formats too,
+    and a folder of DICOM instances is one input. A folder without any, a glob without matches, or a missing path
+    stays as one entry with an error. What a folder holds but is not read (other file types, sub-folders, broken
+    links) is described in ``skipped``, when given."""
     out: list[tuple[str, str | None]] = []
     notes = skipped if skipped is not None else []
     for item in items:
         p = Path(item)
-        if p.is_dir():
-            found = _folder_images(p, recursive, notes)
-            out += [(f, None) for f in found] or [(item, f"{item}: directory contains no images "
-                                                          f"({', '.join(IMAGE_SUFFIXES)})")]
+        if slides and is_dicom(p):
+            out.append((item, None))
+        elif p.is_dir():
+            found = _folder_images(p, recursive, notes, slides)
+            kinds = IMAGE_SUFFIXES + (SLIDE_SUFFIXES + (".dcm",) if slides else ())
+            out += [(f, None) for f in found] or [(item, f"{item}: directory contains no "
+                                                          f"{'slides or images' if slides else 'images'} "
+                                                          f"({', '.join(dict.fromkeys(kinds))})")]
         elif p.exists():
             out.append((item, None))
         elif glob.has_magic(item):
@@ -48,7 +53,7 @@ def expand_inputs(items: list[str], recursive: bool = False,
     return out
 
 
-def _folder_images(folder: Path, recursive: bool, notes: list[str]) -> list[str]:
+def _folder_images(folder: Path, recursive: bool, notes: list[str], slides: bool = False) -> list[str]:
     found = []
     for c in sorted(folder.iterdir()):
         if c.is_symlink() and not c.exists():
@@ -56,11 +61,13 @@ def _folder_images(folder: Path, recursive: bool, notes: list[str]) -> list[str]
         elif c.is_dir():
             if c.is_symlink():
                 notes.append(f"{c}: skipped, a link to a folder (not followed)")
+            elif slides and is_dicom(c):
+                found.append(str(c))
             elif recursive:
-                found += _folder_images(c, recursive, notes)
+                found += _folder_images(c, recursive, notes, slides)
             else:
                 notes.append(f"{c}: skipped, a folder (use --recursive)")
-        elif is_image(c.name):
+        elif is_image(c.name) or (slides and is_slide(c.name)):
             found.append(str(c))
         elif not c.name.startswith("."):
             notes.append(f"{c}: skipped, not a supported image type ({', '.join(IMAGE_SUFFIXES)})")
