@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.io.decode import ImageError, decode, probe, read_image
+from runtime.io import turbojpeg
+from runtime.io.decode import FLAGS, ImageError, decode, probe, read_image, to_bgr8
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,6 @@ def test_png_layouts_give_what_opencv_gives(kind):
         data = cv2.imencode(".png", cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))[1].tobytes()
     else:
         data = _pil_png(kind.split("+")[0], **({"transparency": 3} if kind == "P+tRNS" else {}))
-    from runtime.io.decode import FLAGS, to_bgr8
-
     expected = to_bgr8(cv2.imdecode(np.frombuffer(data, np.uint8), FLAGS), "x")
     dec = decode(data, "x.png")
     np.testing.assert_array_equal(dec.bgr, expected.bgr)
@@ -81,6 +80,59 @@ def test_png_decoder_messages_go_to_their_own_image_and_png_decodes_run_in_paral
     for i, r in enumerate(results):
         assert r.warnings == (["PNG warning: gAMA: duplicate"] if i % 4 == 0 else []), i
     assert capfd.readouterr().err == ""
+
+
+def _jpeg(bgr: np.ndarray, **params: int) -> bytes:
+    flags = [v for k, x in params.items() for v in (getattr(cv2, f"IMWRITE_JPEG_{k.upper()}"), x)]
+    return cv2.imencode(".jpg", bgr, flags)[1].tobytes()
+
+
+def _zeroed(jpeg: bytes) -> bytes:
+    """The last two thirds of the scan data zeroed: libjpeg still decodes it (flat rows) and only warns."""
+    data = bytearray(jpeg)
+    sos = data.find(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    cut = start + (len(data) - 2 - start) // 3
+    data[cut:-2] = bytes(len(data) - 2 - cut)
+    return bytes(data)
+
+
+@pytest.mark.skipif(not turbojpeg.library(), reason="no libturbojpeg on this machine (Debian: libturbojpeg0): "
+                                                    "JPEGs take OpenCV's serialised path")
+def test_jpeg_decodes_in_parallel_with_opencvs_pixels_and_damage_still_refused(shared_data, capfd):
+    """JPEGs go through libjpeg-turbo without the stderr lock (held throughout here): every shared image as a
+    JPEG (baseline, progressive, grayscale) gives OpenCV's pixels exactly, and a truncated or zeroed one decoded at
+    the same time in another thread is refused with libjpeg's own words, nothing reaching the console."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime.io import decode as imageio
+
+    images = [cv2.imread(str(p)) for p in sorted((shared_data / "breakhis-100x").glob("*.png"))]
+    files = [_jpeg(b, quality=90) for b in images]
+    files += [_jpeg(images[0], progressive=1), _jpeg(cv2.cvtColor(images[1], cv2.COLOR_BGR2GRAY))]
+    bad = {"truncated.jpg": files[0][:len(files[0]) // 2], "zeroed.jpg": _zeroed(files[1])}
+    capfd.readouterr()
+    with imageio._STDERR_LOCK, ThreadPoolExecutor(4) as pool:
+        decoded = list(pool.map(lambda d: decode(d, "x.jpg"), files, timeout=120))
+        refused = list(pool.map(lambda kv: pytest.raises(ImageError, decode, kv[1], kv[0]), bad.items(),
+                                timeout=60))
+    for data, dec in zip(files, decoded):
+        expected = to_bgr8(cv2.imdecode(np.frombuffer(data, np.uint8), FLAGS), "x")
+        np.testing.assert_array_equal(dec.bgr, expected.bgr)
+        assert dec.conversions == expected.conversions and dec.warnings == []
+    assert "Premature end of JPEG file" in str(refused[0].value) and "truncated.jpg" in str(refused[0].value)
+    assert "Corrupt JPEG data" in str(refused[1].value) and "zeroed.jpg" in str(refused[1].value)
+    assert capfd.readouterr().err == ""
+
+
+def test_cmyk_jpeg_takes_opencvs_path(sample):
+    """A CMYK JPEG (TurboJPEG does not turn it into BGR) is decoded by OpenCV as before."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(sample).convert("CMYK").save(buf, "JPEG", quality=95)
+    expected = to_bgr8(cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), FLAGS), "x")
+    np.testing.assert_array_equal(decode(buf.getvalue(), "cmyk.jpg").bgr, expected.bgr)
 
 
 def test_grayscale_is_converted_and_reported(tmp_path, sample):
@@ -153,15 +205,10 @@ def test_pixel_limit_is_configurable(sample):
 def test_corrupted_jpeg_that_still_decodes_is_refused_and_stderr_stays_clean(tmp_path, sample, capfd):
     """Two thirds of the scan data zeroed: libjpeg decodes it (flat grey rows) and only complains on stderr. The
     complaint belongs to that file: it becomes the file's error, and nothing unattributed reaches the console."""
-    ok, buf = cv2.imencode(".jpg", cv2.imread(str(sample)), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    data = bytearray(buf.tobytes())
-    sos = data.find(b"\xff\xda")
-    start = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
-    cut = start + (len(data) - 2 - start) // 3
-    data[cut:-2] = bytes(len(data) - 2 - cut)
-    assert cv2.imdecode(np.frombuffer(bytes(data), np.uint8), cv2.IMREAD_COLOR) is not None  # it does decode
+    data = _zeroed(_jpeg(cv2.imread(str(sample)), quality=90))
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None  # it does decode
     capfd.readouterr()
-    (tmp_path / "zeroed.jpg").write_bytes(bytes(data))
+    (tmp_path / "zeroed.jpg").write_bytes(data)
     with pytest.raises(ImageError, match="Corrupt JPEG data") as e:
         read_image(tmp_path / "zeroed.jpg")
     assert "zeroed.jpg" in str(e.value)

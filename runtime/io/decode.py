@@ -1,5 +1,5 @@
 """Image decoding: the header read lazily by Pillow first (size limit, pages, EXIF orientation), pixels decoded by
-libpng through imagecodecs (PNG) or OpenCV (the rest), explicit colour conversions, decoder messages attached to the
+libpng through imagecodecs (PNG), libjpeg-turbo's TurboJPEG (JPEG, where installed) or OpenCV (the rest), explicit colour conversions, decoder messages attached to the
 image they concern, clear errors."""
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import imagecodecs
 import numpy as np
 
 from runtime.errors import BreakhisError
+from runtime.io import turbojpeg
 
 MAX_PAGES = 256  # a multi-page TIFF's directories are read to find its largest page: bounded
 FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP")  # as Pillow names them (MPO: a JPEG with extra frames)
@@ -64,7 +65,7 @@ FLAGS = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION  # orientation is a
 def decoder_messages() -> Iterator[list[str]]:
     """Collect what OpenCV's C decoders (libjpeg, libtiff) print to stderr while decoding one image, so that it is
     attached to that image's result instead of appearing, unattributed, on the console. These decodes are
-    serialised while stderr is redirected (PNG, the dataset's format, goes through ``_decode_png`` instead)."""
+    serialised while stderr is redirected (PNG and JPEG go through ``_decode_in_parallel`` instead)."""
     lines: list[str] = []
     with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
         sys.stderr.flush()
@@ -92,6 +93,21 @@ class _AttachToThisDecode(logging.Filter):
 
 
 logging.getLogger("imagecodecs").addFilter(_AttachToThisDecode())
+
+
+def _decode_in_parallel(data: bytes, info: Probe, messages: list[str]) -> np.ndarray | None:
+    """PNG (libpng) and JPEG (libjpeg-turbo, where the system has it) decoded without the stderr lock, their
+    messages collected per call; None with no message: OpenCV's serialised path decodes it (TIFF, BMP, CMYK...)."""
+    if info.format == "PNG":
+        return _decode_png(data, messages)
+    if info.format == "JPEG":
+        try:
+            jpeg = turbojpeg.decode(data)
+        except turbojpeg.Fallback:
+            return None
+        messages += jpeg.warnings
+        return jpeg.image
+    return None
 
 
 def _decode_png(data: bytes, messages: list[str]) -> np.ndarray | None:
@@ -160,10 +176,9 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Deco
                          "(raise it with --max-pixels)")
     conversions: list[str] = []
     img: np.ndarray | None
-    if info.format == "PNG" and len(info.pages) == 1:
-        messages: list[str] = []
-        img = _decode_png(data, messages)
-    else:
+    messages: list[str] = []
+    img = _decode_in_parallel(data, info, messages) if len(info.pages) == 1 else None
+    if img is None and not messages:
         with decoder_messages() as messages:
             buf = np.frombuffer(data, np.uint8)
             if len(info.pages) > 1:

@@ -1,0 +1,83 @@
+"""JPEG decoding by the system's libjpeg-turbo (its TurboJPEG library, through ctypes) where it is installed: ctypes
+releases the GIL, so JPEGs decode in parallel like PNGs, and libjpeg's warnings (corrupt or truncated data) come back
+with the call that caused them instead of as stderr text. Without the library JPEGs take OpenCV's serialised path."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+TJPF_BGR, TJPF_GRAY = 1, 6  # pixel formats (turbojpeg.h)
+TJCS_YCBCR, TJCS_GRAY, TJCS_RGB = 1, 2, 0  # colour spaces decoded here; CMYK/YCCK go to OpenCV
+TJERR_WARNING = 0
+_LOCK = threading.Lock()
+_LIB: list[ctypes.CDLL | None] = []  # [library] once looked up, [None] where the system has none
+
+
+class Fallback(Exception):
+    """TurboJPEG cannot decode this file (CMYK, 12-bit, a fatal error): OpenCV's path decodes it as before."""
+
+
+@dataclass
+class Jpeg:
+    image: np.ndarray  # BGR HxWx3, or HxW for a grayscale JPEG (as OpenCV's IMREAD_UNCHANGED gives)
+    warnings: list[str]  # libjpeg's warning for this file (at most one: TurboJPEG keeps the last), else empty
+
+
+def library() -> ctypes.CDLL | None:
+    """libturbojpeg, or None where it is not installed (Debian: libturbojpeg0; Jetson's L4T has it)."""
+    with _LOCK:
+        if not _LIB:
+            name = ctypes.util.find_library("turbojpeg")
+            lib = None
+            try:
+                lib = ctypes.CDLL(name) if name else None
+                if lib is not None:
+                    _declare(lib)
+            except (OSError, AttributeError):  # unloadable, or too old for the 2.x API used here
+                lib = None
+            _LIB.append(lib)
+        return _LIB[0]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    c_int_p, size = ctypes.POINTER(ctypes.c_int), ctypes.c_ulong
+    lib.tjInitDecompress.restype = ctypes.c_void_p
+    lib.tjDestroy.argtypes = [ctypes.c_void_p]
+    lib.tjDecompressHeader3.argtypes = [ctypes.c_void_p, ctypes.c_char_p, size, c_int_p, c_int_p, c_int_p, c_int_p]
+    lib.tjDecompress2.argtypes = [ctypes.c_void_p, ctypes.c_char_p, size, ctypes.c_void_p, ctypes.c_int,
+                                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.tjGetErrorStr2.argtypes = [ctypes.c_void_p]
+    lib.tjGetErrorStr2.restype = ctypes.c_char_p
+    lib.tjGetErrorCode.argtypes = [ctypes.c_void_p]
+
+
+def decode(data: bytes) -> Jpeg:
+    """One baseline or progressive 8-bit JPEG -> BGR (or gray) uint8, with libjpeg's default (accurate) DCT and
+    upsampling, as OpenCV decodes it. Raises Fallback where OpenCV's path should decode it instead."""
+    lib = library()
+    if lib is None:
+        raise Fallback("no libturbojpeg")
+    handle = lib.tjInitDecompress()
+    if not handle:
+        raise Fallback("tjInitDecompress failed")
+    try:
+        w, h, sub, cs = (ctypes.c_int() for _ in range(4))
+        if lib.tjDecompressHeader3(handle, data, len(data), ctypes.byref(w), ctypes.byref(h), ctypes.byref(sub),
+                                   ctypes.byref(cs)) != 0 or cs.value not in (TJCS_YCBCR, TJCS_GRAY, TJCS_RGB):
+            raise Fallback("header")
+        gray = cs.value == TJCS_GRAY
+        out = np.empty((h.value, w.value) if gray else (h.value, w.value, 3), np.uint8)
+        status = lib.tjDecompress2(handle, data, len(data), out.ctypes.data, w.value, 0, h.value,
+                                   TJPF_GRAY if gray else TJPF_BGR, 0)
+        warnings: list[str] = []
+        if status != 0:
+            if lib.tjGetErrorCode(handle) != TJERR_WARNING:
+                raise Fallback("fatal")
+            warnings.append((lib.tjGetErrorStr2(handle) or b"").decode(errors="replace").strip())
+        return Jpeg(out, warnings)
+    finally:
+        lib.tjDestroy(handle)
