@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +46,17 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
             "platform": platform.platform()}
+
+
+def jpeg_copies(images: list[Path], folder: Path, quality: int) -> list[Path]:
+    """JPEG copies of the images (OpenCV, 4:2:0 as cameras write them), named as the originals."""
+    import cv2
+
+    out = []
+    for p in images:
+        out.append(folder / f"{p.stem}.jpg")
+        cv2.imwrite(str(out[-1]), cv2.imread(str(p)), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return out
 
 
 def summarise(total_s: list[float], stages: dict[str, list[float]]) -> dict:
@@ -101,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every variant")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant peak RSS children")
     ap.add_argument("--fp16-tflops", type=float, default=None, help="GPU dense FP16 rate for the floor (gpu suite)")
+    ap.add_argument("--as-jpeg", type=int, default=None, metavar="QUALITY",
+                    help="time JPEG copies of the images at this quality instead (as a camera writes them)")
     args = ap.parse_args(argv)
     from runtime.io.inputs import image_files
     from runtime.model.paths import default_model_dir
@@ -110,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     images = image_files(args.images)[: args.limit]
     if not images:
         ap.error(f"--images {args.images}: no images found")
+    if args.as_jpeg is not None:
+        images = jpeg_copies(images, Path(tempfile.mkdtemp(prefix="bench-jpeg-")), args.as_jpeg)
     baseline, wanted_per_image, wanted_throughput = SUITES[args.suite]
     variants, skipped = {}, {}
     for v in (*wanted_per_image, *wanted_throughput):
@@ -154,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     m = machine()
     result = {"machine": m, "suite": args.suite, "model": str(args.model), "images": len(images),
+              "format": f"JPEG quality {args.as_jpeg} copies" if args.as_jpeg is not None else "as given",
               "repeats": args.repeats, "warmup_images": args.warmup, "threads": args.threads, "baseline": baseline,
               "variants": {v: summarise(*times[v]) for v in variants}, "skipped": skipped}
     for v in per_image:

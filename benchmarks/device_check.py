@@ -34,12 +34,19 @@ def plan(images: Path, out: Path, trained: Path, limit: int) -> list[tuple[str, 
             steps.append((f"verify-{backend}-{precision}",
                           [*py, "export", "verify", "-m", str(trained), "--images", str(images), "--backend", backend,
                            "--precision", precision, "--json", str(out / f"verify-{backend}-{precision}.json")]))
+    steps.append(("verify-onnxruntime-cuda-fp16-nhwc",  # recorded in the model: the runtime prefers NHWC if it passed
+                  [*py, "export", "verify", "-m", str(trained), "--images", str(images), "--backend",
+                   "onnxruntime-cuda", "--precision", "fp16", "--layout", "nhwc", "--json",
+                   str(out / "verify-onnxruntime-cuda-fp16-nhwc.json")]))
     steps.append(("classify-trained", [*py, "runtime.classify", "--no-progress", "--json", "--model", str(trained),
                                        str(images)]))
     steps.append(("bench-decode", [*py, "benchmarks.decode", "--images", str(images), "--json",
                                    str(out / "decode.json")]))
     steps.append(("bench-gpu", [*py, "benchmarks", "--suite", "gpu", "--model", str(trained), "--images", str(images),
                                 "--limit", str(limit), "--no-memory", "--json", str(out / "gpu.json")]))
+    steps.append(("bench-gpu-jpeg", [*py, "benchmarks", "--suite", "gpu", "--model", str(trained), "--images",
+                                     str(images), "--as-jpeg", "95", "--limit", str(limit), "--no-memory", "--json",
+                                     str(out / "gpu-jpeg.json")]))
     steps.append(("bench-ort-cuda", [*py, "benchmarks.ort_cuda", "--model", str(trained),
                                      "--json", str(out / "ort_cuda.json")]))
     steps.append(("bench-kernel", [*py, "benchmarks.gpu_preprocess", "--model", str(trained), "--images", str(images),

@@ -17,32 +17,33 @@ import numpy as np
 
 from benchmarks import write_json
 
-# name -> (precision, CUDA execution provider options beyond the runtime's own): "runtime-<precision>" is exactly
-# the session the runtime ships (runtime/backends/ort.py: make_session), the others one setting away from it.
+# name -> (precision, make_session's settings beyond the runtime's defaults): "runtime-<precision>[-<option>]" are
+# the sessions the runtime ships (runtime/backends/ort.py: make_session; graphs are what it runs with pycuda, NHWC
+# where that layout passed its gate), "-tf32" one setting away from them for comparison.
 CONFIGS = {
     "runtime-fp32": ("fp32", {}),
-    "runtime-fp32-tf32": ("fp32", {"use_tf32": "1"}),
+    "runtime-fp32-tf32": ("fp32", {"extra_cuda_options": {"use_tf32": "1"}}),
     "runtime-fp16": ("fp16", {}),
-    "runtime-fp16-nhwc": ("fp16", {"prefer_nhwc": "1"}),
-    "runtime-fp16-nhwc-graph": ("fp16", {"prefer_nhwc": "1", "enable_cuda_graph": "1"}),
+    "runtime-fp16-nhwc": ("fp16", {"nhwc": True}),
+    "runtime-fp16-graph": ("fp16", {"graphs": True}),
+    "runtime-fp16-nhwc-graph": ("fp16", {"nhwc": True, "graphs": True}),
 }
 
 
-def time_config(path: Path, precision: str, options: dict, batch: int, field_shape: tuple, runs: int) -> float:
-    """Median ms per field of ``runs`` inferences of one resident batch."""
+def time_config(path: Path, precision: str, settings: dict, batch: int, field_shape: tuple, runs: int) -> float:
+    """Median ms per field of ``runs`` inferences of one resident batch, outputs on the device at fixed addresses
+    (what a CUDA graph replays)."""
     import onnxruntime as ort
 
     from runtime.backends.ort import make_session
 
-    sess = make_session(path, precision, cuda=True, extra_cuda_options=options)
+    sess = make_session(path, precision, cuda=True, **settings)
     x = ort.OrtValue.ortvalue_from_numpy(np.random.default_rng(0).normal(0, 50, (batch, *field_shape))
                                          .astype(np.float32), "cuda", 0)
-    y = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1), np.float32, "cuda", 0)
     io = sess.io_binding()
     io.bind_ortvalue_input(sess.get_inputs()[0].name, x)
-    io.bind_ortvalue_output("probability", y)
-    for name in (o.name for o in sess.get_outputs() if o.name != "probability"):
-        io.bind_output(name, "cuda")
+    for o in sess.get_outputs():
+        io.bind_ortvalue_output(o.name, ort.OrtValue.ortvalue_from_shape_and_type((batch, 1), np.float32, "cuda", 0))
     for _ in range(5):
         sess.run_with_iobinding(io)
     times = []
@@ -94,14 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or default_model_dir()
     m = ModelDir.open(model)
     out: dict = {"model": str(model), "configs": {}}
-    for name, (precision, options) in CONFIGS.items():
+    for name, (precision, settings) in CONFIGS.items():
         try:
             path = model / m.variant(precision).file
-            row = {str(b): time_config(path, precision, options, int(b), m.contract.field_shape, args.runs)
+            row = {str(b): time_config(path, precision, settings, int(b), m.contract.field_shape, args.runs)
                    for b in args.batches.split(",")}
         except Exception as e:  # ORT raises its own types (Fail, ...): a setting that cannot run is reported
             row = {"error": str(e).splitlines()[0][:300]}
-        out["configs"][name] = {"precision": precision, "options": cuda_options(precision) | options,
+        options = cuda_options(precision, settings.get("nhwc", False), settings.get("graphs", False))
+        out["configs"][name] = {"precision": precision, "options": options | settings.get("extra_cuda_options", {}),
                                 "ms_per_field": row}
         print(f"{name:24s} {json.dumps(row)}", flush=True)
     try:

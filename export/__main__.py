@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="the backend to check (default: tensorrt)")
     ver.add_argument("--precision", choices=list(PRECISIONS), default="fp16",
                      help="the model variant to check (default: fp16); tolerances from runtime/model/precisions.py")
+    ver.add_argument("--layout", choices=["auto", "nchw", "nhwc"], default="auto",
+                     help="onnxruntime-cuda's memory layout (default auto: NHWC only where it passed before); "
+                          "an explicit one's result is recorded in the model directory, and the runtime prefers "
+                          "NHWC for that precision only where it passed")
     ver.add_argument("--limit", type=int, default=None, help="use only the first N images")
     ver.add_argument("--json", type=Path, default=None, help="also write the comparison here as JSON")
     args = ap.parse_args(argv)
@@ -294,8 +298,13 @@ def _bf16(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from export.verify import verify
 
-    result = verify(args.model, args.images, args.backend, args.precision, args.limit)
+    result = verify(args.model, args.images, args.backend, args.precision, args.limit, args.layout)
     print("\n".join(result.lines()))
+    if args.backend == "onnxruntime-cuda" and args.layout != "auto":
+        from runtime.model.model_dir import ModelDir
+
+        ModelDir.open(args.model).record_layout(args.precision, args.layout, result.ok, result.to_dict())
+        print(f"recorded in {args.model}: {args.precision} in {args.layout} {'passed' if result.ok else 'FAILED'}")
     if args.json:
         import json
 

@@ -44,8 +44,9 @@ def _field_probs(results: list[Result], like: list[Result]) -> np.ndarray:
 
 
 def verify(model_dir: Path, images_dir: Path, backend: str = "tensorrt", precision: str = "fp16",
-           limit: int | None = None) -> Comparison:
-    """The backend/precision as ``python -m runtime.classify`` would run it vs ONNX Runtime CPU FP32."""
+           limit: int | None = None, layout: str = "auto") -> Comparison:
+    """The backend/precision (and ONNX Runtime CUDA's layout) as ``python -m runtime.classify`` would run it vs
+    ONNX Runtime CPU FP32."""
     images = image_files(images_dir)[:limit]
     with Classifier(model_dir, backend="cpu", preprocess="cpu", precision="fp32") as ref:
         want = ref.classify(images)
@@ -54,7 +55,7 @@ def verify(model_dir: Path, images_dir: Path, backend: str = "tensorrt", precisi
     if not keep:
         raise RuntimeError(f"{images_dir}: no usable images")
     images, want = [images[i] for i in keep], [want[i] for i in keep]
-    with Classifier(model_dir, backend=backend, precision=precision) as cand:
+    with Classifier(model_dir, backend=backend, precision=precision, layout=layout) as cand:
         got = cand.classify(images)
         name, prec = cand.backend.name, cand.backend.precision
     return compare({"probability": _field_probs(want, want)}, {"probability": _field_probs(got, want)}, prec,

@@ -58,3 +58,54 @@ def test_classifier_gpu_preprocess_gives_cpu_answers(gpu_ok, model_dir, images_1
         a = [r.probability for r in g.classify(images_100x[:4])]
         b = [r.probability for r in c.classify(images_100x[:4])]
     assert a == b
+
+
+@pytest.fixture(scope="module")
+def ort_cuda(gpu_ok):
+    from runtime.backends import ort
+
+    if not ort.cuda_available():
+        pytest.skip("needs onnxruntime-gpu (this onnxruntime offers " + ", ".join(ort.providers()) + ")")
+    return ort
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_graphs_replay_fixed_bindings_and_pad_partial_batches(ort_cuda, model_dir, images_100x, precision):
+    """Graphs captured for batch 1 and 8 on both device inputs: a lone field, a partial batch of 5 (padded to 8)
+    and a full one give the uncaptured session's outputs on the same fields, replayed more than once."""
+    from runtime.gpu.preprocessor import GpuPreprocessor
+    from runtime.model.model_dir import ModelDir
+
+    model = ModelDir.open(model_dir)
+    imgs = [cv2.imread(str(p)) for p in images_100x[:8]]
+    plans = [plan_image(i, CONTRACT) for i in imgs]
+    plain = ort_cuda.OrtBackend(model, precision, cuda=True, graphs=False)
+    want = plain.run(np.concatenate([_cpu(i) for i in imgs]))["probability"]
+    plain.close()
+    b = ort_cuda.OrtBackend(model, precision, cuda=True)
+    gpu = GpuPreprocessor(CONTRACT, stream=b.stream)
+    try:
+        assert b.graphs and b.notes == [], b.notes
+        b.fix_batches((1, 8))
+        for n, slot in [(1, 0), (5, 1), (8, 0), (5, 0), (1, 1), (8, 1)]:
+            gpu.submit(imgs[:n], plans[:n], dst=b.input_ptrs[slot], slot=slot)
+            got = b.run_device(n, slot)["probability"]
+            assert got.shape == (n,) and np.isfinite(got).all()
+            np.testing.assert_allclose(got, want[:n], atol=1e-5 if precision == "fp32" else 2e-3)
+        assert sorted(b._bound) == [(1, 0), (1, 1), (8, 0), (8, 1)]  # one binding per captured graph, no more
+        host = b.run(np.concatenate([_cpu(i) for i in imgs[:3]]))["probability"]  # host input: never captured
+        np.testing.assert_allclose(host, want[:3], atol=1e-5 if precision == "fp32" else 2e-3)
+    finally:
+        gpu.close()
+        b.close()
+
+
+def test_classifier_on_onnxruntime_cuda_gives_cpu_labels(ort_cuda, model_dir, images_100x):
+    """The whole GPU path (kernel into the backend's inputs, graphs, two slots) against the CPU reference."""
+    from runtime.pipeline.classifier import Classifier
+
+    with Classifier(model_dir, backend="onnxruntime-cuda", precision="fp32", batch_size=8) as g, \
+            Classifier(model_dir, backend="cpu", precision="fp32") as c:
+        assert g.preprocessor.name == "gpu" and g.backend.graphs
+        a, b = g.classify(images_100x), c.classify(images_100x)
+    np.testing.assert_allclose([r.probability for r in a], [r.probability for r in b], atol=1e-5)

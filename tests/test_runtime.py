@@ -251,10 +251,35 @@ def test_one_session_builder_fp32_keeps_tf32_off_and_fp16_keeps_tensor_cores(mod
 
     monkeypatch.setattr(ort, "make_session", builder)  # the benchmark's sessions come from the same builder
     with pytest.raises(Built):
-        ort_cuda.time_config(model_dir / "model.fp16.onnx", "fp16", {"prefer_nhwc": "1"}, 1, (6, 3, 224, 224), 1)
-    assert asked[-1] == ((model_dir / "model.fp16.onnx", "fp16"),
-                         {"cuda": True, "extra_cuda_options": {"prefer_nhwc": "1"}})
+        ort_cuda.time_config(model_dir / "model.fp16.onnx", "fp16", {"nhwc": True}, 1, (6, 3, 224, 224), 1)
+    assert asked[-1] == ((model_dir / "model.fp16.onnx", "fp16"), {"cuda": True, "nhwc": True})
     assert ort_cuda.CONFIGS["runtime-fp16"] == ("fp16", {}) and ort_cuda.CONFIGS["runtime-fp32"] == ("fp32", {})
+    assert ort.cuda_options("fp16", nhwc=True, graphs=True) == {"prefer_nhwc": "1", "enable_cuda_graph": "1"}
+    assert ort.cuda_options("fp32", graphs=True) == {"use_tf32": "0", "enable_cuda_graph": "1"}
+
+
+def test_nhwc_is_preferred_only_where_its_gate_passed_on_a_gpu(model_dir, tmp_path):
+    """ONNX Runtime CUDA's NHWC layout is taken on the model directory's word only where `export verify --layout
+    nhwc` recorded a pass for that precision: a failed, absent or unreadable record keeps NCHW."""
+    import shutil
+
+    from runtime.backends.base import BackendUnavailable
+    from runtime.backends.choose import open_backend
+    from runtime.model.model_dir import REPORT_NAME, ModelDir
+
+    shutil.copytree(model_dir, tmp_path / "m")
+    model = ModelDir.open(tmp_path / "m")
+    assert not model.layout_passed("fp16", "nhwc")
+    model.record_layout("fp16", "nhwc", False, {"fields": 48, "label_agreement": 0.98})
+    assert not model.layout_passed("fp16", "nhwc")
+    model.record_layout("fp16", "nhwc", True, {"fields": 48, "label_agreement": 1.0})
+    assert model.layout_passed("fp16", "nhwc") and not model.layout_passed("fp32", "nhwc")
+    assert model.report()["layouts"]["fp16"]["nhwc"] == {"passed": True, "fields": 48, "label_agreement": 1.0}
+    assert "gates" in model.report()  # the export's own record is kept beside it
+    (tmp_path / "m" / REPORT_NAME).write_text("[1, 2")
+    assert not model.layout_passed("fp16", "nhwc")
+    with pytest.raises(BackendUnavailable, match="unknown layout 'nchwc'; choose one of auto, nchw, nhwc"):
+        open_backend("cpu", model, layout="nchwc")
 
 
 def test_one_precision_table_drives_the_choices_the_refusals_and_the_build_plans(model_dir):

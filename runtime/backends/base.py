@@ -36,6 +36,10 @@ class DeviceInputBackend(Backend, Protocol):
     input_fp16: bool
     stream: object
 
+    def fix_batches(self, sizes: tuple[int, ...]) -> None:
+        """The batch sizes the caller fills, said before the first batch (a CUDA-graph backend captures them)."""
+        ...
+
     def run_device(self, n: int, slot: int = 0) -> dict[str, np.ndarray]:
         """Outputs for the n fields the kernel wrote (on ``stream``) into input ``slot``."""
         ...

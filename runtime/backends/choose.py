@@ -8,6 +8,7 @@ from runtime.model.model_dir import ModelDir
 from runtime.model.precisions import CHOICES, GPU_BACKENDS, PRECISIONS, preferred, runs_on
 
 BACKENDS = ("auto", "cpu", "openvino", "onnxruntime-cuda", "tensorrt")  # "cpu" is ONNX Runtime on the CPU
+LAYOUTS = {"auto": None, "nchw": False, "nhwc": True}  # ONNX Runtime CUDA's NHWC preference; auto: where gated
 PREPROCESSORS = ("auto", "cpu", "gpu")
 
 
@@ -29,16 +30,19 @@ def resolve_precision(requested: str, on_gpu: bool, model: ModelDir) -> tuple[st
 
 
 def open_backend(name: str, model: ModelDir, threads: int | None = None,
-                 precision: str = "auto", allow_build: bool = False) -> tuple[Backend, list[str]]:
+                 precision: str = "auto", allow_build: bool = False, layout: str = "auto") -> tuple[Backend, list[str]]:
     """(backend, notes). "auto" tries TensorRT, then ONNX Runtime CUDA, then the CPU tier, noting why each one it
     skipped could not be used; a backend named explicitly fails loudly instead. ``precision`` picks the model
-    variant (one meaning on every backend; see resolve_precision and cpu_tier)."""
+    variant (one meaning on every backend; see resolve_precision and cpu_tier); ``layout`` the memory layout ONNX
+    Runtime CUDA prefers (auto: NHWC where this model's variant passed its gate in it on a GPU)."""
     from runtime.backends import ort
 
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if precision not in CHOICES:
         raise BackendUnavailable(f"unknown precision {precision!r}; choose one of {', '.join(CHOICES)}")
+    if layout not in LAYOUTS:
+        raise BackendUnavailable(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     row = PRECISIONS.get(precision)  # None: auto
     if row is not None and name != "auto" and name not in row.backends:  # the table says which backends run it
         raise BackendUnavailable(f"backend {name} has no {precision} tier: it runs {' and '.join(runs_on(name))}; "
@@ -69,7 +73,8 @@ def open_backend(name: str, model: ModelDir, threads: int | None = None,
         try:
             if ort.cuda_available():
                 prec, why = resolve_precision(precision, True, model)
-                return ort.OrtBackend(model, prec, cuda=True, threads=threads), notes + why
+                cuda_backend = ort.OrtBackend(model, prec, cuda=True, threads=threads, nhwc=LAYOUTS[layout])
+                return cuda_backend, notes + why + cuda_backend.notes
         except ort.CudaDidNotStart as e:  # listed, but it did not start
             msg = str(e)
         if name == "onnxruntime-cuda":

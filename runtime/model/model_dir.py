@@ -86,6 +86,19 @@ class ModelDir:
         raise ModelError(f"{self.path}: no {precision} variant ({why}); this model has "
                          f"{', '.join(sorted(self.manifest.variants)) or 'none'}")
 
+    def layout_passed(self, precision: str, layout: str) -> bool:
+        """Whether this precision passed its gate on a GPU in this memory layout (``export verify --layout``)."""
+        try:
+            return bool(self.report().get("layouts", {}).get(precision, {}).get(layout, {}).get("passed"))
+        except (ModelError, AttributeError):  # unreadable or foreign: no layout is taken on its word
+            return False
+
+    def record_layout(self, precision: str, layout: str, passed: bool, gate: dict[str, Any]) -> None:
+        """Record a layout's gate on a GPU: the runtime prefers it for this precision only where it passed."""
+        report = self.report()
+        report.setdefault("layouts", {}).setdefault(precision, {})[layout] = {"passed": passed, **gate}
+        self.write_report(report)
+
     def file(self, name: str) -> tuple[Path, str]:
         """(path, sha256) of a model file whose bytes match the manifest; ModelError naming the file if not."""
         return verified_file(self.path, name, self.manifest.files)

@@ -38,18 +38,21 @@ class Classifier:
     "tensorrt". ``precision``: "auto" (FP16 on a GPU, BF16 on a CPU with native BF16, each where the model has a
     variant that passed its gate; else FP32), or a listed variant (runtime/model/precisions.py).
     ``preprocess``: "cpu" (numpy), "gpu" (our CUDA kernel via pycuda) or "auto" (GPU when inference runs on a GPU
-    and pycuda is usable, else CPU). A NaN or inf from the model makes that image's result an error."""
+    and pycuda is usable, else CPU). ``layout``: ONNX Runtime CUDA's memory layout, "auto" (NHWC where the variant
+    passed its gate in it on a GPU), "nchw" or "nhwc". A NaN or inf from the model makes that image's result an
+    error."""
 
     def __init__(self, model_dir: Path | str | None = None, backend: str = "auto", batch_size: int | None = None,
                  threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: str = "auto",
-                 precision: str = "auto", allow_build: bool = False, decode_workers: int | None = None) -> None:
+                 precision: str = "auto", allow_build: bool = False, decode_workers: int | None = None,
+                 layout: str = "auto") -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
         self.manifest: Manifest = self.model.manifest
         self.contract = self.manifest.contract
         self.max_pixels = max_pixels
-        self.backend, notes = open_backend(backend, self.model, threads, precision, allow_build)
+        self.backend, notes = open_backend(backend, self.model, threads, precision, allow_build, layout)
         # Images are decoded ahead of inference by a pool of threads. With inference on a GPU the host's cores are
         # free for decoding (one is left for this thread); on the CPU inference needs them and a few keep up.
         cores = os.cpu_count() or 1

@@ -65,8 +65,9 @@ class GpuIntoBackend:
 
     name = "gpu"
 
-    def __init__(self, backend: DeviceInputBackend, gpu: Any) -> None:
+    def __init__(self, backend: DeviceInputBackend, gpu: Any, batch_size: int) -> None:
         self.backend, self.gpu, self.slots = backend, gpu, len(backend.input_ptrs)
+        backend.fix_batches((1, batch_size))  # a lone image's field, and full batches (a partial one padded)
 
     def stage(self, images: list[np.ndarray], plans: list[FieldPlan], n: int, slot: int) -> None:
         self.gpu.submit(images, plans, dst=self.backend.input_ptrs[slot], slot=slot)
@@ -114,7 +115,7 @@ def open_preprocessor(choice: str, backend: Backend, contract: Contract, batch_s
         if backend.device_input:
             gpu_backend = cast(DeviceInputBackend, backend)
             return GpuIntoBackend(gpu_backend, GpuPreprocessor(contract, fp16=gpu_backend.input_fp16,
-                                                               stream=gpu_backend.stream))
+                                                               stream=gpu_backend.stream), batch_size)
         return GpuToHost(backend, GpuPreprocessor(contract))
     except Unavailable as e:
         if choice == "gpu":
