@@ -259,18 +259,22 @@ class TiffSource(Source):
 
 def _jpeg_problem(data: bytes, tables: bytes | None) -> str | None:
     """Why a JPEG tile is damaged though it may still decode (libjpeg pads a truncated scan with grey, and reads a
-    corrupt one as other pixels, saying so only as a warning on stderr), or None. The check decodes the tile once
-    more with OpenCV's libjpeg, whose warnings are caught for this tile (runtime/io/decode.py): about 0.3 ms per
-    256 x 256 tile, a few ms per field, the price of hearing them (imagecodecs does not pass them on)."""
+    corrupt one as other pixels, saying so only as a warning), or None. The check decodes the tile once more with
+    libjpeg-turbo, whose warnings come back with the call (runtime/io/turbojpeg.py; without it, OpenCV's libjpeg under
+    the stderr lock): about 0.3 ms per 256 x 256 tile, the price of hearing them (imagecodecs does not pass them on)."""
+    from runtime.io import turbojpeg
     from runtime.io.decode import DAMAGE, decoder_messages
 
     if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         return "truncated JPEG data (no end-of-image marker)"
     stream = tables[:-2] + data[2:] if tables and data.startswith(b"\xff\xd8") else data  # tables + the tile's scan
-    with decoder_messages() as messages:
-        img = cv2.imdecode(np.frombuffer(stream, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        messages, decoded = turbojpeg.decode(stream).warnings, True
+    except turbojpeg.Fallback:
+        with decoder_messages() as messages:
+            decoded = cv2.imdecode(np.frombuffer(stream, np.uint8), cv2.IMREAD_UNCHANGED) is not None
     damaged = [m for m in messages if any(k in m.lower() for k in DAMAGE)]
-    if damaged or img is None:
+    if damaged or not decoded:
         return f"libjpeg: {'; '.join(damaged)[:160]}" if damaged else "libjpeg cannot decode it"
     return None
 
