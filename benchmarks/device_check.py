@@ -42,6 +42,8 @@ def plan(images: Path, out: Path, trained: Path, limit: int) -> list[tuple[str, 
                                        str(images)]))
     steps.append(("bench-decode", [*py, "benchmarks.decode", "--images", str(images), "--json",
                                    str(out / "decode.json")]))
+    steps.append(("bench-decode-jpeg", [*py, "benchmarks.decode", "--images", str(images), "--as-jpeg", "95",
+                                        "--json", str(out / "decode-jpeg.json")]))
     steps.append(("bench-gpu", [*py, "benchmarks", "--suite", "gpu", "--model", str(trained), "--images", str(images),
                                 "--limit", str(limit), "--no-memory", "--json", str(out / "gpu.json")]))
     steps.append(("bench-gpu-jpeg", [*py, "benchmarks", "--suite", "gpu", "--model", str(trained), "--images",

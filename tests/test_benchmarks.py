@@ -54,9 +54,11 @@ def test_slide_benchmark_reports_rate_and_mask_savings(model_dir, shared_data, t
 def test_decode_benchmark_reports_every_decoder_and_thread_count(shared_data, tmp_path):
     out = tmp_path / "decode.json"
     proc = run_module("benchmarks.decode", "--images", str(shared_data / "breakhis-100x"), "--workers", "1", "2",
-                      "--repeats", "1", "--json", str(out))
+                      "--repeats", "1", "--as-jpeg", "90", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads(out.read_text())["rows"]
-    assert {(r["decoder"], r["threads"]) for r in rows} == {(d, w) for d in ("runtime", "opencv_imdecode")
-                                                            for w in (1, 2)}
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert {(r["decoder"], r["threads"]) for r in rows} == \
+        {(d, w) for d in ("runtime", "opencv_imdecode", "opencv_under_stderr_lock") for w in (1, 2)}
+    assert result["format"] == "JPEG quality 90 copies"
     assert all(r["images_per_s"] > 0 for r in rows) and "images/s" in proc.stdout
