@@ -4,7 +4,8 @@ the machine's description (run it through benchmarks/device_check.sh, which inst
 Steps: describe the machine; export the trained and the reference models where missing; the GPU, kernel and
 TensorRT tests; `export verify` for every GPU backend and precision on the trained model (all shared images); the
 CLI on the trained model; the GPU benchmark suite; the kernel benchmark; the slide benchmark. A step that fails is
-recorded and the next one runs. --dry-run checks the plan without a GPU: every command's --help must work.
+recorded and the next one runs. --dry-run checks the plan without a GPU (every command's --help must work) and
+prints its summary instead of writing results.
 """
 from __future__ import annotations
 
@@ -105,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="run only the steps whose name contains this")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and check each command's --help")
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.dry_run:  # a dry run writes nothing: results/device/ holds what a GPU machine measured, only that
+        args.out.mkdir(parents=True, exist_ok=True)
     steps = plan(args.images, args.out, MODELS / TRAINED_NAME, args.limit)
     if args.only:
         steps = [s for s in steps if args.only in s[0] or s[0].startswith("export")]  # models first
     machine = describe()
-    (args.out / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
+    if not args.dry_run:
+        (args.out / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
     print(json.dumps(machine), file=sys.stderr)
     summary = []
     for name, cmd in steps:
@@ -132,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                         "tail": (proc.stdout + proc.stderr).strip().splitlines()[-3:]})
         print(f"   rc {proc.returncode} in {summary[-1]['seconds']} s: {' | '.join(summary[-1]['tail'])[:400]}",
               file=sys.stderr, flush=True)
-    (args.out / "summary.json").write_text(json.dumps({"machine": machine, "steps": summary}, indent=2) + "\n")
+    report = json.dumps({"machine": machine, "steps": summary}, indent=2) + "\n"
+    if args.dry_run:
+        print(report, end="")
+    else:
+        (args.out / "summary.json").write_text(report)
     return 0 if all(s["rc"] == 0 for s in summary) else 1
 
 

@@ -30,14 +30,16 @@ def test_benchmark_json_schema(model_dir, shared_data, tmp_path):
 
 def test_device_check_dry_run_plans_every_gpu_step(tmp_path):
     """The one-command GPU check, without a GPU: the plan holds every step and each command it would run exists."""
-    proc = run_module("benchmarks.device_check", "--dry-run", "--out", str(tmp_path))
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    proc = run_module("benchmarks.device_check", "--dry-run", "--out", str(tmp_path / "device"))
+    summary = json.loads(proc.stdout)
     steps = [s["step"] for s in summary["steps"]]
     for want in ("tests-gpu", "verify-onnxruntime-cuda-fp16", "verify-onnxruntime-cuda-fp32", "verify-tensorrt-fp16",
-                 "bench-gpu", "bench-kernel", "bench-slide", "bench-decode"):
+                 "verify-onnxruntime-cuda-fp16-nhwc", "bench-gpu", "bench-gpu-jpeg", "bench-kernel", "bench-slide",
+                 "bench-decode", "bench-decode-jpeg"):
         assert want in steps
     assert all(s["rc"] == 0 for s in summary["steps"]), summary
-    assert proc.returncode == 0 and "gpu" in json.loads((tmp_path / "machine.json").read_text())
+    assert proc.returncode == 0 and "gpu" in summary["machine"]
+    assert not (tmp_path / "device").exists()  # a dry run writes no results
 
 
 def test_slide_benchmark_reports_rate_and_mask_savings(model_dir, shared_data, tmp_path):
