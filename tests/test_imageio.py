@@ -265,3 +265,28 @@ def test_png_with_a_compressed_chunk_bomb_is_refused_before_decoding(sample, kin
     data = clean[:33] + struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body)) + clean[33:]
     with pytest.raises(ImageError, match="too large"):
         decode(data, "bomb.png")
+
+
+def test_decoding_into_a_given_buffer_gives_the_same_pixels(sample):
+    """PNG (8-bit RGB) and JPEG are decoded into the buffer the caller gives (the GPU paths' page-locked memory);
+    a PNG whose header says RGB but whose pixels are RGBA (a tRNS chunk), and a grey one, use their own memory."""
+    from PIL import Image
+
+    given: list[np.ndarray] = []
+
+    def into(shape):
+        given.append(np.empty(shape, np.uint8))
+        return given[-1]
+
+    png = sample.read_bytes()
+    jpg = _jpeg(cv2.imread(str(sample)), quality=90)
+    rgb = cv2.cvtColor(cv2.imread(str(sample)), cv2.COLOR_BGR2RGB)
+    trns, grey = io.BytesIO(), io.BytesIO()
+    Image.fromarray(rgb).save(trns, "PNG", transparency=(1, 2, 3))
+    Image.fromarray(rgb).convert("L").save(grey, "PNG")
+    for data, lands in [(png, True), (jpg, bool(turbojpeg.library())), (trns.getvalue(), False),
+                        (grey.getvalue(), False)]:
+        given.clear()
+        dec = decode(data, "x", into=into)
+        np.testing.assert_array_equal(dec.bgr, decode(data, "x").bgr)
+        assert (bool(given) and np.shares_memory(dec.bgr, given[-1])) == lands

@@ -350,3 +350,63 @@ def test_with_two_slots_the_next_batch_is_staged_while_the_current_one_runs(mode
     assert [r.path for r in overlapped] == [str(p) for p in images_100x[:n_batches]]
     assert [r.probability for r in overlapped] == [r.probability for r in serial]
     assert all(r.error is None and r.timings_ms["inference"] > 0 for r in overlapped)
+
+
+def test_decode_workers_write_into_the_preprocessors_buffers_and_each_comes_back_when_its_image_is_done(
+        model_dir, images_100x, tmp_path):
+    """The GPU paths' page-locked pool, with ordinary memory as its allocator (the one boundary here): the
+    classifier's own decodes land in pool buffers (PNG and JPEG), each is given back once its image's result is out
+    and is reused by the next image, answers are the plain run's; inputs prepared by a caller (the server) keep
+    their own memory and are never handed out again."""
+    import cv2
+
+    from runtime.gpu.pinned import HostPool
+    from runtime.pipeline.preprocessors import CpuPreprocessor
+
+    pool = HostPool(lambda n: np.empty(n, np.uint8), cap=64 << 20)
+    seen: list[np.ndarray] = []
+
+    class Pooled(CpuPreprocessor):  # the CPU path with the GPU paths' buffer methods
+        def host_buffer(self, shape):
+            return pool.take(shape)
+
+        def stage(self, images, plans, n, slot):
+            seen.extend((i.ctypes.data, pool.owns(i) and i.ctypes.data not in pool.idle) for i in images)  # in use
+            super().stage(images, plans, n, slot)
+
+        def release(self, image):
+            pool.give(image)
+
+    jpg = tmp_path / "field.jpg"
+    cv2.imwrite(str(jpg), cv2.imread(str(images_100x[0])), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    inputs = [*map(str, images_100x[:6]), str(jpg)]
+    with Classifier(model_dir, backend="cpu", decode_workers=2) as plain:
+        want = [r.probability for r in plain.classify(inputs)]
+        clf = plain
+        clf.preprocessor = Pooled(clf.backend, clf.contract, clf.batch_size)
+        clf.scheduler.preprocessor = clf.preprocessor
+        got = [r.probability for r in clf.classify(inputs)]
+        assert got == want and len(seen) == len(inputs) and all(in_use for _, in_use in seen)
+        assert len({address for address, _ in seen}) < len(inputs)  # buffers came back and were reused
+        assert len(pool.idle) == sum(len(v) for v in pool.free.values()) > 0  # all given back, none twice
+        outside = clf.prepare(inputs[0])  # as the server prepares a request: its pixels stay its own
+        assert not pool.owns(outside.bgr)
+        assert clf.classify([outside])[0].probability == want[0] and not seen[-1][1]
+
+
+def test_host_pool_reuses_gives_once_and_caps():
+    from runtime.gpu.pinned import HostPool
+
+    pool = HostPool(lambda n: np.empty(n, np.uint8), cap=3000)
+    a = pool.take((10, 10, 3))
+    assert a.shape == (10, 10, 3) and pool.owns(a) and not pool.owns(a[1:]) and not pool.owns(np.empty(300, np.uint8))
+    pool.give(a)
+    pool.give(a)  # a second give is ignored: the buffer is handed out once
+    b, c = pool.take((300,)), pool.take((300,))
+    assert b.ctypes.data == a.ctypes.data and c.ctypes.data != a.ctypes.data
+    assert pool.take((3000,)) is None  # over the cap: the caller decodes into ordinary memory
+    del c
+    import gc
+
+    gc.collect()
+    assert pool.held == 300  # a buffer never given back is freed with it, and no longer counted

@@ -75,14 +75,3 @@ def params(contract: Contract, n_fields: int, fp16: bool, dst_field0: int = 0) -
 def thread_count(contract: Contract, n_fields: int) -> int:
     """Mirror of bhx::thread_count: one thread per (field, patch, row, group of VEC columns)."""
     return n_fields * contract.seq_len * contract.patch * -(-contract.patch // VEC)
-
-
-def pack(arrays: list[np.ndarray], buffer: np.ndarray, bgr: bool = True) -> tuple[list[SourceImage], list[int]]:
-    """Copy uint8 HxWxC arrays into ``buffer`` (e.g. page-locked staging) at the layout's offsets."""
-    images = [SourceImage(a.shape[0], a.shape[1], a.shape[2], bgr) for a in arrays]
-    offsets, total = layout(images)
-    if total > buffer.nbytes:
-        raise ValueError(f"staging buffer holds {buffer.nbytes} bytes, these images need {total}")
-    for a, off in zip(arrays, offsets):
-        buffer[off:off + a.nbytes] = np.ascontiguousarray(a).reshape(-1)
-    return images, offsets

@@ -1,7 +1,8 @@
 """GPU preprocessing through pycuda: the kernel runner (stream, buffers, launch), in runtime/gpu/context.py's context.
 
-Per call: images are packed into one of two reused page-locked staging slots, copied to the device as uint8 (the
-only bus crossing), and one kernel launch writes every field of the batch as NCHW FP32/FP16 into the destination:
+Per call: images are copied to the device as uint8 (the only bus crossing): straight from the page-locked buffers
+decode workers wrote them into (``pool``, runtime/gpu/pinned.py), or, for any other image, packed first into one
+of two reused page-locked staging slots; then one kernel launch writes every field of the batch as NCHW FP32/FP16 into the destination:
 our own buffer, or a consumer's (a backend's device input) at a batch offset. Copy, kernel and the consumer are
 ordered on one stream (the backend's); a slot is packed again only once its previous upload has left it (an event
 per slot), so the next batch is packed and queued while the current one runs; the host waits only for a result.
@@ -14,6 +15,7 @@ import numpy as np
 
 from runtime.gpu import abi
 from runtime.gpu.context import Context
+from runtime.gpu.pinned import HostPool
 from runtime.model.manifest import Contract
 from runtime.pipeline.tiling import FieldPlan
 
@@ -38,6 +40,11 @@ class GpuPreprocessor:
             self.copied = (cuda.Event(), cuda.Event())  # a staging slot is refilled once its upload has finished
         self.field_bytes = int(np.prod(contract.field_shape)) * (2 if fp16 else 4)
         self._bufs: dict[str, tuple[Any, Any, int]] = {}  # name -> (host pinned or None, device, bytes)
+        self.pool = HostPool(self._pinned)  # what decode workers write images into
+
+    def _pinned(self, nbytes: int) -> np.ndarray:
+        with self.active():
+            return self.cuda.pagelocked_empty(nbytes, np.uint8)
 
     def active(self) -> Any:
         return self.context.active()
@@ -71,11 +78,19 @@ class GpuPreprocessor:
             params = abi.params(self.contract, n, self.fp16, dst_field0)
             self.copied[slot].synchronize()  # this slot's previous upload has left its staging buffers
             staging, d_src = self._buffer(f"src{slot}", total, pinned=True)
-            abi.pack(images, staging, bgr)
+            direct = [self.pool.owns(a) for a in images]  # decoded into page-locked memory: no packing copy
+            for a, off, d in zip(images, offsets, direct):
+                if not d:
+                    staging[off:off + a.nbytes] = np.ascontiguousarray(a).reshape(-1)
             meta = jobs.tobytes() + params.tobytes()
             h_meta, d_meta = self._buffer(f"meta{slot}", len(meta), pinned=True)
             h_meta[: len(meta)] = np.frombuffer(meta, np.uint8)
-            cuda.memcpy_htod_async(d_src, staging[:total], self.stream)
+            if any(direct):  # each image from where it lies
+                for a, off, d in zip(images, offsets, direct):
+                    src = a.reshape(-1) if d else staging[off:off + a.nbytes]
+                    cuda.memcpy_htod_async(int(d_src) + off, src, self.stream)
+            else:
+                cuda.memcpy_htod_async(d_src, staging[:total], self.stream)
             cuda.memcpy_htod_async(d_meta, h_meta[: len(meta)], self.stream)
             self.copied[slot].record(self.stream)
             if dst is None:

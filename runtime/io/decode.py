@@ -10,7 +10,7 @@ import struct
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +57,7 @@ ORIENTATION = {2: ("mirrored", (_FLIP_H,)), 3: ("rotated 180", (_FLIP_H, _FLIP_V
                5: ("transposed", (_FLIP_H, _CCW)), 6: ("rotated 90", (_CW,)), 7: ("transversed", (_FLIP_H, _CW)),
                8: ("rotated 270", (_CCW,))}
 _STDERR_LOCK = threading.Lock()
+Buffer = Callable[[tuple[int, ...]], np.ndarray | None]  # shape -> a uint8 buffer to decode into, or None
 _PNG_MESSAGES = threading.local()
 FLAGS = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION  # orientation is applied here, once, and reported
 
@@ -95,14 +96,15 @@ class _AttachToThisDecode(logging.Filter):
 logging.getLogger("imagecodecs").addFilter(_AttachToThisDecode())
 
 
-def _decode_in_parallel(data: bytes, info: Probe, messages: list[str]) -> np.ndarray | None:
+def _decode_in_parallel(data: bytes, info: Probe, messages: list[str], into: Buffer | None) -> np.ndarray | None:
     """PNG (libpng) and JPEG (libjpeg-turbo, where the system has it) decoded without the stderr lock, their
-    messages collected per call; None with no message: OpenCV's serialised path decodes it (TIFF, BMP, CMYK...)."""
+    messages collected per call, 8-bit colour ones into ``into(shape)`` where it gives a buffer; None with no
+    message: OpenCV's serialised path decodes it (TIFF, BMP, CMYK...)."""
     if info.format == "PNG":
-        return _decode_png(data, messages)
+        return _decode_png(data, messages, into)
     if info.format == "JPEG":
         try:
-            jpeg = turbojpeg.decode(data)
+            jpeg = turbojpeg.decode(data, into)
         except turbojpeg.Fallback:
             return None
         messages += jpeg.warnings
@@ -110,12 +112,18 @@ def _decode_in_parallel(data: bytes, info: Probe, messages: list[str]) -> np.nda
     return None
 
 
-def _decode_png(data: bytes, messages: list[str]) -> np.ndarray | None:
+def _decode_png(data: bytes, messages: list[str], into: Buffer | None = None) -> np.ndarray | None:
     """One PNG by libpng (imagecodecs releases the GIL and raises on errors), in OpenCV's IMREAD_UNCHANGED layout:
-    gray 2-D, BGR, BGRA (gray + alpha becomes BGRA, as OpenCV does), 8 or 16 bit."""
+    gray 2-D, BGR, BGRA (gray + alpha becomes BGRA, as OpenCV does), 8 or 16 bit; 8-bit RGB into ``into(shape)``
+    where it gives a buffer, its channels swapped there in place."""
     _PNG_MESSAGES.lines = messages
+    rgb8 = data[24:26] == b"\x08\x02"  # IHDR: bit depth 8, colour type 2 (RGB)
+    buf = into((int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big"), 3)) if rgb8 and into else None
     try:
-        img = imagecodecs.png_decode(data)
+        try:
+            img = imagecodecs.png_decode(data, out=buf)
+        except ValueError:  # the header said RGB but the pixels are not (a tRNS chunk makes RGBA): ordinary memory
+            img = imagecodecs.png_decode(data)
     except imagecodecs.PngError as e:
         messages.append(f"libpng error: {e}")
         return None
@@ -124,7 +132,8 @@ def _decode_png(data: bytes, messages: list[str]) -> np.ndarray | None:
     if img.ndim == 3 and img.shape[2] == 2:
         img = img[:, :, [0, 0, 0, 1]]
     elif img.ndim == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR if img.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR if img.shape[2] == 3 else cv2.COLOR_RGBA2BGRA,
+                           dst=img if img.shape[2] == 3 else None)
     return img
 
 
@@ -160,12 +169,13 @@ def probe(data: bytes, name: str) -> Probe:
     return Probe(fmt, pages, orientation if orientation in ORIENTATION else 1)
 
 
-def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, into: Buffer | None = None) -> Decoded:
     """Decode encoded image bytes to BGR uint8. ``name`` is used in messages.
 
     Rules (each reported in ``conversions``): a multi-page TIFF is read at its largest page; EXIF orientation is
     applied, as browsers and viewers do, so the pixels classified are the ones a person sees. Decoder messages that
-    mean damaged data make it an error; other decoder messages are kept as warnings."""
+    mean damaged data make it an error; other decoder messages are kept as warnings. ``into(shape)``: where an 8-bit
+    colour PNG or JPEG is decoded into (a GPU's page-locked buffer), or None for ordinary memory."""
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes)")
     info = probe(data, name)
@@ -177,7 +187,7 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Deco
     conversions: list[str] = []
     img: np.ndarray | None
     messages: list[str] = []
-    img = _decode_in_parallel(data, info, messages) if len(info.pages) == 1 else None
+    img = _decode_in_parallel(data, info, messages, into) if len(info.pages) == 1 else None
     if img is None and not messages:
         with decoder_messages() as messages:
             buf = np.frombuffer(data, np.uint8)
@@ -227,7 +237,7 @@ def to_bgr8(img: np.ndarray, name: str) -> Decoded:
     return Decoded(np.ascontiguousarray(img), conv)
 
 
-def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, into: Buffer | None = None) -> Decoded:
     """Read and decode one image file; every failure is an ImageError naming the file."""
     p = Path(path)
     try:
@@ -238,4 +248,4 @@ def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
         raise ImageError(f"{p}: is a directory, not an image") from None
     except OSError as e:
         raise ImageError(f"{p}: cannot read ({e.strerror or e})") from None
-    return decode(data, str(p), max_pixels)
+    return decode(data, str(p), max_pixels, into)

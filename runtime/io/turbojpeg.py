@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,9 +56,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tjGetErrorCode.argtypes = [ctypes.c_void_p]
 
 
-def decode(data: bytes) -> Jpeg:
+def decode(data: bytes, into: Callable[[tuple[int, ...]], np.ndarray | None] | None = None) -> Jpeg:
     """One baseline or progressive 8-bit JPEG -> BGR (or gray) uint8, with libjpeg's default (accurate) DCT and
-    upsampling, as OpenCV decodes it. Raises Fallback where OpenCV's path should decode it instead."""
+    upsampling, as OpenCV decodes it; a colour one into ``into(shape)`` where that gives a buffer. Raises Fallback
+    where OpenCV's path should decode it instead."""
     lib = library()
     if lib is None:
         raise Fallback("no libturbojpeg")
@@ -70,14 +72,16 @@ def decode(data: bytes) -> Jpeg:
                                    ctypes.byref(cs)) != 0 or cs.value not in (TJCS_YCBCR, TJCS_GRAY, TJCS_RGB):
             raise Fallback("header")
         gray = cs.value == TJCS_GRAY
-        out = np.empty((h.value, w.value) if gray else (h.value, w.value, 3), np.uint8)
-        status = lib.tjDecompress2(handle, data, len(data), out.ctypes.data, w.value, 0, h.value,
+        shape = (h.value, w.value) if gray else (h.value, w.value, 3)
+        img = into(shape) if into is not None and not gray else None
+        img = np.empty(shape, np.uint8) if img is None else img
+        status = lib.tjDecompress2(handle, data, len(data), img.ctypes.data, w.value, 0, h.value,
                                    TJPF_GRAY if gray else TJPF_BGR, 0)
         warnings: list[str] = []
         if status != 0:
             if lib.tjGetErrorCode(handle) != TJERR_WARNING:
                 raise Fallback("fatal")
             warnings.append((lib.tjGetErrorStr2(handle) or b"").decode(errors="replace").strip())
-        return Jpeg(out, warnings)
+        return Jpeg(img, warnings)
     finally:
         lib.tjDestroy(handle)

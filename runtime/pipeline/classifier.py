@@ -80,7 +80,12 @@ class Classifier:
         """Results in input order while fields of consecutive images are batched together; memory stays bounded:
         a window of decoded images ahead (2 per decode worker plus a batch), and the batch in progress."""
         ahead = 2 * self.decode_workers + self.batch_size
-        return self.scheduler.run(prefetch(images, self.prepare, self.decode_workers, ahead))
+        return self.scheduler.run(prefetch(images, self._prepare_owned, self.decode_workers, ahead))
+
+    def _prepare_owned(self, item: Input) -> Prepared:
+        """As ``prepare``, the pixels decoded into the preprocessor's buffers: the scheduler hands them back when
+        the image is done (inputs prepared outside, like the server's, keep their own memory)."""
+        return prepare(item, self.contract, self.max_pixels, self.model_info, self.preprocessor.host_buffer)
 
     def prepare(self, item: Input) -> Prepared:
         """The decode-and-plan step for one input, as classify runs it (the server runs it before queueing)."""

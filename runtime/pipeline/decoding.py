@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.io.decode import ImageError, decode, read_image, to_bgr8
+from runtime.io.decode import Buffer, ImageError, decode, read_image, to_bgr8
 from runtime.io.inputs import ImageInput
 from runtime.io.scale import name_warning
 from runtime.model.manifest import Contract
@@ -36,8 +36,10 @@ class Prepared:
 Input = str | Path | np.ndarray | ImageInput | Prepared
 
 
-def prepare(item: Input, contract: Contract, max_pixels: int, model: ModelInfo | None = None) -> Prepared:
-    """Read (paths), decode (bytes, arrays) and tile one input; a failure becomes its result's error."""
+def prepare(item: Input, contract: Contract, max_pixels: int, model: ModelInfo | None = None,
+            into: Buffer | None = None) -> Prepared:
+    """Read (paths), decode (bytes, arrays) and tile one input; a failure becomes its result's error. ``into``:
+    where its pixels are decoded (the GPU paths' page-locked buffers), only for a caller that releases them."""
     if isinstance(item, Prepared):
         return item
     if not isinstance(item, ImageInput):
@@ -49,7 +51,8 @@ def prepare(item: Input, contract: Contract, max_pixels: int, model: ModelInfo |
     t0 = time.perf_counter()
     try:
         dec = to_bgr8(item.array, item.name) if item.array is not None else \
-            decode(item.data, item.name, max_pixels) if item.data is not None else read_image(item.name, max_pixels)
+            decode(item.data, item.name, max_pixels, into) if item.data is not None else \
+            read_image(item.name, max_pixels, into)
         h, w = dec.bgr.shape[:2]
         res.size, res.conversions, res.warnings = (w, h), dec.conversions, dec.warnings
         wrong_scale = name_warning(item.name, contract)

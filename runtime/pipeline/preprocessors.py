@@ -32,6 +32,14 @@ class Preprocessor(Protocol):
         """The backend's outputs for the ``n`` fields staged in ``slot``."""
         ...
 
+    def host_buffer(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Where a decode worker writes an image (page-locked memory on the GPU paths), or None: ordinary memory."""
+        ...
+
+    def release(self, image: np.ndarray) -> None:
+        """Nothing reads ``image`` any more (its fields are inferred): its buffer may take the next image."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -55,11 +63,29 @@ class CpuPreprocessor:
     def run(self, n: int, slot: int) -> Outputs:
         return self.backend.run(self.batches[slot][:n])
 
+    def host_buffer(self, shape: tuple[int, ...]) -> None:
+        return None
+
+    def release(self, image: np.ndarray) -> None:
+        pass
+
     def close(self) -> None:
         self.batches.clear()
 
 
-class GpuIntoBackend:
+class _GpuDecodeBuffers:
+    """The GPU paths' decode buffers: the kernel runner's page-locked pool."""
+
+    gpu: Any
+
+    def host_buffer(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        return self.gpu.pool.take(shape)
+
+    def release(self, image: np.ndarray) -> None:
+        self.gpu.pool.give(image)
+
+
+class GpuIntoBackend(_GpuDecodeBuffers):
     """One kernel launch per batch, written into one of the backend's device inputs, on the backend's stream: the
     upload and kernel of batch k+1 are queued while batch k runs from the other input."""
 
@@ -79,7 +105,7 @@ class GpuIntoBackend:
         self.gpu.close()
 
 
-class GpuToHost:
+class GpuToHost(_GpuDecodeBuffers):
     """The kernel, its batch brought back for a backend that takes host input (which runs while the next batch is
     preprocessed on the GPU)."""
 

@@ -131,5 +131,7 @@ class FieldScheduler:
                 res.timings_ms["preprocess"] = j.t_pre * 1e3
                 res.timings_ms["inference"] = j.t_infer * 1e3
                 res.timings_ms["total"] = sum(res.timings_ms.values())
+            if j.item.bgr is not None:
+                self.preprocessor.release(j.item.bgr)  # its fields are inferred: the buffer may take the next image
             j.item.bgr = None  # release the pixels as soon as the image is done
             yield res
