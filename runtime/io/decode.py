@@ -1,6 +1,6 @@
 """Image decoding: the header read lazily by Pillow first (size limit, pages, EXIF orientation), pixels decoded by
-libpng through imagecodecs (PNG), libjpeg-turbo's TurboJPEG (JPEG, where installed) or OpenCV (the rest), explicit colour conversions, decoder messages attached to the
-image they concern, clear errors."""
+libpng through imagecodecs (PNG), libjpeg-turbo's TurboJPEG (JPEG, where installed) or OpenCV (the rest), explicit
+colour conversions, decoder messages attached to the image they concern, clear errors."""
 from __future__ import annotations
 
 import io
