@@ -3,9 +3,10 @@
 Per call: images are copied to the device as uint8 (the only bus crossing): straight from the page-locked buffers
 decode workers wrote them into (``pool``, runtime/gpu/pinned.py), or, for any other image, packed first into one
 of two reused page-locked staging slots; then one kernel launch writes every field of the batch as NCHW FP32/FP16
-into the destination: our own buffer, or a consumer's (a backend's device input) at a batch offset. Copy, kernel and the consumer are
-ordered on one stream (the backend's); a slot is packed again only once its previous upload has left it (an event
-per slot), so the next batch is packed and queued while the current one runs; the host waits only for a result.
+into the destination: our own buffer, or a consumer's (a backend's device input) at a batch offset. Copy, kernel
+and the consumer are ordered on one stream (the backend's); a slot is packed again only once its previous upload has
+left it (an event per slot), so the next batch is packed and queued while the current one runs; the host waits only
+for a result.
 """
 from __future__ import annotations
 
