@@ -86,7 +86,7 @@ def test_cuda_graphs_replay_fixed_bindings_and_pad_partial_batches(ort_cuda, mod
     gpu = GpuPreprocessor(CONTRACT, stream=b.stream)
     try:
         assert b.graphs and b.notes == [], b.notes
-        b.fix_batches((1, 8))
+        assert b.fix_batches((1, 8)) == []  # captured, nothing to say
         for n, slot in [(1, 0), (5, 1), (8, 0), (5, 0), (1, 1), (8, 1)]:
             gpu.submit(imgs[:n], plans[:n], dst=b.input_ptrs[slot], slot=slot)
             got = b.run_device(n, slot)["probability"]

@@ -36,8 +36,9 @@ class DeviceInputBackend(Backend, Protocol):
     input_fp16: bool
     stream: object
 
-    def fix_batches(self, sizes: tuple[int, ...]) -> None:
-        """The batch sizes the caller fills, said before the first batch (a CUDA-graph backend captures them)."""
+    def fix_batches(self, sizes: tuple[int, ...]) -> list[str]:
+        """The batch sizes the caller fills, said before the first batch (a CUDA-graph backend captures them);
+        notes on what could not be prepared."""
         ...
 
     def run_device(self, n: int, slot: int = 0) -> dict[str, np.ndarray]:

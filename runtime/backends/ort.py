@@ -132,16 +132,27 @@ class OrtBackend:
         self.device_input = True
         return {"has_user_compute_stream": "1", "user_compute_stream": str(self.stream.handle)}
 
-    def fix_batches(self, sizes: tuple[int, ...]) -> None:
+    def fix_batches(self, sizes: tuple[int, ...]) -> list[str]:
         """The batch sizes the caller will fill (1 and its configured batch): with graphs, each is captured now,
         per slot, before any batch is staged (a capture records whatever else is queued on its stream meanwhile),
-        and a partial batch later runs padded to the next size up."""
-        if self.graphs:
-            self.batches = tuple(sorted(set(sizes)))
+        and a partial batch later runs padded to the next size up. A capture that fails is said (the returned
+        notes) and the session made again, uncaptured."""
+        if not self.graphs:
+            return []
+        self.batches = tuple(sorted(set(sizes)))
+        try:
             for fixed in self.batches:
                 for slot in range(len(self.input_ptrs)):
                     for _ in range(3):  # ONNX Runtime runs uncaptured first (its allocations), then captures
                         self.run_device(fixed, slot)
+        except Exception as e:  # ORT raises its own types (Fail, RuntimeException)
+            with self.context.active():
+                self.stream.synchronize()
+            self.graphs, self.batches = False, ()
+            self._bound.clear()
+            self.session = self._make(False)
+            return [f"CUDA graph capture failed, running uncaptured: {str(e).splitlines()[0][:200]}"]
+        return []
 
     def run_device(self, n: int, slot: int = 0) -> dict[str, np.ndarray]:
         """Outputs for the n fields the preprocessing kernel wrote into input ``slot`` (it ran on the stream ONNX

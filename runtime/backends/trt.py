@@ -96,8 +96,9 @@ class TensorRTBackend:
         for name, d in self.d_out.items():
             self.cuda.memcpy_dtoh_async(self.h_out[name][:n], d, self.stream)
 
-    def fix_batches(self, sizes: tuple[int, ...]) -> None:
+    def fix_batches(self, sizes: tuple[int, ...]) -> list[str]:
         """Nothing to prepare: the engine runs any batch in its profile as it comes."""
+        return []
 
     def run_device(self, n: int, slot: int = 0) -> dict[str, np.ndarray]:
         """Outputs for the n fields the preprocessing kernel wrote into input ``slot`` (on self.stream)."""

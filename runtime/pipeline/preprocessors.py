@@ -91,9 +91,9 @@ class GpuIntoBackend(_GpuDecodeBuffers):
 
     name = "gpu"
 
-    def __init__(self, backend: DeviceInputBackend, gpu: Any, batch_size: int) -> None:
+    def __init__(self, backend: DeviceInputBackend, gpu: Any, batch_size: int, notes: list[str]) -> None:
         self.backend, self.gpu, self.slots = backend, gpu, len(backend.input_ptrs)
-        backend.fix_batches((1, batch_size))  # a lone image's field, and full batches (a partial one padded)
+        notes += backend.fix_batches((1, batch_size))  # a lone image's field, and full batches (a partial padded)
 
     def stage(self, images: list[np.ndarray], plans: list[FieldPlan], n: int, slot: int) -> None:
         self.gpu.submit(images, plans, dst=self.backend.input_ptrs[slot], slot=slot)
@@ -141,7 +141,7 @@ def open_preprocessor(choice: str, backend: Backend, contract: Contract, batch_s
         if backend.device_input:
             gpu_backend = cast(DeviceInputBackend, backend)
             return GpuIntoBackend(gpu_backend, GpuPreprocessor(contract, fp16=gpu_backend.input_fp16,
-                                                               stream=gpu_backend.stream), batch_size)
+                                                               stream=gpu_backend.stream), batch_size, notes)
         return GpuToHost(backend, GpuPreprocessor(contract))
     except Unavailable as e:
         if choice == "gpu":
