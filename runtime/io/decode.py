@@ -104,7 +104,7 @@ def _decode_in_parallel(data: bytes, info: Probe, messages: list[str], into: Buf
         return _decode_png(data, messages, into)
     if info.format == "JPEG":
         try:
-            jpeg = turbojpeg.decode(data, into)
+            jpeg = turbojpeg.decode(data, into, info.pages[0])
         except turbojpeg.Fallback:
             return None
         messages += jpeg.warnings

@@ -56,10 +56,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tjGetErrorCode.argtypes = [ctypes.c_void_p]
 
 
-def decode(data: bytes, into: Callable[[tuple[int, ...]], np.ndarray | None] | None = None) -> Jpeg:
+def decode(data: bytes, into: Callable[[tuple[int, ...]], np.ndarray | None] | None = None,
+           size: tuple[int, int] | None = None) -> Jpeg:
     """One baseline or progressive 8-bit JPEG -> BGR (or gray) uint8, with libjpeg's default (accurate) DCT and
-    upsampling, as OpenCV decodes it; a colour one into ``into(shape)`` where that gives a buffer. Raises Fallback
-    where OpenCV's path should decode it instead."""
+    upsampling, as OpenCV decodes it; a colour one into ``into(shape)`` where that gives a buffer. ``size``: the
+    (width, height) the caller's header reader found and checked against its limit; another claim here is not
+    decoded. Raises Fallback where OpenCV's path should decode it instead."""
     lib = library()
     if lib is None:
         raise Fallback("no libturbojpeg")
@@ -71,6 +73,8 @@ def decode(data: bytes, into: Callable[[tuple[int, ...]], np.ndarray | None] | N
         if lib.tjDecompressHeader3(handle, data, len(data), ctypes.byref(w), ctypes.byref(h), ctypes.byref(sub),
                                    ctypes.byref(cs)) != 0 or cs.value not in (TJCS_YCBCR, TJCS_GRAY, TJCS_RGB):
             raise Fallback("header")
+        if size is not None and (w.value, h.value) != tuple(size):
+            raise Fallback(f"header says {w.value}x{h.value}, not {size[0]}x{size[1]}")
         gray = cs.value == TJCS_GRAY
         shape = (h.value, w.value) if gray else (h.value, w.value, 3)
         img = into(shape) if into is not None and not gray else None
