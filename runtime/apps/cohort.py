@@ -332,7 +332,7 @@ EPILOG = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.apps.options import add_model_options, open_classifier
+    from runtime.apps.options import add_model_options, classifier_options, open_classifier
     from runtime.errors import report
 
     ap = argparse.ArgumentParser(prog="python -m runtime.cohort", description=__doc__, epilog=EPILOG,
@@ -369,9 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {"aggregate": args.aggregate, "top_k": args.top_k, "magnification": args.magnification,
                "mpp": args.mpp, "tissue_mask": not args.no_tissue_mask, "min_tissue": args.min_tissue,
                "max_pixels": args.max_pixels, "geojson_gz": args.geojson_gz}
-    classifier_kw = dict(model_dir=args.model, backend=args.backend, precision=args.precision,
-                         preprocess=args.preprocess, batch_size=args.batch_size, threads=args.threads,
-                         allow_build=args.build_engine, max_pixels=args.max_pixels, decode_workers=args.decode_workers)
+    classifier_kw = classifier_options(args)
     started = time.time()
     pool: RayPool | None = None
     clf = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from runtime.backends.choose import BACKENDS, PREPROCESSORS
 from runtime.io.decode import DEFAULT_MAX_PIXELS
@@ -43,14 +43,18 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
                    help=f"refuse larger images from their header (default: {max_pixels:,})")
 
 
-def open_classifier(args: argparse.Namespace, **overrides) -> Classifier:
+def classifier_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Classifier's keyword arguments the options describe (a cohort's Ray actors get them too)."""
+    return {"model_dir": args.model, "backend": args.backend, "precision": args.precision,
+            "preprocess": args.preprocess, "batch_size": args.batch_size, "threads": args.threads,
+            "allow_build": args.build_engine, "max_pixels": args.max_pixels, "decode_workers": args.decode_workers}
+
+
+def open_classifier(args: argparse.Namespace, **overrides: Any) -> Classifier:
     """The Classifier the options describe; raises a BreakhisError (ModelError, Unavailable) when it cannot."""
     from runtime.pipeline.classifier import Classifier
 
-    kw = dict(model_dir=args.model, backend=args.backend, precision=args.precision, preprocess=args.preprocess,
-              batch_size=args.batch_size, threads=args.threads, allow_build=args.build_engine,
-              max_pixels=args.max_pixels, decode_workers=args.decode_workers)
-    return Classifier(**(kw | overrides))
+    return Classifier(**(classifier_options(args) | overrides))
 
 
 def _positive(text: str) -> int:

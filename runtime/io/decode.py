@@ -169,13 +169,9 @@ def probe(data: bytes, name: str) -> Probe:
     return Probe(fmt, pages, orientation if orientation in ORIENTATION else 1)
 
 
-def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, into: Buffer | None = None) -> Decoded:
-    """Decode encoded image bytes to BGR uint8. ``name`` is used in messages.
-
-    Rules (each reported in ``conversions``): a multi-page TIFF is read at its largest page; EXIF orientation is
-    applied, as browsers and viewers do, so the pixels classified are the ones a person sees. Decoder messages that
-    mean damaged data make it an error; other decoder messages are kept as warnings. ``into(shape)``: where an 8-bit
-    colour PNG or JPEG is decoded into (a GPU's page-locked buffer), or None for ordinary memory."""
+def header(data: bytes, name: str, max_pixels: int) -> tuple[Probe, int]:
+    """What the header says and the page to decode (the largest), once the file is known not to be empty and within
+    the pixel limit: checked before any pixel is decoded, on whichever decoder."""
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes)")
     info = probe(data, name)
@@ -183,7 +179,19 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, into: B
     w, h = info.pages[page]
     if w * h > max_pixels:
         raise ImageTooLarge(f"{name}: {w}x{h} = {w * h:,} pixels is above the limit of {max_pixels:,} "
-                         "(raise it with --max-pixels)")
+                            "(raise it with --max-pixels)")
+    return info, page
+
+
+def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, into: Buffer | None = None) -> Decoded:
+    """Decode encoded image bytes to BGR uint8. ``name`` is used in messages.
+
+    Rules (each reported in ``conversions``): a multi-page TIFF is read at its largest page; EXIF orientation is
+    applied, as browsers and viewers do, so the pixels classified are the ones a person sees. Decoder messages that
+    mean damaged data make it an error; other decoder messages are kept as warnings. ``into(shape)``: where an 8-bit
+    colour PNG or JPEG is decoded into (a GPU's page-locked buffer), or None for ordinary memory."""
+    info, page = header(data, name, max_pixels)
+    w, h = info.pages[page]
     conversions: list[str] = []
     img: np.ndarray | None
     messages: list[str] = []
@@ -239,13 +247,17 @@ def to_bgr8(img: np.ndarray, name: str) -> Decoded:
 
 def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, into: Buffer | None = None) -> Decoded:
     """Read and decode one image file; every failure is an ImageError naming the file."""
+    return decode(read_bytes(path), str(Path(path)), max_pixels, into)
+
+
+def read_bytes(path: Path | str) -> bytes:
+    """One file's bytes; every failure an ImageError naming the file."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        return p.read_bytes()
     except FileNotFoundError:
         raise ImageError(f"{p}: file not found") from None
     except IsADirectoryError:
         raise ImageError(f"{p}: is a directory, not an image") from None
     except OSError as e:
         raise ImageError(f"{p}: cannot read ({e.strerror or e})") from None
-    return decode(data, str(p), max_pixels, into)
