@@ -19,7 +19,8 @@ RUNTIME_CPU_INT8 = "runtime_onnxruntime_cpu_int8"  # only where the model has an
 BASELINE_CUDA = "baseline_pytorch_fp32_eager_cuda"
 RUNTIME_ORT_CUDA = "runtime_onnxruntime_cuda_fp16"
 RUNTIME_ORT_CUDA_FP32 = "runtime_onnxruntime_cuda_fp32"
-RUNTIME_ORT_CUDA_FOLDER = "runtime_onnxruntime_cuda_fp16_folder"  # batch 32, 8 decode workers
+RUNTIME_ORT_CUDA_FOLDER = "runtime_onnxruntime_cuda_fp16_folder"  # batch 32; JPEGs on the GPU where nvImageCodec is
+RUNTIME_ORT_CUDA_FOLDER_CPU_DECODE = "runtime_onnxruntime_cuda_fp16_folder_cpu_decode"  # the same, JPEGs on the CPU
 BASELINE_CUDA_FOLDER = "baseline_pytorch_fp32_eager_cuda_folder"
 RUNTIME_TRT_FP16 = "runtime_tensorrt_fp16"
 RUNTIME_TRT_INT8 = "runtime_tensorrt_int8"
@@ -29,7 +30,8 @@ SUITES = {
     "cpu": (BASELINE, (BASELINE, RUNTIME_CPU, RUNTIME_OV_BF16, RUNTIME_CPU_INT8),
             (BASELINE_FOLDER, RUNTIME_CPU_FOLDER, RUNTIME_OV_BF16_FOLDER, RUNTIME_CPU_BATCH)),
     "gpu": (BASELINE_CUDA, (BASELINE_CUDA, RUNTIME_ORT_CUDA_FP32, RUNTIME_ORT_CUDA, RUNTIME_TRT_FP16,
-                            RUNTIME_TRT_INT8), (BASELINE_CUDA_FOLDER, RUNTIME_ORT_CUDA_FOLDER)),
+                            RUNTIME_TRT_INT8),
+            (BASELINE_CUDA_FOLDER, RUNTIME_ORT_CUDA_FOLDER, RUNTIME_ORT_CUDA_FOLDER_CPU_DECODE)),
 }
 VARIANTS = tuple(dict.fromkeys(v for _, per, thr in SUITES.values() for v in (*per, *thr)))
 
@@ -98,6 +100,8 @@ def open_variant(name: str, model_dir: Path, threads: int) -> Variant:
         BASELINE_CUDA_FOLDER: lambda: _baseline(model_dir, threads, "cuda"),
         RUNTIME_ORT_CUDA_FOLDER: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", precision="fp16",
                                                   batch_size=32),
+        RUNTIME_ORT_CUDA_FOLDER_CPU_DECODE: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda",
+                                                             precision="fp16", batch_size=32, decode="cpu"),
         RUNTIME_ORT_CUDA_FP32: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", precision="fp32",
                                                 batch_size=1),
         RUNTIME_ORT_CUDA: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", precision="fp16",

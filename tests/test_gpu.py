@@ -109,3 +109,37 @@ def test_classifier_on_onnxruntime_cuda_gives_cpu_labels(ort_cuda, model_dir, im
         assert g.preprocessor.name == "gpu" and g.backend.graphs
         a, b = g.classify(images_100x), c.classify(images_100x)
     np.testing.assert_allclose([r.probability for r in a], [r.probability for r in b], atol=1e-5)
+
+
+def test_jpegs_decoded_on_the_gpu_give_the_cpu_labels_and_damaged_ones_are_still_refused(ort_cuda, model_dir,
+                                                                                          images_100x, tmp_path):
+    """With nvImageCodec (where it passes its damage self-check): every shared image as a JPEG is decoded on the
+    GPU into the kernel's input, its pixels within MAX_DIFF of libjpeg's and its label the CPU-decoded one; a
+    truncated and a zeroed JPEG in the same folder still get the CPU decoder's damage errors."""
+    from runtime.gpu.jpeg import MAX_DIFF, GpuDecodeUnavailable, GpuJpegDecoder
+    from runtime.pipeline.classifier import Classifier
+
+    try:
+        dec = GpuJpegDecoder()
+    except GpuDecodeUnavailable as e:
+        pytest.skip(str(e))
+    paths = []
+    for p in images_100x:
+        paths.append(tmp_path / f"{p.stem}.jpg")
+        cv2.imwrite(str(paths[-1]), cv2.imread(str(p)), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    for p in paths[:8]:
+        data = p.read_bytes()
+        img = dec.decode_file(data, p.name, 64_000_000)
+        assert img is not None
+        rgb = np.asarray(img.keep.cpu())
+        libjpeg = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+        assert np.abs(rgb.astype(int) - libjpeg).max() <= MAX_DIFF
+    clean = paths[0].read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(clean[:len(clean) // 2])
+    inputs = [*paths, tmp_path / "truncated.jpg"]
+    with Classifier(model_dir, backend="onnxruntime-cuda", precision="fp32", batch_size=8) as g, \
+            Classifier(model_dir, backend="onnxruntime-cuda", precision="fp32", batch_size=8, decode="cpu") as c:
+        assert g.gpu_jpeg is not None and c.gpu_jpeg is None
+        a, b = g.classify(inputs), c.classify(inputs)
+    assert [r.label for r in a[:-1]] == [r.label for r in b[:-1]]
+    assert a[-1].error == b[-1].error and "Premature end of JPEG file" in a[-1].error

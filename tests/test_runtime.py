@@ -410,3 +410,33 @@ def test_host_pool_reuses_gives_once_and_caps():
 
     gc.collect()
     assert pool.held == 300  # a buffer never given back is freed with it, and no longer counted
+
+
+def test_gpu_jpeg_decoding_is_chosen_only_next_to_gpu_preprocessing(model_dir):
+    """--decode: auto keeps JPEGs on the CPU next to CPU preprocessing, silently; gpu there is refused with the
+    reason; an unknown choice is an error."""
+    from runtime.gpu.jpeg import GpuDecodeUnavailable
+    from runtime.pipeline.decoding import open_gpu_jpeg
+
+    notes: list[str] = []
+    assert open_gpu_jpeg("auto", "cpu", notes) is None and open_gpu_jpeg("cpu", "gpu", notes) is None
+    assert notes == []
+    with pytest.raises(GpuDecodeUnavailable, match="decode gpu needs GPU preprocessing"):
+        Classifier(model_dir, backend="cpu", decode="gpu")
+    with pytest.raises(ValueError, match="decode must be one of auto, cpu, gpu"):
+        open_gpu_jpeg("nvjpeg", "gpu", notes)
+    proc = run_module("runtime.classify", "--backend", "cpu", "--decode", "gpu", "x.png")
+    assert proc.returncode != 0 and "decode gpu needs GPU preprocessing" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_gpu_jpeg_decoders_self_check_refuses_a_decoder_that_decodes_damaged_jpegs(capfd):
+    """nvImageCodec's own CPU backend (libjpeg-turbo inside it) decodes a JPEG with two thirds of its scan zeroed
+    without an error: the self-check that stands before GPU decoding refuses it, says why, and prints nothing."""
+    nvimgcodec = pytest.importorskip("nvidia.nvimgcodec", reason="nvImageCodec is an optional extra (gpu-decode)")
+    from runtime.gpu.jpeg import GpuDecodeUnavailable, GpuJpegDecoder
+
+    capfd.readouterr()
+    with pytest.raises(GpuDecodeUnavailable, match="decodes a corrupt JPEG without an error"):
+        GpuJpegDecoder(device=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, backends=("CPU_ONLY",))
+    assert capfd.readouterr().err == ""

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.backends.choose import BACKENDS, PREPROCESSORS
+from runtime.backends.choose import BACKENDS, DECODERS, PREPROCESSORS
 from runtime.io.decode import DEFAULT_MAX_PIXELS
 from runtime.model.paths import MODELS, TRAINED_NAME, UNTRAINED_NAME
 from runtime.model.precisions import CHOICES
@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto",
                       max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """--model, --backend, --precision, --preprocess, --batch-size, --threads, --build-engine, --max-pixels."""
+    """--model, --backend, --precision, --preprocess, --decode, --batch-size, --threads, --decode-workers,
+    --build-engine, --max-pixels."""
     g = ap.add_argument_group("model and backend")
     g.add_argument("--model", type=Path, default=None,
                    help=f"model directory with manifest.json (default: $BREAKHIS_MODEL, else {MODELS.name}/"
@@ -31,6 +32,9 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
                         "else fp32)")
     g.add_argument("--preprocess", choices=PREPROCESSORS, default="auto",
                    help="where tiling + normalisation run (default: auto = GPU next to a GPU backend, else CPU)")
+    g.add_argument("--decode", choices=DECODERS, default="auto",
+                   help="where JPEGs are decoded (default: auto = on the GPU next to GPU preprocessing where "
+                        "nvImageCodec is installed and refuses damaged JPEGs in its self-check; PNG always on the CPU)")
     g.add_argument("--batch-size", type=_positive, default=None,
                    help="fields per inference batch, across images (default: the backend's best: 1 on CPU, 8 on GPU)")
     g.add_argument("--threads", type=_positive, default=None, help="inference threads (default: all cores)")
@@ -47,7 +51,8 @@ def classifier_options(args: argparse.Namespace) -> dict[str, Any]:
     """The Classifier's keyword arguments the options describe (a cohort's Ray actors get them too)."""
     return {"model_dir": args.model, "backend": args.backend, "precision": args.precision,
             "preprocess": args.preprocess, "batch_size": args.batch_size, "threads": args.threads,
-            "allow_build": args.build_engine, "max_pixels": args.max_pixels, "decode_workers": args.decode_workers}
+            "allow_build": args.build_engine, "max_pixels": args.max_pixels, "decode_workers": args.decode_workers,
+            "decode": args.decode}
 
 
 def open_classifier(args: argparse.Namespace, **overrides: Any) -> Classifier:

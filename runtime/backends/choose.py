@@ -10,6 +10,7 @@ from runtime.model.precisions import CHOICES, GPU_BACKENDS, PRECISIONS, preferre
 BACKENDS = ("auto", "cpu", "openvino", "onnxruntime-cuda", "tensorrt")  # "cpu" is ONNX Runtime on the CPU
 LAYOUTS = {"auto": None, "nchw": False, "nhwc": True}  # ONNX Runtime CUDA's NHWC preference; auto: where gated
 PREPROCESSORS = ("auto", "cpu", "gpu")
+DECODERS = ("auto", "cpu", "gpu")  # where JPEGs are decoded (runtime/pipeline/decoding.py: open_gpu_jpeg)
 
 
 def resolve_precision(requested: str, on_gpu: bool, model: ModelDir) -> tuple[str, list[str]]:

@@ -16,6 +16,7 @@ import numpy as np
 
 from runtime.gpu import abi
 from runtime.gpu.context import Context
+from runtime.gpu.jpeg import DeviceImage
 from runtime.gpu.pinned import HostPool
 from runtime.model.manifest import Contract
 from runtime.pipeline.tiling import FieldPlan
@@ -62,7 +63,7 @@ class GpuPreprocessor:
             self._bufs[name] = (host, dev, size)
         return host, dev
 
-    def submit(self, images: list[np.ndarray], plans: list[FieldPlan], bgr: bool = True,
+    def submit(self, images: list[Any], plans: list[FieldPlan], bgr: bool = True,
                dst: int | None = None, dst_field0: int = 0, slot: int = 0) -> tuple[int, int]:
         """Queue the upload and the kernel for all fields of ``images``; returns (device pointer, fields).
 
@@ -72,14 +73,16 @@ class GpuPreprocessor:
         """
         cuda = self.cuda
         with self.active():
-            srcs = [abi.SourceImage(a.shape[0], a.shape[1], a.shape[2], bgr) for a in images]
+            on_gpu = [isinstance(a, DeviceImage) for a in images]  # decoded on the GPU: RGB, maybe pitched
+            srcs = [abi.SourceImage(a.height, a.width, a.channels, a.bgr, a.pitch) if g else
+                    abi.SourceImage(a.shape[0], a.shape[1], a.shape[2], bgr) for a, g in zip(images, on_gpu)]
             offsets, total = abi.layout(srcs)
             jobs = abi.job_table(srcs, offsets, plans)
             n = len(jobs)
             params = abi.params(self.contract, n, self.fp16, dst_field0)
             self.copied[slot].synchronize()  # this slot's previous upload has left its staging buffers
             staging, d_src = self._buffer(f"src{slot}", total, pinned=True)
-            direct = [self.pool.owns(a) for a in images]  # decoded into page-locked memory: no packing copy
+            direct = [g or self.pool.owns(a) for a, g in zip(images, on_gpu)]  # no packing copy for these
             for a, off, d in zip(images, offsets, direct):
                 if not d:
                     staging[off:off + a.nbytes] = np.ascontiguousarray(a).reshape(-1)
@@ -87,9 +90,12 @@ class GpuPreprocessor:
             h_meta, d_meta = self._buffer(f"meta{slot}", len(meta), pinned=True)
             h_meta[: len(meta)] = np.frombuffer(meta, np.uint8)
             if any(direct):  # each image from where it lies
-                for a, off, d in zip(images, offsets, direct):
-                    src = a.reshape(-1) if d else staging[off:off + a.nbytes]
-                    cuda.memcpy_htod_async(int(d_src) + off, src, self.stream)
+                for a, src, off, d, g in zip(images, srcs, offsets, direct, on_gpu):
+                    if g:  # ordered after its decode: CUDA's legacy default stream, which this stream waits for
+                        cuda.memcpy_dtod_async(int(d_src) + off, a.ptr, src.nbytes, self.stream)
+                    else:
+                        cuda.memcpy_htod_async(int(d_src) + off, a.reshape(-1) if d else
+                                               staging[off:off + a.nbytes], self.stream)
             else:
                 cuda.memcpy_htod_async(d_src, staging[:total], self.stream)
             cuda.memcpy_htod_async(d_meta, h_meta[: len(meta)], self.stream)
@@ -106,7 +112,7 @@ class GpuPreprocessor:
         return dst, n
 
 
-    def to_host(self, images: list[np.ndarray], plans: list[FieldPlan], bgr: bool = True,
+    def to_host(self, images: list[Any], plans: list[FieldPlan], bgr: bool = True,
                 slot: int = 0) -> np.ndarray:
         """Preprocess and bring the fields back: for CPU consumers, tests and the CPU-vs-GPU benchmark."""
         dptr, n = self.submit(images, plans, bgr, slot=slot)

@@ -16,7 +16,7 @@ from runtime.io.inputs import ImageInput
 from runtime.model.manifest import Contract, Manifest
 from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir
-from runtime.pipeline.decoding import Input, Prepared, prefetch, prepare
+from runtime.pipeline.decoding import Input, Prepared, open_gpu_jpeg, prefetch, prepare
 from runtime.pipeline.preprocessors import open_preprocessor
 from runtime.pipeline.results import ModelInfo, Result
 from runtime.pipeline.scheduler import FieldScheduler
@@ -39,13 +39,14 @@ class Classifier:
     variant that passed its gate; else FP32), or a listed variant (runtime/model/precisions.py).
     ``preprocess``: "cpu" (numpy), "gpu" (our CUDA kernel via pycuda) or "auto" (GPU when inference runs on a GPU
     and pycuda is usable, else CPU). ``layout``: ONNX Runtime CUDA's memory layout, "auto" (NHWC where the variant
-    passed its gate in it on a GPU), "nchw" or "nhwc". A NaN or inf from the model makes that image's result an
-    error."""
+    passed its gate in it on a GPU), "nchw" or "nhwc". ``decode``: where JPEGs are decoded, "auto" (the GPU next to
+    GPU preprocessing where nvImageCodec is installed and passes its damage self-check), "cpu" or "gpu". A NaN or
+    inf from the model makes that image's result an error."""
 
     def __init__(self, model_dir: Path | str | None = None, backend: str = "auto", batch_size: int | None = None,
                  threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: str = "auto",
                  precision: str = "auto", allow_build: bool = False, decode_workers: int | None = None,
-                 layout: str = "auto") -> None:
+                 layout: str = "auto", decode: str = "auto") -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
@@ -62,6 +63,11 @@ class Classifier:
                               getattr(self.backend, "max_batch", None) or 1 << 30)
         try:
             self.preprocessor = open_preprocessor(preprocess, self.backend, self.contract, self.batch_size, notes)
+            try:
+                self.gpu_jpeg = open_gpu_jpeg(decode, self.preprocessor.name, notes)
+            except BaseException:
+                self.preprocessor.close()
+                raise
         except BaseException:
             self.backend.close()  # opened above: its session and device memory are not left behind
             raise
@@ -85,7 +91,8 @@ class Classifier:
     def _prepare_owned(self, item: Input) -> Prepared:
         """As ``prepare``, the pixels decoded into the preprocessor's buffers: the scheduler hands them back when
         the image is done (inputs prepared outside, like the server's, keep their own memory)."""
-        return prepare(item, self.contract, self.max_pixels, self.model_info, self.preprocessor.host_buffer)
+        return prepare(item, self.contract, self.max_pixels, self.model_info, self.preprocessor.host_buffer,
+                       self.gpu_jpeg)
 
     def prepare(self, item: Input) -> Prepared:
         """The decode-and-plan step for one input, as classify runs it (the server runs it before queueing)."""

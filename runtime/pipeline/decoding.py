@@ -8,15 +8,19 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime.io.decode import Buffer, ImageError, decode, read_image, to_bgr8
+from runtime.io.decode import Buffer, Decoded, ImageError, decode, read_bytes, to_bgr8
 from runtime.io.inputs import ImageInput
 from runtime.io.scale import name_warning
 from runtime.model.manifest import Contract
 from runtime.pipeline.results import ModelInfo, Result
 from runtime.pipeline.tiling import FieldPlan, TilingError, plan_fields
+
+if TYPE_CHECKING:
+    from runtime.gpu.jpeg import DeviceImage, GpuJpegDecoder
 
 
 @dataclass
@@ -26,6 +30,7 @@ class Prepared:
     result: Result
     plan: FieldPlan | None = None
     bgr: np.ndarray | None = None  # the decoded image; its fields are preprocessed batch by batch
+    gpu: DeviceImage | None = None  # or the image decoded on the GPU (RGB), where it was
     failure: Exception | None = None  # why it cannot be classified (ImageError, TilingError), where it cannot
 
     @property
@@ -37,9 +42,10 @@ Input = str | Path | np.ndarray | ImageInput | Prepared
 
 
 def prepare(item: Input, contract: Contract, max_pixels: int, model: ModelInfo | None = None,
-            into: Buffer | None = None) -> Prepared:
+            into: Buffer | None = None, gpu_jpeg: GpuJpegDecoder | None = None) -> Prepared:
     """Read (paths), decode (bytes, arrays) and tile one input; a failure becomes its result's error. ``into``:
-    where its pixels are decoded (the GPU paths' page-locked buffers), only for a caller that releases them."""
+    where its pixels are decoded (the GPU paths' page-locked buffers), only for a caller that releases them;
+    ``gpu_jpeg``: a JPEG decoded on the GPU where that decoder takes it."""
     if isinstance(item, Prepared):
         return item
     if not isinstance(item, ImageInput):
@@ -49,12 +55,22 @@ def prepare(item: Input, contract: Contract, max_pixels: int, model: ModelInfo |
         res.error = item.error
         return Prepared(res)
     t0 = time.perf_counter()
+    on_gpu: DeviceImage | None = None
+    dec: Decoded | None = None
     try:
-        dec = to_bgr8(item.array, item.name) if item.array is not None else \
-            decode(item.data, item.name, max_pixels, into) if item.data is not None else \
-            read_image(item.name, max_pixels, into)
-        h, w = dec.bgr.shape[:2]
-        res.size, res.conversions, res.warnings = (w, h), dec.conversions, dec.warnings
+        if item.array is not None:
+            dec = to_bgr8(item.array, item.name)
+        else:
+            data, name = (item.data, item.name) if item.data is not None else \
+                (read_bytes(item.name), str(Path(item.name)))
+            on_gpu = gpu_jpeg.decode_file(data, name, max_pixels) if gpu_jpeg is not None else None
+            dec = None if on_gpu is not None else decode(data, name, max_pixels, into)
+        if dec is not None:
+            (h, w), res.conversions, res.warnings = dec.bgr.shape[:2], dec.conversions, dec.warnings
+        else:
+            assert on_gpu is not None
+            h, w = on_gpu.height, on_gpu.width
+        res.size = (w, h)
         wrong_scale = name_warning(item.name, contract)
         if wrong_scale:
             res.warnings.append(wrong_scale)
@@ -63,7 +79,30 @@ def prepare(item: Input, contract: Contract, max_pixels: int, model: ModelInfo |
         res.error = str(e) if isinstance(e, ImageError) else f"{item.name}: {e}"
         return Prepared(res, failure=e)
     res.timings_ms = {"decode": (time.perf_counter() - t0) * 1e3}
-    return Prepared(res, plan, dec.bgr)
+    return Prepared(res, plan, None if dec is None else dec.bgr, on_gpu)
+
+
+def open_gpu_jpeg(choice: str, preprocess: str, notes: list[str]) -> GpuJpegDecoder | None:
+    """Where JPEGs are decoded: "cpu"; "gpu" (nvImageCodec, which must pass its self-check: fails loudly where it
+    cannot); "auto": the GPU next to GPU preprocessing where nvImageCodec is installed and passes, else the CPU
+    (a note says why where it is installed)."""
+    from runtime.backends.choose import DECODERS
+    from runtime.gpu.jpeg import GpuDecodeUnavailable, GpuJpegDecoder, NvImageCodecMissing
+
+    if choice not in DECODERS:
+        raise ValueError(f"decode must be one of {', '.join(DECODERS)}, not {choice!r}")
+    if choice == "cpu" or (choice == "auto" and preprocess != "gpu"):
+        return None
+    if preprocess != "gpu":
+        raise GpuDecodeUnavailable("decode gpu needs GPU preprocessing (a GPU backend, or --preprocess gpu)")
+    try:
+        return GpuJpegDecoder()
+    except GpuDecodeUnavailable as e:
+        if choice == "gpu":
+            raise
+        if not isinstance(e, NvImageCodecMissing):
+            notes.append(f"decode auto chose the CPU: {str(e).splitlines()[0]}")
+        return None
 
 
 def prefetch(items: Iterable[Input], prepare: Callable[[Input], Prepared], workers: int,

@@ -3,7 +3,7 @@ writing straight into a GPU backend's input (images cross the bus once, as uint8
 brought back for a backend that takes host input."""
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, Union, cast
 
 import numpy as np
 
@@ -14,7 +14,11 @@ from runtime.model.manifest import Contract
 from runtime.pipeline.preprocess import preprocess_fields
 from runtime.pipeline.tiling import FieldPlan
 
+if TYPE_CHECKING:
+    from runtime.gpu.jpeg import DeviceImage
+
 Outputs = dict[str, np.ndarray]
+Pixels = Union[np.ndarray, "DeviceImage"]  # a decoded image: BGR in host memory, or RGB on the GPU (GPU paths only)
 
 
 class Preprocessor(Protocol):
@@ -24,7 +28,7 @@ class Preprocessor(Protocol):
     name: str  # where preprocessing runs, as results report it: "cpu" or "gpu"
     slots: int
 
-    def stage(self, images: list[np.ndarray], plans: list[FieldPlan], n: int, slot: int) -> None:
+    def stage(self, images: list[Pixels], plans: list[FieldPlan], n: int, slot: int) -> None:
         """Preprocess the ``n`` fields of ``plans`` into ``slot`` (on a GPU: queued, not waited for)."""
         ...
 
@@ -52,11 +56,12 @@ class CpuPreprocessor:
         self.backend, self.contract, self.batch_size, self.slots = backend, contract, batch_size, slots
         self.batches: dict[int, np.ndarray] = {}  # allocated on first use (a 32-field batch is 116 MB)
 
-    def stage(self, images: list[np.ndarray], plans: list[FieldPlan], n: int, slot: int) -> None:
+    def stage(self, images: list[Pixels], plans: list[FieldPlan], n: int, slot: int) -> None:
         if slot not in self.batches:
             self.batches[slot] = np.empty((self.batch_size, *self.contract.field_shape), np.float32)
         k = 0
         for img, plan in zip(images, plans):
+            assert isinstance(img, np.ndarray)  # images decoded on the GPU go only to the GPU paths
             preprocess_fields(img, plan, self.contract, out=self.batches[slot][k:k + plan.n_fields])
             k += plan.n_fields
 
@@ -95,7 +100,7 @@ class GpuIntoBackend(_GpuDecodeBuffers):
         self.backend, self.gpu, self.slots = backend, gpu, len(backend.input_ptrs)
         notes += backend.fix_batches((1, batch_size))  # a lone image's field, and full batches (a partial padded)
 
-    def stage(self, images: list[np.ndarray], plans: list[FieldPlan], n: int, slot: int) -> None:
+    def stage(self, images: list[Pixels], plans: list[FieldPlan], n: int, slot: int) -> None:
         self.gpu.submit(images, plans, dst=self.backend.input_ptrs[slot], slot=slot)
 
     def run(self, n: int, slot: int) -> Outputs:
@@ -116,7 +121,7 @@ class GpuToHost(_GpuDecodeBuffers):
         self.backend, self.gpu = backend, gpu
         self.batches: dict[int, np.ndarray] = {}
 
-    def stage(self, images: list[np.ndarray], plans: list[FieldPlan], n: int, slot: int) -> None:
+    def stage(self, images: list[Pixels], plans: list[FieldPlan], n: int, slot: int) -> None:
         self.batches[slot] = self.gpu.to_host(images, plans, slot=slot)
 
     def run(self, n: int, slot: int) -> Outputs:

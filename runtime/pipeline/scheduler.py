@@ -82,8 +82,9 @@ class FieldScheduler:
                 break
         images, plans = [], []
         for j, take in owners:
-            assert j.item.plan is not None and j.item.bgr is not None
-            images.append(j.item.bgr)
+            pixels = j.item.gpu if j.item.gpu is not None else j.item.bgr
+            assert j.item.plan is not None and pixels is not None
+            images.append(pixels)
             plans.append(replace(j.item.plan, field_origins=j.item.plan.field_origins[j.staged:j.staged + take]))
             j.staged += take
         slot, self.next_slot = self.next_slot, (self.next_slot + 1) % slots
@@ -133,5 +134,5 @@ class FieldScheduler:
                 res.timings_ms["total"] = sum(res.timings_ms.values())
             if j.item.bgr is not None:
                 self.preprocessor.release(j.item.bgr)  # its fields are inferred: the buffer may take the next image
-            j.item.bgr = None  # release the pixels as soon as the image is done
+            j.item.bgr = j.item.gpu = None  # release the pixels as soon as the image is done
             yield res
