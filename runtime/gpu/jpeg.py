@@ -6,6 +6,7 @@ goes to the CPU decoder, which names the damage. PNG always stays on the CPU (th
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ class GpuJpegDecoder:
     Its work is ordered on CUDA's legacy default stream, which the preprocessor's stream waits for."""
 
     def __init__(self, device: int = 0, backends: tuple[str, ...] = ("GPU_ONLY", "HYBRID_CPU_GPU")) -> None:
+        self.lock = threading.Lock()
         os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")  # its per-file errors would go, unattributed, to stderr
         with decoder_messages() as said:  # what loading its codec libraries prints, kept for the reason below
             try:
@@ -65,7 +67,8 @@ class GpuJpegDecoder:
                                        (f" (it said: {codecs})" if codecs else ""))
 
     def _decode(self, data: bytes) -> Any:
-        return self.decoder.decode(data, params=self.params, cuda_stream=0)
+        with self.lock:  # one decode at a time: the decode workers share one decoder (its thread safety unstated)
+            return self.decoder.decode(data, params=self.params, cuda_stream=0)
 
     def refusal(self) -> str | None:
         """Why this decoder must not be used (it decodes a truncated or corrupt JPEG, or a clean one wrongly), or
