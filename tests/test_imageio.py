@@ -290,3 +290,17 @@ def test_decoding_into_a_given_buffer_gives_the_same_pixels(sample):
         dec = decode(data, "x", into=into)
         np.testing.assert_array_equal(dec.bgr, decode(data, "x").bgr)
         assert (bool(given) and np.shares_memory(dec.bgr, given[-1])) == lands
+
+
+def test_a_jpeg_with_a_harmless_warning_is_decoded_whole_with_the_warning_kept(sample, capfd):
+    """An unknown JFIF revision makes libjpeg warn without harm: the image is decoded whole (through OpenCV's
+    path), the warning kept on its result and nothing on the console. (libjpeg reports a file's first warning only:
+    a harmless one hides later ones, as docs/user-guide.md says.)"""
+    data = bytearray(_jpeg(cv2.imread(str(sample)), quality=90))
+    assert data[6:11] == b"JFIF\x00"
+    data[11] = 2  # JFIF 2.01
+    capfd.readouterr()
+    dec = decode(bytes(data), "rev2.jpg")
+    assert dec.warnings == ["Warning: unknown JFIF revision number 2.01"]
+    assert capfd.readouterr().err == ""
+    np.testing.assert_array_equal(dec.bgr, to_bgr8(cv2.imdecode(np.frombuffer(bytes(data), np.uint8), FLAGS), "x").bgr)

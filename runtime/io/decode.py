@@ -49,6 +49,13 @@ class Decoded:
 
 # Decoder messages that mean the pixels are not what was captured: such an image is refused, not classified.
 DAMAGE = ("corrupt jpeg data", "premature end", "crc error", "libpng error", "invalid", "bogus", "huffman")
+
+
+def damage(messages: list[str]) -> list[str]:
+    """The decoder messages that mean the pixels are not what was captured."""
+    return [m for m in messages if any(k in m.lower() for k in DAMAGE)]
+
+
 # EXIF orientation -> what it means, and the OpenCV operations that show the image as viewers do, in order
 _FLIP_H, _FLIP_V = (lambda a: cv2.flip(a, 1)), (lambda a: cv2.flip(a, 0))
 _CW = (lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE))
@@ -107,6 +114,8 @@ def _decode_in_parallel(data: bytes, info: Probe, messages: list[str], into: Buf
             jpeg = turbojpeg.decode(data, into, info.pages[0])
         except turbojpeg.Fallback:
             return None
+        if jpeg.warnings and not damage(jpeg.warnings):
+            return None  # stopped at a harmless warning: OpenCV's path decodes it whole
         messages += jpeg.warnings
         return jpeg.image
     return None
@@ -205,7 +214,7 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, into: B
                 conversions.append(f"page {page + 1} of {len(info.pages)} used (the largest, {w}x{h})")
             else:
                 img = cv2.imdecode(buf, FLAGS)
-    damaged = [m for m in messages if any(k in m.lower() for k in DAMAGE)]
+    damaged = damage(messages)
     if damaged:
         raise ImageError(f"{name}: truncated or corrupt data, the decoder says: {'; '.join(damaged)[:300]} (not "
                          "classified: its pixels may not be what was captured)")

@@ -14,6 +14,7 @@ import numpy as np
 TJPF_BGR, TJPF_GRAY = 1, 6  # pixel formats (turbojpeg.h)
 TJCS_YCBCR, TJCS_GRAY, TJCS_RGB = 1, 2, 0  # colour spaces decoded here; CMYK/YCCK go to OpenCV
 TJERR_WARNING = 0
+TJFLAG_STOPONWARNING = 8192  # stop at the first warning: libjpeg reports a file's first warning only
 _LOCK = threading.Lock()
 _LIB: list[ctypes.CDLL | None] = []  # [library] once looked up, [None] where the system has none
 
@@ -25,7 +26,7 @@ class Fallback(Exception):
 @dataclass
 class Jpeg:
     image: np.ndarray  # BGR HxWx3, or HxW for a grayscale JPEG (as OpenCV's IMREAD_UNCHANGED gives)
-    warnings: list[str]  # libjpeg's warning for this file (at most one: TurboJPEG keeps the last), else empty
+    warnings: list[str]  # libjpeg's first warning, where decoding stopped (the image is then incomplete), else empty
 
 
 def library() -> ctypes.CDLL | None:
@@ -59,7 +60,9 @@ def _declare(lib: ctypes.CDLL) -> None:
 def decode(data: bytes, into: Callable[[tuple[int, ...]], np.ndarray | None] | None = None,
            size: tuple[int, int] | None = None) -> Jpeg:
     """One baseline or progressive 8-bit JPEG -> BGR (or gray) uint8, with libjpeg's default (accurate) DCT and
-    upsampling, as OpenCV decodes it; a colour one into ``into(shape)`` where that gives a buffer. ``size``: the
+    upsampling, as OpenCV decodes it; a colour one into ``into(shape)`` where that gives a buffer. Decoding stops at
+    libjpeg's first warning (the only one libjpeg reports) and returns it: the caller refuses a damaged file, or
+    has OpenCV's path decode a harmlessly warned one whole. ``size``: the
     (width, height) the caller's header reader found and checked against its limit; another claim here is not
     decoded. Raises Fallback where OpenCV's path should decode it instead."""
     lib = library()
@@ -80,7 +83,7 @@ def decode(data: bytes, into: Callable[[tuple[int, ...]], np.ndarray | None] | N
         img = into(shape) if into is not None and not gray else None
         img = np.empty(shape, np.uint8) if img is None else img
         status = lib.tjDecompress2(handle, data, len(data), img.ctypes.data, w.value, 0, h.value,
-                                   TJPF_GRAY if gray else TJPF_BGR, 0)
+                                   TJPF_GRAY if gray else TJPF_BGR, TJFLAG_STOPONWARNING)
         warnings: list[str] = []
         if status != 0:
             if lib.tjGetErrorCode(handle) != TJERR_WARNING:
