@@ -97,6 +97,8 @@ class GpuJpegDecoder:
         """The header checks of every decoder (size limit, pages; ImageError as on the CPU), then the GPU decode
         of a one-page JPEG without an orientation tag; None: the CPU decodes it (other formats, a tag to apply, or
         data this decoder refuses, whose damage the CPU decoder then names)."""
+        if not data.startswith(b"\xff\xd8\xff"):  # not a JPEG (a PNG field): the CPU decoder reads its header once
+            return None
         info, _ = header(data, name, max_pixels)
         if info.format != "JPEG" or len(info.pages) != 1 or info.orientation != 1:
             return None

@@ -110,15 +110,25 @@ def _decode_in_parallel(data: bytes, info: Probe, messages: list[str], into: Buf
     if info.format == "PNG":
         return _decode_png(data, messages, into)
     if info.format == "JPEG":
-        try:
-            jpeg = turbojpeg.decode(data, into, info.pages[0])
-        except turbojpeg.Fallback:
-            return None
-        if jpeg.warnings and not damage(jpeg.warnings):
-            return None  # stopped at a harmless warning: OpenCV's path decodes it whole
-        messages += jpeg.warnings
-        return jpeg.image
+        got = decode_jpeg(data, into, info.pages[0])
+        if got is not None:
+            messages += got[1]
+            return got[0]
     return None
+
+
+def decode_jpeg(data: bytes, into: Buffer | None = None,
+                size: tuple[int, int] | None = None) -> tuple[np.ndarray, list[str]] | None:
+    """A JPEG by libjpeg-turbo, without the stderr lock: (pixels, libjpeg's damage warning if it gave one), or None
+    where OpenCV's path must decode it: no libturbojpeg, CMYK or 12-bit, or decoding stopped at a harmless warning
+    (only a whole decode gets past one)."""
+    try:
+        jpeg = turbojpeg.decode(data, into, size)
+    except turbojpeg.Fallback:
+        return None
+    if jpeg.warnings and not damage(jpeg.warnings):
+        return None
+    return jpeg.image, jpeg.warnings
 
 
 def _decode_png(data: bytes, messages: list[str], into: Buffer | None = None) -> np.ndarray | None:

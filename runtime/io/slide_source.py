@@ -262,20 +262,17 @@ def _jpeg_problem(data: bytes, tables: bytes | None) -> str | None:
     corrupt one as other pixels, saying so only as a warning), or None. The check decodes the tile once more with
     libjpeg-turbo, whose warnings come back with the call (runtime/io/turbojpeg.py; without it, OpenCV's libjpeg under
     the stderr lock): about 0.3 ms per 256 x 256 tile, the price of hearing them (imagecodecs does not pass them on)."""
-    from runtime.io import turbojpeg
-    from runtime.io.decode import damage, decoder_messages
+    from runtime.io.decode import damage, decode_jpeg, decoder_messages
 
     if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         return "truncated JPEG data (no end-of-image marker)"
     stream = tables[:-2] + data[2:] if tables and data.startswith(b"\xff\xd8") else data  # tables + the tile's scan
-    try:
-        messages, decoded = turbojpeg.decode(stream).warnings, True
-        whole = bool(messages) and not damage(messages)  # stopped at a harmless warning: decode it whole
-    except turbojpeg.Fallback:
-        whole = True
-    if whole:  # OpenCV's libjpeg, its message heard under the stderr lock
+    got = decode_jpeg(stream)
+    if got is None:  # OpenCV's libjpeg, its message heard under the stderr lock
         with decoder_messages() as messages:
             decoded = cv2.imdecode(np.frombuffer(stream, np.uint8), cv2.IMREAD_UNCHANGED) is not None
+    else:
+        decoded, messages = True, got[1]
     damaged = damage(messages)
     if damaged or not decoded:
         return f"libjpeg: {'; '.join(damaged)[:160]}" if damaged else "libjpeg cannot decode it"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import threading
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,8 +15,6 @@ TJPF_BGR, TJPF_GRAY = 1, 6  # pixel formats (turbojpeg.h)
 TJCS_YCBCR, TJCS_GRAY, TJCS_RGB = 1, 2, 0  # colour spaces decoded here; CMYK/YCCK go to OpenCV
 TJERR_WARNING = 0
 TJFLAG_STOPONWARNING = 8192  # stop at the first warning: libjpeg reports a file's first warning only
-_LOCK = threading.Lock()
-_LIB: list[ctypes.CDLL | None] = []  # [library] once looked up, [None] where the system has none
 
 
 class Fallback(Exception):
@@ -29,20 +27,17 @@ class Jpeg:
     warnings: list[str]  # libjpeg's first warning, where decoding stopped (the image is then incomplete), else empty
 
 
+@functools.cache
 def library() -> ctypes.CDLL | None:
     """libturbojpeg, or None where it is not installed (Debian: libturbojpeg0; Jetson's L4T has it)."""
-    with _LOCK:
-        if not _LIB:
-            name = ctypes.util.find_library("turbojpeg")
-            lib = None
-            try:
-                lib = ctypes.CDLL(name) if name else None
-                if lib is not None:
-                    _declare(lib)
-            except (OSError, AttributeError):  # unloadable, or too old for the 2.x API used here
-                lib = None
-            _LIB.append(lib)
-        return _LIB[0]
+    name = ctypes.util.find_library("turbojpeg")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+        if lib is not None:
+            _declare(lib)
+    except (OSError, AttributeError):  # unloadable, or too old for the 2.x API used here
+        return None
+    return lib
 
 
 def _declare(lib: ctypes.CDLL) -> None:
