@@ -15,8 +15,8 @@ PY=${PYTHON:-python3}
 # on numpy 2), and tensorrt-stubs would pull the real TensorRT wheel, which fetches from another index.
 .venv/bin/python -m pip install -q --no-deps patchify==0.2.3 tensorrt-stubs==10.13.0.35.1
 # (exports from before the contract stated the magnification are made again, so that scale checks apply to them)
-usable() { .venv/bin/python -c 'import sys; from runtime.model.manifest import Manifest
-assert Manifest.load(sys.argv[1]).contract.magnification' "$1" 2>/dev/null; }
+usable() { .venv/bin/python -c 'import sys; from runtime.model.model_dir import ModelDir
+assert ModelDir.open(sys.argv[1]).contract.magnification' "$1" 2>/dev/null; }
 if [ -f "$(.venv/bin/python -c 'from runtime.model.paths import trained_weights; print(trained_weights())')/weights.pt" ]; then
   usable models/breakhis-scratch-v1 || .venv/bin/python -m export trained
 else

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 from dataclasses import replace
 
 import onnx
@@ -10,7 +12,7 @@ import torch
 
 from export.onnx_export import OPSET, fp16_structure
 from runtime.model.model_dir import ModelDir
-from tests.conftest import run_module
+from tests.conftest import REPO, run_module
 
 
 def test_reference_artefacts(model_dir):
@@ -131,3 +133,21 @@ def test_the_exported_graph_has_no_shape_arithmetic(model_dir):
         assert not {n.op_type for n in m.graph.node} & set(SHAPE_OPS), name
         (lstm,) = [n for n in m.graph.node if n.op_type == "LSTM"]
         assert len(lstm.input) <= 5 and list(lstm.output)[:2] == ["", lstm.output[1]] and lstm.output[1], name
+
+
+def test_setup_keeps_a_readable_model_and_exports_a_damaged_one_again(model_dir, tmp_path):
+    """setup.sh's own check (its ``usable`` function, run by bash as setup.sh runs it): a model directory this code
+    can read is kept on a rerun; one whose manifest is damaged, or that is absent, is exported again."""
+    import shutil
+
+    script = (REPO / "setup.sh").read_text()
+    usable = script[script.index("usable() {"):script.index("; }", script.index("usable() {")) + 3]
+
+    def keeps(path: Path) -> bool:
+        return subprocess.run(["bash", "-c", f'{usable}\nusable "$1"', "usable", str(path)], cwd=REPO).returncode == 0
+
+    assert keeps(model_dir)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_dir, damaged)
+    (damaged / "manifest.json").write_text("{")
+    assert not keeps(damaged) and not keeps(tmp_path / "absent")
