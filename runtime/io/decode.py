@@ -1,5 +1,5 @@
 """Image decoding: the header read lazily by Pillow first (size limit, pages, EXIF orientation), pixels decoded by
-libpng through imagecodecs (PNG), libjpeg-turbo's TurboJPEG (JPEG, where installed) or OpenCV (the rest), explicit
+libpng through imagecodecs (PNG), libjpeg-turbo through simplejpeg (JPEG) or OpenCV (the rest), explicit
 colour conversions, decoder messages attached to the image they concern, clear errors."""
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import cv2
 import imagecodecs
 import numpy as np
+import simplejpeg
 
 from runtime.errors import BreakhisError
-from runtime.io import turbojpeg
 
 MAX_PAGES = 256  # a multi-page TIFF's directories are read to find its largest page: bounded
 FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP")  # as Pillow names them (MPO: a JPEG with extra frames)
@@ -104,7 +104,7 @@ logging.getLogger("imagecodecs").addFilter(_AttachToThisDecode())
 
 
 def _decode_in_parallel(data: bytes, info: Probe, messages: list[str], into: Buffer | None) -> np.ndarray | None:
-    """PNG (libpng) and JPEG (libjpeg-turbo, where the system has it) decoded without the stderr lock, their
+    """PNG (libpng) and JPEG (libjpeg-turbo) decoded without the stderr lock, their
     messages collected per call, 8-bit colour ones into ``into(shape)`` where it gives a buffer; None with no
     message: OpenCV's serialised path decodes it (TIFF, BMP, CMYK...)."""
     if info.format == "PNG":
@@ -117,18 +117,33 @@ def _decode_in_parallel(data: bytes, info: Probe, messages: list[str], into: Buf
     return None
 
 
+# The JPEG colour spaces simplejpeg decodes as OpenCV does (CMYK/YCCK, Adobe's inverted ink, go to OpenCV's path).
+_JPEG_SPACES = {"YCbCr": "BGR", "RGB": "BGR", "Gray": "GRAY"}
+
+
 def decode_jpeg(data: bytes, into: Buffer | None = None,
                 size: tuple[int, int] | None = None) -> tuple[np.ndarray, list[str]] | None:
-    """A JPEG by libjpeg-turbo, without the stderr lock: (pixels, libjpeg's damage warning if it gave one), or None
-    where OpenCV's path must decode it: no libturbojpeg, CMYK or 12-bit, or decoding stopped at a harmless warning
-    (only a whole decode gets past one)."""
+    """A JPEG by libjpeg-turbo through simplejpeg, which releases the GIL and, strict, raises libjpeg's first
+    warning (the only one libjpeg reports) instead of printing it: (pixels, [that warning]) where it names damage
+    (the caller refuses the file), (pixels, []) for a clean decode, or None where OpenCV's path must decode it: a
+    CMYK, 12-bit or otherwise unreadable file, or a harmless first warning (only a whole decode gets past one).
+    libjpeg's default (accurate) DCT and upsampling, as OpenCV decodes. A colour one goes into ``into(shape)`` where
+    that gives a buffer. ``size``: the (width, height) the caller's header reader found and checked against its
+    limit; another claim here is not decoded."""
     try:
-        jpeg = turbojpeg.decode(data, into, size)
-    except turbojpeg.Fallback:
+        h, w, space, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
         return None
-    if jpeg.warnings and not damage(jpeg.warnings):
+    if space not in _JPEG_SPACES or (size is not None and (w, h) != tuple(size)):
         return None
-    return jpeg.image, jpeg.warnings
+    gray = space == "Gray"
+    buf = into((h, w, 3)) if into is not None and not gray else None
+    try:
+        img = simplejpeg.decode_jpeg(data, colorspace=_JPEG_SPACES[space], buffer=buf, strict=True)
+    except ValueError as e:
+        warning = str(e).strip()
+        return (np.empty(0, np.uint8), [warning]) if damage([warning]) else None  # damaged: no pixels to use
+    return (img.reshape(h, w) if gray else img), []
 
 
 def _decode_png(data: bytes, messages: list[str], into: Buffer | None = None) -> np.ndarray | None:

@@ -260,8 +260,9 @@ class TiffSource(Source):
 def _jpeg_problem(data: bytes, tables: bytes | None) -> str | None:
     """Why a JPEG tile is damaged though it may still decode (libjpeg pads a truncated scan with grey, and reads a
     corrupt one as other pixels, saying so only as a warning), or None. The check decodes the tile once more with
-    libjpeg-turbo, whose warnings come back with the call (runtime/io/turbojpeg.py; without it, OpenCV's libjpeg under
-    the stderr lock): about 0.3 ms per 256 x 256 tile, the price of hearing them (imagecodecs does not pass them on)."""
+    libjpeg-turbo, whose warnings come back with the call (decode.decode_jpeg; where it hands a tile to OpenCV's
+    libjpeg, under the stderr lock): about 0.3 ms per 256 x 256 tile, the price of hearing them (imagecodecs does
+    not pass them on)."""
     from runtime.io.decode import damage, decode_jpeg, decoder_messages
 
     if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
