@@ -1,13 +1,13 @@
 """One comparison (Polygraphy-style): a candidate's outputs against the FP32 reference's, per output, within the
-precision table's tolerance (runtime/model/precisions.py), plus label agreement. Every gate uses it: FP32 parity,
-the FP16/BF16/INT8 variants, ``export verify``."""
+precision table's tolerance (runtime/model/precisions.py), plus label agreement outside the precision's re-check band
+(inside it the runtime asks FP32). Every gate uses it: FP32 parity, the FP16/BF16/INT8 variants, ``export verify``."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from runtime.model.precisions import PRECISIONS
+from runtime.model.precisions import PRECISIONS, in_band
 
 
 @dataclass
@@ -35,9 +35,11 @@ class Comparison:
     precision: str
     fields: int
     outputs: list[OutputDiff]
-    label_agreement: float
-    flips: int
+    label_agreement: float  # over the fields outside the re-check band
+    flips: int  # labels that differ outside the band: the binding count
     non_finite: int  # candidate fields with a NaN or inf output: always a failure
+    in_band: int = 0  # fields inside the precision's re-check band (re-checked at FP32 at run time)
+    in_band_flips: int = 0  # of those, how many labels FP32's re-check changes
 
     @property
     def ok(self) -> bool:
@@ -58,20 +60,30 @@ class Comparison:
             tol = "reported only" if o.tolerance is None else f"tolerance {o.limit()}, worst {o.worst:.2g} of it"
             out.append(f"  {o.output:12s} max|d|={o.max_abs:.3e} median|d|={o.median_abs:.3e} ({tol}) "
                        f"{'PASS' if o.ok else 'FAIL'}")
+        band = PRECISIONS[self.precision].band
         out.append(f"  labels       {self.label_agreement:.1%} agree, {self.flips} flips "
-                   f"(required {PRECISIONS[self.precision].tolerance.labels:.0%})")
+                   f"(required {PRECISIONS[self.precision].tolerance.labels:.0%}"
+                   + (f" outside the re-check band 0.5 +- {band:g})" if band else ")"))
+        if band:
+            out.append(f"  re-check     {self.in_band} of {self.fields} fields in the band ({self.recheck_share:.1%}), "
+                       f"{self.in_band_flips} of their labels set by FP32")
         if self.non_finite:
             out.append(f"  non-finite   {self.non_finite} fields gave NaN/inf")
         out.append(f"  {'PASS' if self.ok else 'FAIL: ' + self.reason()}")
         return out
 
+    @property
+    def recheck_share(self) -> float:
+        """The share of fields a run re-checks at FP32, as measured on these fields."""
+        return self.in_band / self.fields if self.fields else 0.0
+
     def to_dict(self) -> dict:
-        return asdict(self) | {"ok": self.ok, "reason": self.reason()}
+        return asdict(self) | {"ok": self.ok, "reason": self.reason(), "recheck_share": self.recheck_share}
 
     def summary(self) -> dict:
         """The part the manifest's variant table keeps beside a variant that passed."""
         return {"fields": self.fields, "label_agreement": self.label_agreement,
-                "max_abs": {o.output: o.max_abs for o in self.outputs}}
+                "max_abs": {o.output: o.max_abs for o in self.outputs}, "in_band": self.in_band}
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], precision: str,
@@ -97,5 +109,13 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
                                worst))
     agree = (ref["probability"] > threshold) == (got["probability"] > threshold)
     agree &= ~bad
-    return Comparison(name, precision, int(agree.size), rows, float(agree.mean()), int((~agree).sum()),
-                      int(bad.sum()))
+    inside = in_band(got["probability"], threshold, PRECISIONS[precision].band) & ~bad
+    outside = agree[~inside]
+    return Comparison(name, precision, int(agree.size), rows, float(outside.mean()) if outside.size else 1.0,
+                      int((~outside).sum()), int(bad.sum()), int(inside.sum()), int((~agree[inside]).sum()))
+
+
+def effective_ms(ms_per_field: dict[str, float], recheck_share: float, precision: str = "bf16") -> float:
+    """A faster tier's time per field counting its re-checks: its own time, plus FP32's for the share of fields
+    that fall inside its band."""
+    return ms_per_field[precision] + recheck_share * ms_per_field["fp32"]

@@ -1,9 +1,11 @@
 """The one precision table: for each precision, its file, the backends that run it, where "auto" prefers it, how
-TensorRT builds it, OpenVINO's hint, and the tolerance its gate applies. Adding a precision is one row (and the
-export step that makes its file)."""
+TensorRT builds it, OpenVINO's hint, and the tolerance its gate applies, which is also its re-check band. Adding a
+precision is one row (and the export step that makes its file)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,11 @@ class Tolerance:
         return getattr(self, output, None)
 
 
+def in_band(probability: np.ndarray | float, threshold: float, band: float) -> np.ndarray:
+    """Which probabilities lie within ``band`` of the threshold, edges included (a re-check band of 0: none)."""
+    return (np.abs(np.asarray(probability, np.float64) - threshold) <= band) & (band > 0)
+
+
 @dataclass(frozen=True)
 class Precision:
     name: str
@@ -33,6 +40,13 @@ class Precision:
     trt10_flags: tuple[str, ...] | None = None  # TensorRT 10 builds it from the FP32 ONNX with these; None: no engine
     openvino_hint: str = ""  # OpenVINO's INFERENCE_PRECISION_HINT where OpenVINO runs it
     tensor_cores: bool = True  # ONNX Runtime CUDA may use tensor-core math (TF32); FP32 means FP32: off
+
+    @property
+    def band(self) -> float:
+        """Its re-check band around the threshold: the probability bound its gate verified (0 for FP32, the
+        reference itself). Outside the band FP32's label is this precision's (|d p| <= bound); inside it FP32 answers
+        (runtime/pipeline/recheck.py)."""
+        return 0.0 if self.name == "fp32" else float(self.tolerance.probability or 0.0)
 
 
 GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")
@@ -54,6 +68,14 @@ GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")
 # ~16 layers (accumulation stays FP32), the features drift by 1-2 %, i.e. |d logit| ~0.1 at this model's logit scale,
 # and |d probability| <= 0.25 |d logit| ~0.025. Measured: 0.0115 on the 48 shared images, 0.019 on 150 (2026-11-25).
 # Labels are the binding part: every one kept.
+# The re-check band. A bound holds for every field; a label does not: a field whose FP32 probability is 0.498 moves
+# across 0.5 under any arithmetic that is not FP32's (measured 2026-12-02 on 374 unseen BreakHis 100X images: BF16
+# kept its 0.03 bound, worst 0.022, and gave 2 labels opposite to FP32's, at p 0.508 and 0.498). So each faster
+# precision's probability bound is also its band: where its probability lies at least the bound away from the
+# threshold, FP32's lies on the same side (|d p| <= bound), and where it lies within it (edges included) the field is
+# classified again at FP32 and FP32's answer is the result: every label is FP32's by construction, as far as the bound
+# holds (its gate checks it on every gate field, and it held on the 374 unseen images). Gates require every label
+# outside the band to agree and report how many gate fields fall inside it (the expected re-check share).
 PRECISIONS = {p.name: p for p in (
     Precision("fp32", "model.onnx", ("cpu", "openvino", *GPU_BACKENDS), Tolerance(1e-4, 1e-4, rtol=1e-4),
               "the reference, run by every backend", "export", trt10_flags=(), openvino_hint="f32",
