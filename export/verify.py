@@ -55,7 +55,7 @@ def verify(model_dir: Path, images_dir: Path, backend: str = "tensorrt", precisi
     if not keep:
         raise RuntimeError(f"{images_dir}: no usable images")
     images, want = [images[i] for i in keep], [want[i] for i in keep]
-    with Classifier(model_dir, backend=backend, precision=precision, layout=layout) as cand:
+    with Classifier(model_dir, backend=backend, precision=precision, layout=layout, recheck="off") as cand:
         got = cand.classify(images)
         name, prec = cand.backend.name, cand.backend.precision
     return compare({"probability": _field_probs(want, want)}, {"probability": _field_probs(got, want)}, prec,

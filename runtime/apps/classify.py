@@ -63,6 +63,8 @@ def table(results: list, model: ModelInfo) -> str:
     lines = [f"model: {model.name} ({'trained' if model.trained else 'UNTRAINED'}; backend {model.backend}, "
              f"preprocessing on {model.preprocess.upper()})"]
     lines += [f"note: {n}" for n in model.backend_notes]
+    if model.recheck:
+        lines.append(f"re-check: {model.recheck}")
     if model.warning:
         lines.append(f"WARNING: {model.warning}")
     lines.append(f"{'image':40s} {'verdict':10s} {'p(malig)':>8s} {'fields':>6s} {'ms':>8s}")
@@ -73,10 +75,15 @@ def table(results: list, model: ModelInfo) -> str:
         else:
             lines.append(f"{name:40s} {r.label:10s} {r.probability:8.4f} {len(r.fields):6d} "
                          f"{r.timings_ms['total']:8.1f}")
+            if r.rechecked:
+                lines.append(f"{'':40s}   re-checked at fp32: " + ", ".join(
+                    f"field {i + 1} {f.fast_probability:.4f} -> {f.probability:.4f}"
+                    for i, f in enumerate(r.fields) if f.rechecked))
             lines += [f"{'':40s}   note: {c}" for c in r.conversions]
             lines += [f"{'':40s}   WARNING: {w}" for w in r.warnings]
     n_err = sum(r.error is not None for r in results)
-    lines.append(f"{len(results) - n_err} classified, {n_err} failed")
+    lines.append(f"{len(results) - n_err} classified, {n_err} failed"
+                 + (f", {sum(r.rechecked for r in results)} fields re-checked at fp32" if model.recheck else ""))
     return "\n".join(lines).encode("utf-8", "backslashreplace").decode()  # names of any bytes stay printable
 
 

@@ -46,7 +46,7 @@ from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir
 
 COLUMNS = ("path", "size_bytes", "sha256", "magnification", "mpp", "scale_source", "verdict", "probability", "rule",
-           "fields", "classified", "background", "errors", "seconds", "status", "error", "resumed", "outputs")
+           "fields", "classified", "background", "errors", "rechecked", "seconds", "status", "error", "resumed", "outputs")
 RECORD = ".result.json"  # a slide's record: written last, so its presence means the slide's outputs are whole
 MAX_ATTEMPTS = 3  # a slide whose worker died this often is recorded as an error
 
@@ -92,8 +92,8 @@ def cohort_inputs(items: list[str], notes: list[str]) -> list[tuple[Path, str | 
 
 def run_key(model: dict[str, Any], options: dict[str, Any]) -> str:
     """What a slide's result depends on besides its bytes: the model's weights, the variant's file and precision,
-    and every option that changes a probability or a verdict."""
-    keep = {k: model.get(k) for k in ("sha256", "file_sha256", "precision")}
+    whether borderline fields are re-checked at FP32, and every option that changes a probability or a verdict."""
+    keep = {k: model.get(k) for k in ("sha256", "file_sha256", "precision", "recheck")}
     return hashlib.sha256(json.dumps({"model": keep, "options": options}, sort_keys=True).encode()).hexdigest()
 
 

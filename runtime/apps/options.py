@@ -10,6 +10,7 @@ from runtime.backends.choose import BACKENDS, DECODERS, PREPROCESSORS
 from runtime.io.decode import DEFAULT_MAX_PIXELS
 from runtime.model.paths import MODELS, TRAINED_NAME, UNTRAINED_NAME
 from runtime.model.precisions import CHOICES
+from runtime.pipeline.recheck import RECHECK
 
 if TYPE_CHECKING:
     from runtime.pipeline.classifier import Classifier
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto",
                       max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """--model, --backend, --precision, --preprocess, --decode, --batch-size, --threads, --decode-workers,
+    """--model, --backend, --precision, --recheck, --preprocess, --decode, --batch-size, --threads, --decode-workers,
     --build-engine, --max-pixels."""
     g = ap.add_argument_group("model and backend")
     g.add_argument("--model", type=Path, default=None,
@@ -30,6 +31,11 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
                    help="model variant, the same meaning on every backend (default: auto = fp16 on a GPU, bf16 on a "
                         "CPU with native BF16 (OpenVINO), where the model has that variant and it passed its gate; "
                         "else fp32)")
+    g.add_argument("--recheck", choices=RECHECK, default="on",
+                   help="re-check borderline fields at fp32 (default: on: with a faster precision (fp16, bf16, int8) "
+                        "a field whose probability lies within that precision's bound of the threshold is classified "
+                        "again at fp32 and fp32's answer is its result, so every label is fp32's, at the cost of "
+                        "those few fields; off gives that up: such a field may get the label opposite to fp32's)")
     g.add_argument("--preprocess", choices=PREPROCESSORS, default="auto",
                    help="where tiling + normalisation run (default: auto = GPU next to a GPU backend, else CPU)")
     g.add_argument("--decode", choices=DECODERS, default="auto",
@@ -52,7 +58,7 @@ def classifier_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"model_dir": args.model, "backend": args.backend, "precision": args.precision,
             "preprocess": args.preprocess, "batch_size": args.batch_size, "threads": args.threads,
             "allow_build": args.build_engine, "max_pixels": args.max_pixels, "decode_workers": args.decode_workers,
-            "decode": args.decode}
+            "decode": args.decode, "recheck": args.recheck}
 
 
 def open_classifier(args: argparse.Namespace, **overrides: Any) -> Classifier:

@@ -51,9 +51,10 @@ class SlideField:
     height: int
     tissue: float  # fraction of the field's thumbnail pixels that are not background
     status: str  # "classified", "background" (skipped by the tissue mask) or "error"
-    probability: float | None = None
+    probability: float | None = None  # FP32's where the field was re-checked
     label: str | None = None
     error: str | None = None
+    fast_probability: float | None = None  # the fast tier's, where FP32 re-checked the field
 
 
 @dataclass
@@ -87,7 +88,10 @@ class SlideResult:
                           "geometry": {"type": "Polygon", "coordinates": [ring]},
                           "properties": {"objectType": "tile", "name": f"field r{f.row} c{f.col}",
                                          "classification": {"name": f.label, "color": list(_rgb(f.probability))},
-                                         "measurements": {"probability": f.probability, "tissue": f.tissue},
+                                         "measurements": {"probability": f.probability, "tissue": f.tissue} | (
+                                             {} if f.fast_probability is None else
+                                             {"fast_probability": f.fast_probability}),
+                                         "rechecked": f.fast_probability is not None,
                                          "row": f.row, "col": f.col}})
         return {"type": "FeatureCollection", "features": feats}
 
@@ -133,10 +137,11 @@ class SlideResult:
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\n")
         w.writerow(["row", "col", "minx", "miny", "width", "height", "tissue", "status", "probability", "label",
-                    "error"])  # minx, miny, width, height, probability: as WSInfer writes them
+                    "error", "fast_probability"])  # minx, miny, width, height, probability: as WSInfer writes them
         for f in self.fields:
             w.writerow([f.row, f.col, f.x, f.y, f.width, f.height, f"{f.tissue:.3f}", f.status,
-                        "" if f.probability is None else f"{f.probability:.6f}", f.label or "", f.error or ""])
+                        "" if f.probability is None else f"{f.probability:.6f}", f.label or "", f.error or "",
+                        "" if f.fast_probability is None else f"{f.fast_probability:.6f}"])
         return out.getvalue()
 
 
@@ -198,6 +203,7 @@ def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: S
                 f.status, f.error = "error", res.error
             else:
                 f.probability, f.label = res.probability, res.label
+                f.fast_probability = res.fields[0].fast_probability if len(res.fields) == 1 else None
         if progress:
             progress(min(i + CHUNK, len(todo)), len(todo))
     t_infer = time.perf_counter()
@@ -206,7 +212,8 @@ def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: S
         warnings.append(f"smaller than one field ({fw * factor:.0f}x{fh * factor:.0f} level-0 pixels at this scale)")
     counts = {"fields": len(fields), "classified": sum(f.status == "classified" for f in fields),
               "background": sum(f.status == "background" for f in fields),
-              "errors": sum(f.status == "error" for f in fields)}
+              "errors": sum(f.status == "error" for f in fields),
+              "rechecked": sum(f.fast_probability is not None for f in fields)}
     result = SlideResult(
         path=src.name, size=(W, H), levels=len(src.sizes),
         scale={"magnification": scale.magnification, "mpp": scale.mpp, "source": scale.source,

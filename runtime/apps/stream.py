@@ -19,13 +19,14 @@ class StreamStats:
     frames_read: int = 0
     frames_classified: int = 0
     errors: int = 0
+    rechecked: int = 0  # fields re-checked at FP32 (borderline under a faster precision)
     seconds: float = 0.0
     verdicts: list[dict[str, Any]] = field(default_factory=list)  # one per classified frame
 
     def summary(self) -> dict[str, Any]:
         s = max(self.seconds, 1e-9)
         return {"frames_read": self.frames_read, "frames_classified": self.frames_classified, "errors": self.errors,
-                "read_fps": self.frames_read / s, "classified_fps": self.frames_classified / s}
+                "rechecked_fields": self.rechecked, "read_fps": self.frames_read / s, "classified_fps": self.frames_classified / s}
 
 
 def annotate(frame: np.ndarray, result: Any, positive: str) -> np.ndarray:
@@ -72,6 +73,7 @@ def run_stream(clf: Any, source: int | str, rate: float, out_path: Path | None =
                 last = now
                 stats.frames_classified += 1
                 stats.errors += result.error is not None
+                stats.rechecked += result.rechecked
                 stats.verdicts.append({"frame": stats.frames_read - 1, "time_s": round(now - t0, 3),
                                        "label": result.label, "probability": result.probability,
                                        "error": result.error})

@@ -32,7 +32,7 @@ from typing import Any
 from runtime.io.formats import SLIDE_SUFFIXES, is_image, is_slide
 from runtime.io.inputs import ImageInput
 
-CSV_FIELDS = ("path", "label", "probability", "fields", "error", "size", "mtime_ns", "sha256", "supersedes",
+CSV_FIELDS = ("path", "label", "probability", "fields", "rechecked", "error", "size", "mtime_ns", "sha256", "supersedes",
               "finished_at")
 ENCODING = ("utf-8", "surrogateescape")  # file names are bytes: undecodable ones round-trip exactly
 
@@ -202,6 +202,7 @@ class Watcher:
         res.save(stem)
         return rec | {"label": res.aggregate["label"], "probability": res.aggregate["value"],
                       "fields": [asdict(f) for f in res.fields if f.status == "classified"],
+                      "rechecked": res.counts["rechecked"],
                       "warnings": res.warnings, "slide": {"aggregate": res.aggregate, "counts": res.counts,
                                                           "outputs": f"{stem}.*"}}
 

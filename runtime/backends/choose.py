@@ -1,6 +1,8 @@
 """Which backend runs: ``open_backend`` picks one once, by name or "auto", and the precision it runs."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from runtime.backends.base import Backend, BackendUnavailable
 from runtime.errors import Unavailable
 from runtime.model.manifest import ModelError
@@ -103,12 +105,16 @@ def cpu_tier(name: str, precision: str, model: ModelDir, threads: int | None) ->
             gate = model.variant(best.name).gate if ok else {}
         except ModelError as e:
             ok, reason = False, str(e)
+        speed = _speed(best.name, gate) if ok else ""
+        if ok and speed.startswith("slower"):
+            ok, reason = False, speed
         if ok:
             precision = best.name
             notes.append(f"precision auto chose {best.name} (OpenVINO): this CPU has native {best.cpu_capability} and "
                          f"the model's {best.name.upper()} variant passed its gate ({gate.get('fields')} fields, "
-                         f"{gate.get('label_agreement', 0):.0%} labels kept, probability max|d| "
-                         f"{gate.get('max_abs', {}).get('probability', 0):.2g}); --precision fp32 forces FP32")
+                         f"{gate.get('label_agreement', 0):.0%} labels kept outside its re-check band, probability "
+                         f"max|d| {gate.get('max_abs', {}).get('probability', 0):.2g}){speed}; --precision fp32 "
+                         "forces FP32")
         else:
             notes.append(f"precision auto chose fp32: no {best.name} tier here ({reason})")
             if name == "auto":
@@ -121,3 +127,38 @@ def cpu_tier(name: str, precision: str, model: ModelDir, threads: int | None) ->
             raise BackendUnavailable(f"backend openvino: {e}") if isinstance(e, Unavailable) else e from None
         why = [f"precision auto fell back to fp32: OpenVINO could not run {precision} ({str(e).splitlines()[0]})"]
         return ort.OrtBackend(model, "fp32", cuda=False, threads=threads), why
+
+
+def _speed(precision: str, gate: dict) -> str:
+    """What the gate measured of a CPU tier's speed counting its re-checks: ", N ms per field with its re-checks
+    (...)", "slower ..." where the re-checks eat the gain, "" where the gate recorded no times."""
+    from runtime.model.fidelity import effective_ms
+
+    ms, fields = gate.get("ms_per_field"), gate.get("fields") or 0
+    if not ms or not fields:
+        return ""
+    share = gate.get("in_band", 0) / fields
+    eff = effective_ms(ms, share, precision)
+    said = (f"{eff:.0f} ms per field with its re-checks ({ms[precision]:.0f} ms + {share:.1%} of fields at FP32's "
+            f"{ms['fp32']:.0f} ms, measured by its gate)")
+    return f", {said}" if eff < ms["fp32"] else f"slower than fp32 here counting its re-checks: {said}"
+
+
+def reference_for(backend: Backend, model: ModelDir, threads: int | None) -> tuple[Callable[[], Backend], str]:
+    """(how to open, what it is): the FP32 backend a faster tier's re-checks run on (runtime/pipeline/recheck.py):
+    next to a GPU backend, a second ONNX Runtime CUDA session at FP32 (TF32 off) where onnxruntime-gpu is here, else
+    ONNX Runtime on the CPU at FP32, the runtime's own FP32 reference."""
+    from runtime.backends import ort
+
+    def cpu() -> Backend:
+        return ort.OrtBackend(model, "fp32", cuda=False, threads=threads)
+
+    if backend.on_gpu and ort.cuda_available():
+        def cuda() -> Backend:
+            try:
+                return ort.OrtBackend(model, "fp32", cuda=True, threads=threads, nhwc=False, graphs=False)
+            except ort.CudaDidNotStart:
+                return cpu()
+
+        return cuda, "onnxruntime-cuda-fp32, a second session made on first need"
+    return cpu, "onnxruntime-cpu-fp32, a second session made on first need"

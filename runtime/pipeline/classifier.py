@@ -10,14 +10,16 @@ from typing import Protocol
 
 import numpy as np
 
-from runtime.backends.choose import open_backend
+from runtime.backends.choose import open_backend, reference_for
 from runtime.io.decode import DEFAULT_MAX_PIXELS
 from runtime.io.inputs import ImageInput
 from runtime.model.manifest import Contract, Manifest
 from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir
+from runtime.model.precisions import PRECISIONS
 from runtime.pipeline.decoding import Input, Prepared, open_gpu_jpeg, prefetch, prepare
 from runtime.pipeline.preprocessors import open_preprocessor
+from runtime.pipeline.recheck import RECHECK, Recheck
 from runtime.pipeline.results import ModelInfo, Result
 from runtime.pipeline.scheduler import FieldScheduler
 
@@ -40,15 +42,19 @@ class Classifier:
     ``preprocess``: "cpu" (numpy), "gpu" (our CUDA kernel via pycuda) or "auto" (GPU when inference runs on a GPU
     and pycuda is usable, else CPU). ``layout``: ONNX Runtime CUDA's memory layout, "auto" (NHWC where the variant
     passed its gate in it on a GPU), "nchw" or "nhwc". ``decode``: where JPEGs are decoded, "auto" (the GPU next to
-    GPU preprocessing where nvImageCodec is installed and passes its damage self-check), "cpu" or "gpu". A NaN or
-    inf from the model makes that image's result an error."""
+    GPU preprocessing where nvImageCodec is installed and passes its damage self-check), "cpu" or "gpu".
+    ``recheck``: "on" (a faster precision's fields within its band of the threshold are classified again at FP32,
+    so every label is FP32's: runtime/pipeline/recheck.py) or "off". A NaN or inf from the model makes that image's
+    result an error."""
 
     def __init__(self, model_dir: Path | str | None = None, backend: str = "auto", batch_size: int | None = None,
                  threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: str = "auto",
                  precision: str = "auto", allow_build: bool = False, decode_workers: int | None = None,
-                 layout: str = "auto", decode: str = "auto") -> None:
+                 layout: str = "auto", decode: str = "auto", recheck: str = "on") -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if recheck not in RECHECK:
+            raise ValueError(f"recheck must be one of {', '.join(RECHECK)}, not {recheck!r}")
         self.model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
         self.manifest: Manifest = self.model.manifest
         self.contract = self.manifest.contract
@@ -71,9 +77,15 @@ class Classifier:
         except BaseException:
             self.backend.close()  # opened above: its session and device memory are not left behind
             raise
-        self.model_info = ModelInfo.of(self.manifest, self.backend, self.preprocessor.name, notes)
+        self.recheck: Recheck | None = None
+        if recheck == "on" and PRECISIONS[self.backend.precision].band > 0:
+            opener, where = reference_for(self.backend, self.model, threads)
+            self.recheck = Recheck(self.backend.precision, self.contract, opener, where, self.batch_size)
+        self.model_info = ModelInfo.of(self.manifest, self.backend, self.preprocessor.name, notes,
+                                       self.recheck.describe() if self.recheck else None)
         self.scheduler = FieldScheduler(self.preprocessor, self.batch_size, self.contract,
-                                        f"backend {self.backend.name}, precision {self.backend.precision}")
+                                        f"backend {self.backend.name}, precision {self.backend.precision}",
+                                        self.recheck)
 
     def classify(self, images: Iterable[Input] | Input) -> list[Result]:
         """Classify images (paths, BGR uint8 arrays, named ImageInputs, or Prepared ones); one Result each, in
@@ -101,6 +113,8 @@ class Classifier:
     def close(self) -> None:
         self.backend.close()
         self.preprocessor.close()
+        if self.recheck is not None:
+            self.recheck.close()
 
     def __enter__(self) -> Classifier:
         return self

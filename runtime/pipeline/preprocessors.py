@@ -44,6 +44,11 @@ class Preprocessor(Protocol):
         """Nothing reads ``image`` any more (its fields are inferred): its buffer may take the next image."""
         ...
 
+    def host_pixels(self, image: Pixels) -> np.ndarray:
+        """The image as BGR uint8 in host memory (an image decoded on the GPU is copied back: the re-check's rare
+        need)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -74,6 +79,10 @@ class CpuPreprocessor:
     def release(self, image: np.ndarray) -> None:
         pass
 
+    def host_pixels(self, image: Pixels) -> np.ndarray:
+        assert isinstance(image, np.ndarray)
+        return image
+
     def close(self) -> None:
         self.batches.clear()
 
@@ -88,6 +97,9 @@ class _GpuDecodeBuffers:
 
     def release(self, image: np.ndarray) -> None:
         self.gpu.pool.give(image)
+
+    def host_pixels(self, image: Pixels) -> np.ndarray:
+        return image if isinstance(image, np.ndarray) else self.gpu.download(image)
 
 
 class GpuIntoBackend(_GpuDecodeBuffers):

@@ -28,19 +28,21 @@ class ModelInfo:
     file_sha256: str
     preprocess: str  # "cpu" or "gpu"
     backend_notes: tuple[str, ...] = ()
+    recheck: str | None = None  # what is re-checked at FP32 and where (None: FP32 itself, or --recheck off)
     warning: str | None = None  # set for untrained weights
 
     @classmethod
-    def of(cls, manifest: Manifest, backend: Backend, preprocess: str, notes: list[str]) -> ModelInfo:
+    def of(cls, manifest: Manifest, backend: Backend, preprocess: str, notes: list[str],
+           recheck: str | None = None) -> ModelInfo:
         return cls(**manifest.model_info(), backend=backend.name, precision=backend.precision,
                    file=backend.model_file, file_sha256=backend.file_sha256, preprocess=preprocess,
-                   backend_notes=tuple(notes),
+                   backend_notes=tuple(notes), recheck=recheck,
                    warning=None if manifest.provenance.trained else UNTRAINED_WARNING)
 
     def to_dict(self) -> dict[str, Any]:
-        """As results' JSON has it: notes and warning only where there are any."""
+        """As results' JSON has it: notes, warning and re-check only where there are any."""
         d = asdict(self) | {"backend_notes": list(self.backend_notes)}
-        return {k: v for k, v in d.items() if not (k in ("backend_notes", "warning") and not v)}
+        return {k: v for k, v in d.items() if not (k in ("backend_notes", "warning", "recheck") and not v)}
 
 
 @dataclass
@@ -52,8 +54,13 @@ class FieldResult:
     height: int
     width: int
     patches: int
-    probability: float
+    probability: float  # FP32's where the field was re-checked
     label: str
+    fast_probability: float | None = None  # the fast tier's probability, kept where FP32 re-checked the field
+
+    @property
+    def rechecked(self) -> bool:
+        return self.fast_probability is not None
 
 
 @dataclass
@@ -69,16 +76,25 @@ class Result:
     conversions: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what the decoder said about this image
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"model": self.model.to_dict() if self.model else {}}
+    @property
+    def rechecked(self) -> int:
+        """Fields whose result FP32 gave on re-check."""
+        return sum(f.rechecked for f in self.fields)
 
-    def finish(self, plan: FieldPlan, probs: np.ndarray, contract: Contract) -> None:
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"model": self.model.to_dict() if self.model else {}, "rechecked": self.rechecked}
+
+    def finish(self, plan: FieldPlan, probs: np.ndarray, contract: Contract,
+               fast: dict[int, float] | None = None) -> None:
         """The verdict from every field's probability (screening rule: the image's probability is the highest
-        field probability, so one malignant field makes the image Malignant)."""
+        field probability, so one malignant field makes the image Malignant). ``fast``: the fast tier's
+        probabilities of the fields re-checked at FP32 (``probs`` holds FP32's for them)."""
         fh, fw = contract.field_size
         cols = plan.grid[1]
+        fast = fast or {}
         self.fields = [FieldResult(row=i // cols, col=i % cols, y=int(y), x=int(x), height=fh, width=fw,
-                                   patches=contract.seq_len, probability=float(pr), label=contract.label(float(pr)))
+                                   patches=contract.seq_len, probability=float(pr), label=contract.label(float(pr)),
+                                   fast_probability=fast.get(i))
                        for i, ((y, x), pr) in enumerate(zip(plan.field_origins, probs))]
         self.probability = float(probs.max())
         self.label = contract.label(self.probability)

@@ -1,6 +1,8 @@
 """The field scheduler: fields of consecutive images batched together up to the batch size (only the fields of
 the batch in progress are preprocessed), each image charged its share of the time, results released in input
-order. A NaN or inf output makes that image an error, never a verdict (NaN > 0.5 is False: "Benign").
+order. A NaN or inf output makes that image an error, never a verdict (NaN > 0.5 is False: "Benign"). With a
+re-check (recheck.py), a batch's fields inside the precision's band are classified again at FP32 when the batch is
+collected, together, and FP32's probability is theirs; a re-check that fails is their image's error.
 
 With a preprocessor of two slots (double-buffered, the GPU paths) batch k+1 is preprocessed into one slot while
 batch k runs from the other in a runner thread; with one slot (the CPU path) the two take turns in this thread."""
@@ -17,6 +19,7 @@ import numpy as np
 from runtime.model.manifest import Contract
 from runtime.pipeline.decoding import Prepared
 from runtime.pipeline.preprocessors import Outputs, Preprocessor
+from runtime.pipeline.recheck import Recheck
 from runtime.pipeline.results import Result
 
 
@@ -25,6 +28,8 @@ class _Job:
     item: Prepared
     probs: list[np.ndarray] = field(default_factory=list)
     non_finite: list[str] = field(default_factory=list)  # "field 3: probability nan, logit inf", ...
+    fast: dict[int, float] = field(default_factory=dict)  # re-checked field -> the fast tier's probability
+    recheck_error: str | None = None
     staged: int = 0  # fields handed to a batch so far
     done: int = 0  # fields inferred so far
     t_pre: float = 0.0
@@ -44,9 +49,11 @@ class _Batch:
 
 
 class FieldScheduler:
-    def __init__(self, preprocessor: Preprocessor, batch_size: int, contract: Contract, runs_on: str) -> None:
+    def __init__(self, preprocessor: Preprocessor, batch_size: int, contract: Contract, runs_on: str,
+                 recheck: Recheck | None = None) -> None:
         self.preprocessor, self.batch_size, self.contract = preprocessor, batch_size, contract
         self.runs_on = runs_on  # "backend X, precision Y": what a non-finite output's error names
+        self.recheck = recheck
         self.next_slot = 0
 
     def run(self, items: Iterable[Prepared]) -> Iterator[Result]:
@@ -109,15 +116,51 @@ class FieldScheduler:
         """Wait for a batch's outputs and charge each image its share."""
         outs, seconds = batch.outputs.result()
         finite = np.logical_and.reduce([np.isfinite(v) for v in outs.values()])
+        probs = np.array(outs["probability"][:batch.n], np.float32)
+        if self.recheck is not None:
+            self._recheck(batch, probs, self.recheck.select(probs) & finite[:batch.n])
         k = 0
         for j, take in batch.owners:
-            j.probs.append(outs["probability"][k:k + take])
+            j.probs.append(probs[k:k + take])
             j.non_finite += [f"field {j.done + i}: " + ", ".join(f"{name} {v[k + i]}" for name, v in outs.items())
                              for i in range(take) if not finite[k + i]]
             j.done += take
             j.t_pre += batch.t_pre * take / batch.n
             j.t_infer += seconds * take / batch.n
             k += take
+
+    def _recheck(self, batch: _Batch, probs: np.ndarray, inside: np.ndarray) -> None:
+        """FP32's probabilities for the batch's in-band fields, in place in ``probs`` (the fast ones kept on the
+        job); a failure is the error of every image that had a field to re-check."""
+        assert self.recheck is not None
+        if not inside.any():
+            return
+        images, plans, where = [], [], []
+        k = 0
+        for j, take in batch.owners:
+            idx = np.flatnonzero(inside[k:k + take])
+            if idx.size:
+                assert j.item.plan is not None
+                pixels = j.item.gpu if j.item.gpu is not None else j.item.bgr
+                assert pixels is not None
+                images.append(self.preprocessor.host_pixels(pixels))
+                plans.append(replace(j.item.plan, field_origins=j.item.plan.field_origins[j.done + idx]))
+                where.append((j, k + idx, j.done + idx))
+            k += take
+        try:
+            fp32 = self.recheck.run(images, plans)
+            if not np.isfinite(fp32).all():
+                raise ValueError(f"fp32 gave a non-finite probability ({fp32[~np.isfinite(fp32)][0]})")
+        except Exception as e:  # any failure of the reference: those images get no verdict, never the fast label
+            for j, _, _ in where:
+                j.recheck_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            return
+        m = 0
+        for j, in_batch, in_image in where:
+            for b, i in zip(in_batch, in_image):
+                j.fast[int(i)] = float(probs[b])
+                probs[b] = fp32[m]
+                m += 1
 
     def _pop_finished(self, queue: list[_Job]) -> Iterator[Result]:
         while queue and queue[0].done >= queue[0].item.n_fields:
@@ -126,9 +169,12 @@ class FieldScheduler:
             if j.non_finite:
                 res.error = (f"{res.path}: the model gave a non-finite output ({'; '.join(j.non_finite)}) on "
                              f"{self.runs_on}: no verdict")
+            elif j.recheck_error is not None:
+                res.error = (f"{res.path}: a field within the re-check band could not be classified again at fp32 "
+                             f"({j.recheck_error}): no verdict")
             elif res.error is None:
                 assert j.item.plan is not None
-                res.finish(j.item.plan, np.concatenate(j.probs), self.contract)
+                res.finish(j.item.plan, np.concatenate(j.probs), self.contract, j.fast)
                 res.timings_ms["preprocess"] = j.t_pre * 1e3
                 res.timings_ms["inference"] = j.t_infer * 1e3
                 res.timings_ms["total"] = sum(res.timings_ms.values())

@@ -1,0 +1,59 @@
+"""The borderline re-check: every field a faster precision (FP16, BF16, INT8) puts within its re-check band of the
+threshold (runtime/model/precisions.py: the band is the probability bound its gate verified) is classified again at
+FP32 and FP32's answer is its result, so every label is FP32's. The FP32 backend is opened on first need, on the
+device that runs the fast tier where that device runs FP32 (a second ONNX Runtime session), else on the CPU; the
+re-checked fields are cut again from the decoded image on the CPU (``preprocess_fields``: the reference path) and
+run together, one batch per batch of the fast tier."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from runtime.backends.base import Backend
+from runtime.model.manifest import Contract
+from runtime.model.precisions import PRECISIONS, in_band
+from runtime.pipeline.preprocess import preprocess_fields
+from runtime.pipeline.tiling import FieldPlan
+
+RECHECK = ("on", "off")  # --recheck
+
+
+class Recheck:
+    """``select`` the in-band fields of a batch's probabilities; ``run`` them at FP32. ``open_reference`` makes the
+    FP32 backend (called once, on first need; a failure there is the failure of the fields that needed it)."""
+
+    def __init__(self, precision: str, contract: Contract, open_reference: Callable[[], Backend],
+                 where: str, batch_size: int) -> None:
+        self.band = PRECISIONS[precision].band
+        self.contract, self.batch_size = contract, batch_size
+        self._open = open_reference
+        self.reference: Backend | None = None
+        self.where = where  # what runs the re-checks, as results say it
+        self.fields = 0  # fields re-checked so far
+
+    def describe(self) -> str:
+        return (f"fields with a probability within {self.band:g} of {self.contract.threshold:g} (this precision's "
+                f"bound) are classified again at fp32 ({self.where}) and fp32's answer is their result")
+
+    def select(self, probability: np.ndarray) -> np.ndarray:
+        return in_band(probability, self.contract.threshold, self.band)
+
+    def run(self, images: list[np.ndarray], plans: list[FieldPlan]) -> np.ndarray:
+        """FP32 probabilities of the fields of ``plans`` (each over the BGR image beside it), in order."""
+        reference = self.reference = self.reference or self._open()
+        n = sum(p.n_fields for p in plans)
+        fields = np.empty((n, *self.contract.field_shape), np.float32)
+        k = 0
+        for img, plan in zip(images, plans):
+            preprocess_fields(img, plan, self.contract, out=fields[k:k + plan.n_fields])
+            k += plan.n_fields
+        probs = np.concatenate([reference.run(fields[i:i + self.batch_size])["probability"]
+                                for i in range(0, n, self.batch_size)])
+        self.fields += n
+        return np.asarray(probs, np.float32).reshape(-1)
+
+    def close(self) -> None:
+        if self.reference is not None:
+            self.reference.close()
+            self.reference = None
