@@ -3,6 +3,7 @@ field, through the one comparison and tolerance table. Measured only on a CPU wi
 is not made and the report says why (a gate run in emulation, or silently in FP32, would certify nothing)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,22 +12,41 @@ import numpy as np
 from export.verify import OUTPUTS, ort_outputs
 from runtime.backends.openvino import compile_onnx, infer
 from runtime.errors import BreakhisError, Unavailable
-from runtime.model.fidelity import Comparison, compare
+from runtime.model.fidelity import Comparison, compare, effective_ms
 from runtime.model.manifest import Variant
 from runtime.model.model_dir import ModelDir
 from runtime.pipeline.preprocess import folder_fields
 
 RUNTIME = "openvino-cpu"
+FP32_TIMED = 4  # fields the FP32 tier is timed on for the comparison (its time varies little between fields)
 
 
 def gate(model_path: Path, fields: np.ndarray, reference: dict[str, np.ndarray], threshold: float,
-         input_name: str = "fields") -> Comparison:
-    """BF16 outputs of every field (batch 1, as the runtime runs it) vs ``reference``; OpenVinoUnavailable where
-    this machine cannot run BF16 natively."""
+         input_name: str = "fields") -> tuple[Comparison, dict[str, float]]:
+    """BF16 outputs of every field (batch 1, as the runtime runs it) vs ``reference``, and the median ms per field
+    of BF16 and of FP32 (ONNX Runtime CPU, batch 1, FP32_TIMED fields) on this machine, what ``--precision auto``
+    weighs the re-check cost with; OpenVinoUnavailable where this machine cannot run BF16 natively."""
     request = compile_onnx(model_path, "bf16")[1].create_infer_request()
-    runs = [infer(request, input_name, list(OUTPUTS), fields[i:i + 1]) for i in range(len(fields))]
+    runs, ms = [], []
+    for i in range(len(fields)):
+        t0 = time.perf_counter()
+        runs.append(infer(request, input_name, list(OUTPUTS), fields[i:i + 1]))
+        ms.append((time.perf_counter() - t0) * 1e3)
     got = {n: np.concatenate([r[n] for r in runs]) for n in OUTPUTS}
-    return compare(reference, got, "bf16", threshold, f"{RUNTIME} bf16 {model_path.name}")
+    return (compare(reference, got, "bf16", threshold, f"{RUNTIME} bf16 {model_path.name}"),
+            {"bf16": float(np.median(ms[1:] or ms)), "fp32": _fp32_ms(model_path, fields[:FP32_TIMED], input_name)})
+
+
+def _fp32_ms(model_path: Path, fields: np.ndarray, input_name: str) -> float:
+    """Median ms per field of the FP32 tier as the runtime runs it (ONNX Runtime CPU, batch 1), after a warm-up."""
+    from runtime.backends.ort import make_session
+
+    session, ms = make_session(model_path, "fp32", cuda=False), []
+    for i in range(-1, len(fields)):
+        t0 = time.perf_counter()
+        session.run(None, {input_name: fields[max(i, 0):max(i, 0) + 1]})
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ms[1:]))
 
 
 def gate_into(report: dict, variants: dict[str, Variant], model_path: Path, fields: np.ndarray,
@@ -37,7 +57,7 @@ def gate_into(report: dict, variants: dict[str, Variant], model_path: Path, fiel
     variants.pop("bf16", None)
     log(f"BF16 tier: OpenVINO CPU, bf16 inference precision, on {len(fields)} fields ...")
     try:
-        result = gate(model_path, fields, reference, threshold)
+        result, ms = gate(model_path, fields, reference, threshold)
     except Unavailable as e:
         report["not_made"]["bf16"] = f"{e}; run `python -m export bf16` on a CPU with native BF16"
         log(f"  BF16 variant not made: {e}")
@@ -48,9 +68,11 @@ def gate_into(report: dict, variants: dict[str, Variant], model_path: Path, fiel
         return
     for line in result.lines():
         log("  " + line)
-    report.setdefault("gates", {})["bf16"] = result.to_dict()
+    log(f"  speed        {ms['bf16']:.0f} ms per field (FP32 {ms['fp32']:.0f} ms), with the re-check share "
+        f"{effective_ms(ms, result.recheck_share):.0f} ms")
+    report.setdefault("gates", {})["bf16"] = result.to_dict() | {"ms_per_field": ms}
     if result.ok:
-        variants["bf16"] = Variant(model_path.name, result.summary(), RUNTIME)
+        variants["bf16"] = Variant(model_path.name, result.summary() | {"ms_per_field": ms}, RUNTIME)
     else:
         report["rejected"]["bf16"] = result.reason()
         log(f"  BF16 variant REJECTED ({result.reason()}): not listed")

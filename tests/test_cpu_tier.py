@@ -152,3 +152,24 @@ def test_auto_falls_back_to_fp32_when_openvino_cannot_run_the_chosen_bf16(traine
         assert any("fell back to fp32" in n for n in clf.model_info.backend_notes)
     with pytest.raises(BackendUnavailable, match="not bf16"):
         Classifier(trained_dir, backend="openvino", precision="bf16")
+
+
+def test_auto_counts_the_recheck_cost_of_the_bf16_tier(small_copy, monkeypatch):
+    """Auto weighs a tier by its gate's own figures: its time per field plus its re-check share at FP32's time.
+    A BF16 tier whose re-checks would make it slower than FP32 is not chosen, and the note says why in numbers;
+    one that stays faster is described with them. (OpenVINO's report of the CPU is the boundary mocked.)"""
+    from runtime.backends.choose import _speed
+    from runtime.model.manifest import Variant
+
+    monkeypatch.setattr(ov, "cpu_capabilities", lambda: ("FP32", "BF16"))
+    gate = {"fields": 48, "label_agreement": 1.0, "max_abs": {"probability": 0.01}, "in_band": 36,
+            "ms_per_field": {"bf16": 200.0, "fp32": 400.0}}
+    m = ModelDir.open(small_copy)
+    m.manifest.variants["bf16"] = Variant("model.onnx", gate, "openvino-cpu")
+    m.save()
+    with Classifier(small_copy) as clf:  # 200 + 75 % x 400 = 500 ms > 400 ms
+        assert clf.backend.name == "onnxruntime-cpu-fp32" and clf.recheck is None
+        assert any("slower than fp32 here counting its re-checks: 500 ms per field" in n
+                   for n in clf.model_info.backend_notes)
+    assert _speed("bf16", gate | {"in_band": 1}).startswith(", 208 ms per field with its re-checks (200 ms + 2.1%")
+    assert _speed("bf16", {"fields": 48}) == ""  # an export from before the gate timed it: the table decides
