@@ -178,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
                       variants[v].precision, variants[baseline].keep.contract.threshold, v)
         result["variants"][v]["fidelity"] = {"precision": fid.precision, "probability_max_abs": fid.outputs[0].max_abs,
                                              "label_agreement": fid.label_agreement, "flips": fid.flips,
+                                             "label_differences": fid.flips + fid.in_band_flips,
                                              "within_tolerance": fid.ok}
+    for v in variants:  # the share of fields re-checked at FP32 (a faster tier's borderline fields)
+        n = variants[v].fields
+        if n.get("classified"):
+            result["variants"][v]["recheck_share"] = n["rechecked"] / n["classified"]
     for v in throughput:
         result["variants"][v]["note"] = "folder throughput: the whole list per call; ms are per image, amortised"
     base_p50 = result["variants"][baseline]["p50_ms"]
@@ -203,7 +208,7 @@ def table(result: dict) -> str:
     lines = [f"{m['gpu'] or m['cpu']}, {m['cores']} cores; {result['images']} images x {result['repeats']} "
              f"repeats, {result['threads']} threads",
              f"{'variant':40s} {'p50 ms':>8s} {'p95 ms':>8s} {'img/s':>7s} {'pre ms':>7s} {'inf ms':>7s} "
-             f"{'RSS MB':>7s} {'speedup':>8s} {'max|d|p':>8s} {'labels':>7s}"]
+             f"{'RSS MB':>7s} {'speedup':>8s} {'max|d|p':>8s} {'labels':>7s} {'rechk':>6s}"]
 
     def f(x: float | None, fmt: str) -> str:
         return format(x, fmt) if x is not None else "-"
@@ -215,9 +220,11 @@ def table(result: dict) -> str:
                      f"{f(pre, '7.1f'):>7s} {f(st.get('inference'), '7.1f'):>7s} "
                      f"{f(r.get('peak_rss_mb'), '7.0f'):>7s} {r['speedup_vs_baseline']:7.2f}x "
                      f"{f(r.get('fidelity', {}).get('probability_max_abs'), '8.1e'):>8s} "
-                     f"{f(r.get('fidelity', {}).get('label_agreement'), '7.1%'):>7s}")
+                     f"{f(r.get('fidelity', {}).get('label_agreement'), '7.1%'):>7s} "
+                     f"{f(r.get('recheck_share'), '6.1%'):>6s}")
     lines += [f"{v:40s} skipped: {why}" for v, why in result["skipped"].items()]
-    lines.append("max|d|p, labels: per-image variants' probabilities against the baseline's on the same images")
+    lines.append("max|d|p, labels: per-image variants' probabilities against the baseline's on the same images; "
+                 "rechk: share of fields re-checked at fp32")
     if "tensor_core_floor" in result:
         lines.append(f"tensor-core floor: {json.dumps(result['tensor_core_floor'])}")
     return "\n".join(lines)

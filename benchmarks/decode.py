@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     decoders: dict[str, Callable[[bytes], object]] = {
         "runtime": lambda d: decode(d, "x"),
         "opencv_imdecode": lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR),
-        # what JPEG/TIFF/BMP decoding was before libjpeg-turbo in parallel: OpenCV with its stderr captured, one at a time
+        # what JPEG/TIFF/BMP decoding was before libjpeg-turbo ran in parallel: OpenCV, stderr captured, one at a time
         "opencv_under_stderr_lock": _opencv_locked,
     }
     rows = []

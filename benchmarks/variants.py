@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,12 @@ RUNTIME_CPU_FOLDER = "runtime_onnxruntime_cpu_folder"  # throughput: the whole f
 BASELINE_FOLDER = "baseline_pytorch_fp32_eager_folder"  # the baseline's folder: one image after another
 RUNTIME_OV_BF16 = "runtime_openvino_cpu_bf16"  # the CPU's BF16 tier (where the CPU has native BF16)
 RUNTIME_OV_BF16_FOLDER = "runtime_openvino_cpu_bf16_folder"
+RUNTIME_OV_BF16_NO_RECHECK = "runtime_openvino_cpu_bf16_recheck_off"  # the tier alone: what its re-checks cost
 RUNTIME_CPU_INT8 = "runtime_onnxruntime_cpu_int8"  # only where the model has an INT8 variant that passed its gate
 BASELINE_CUDA = "baseline_pytorch_fp32_eager_cuda"
 RUNTIME_ORT_CUDA = "runtime_onnxruntime_cuda_fp16"
 RUNTIME_ORT_CUDA_FP32 = "runtime_onnxruntime_cuda_fp32"
+RUNTIME_ORT_CUDA_NO_RECHECK = "runtime_onnxruntime_cuda_fp16_recheck_off"
 RUNTIME_ORT_CUDA_FOLDER = "runtime_onnxruntime_cuda_fp16_folder"  # batch 32; JPEGs on the GPU where nvImageCodec is
 RUNTIME_ORT_CUDA_FOLDER_CPU_DECODE = "runtime_onnxruntime_cuda_fp16_folder_cpu_decode"  # the same, JPEGs on the CPU
 BASELINE_CUDA_FOLDER = "baseline_pytorch_fp32_eager_cuda_folder"
@@ -27,10 +29,10 @@ RUNTIME_TRT_INT8 = "runtime_tensorrt_int8"
 
 # suite -> (baseline, per-image variants, throughput variants)
 SUITES = {
-    "cpu": (BASELINE, (BASELINE, RUNTIME_CPU, RUNTIME_OV_BF16, RUNTIME_CPU_INT8),
+    "cpu": (BASELINE, (BASELINE, RUNTIME_CPU, RUNTIME_OV_BF16, RUNTIME_OV_BF16_NO_RECHECK, RUNTIME_CPU_INT8),
             (BASELINE_FOLDER, RUNTIME_CPU_FOLDER, RUNTIME_OV_BF16_FOLDER, RUNTIME_CPU_BATCH)),
-    "gpu": (BASELINE_CUDA, (BASELINE_CUDA, RUNTIME_ORT_CUDA_FP32, RUNTIME_ORT_CUDA, RUNTIME_TRT_FP16,
-                            RUNTIME_TRT_INT8),
+    "gpu": (BASELINE_CUDA, (BASELINE_CUDA, RUNTIME_ORT_CUDA_FP32, RUNTIME_ORT_CUDA, RUNTIME_ORT_CUDA_NO_RECHECK,
+                            RUNTIME_TRT_FP16, RUNTIME_TRT_INT8),
             (BASELINE_CUDA_FOLDER, RUNTIME_ORT_CUDA_FOLDER, RUNTIME_ORT_CUDA_FOLDER_CPU_DECODE)),
 }
 VARIANTS = tuple(dict.fromkeys(v for _, per, thr in SUITES.values() for v in (*per, *thr)))
@@ -42,6 +44,7 @@ class Variant:
     run_all: Callable[[list[Path]], None]  # a list of images at the variant's batch size
     keep: Any  # the object behind it (kept alive while timing)
     precision: str  # what its fidelity against the baseline is judged by (runtime/model/fidelity.py)
+    fields: dict[str, int] = field(default_factory=dict)  # "classified", "rechecked" (at FP32) over every call
 
 
 def _baseline(model_dir: Path, threads: int, device: str) -> Variant:
@@ -67,17 +70,23 @@ def _runtime(model_dir: Path, threads: int, **kw: Any) -> Variant:
     from runtime.pipeline.classifier import Classifier
 
     clf = Classifier(model_dir, threads=threads, **kw)
+    fields = {"classified": 0, "rechecked": 0}
+
+    def count(results: list) -> list:
+        fields["classified"] += sum(len(r.fields) for r in results)
+        fields["rechecked"] += sum(r.rechecked for r in results)
+        return results
 
     def run(p: Path) -> tuple[dict[str, float], float]:
-        (r,) = clf.classify([p])
+        (r,) = count(clf.classify([p]))
         if r.error or r.probability is None:
             raise RuntimeError(r.error)
         return {k: v / 1e3 for k, v in r.timings_ms.items() if k != "total"}, r.probability
 
     def run_all(ps: list[Path]) -> None:
-        clf.classify(ps)
+        count(clf.classify(ps))
 
-    return Variant(run, run_all, clf, clf.backend.precision)
+    return Variant(run, run_all, clf, clf.backend.precision, fields)
 
 
 def open_variant(name: str, model_dir: Path, threads: int) -> Variant:
@@ -92,6 +101,8 @@ def open_variant(name: str, model_dir: Path, threads: int) -> Variant:
         RUNTIME_CPU_FOLDER: lambda: _runtime(model_dir, threads, backend="cpu", precision="fp32", batch_size=1),
         RUNTIME_OV_BF16: lambda: _runtime(model_dir, threads, backend="openvino", precision="bf16", batch_size=1,
                                           decode_workers=1),
+        RUNTIME_OV_BF16_NO_RECHECK: lambda: _runtime(model_dir, threads, backend="openvino", precision="bf16",
+                                                     batch_size=1, decode_workers=1, recheck="off"),
         RUNTIME_OV_BF16_FOLDER: lambda: _runtime(model_dir, threads, backend="openvino", precision="bf16",
                                                  batch_size=1),
         RUNTIME_CPU_INT8: lambda: _runtime(model_dir, threads, backend="cpu", precision="int8", batch_size=1,
@@ -106,6 +117,8 @@ def open_variant(name: str, model_dir: Path, threads: int) -> Variant:
                                                 batch_size=1),
         RUNTIME_ORT_CUDA: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda", precision="fp16",
                                            batch_size=1),
+        RUNTIME_ORT_CUDA_NO_RECHECK: lambda: _runtime(model_dir, threads, backend="onnxruntime-cuda",
+                                                      precision="fp16", batch_size=1, recheck="off"),
         RUNTIME_TRT_FP16: lambda: _runtime(model_dir, threads, backend="tensorrt", precision="fp16", batch_size=1),
         RUNTIME_TRT_INT8: lambda: _runtime(model_dir, threads, backend="tensorrt", precision="int8", batch_size=1),
     }
