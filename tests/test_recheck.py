@@ -71,7 +71,8 @@ def test_exactly_the_fields_inside_the_band_are_rechecked_and_take_fp32s_answer(
     assert [f.rechecked for f in fields] == list(expected) and recheck.fields == expected.sum() and opened == [1]
     for f, want, quick in zip(fields, fp32_fields, fast):
         if f.rechecked:
-            assert f.probability == pytest.approx(want, abs=1e-6) and f.fast_probability == pytest.approx(quick, abs=1e-6)
+            assert f.probability == pytest.approx(want, abs=1e-6)
+            assert f.fast_probability == pytest.approx(quick, abs=1e-6)
             assert f.label == clf.contract.label(float(want))
         else:
             assert f.probability == pytest.approx(quick, abs=1e-6) and f.fast_probability is None

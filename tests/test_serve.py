@@ -213,9 +213,20 @@ def test_page_in_headless_chromium(server, images_100x, small_mosaic, tmp_path):
             WebDriverWait(driver, 30).until(lambda d: d.execute_script(
                 f"return [...document.querySelectorAll('#{row} img')].filter(i => i.naturalWidth > 0).length") == 6)
         assert driver.execute_script("return document.getElementById('canvas').width") == 700
+        assert not driver.find_element(By.ID, "qc").is_displayed()  # sharp real fields: no quality banner
         shot = tmp_path / "page.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+        blurred = tmp_path / "out-of-focus.png"  # the quality check: the verdict stands, with what to do above it
+        cv2.imwrite(str(blurred), cv2.GaussianBlur(cv2.imread(str(images_100x[2])), (0, 0), 3.0))
+        driver.find_element(By.ID, "file").send_keys(str(blurred))
+        WebDriverWait(driver, 120).until(lambda d: d.find_element(By.ID, "qc").is_displayed())
+        assert driver.find_element(By.ID, "qc").text == "Quality check: out of focus: re-focus and capture again"
+        WebDriverWait(driver, 30).until(lambda d: "out-of-focus.png" in d.find_element(By.ID, "status").text)
+        assert driver.find_element(By.ID, "verdict").is_displayed()
+        assert "out of focus" in driver.find_element(By.ID, "fields").text
+        qc_shot = tmp_path / "page-qc.png"
+        driver.save_screenshot(str(qc_shot))
         driver.find_element(By.ID, "slide-mode").click()  # a slide: progress, overlay, downloads
         driver.find_element(By.ID, "file").send_keys(str(small_mosaic))
         WebDriverWait(driver, 240).until(lambda d: d.execute_script(
@@ -225,16 +236,17 @@ def test_page_in_headless_chromium(server, images_100x, small_mosaic, tmp_path):
         slide_shot = tmp_path / "page-slide.png"
         driver.save_screenshot(str(slide_shot))
         rows = driver.find_elements(By.CSS_SELECTOR, "#history tr")
-        assert len(rows) == 4 and "mosaic.tif" in rows[-1].text
+        assert len(rows) == 5 and "mosaic.tif" in rows[-1].text
         rows[1].find_element(By.TAG_NAME, "button").click()  # an image again: its own view, not the slide's
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "result").is_displayed())
         assert not driver.find_element(By.ID, "slide-result").is_displayed()
+        assert not driver.find_element(By.ID, "qc").is_displayed()
         rows[-1].find_element(By.TAG_NAME, "button").click()  # and the slide again
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "overlay").is_displayed())
         assert not driver.find_element(By.ID, "result").is_displayed()
         if os.environ.get("BREAKHIS_SCREENSHOT_DIR"):
-            shutil.copy(shot, os.environ["BREAKHIS_SCREENSHOT_DIR"])
-            shutil.copy(slide_shot, os.environ["BREAKHIS_SCREENSHOT_DIR"])
+            for kept in (shot, qc_shot, slide_shot):
+                shutil.copy(kept, os.environ["BREAKHIS_SCREENSHOT_DIR"])
     finally:
         driver.quit()
 

@@ -55,7 +55,8 @@ def test_the_synthetic_slide_is_a_pyramid_with_its_scale(mosaic):
 def test_blank_fields_are_skipped_and_tissue_fields_equal_the_same_pixels_as_an_image(clf, mosaic):
     path, layout = mosaic
     res = classify_slide(clf, path)
-    assert res.counts == {"fields": 12, "classified": 7, "background": 5, "errors": 0, "rechecked": 0}
+    assert res.counts == {"fields": 12, "classified": 7, "background": 5, "errors": 0, "rechecked": 0,
+                          "flagged": 0, "withheld": 0}
     assert res.scale["factor"] == 1.0 and res.scale["level"] == 0 and not res.warnings
     direct = {str(p): r for p, r in zip(_cells(layout), clf.classify([p for p in _cells(layout)]))}
     for f in res.fields:

@@ -77,7 +77,8 @@ def test_a_damaged_tile_costs_only_the_fields_it_touches(clf, images_100x, tmp_p
     by_pos = {(f.row, f.col): f for f in res.fields}
     bad = by_pos[(0, 0)]
     assert bad.status == "error" and bad.probability is None and "level 0 tile 1" in bad.error
-    assert res.counts == {"fields": 6, "classified": 5, "background": 0, "errors": 1, "rechecked": 0}
+    assert res.counts == {"fields": 6, "classified": 5, "background": 0, "errors": 1, "rechecked": 0,
+                          "flagged": 0, "withheld": 0}
     for f, c in zip(res.fields, clean.fields):  # the others keep exactly their results
         if (f.row, f.col) != (0, 0):
             assert f.status == "classified" and f.probability == c.probability

@@ -79,6 +79,7 @@ def table(results: list, model: ModelInfo) -> str:
                 lines.append(f"{'':40s}   re-checked at fp32: " + ", ".join(
                     f"field {i + 1} {f.fast_probability:.4f} -> {f.probability:.4f}"
                     for i, f in enumerate(r.fields) if f.rechecked))
+            lines += [f"{'':40s}   QUALITY: {a}" for a in r.advice]
             lines += [f"{'':40s}   note: {c}" for c in r.conversions]
             lines += [f"{'':40s}   WARNING: {w}" for w in r.warnings]
     n_err = sum(r.error is not None for r in results)

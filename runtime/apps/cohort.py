@@ -46,7 +46,8 @@ from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir
 
 COLUMNS = ("path", "size_bytes", "sha256", "magnification", "mpp", "scale_source", "verdict", "probability", "rule",
-           "fields", "classified", "background", "errors", "rechecked", "seconds", "status", "error", "resumed", "outputs")
+           "fields", "classified", "background", "errors", "rechecked", "flagged", "withheld", "seconds", "status",
+           "error", "resumed", "outputs")
 RECORD = ".result.json"  # a slide's record: written last, so its presence means the slide's outputs are whole
 MAX_ATTEMPTS = 3  # a slide whose worker died this often is recorded as an error
 
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--top-k, --actors and --cpus-per-actor must be at least 1, --min-tissue between 0 and 1")
     options = {"aggregate": args.aggregate, "top_k": args.top_k, "magnification": args.magnification,
                "mpp": args.mpp, "tissue_mask": not args.no_tissue_mask, "min_tissue": args.min_tissue,
-               "max_pixels": args.max_pixels, "geojson_gz": args.geojson_gz}
+               "max_pixels": args.max_pixels, "geojson_gz": args.geojson_gz, "qc": args.qc}
     classifier_kw = classifier_options(args)
     started = time.time()
     pool: RayPool | None = None

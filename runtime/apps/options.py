@@ -10,6 +10,7 @@ from runtime.backends.choose import BACKENDS, DECODERS, PREPROCESSORS
 from runtime.io.decode import DEFAULT_MAX_PIXELS
 from runtime.model.paths import MODELS, TRAINED_NAME, UNTRAINED_NAME
 from runtime.model.precisions import CHOICES
+from runtime.pipeline.quality import QC_MODES
 from runtime.pipeline.recheck import RECHECK
 
 if TYPE_CHECKING:
@@ -18,8 +19,8 @@ if TYPE_CHECKING:
 
 def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto",
                       max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """--model, --backend, --precision, --recheck, --preprocess, --decode, --batch-size, --threads, --decode-workers,
-    --build-engine, --max-pixels."""
+    """--model, --backend, --precision, --recheck, --qc, --preprocess, --decode, --batch-size, --threads,
+    --decode-workers, --build-engine, --max-pixels."""
     g = ap.add_argument_group("model and backend")
     g.add_argument("--model", type=Path, default=None,
                    help=f"model directory with manifest.json (default: $BREAKHIS_MODEL, else {MODELS.name}/"
@@ -36,6 +37,11 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
                         "a field whose probability lies within that precision's bound of the threshold is classified "
                         "again at fp32 and fp32's answer is its result, so every label is fp32's, at the cost of "
                         "those few fields; off gives that up: such a field may get the label opposite to fp32's)")
+    g.add_argument("--qc", choices=QC_MODES, default="flag",
+                   help="field quality check before the verdict: focus, exposure, tissue, stain, each a number with a "
+                        "limit (docs/quality.md). flag (default): the verdict stands, marked, with what to do "
+                        "('out of focus: re-focus and capture again'); withhold: a flagged field gets no label and the "
+                        "image's verdict comes from its other fields (none left: no verdict, said why); off")
     g.add_argument("--preprocess", choices=PREPROCESSORS, default="auto",
                    help="where tiling + normalisation run (default: auto = GPU next to a GPU backend, else CPU)")
     g.add_argument("--decode", choices=DECODERS, default="auto",
@@ -58,7 +64,7 @@ def classifier_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"model_dir": args.model, "backend": args.backend, "precision": args.precision,
             "preprocess": args.preprocess, "batch_size": args.batch_size, "threads": args.threads,
             "allow_build": args.build_engine, "max_pixels": args.max_pixels, "decode_workers": args.decode_workers,
-            "decode": args.decode, "recheck": args.recheck}
+            "decode": args.decode, "recheck": args.recheck, "qc": args.qc}
 
 
 def open_classifier(args: argparse.Namespace, **overrides: Any) -> Classifier:

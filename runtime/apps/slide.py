@@ -31,13 +31,13 @@ from runtime.io.scale import Scale, resample_factor
 from runtime.io.slide_source import Source, open_source, slide_identity
 from runtime.model.manifest import Contract
 from runtime.pipeline.classifier import Classifies
+from runtime.pipeline.quality import BACKGROUND_SATURATION, BACKGROUND_VALUE, MEASURES, MIN_TISSUE, background
 from runtime.pipeline.results import ModelInfo
 
 AGGREGATES = ("max", "topk", "mean", "fraction")
 # Tissue rule: under brightfield, glass is bright and grey. A thumbnail pixel is background when its HSV value is
 # >= 220 and its saturation <= 15 (of 255); a field is classified when >= --min-tissue of its pixels are not.
 # (On the 58 shared BreakHis fields, tissue fractions are 0.41-1.0: every one of them is kept at the default 0.25.)
-BACKGROUND_VALUE, BACKGROUND_SATURATION, MIN_TISSUE = 220, 15, 0.25
 CHUNK = 32  # fields cut and handed to the classifier at a time
 
 
@@ -50,11 +50,13 @@ class SlideField:
     width: int
     height: int
     tissue: float  # fraction of the field's thumbnail pixels that are not background
-    status: str  # "classified", "background" (skipped by the tissue mask) or "error"
+    status: str  # "classified", "background" (skipped by the tissue mask), "withheld" (--qc withhold) or "error"
     probability: float | None = None  # FP32's where the field was re-checked
     label: str | None = None
     error: str | None = None
     fast_probability: float | None = None  # the fast tier's, where FP32 re-checked the field
+    quality: dict[str, float] | None = None  # its quality measures (runtime/pipeline/quality.py)
+    flags: list[str] = field(default_factory=list)  # the quality limits it crosses
 
 
 @dataclass
@@ -90,7 +92,9 @@ class SlideResult:
                                          "classification": {"name": f.label, "color": list(_rgb(f.probability))},
                                          "measurements": {"probability": f.probability, "tissue": f.tissue} | (
                                              {} if f.fast_probability is None else
-                                             {"fast_probability": f.fast_probability}),
+                                             {"fast_probability": f.fast_probability}) | {
+                                             f"qc_{k}": v for k, v in (f.quality or {}).items()},
+                                         "qc_flags": f.flags,
                                          "rechecked": f.fast_probability is not None,
                                          "row": f.row, "col": f.col}})
         return {"type": "FeatureCollection", "features": feats}
@@ -137,11 +141,13 @@ class SlideResult:
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\n")
         w.writerow(["row", "col", "minx", "miny", "width", "height", "tissue", "status", "probability", "label",
-                    "error", "fast_probability"])  # minx, miny, width, height, probability: as WSInfer writes them
+                    "error", "fast_probability", "qc_flags", *(f"qc_{m}" for m in MEASURES)])
+        # minx, miny, width, height, probability: as WSInfer writes them
         for f in self.fields:
             w.writerow([f.row, f.col, f.x, f.y, f.width, f.height, f"{f.tissue:.3f}", f.status,
                         "" if f.probability is None else f"{f.probability:.6f}", f.label or "", f.error or "",
-                        "" if f.fast_probability is None else f"{f.fast_probability:.6f}"])
+                        "" if f.fast_probability is None else f"{f.fast_probability:.6f}", " ".join(f.flags),
+                        *("" if f.quality is None else f"{f.quality[m]:.4g}" for m in MEASURES)])
         return out.getvalue()
 
 
@@ -177,14 +183,14 @@ def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: S
     # The level read: the coarsest one that still has at least the model's resolution.
     level = max((i for i, d in enumerate(src.downsamples) if d <= factor * (1 + 1e-6)), default=0)
     thumb, t_down = src.thumbnail()
-    background = _background(thumb)
+    glass = background(thumb)
     fields = []
     r0, r1 = band or (0, rows)
     for r in range(r0, min(r1, rows)):
         for col in range(cols):
             x, y = round(col * fw * factor), round(r * fh * factor)
             w, h = round((col + 1) * fw * factor) - x, round((r + 1) * fh * factor) - y
-            tissue = 1.0 - float(background[int(y / t_down):max(int(y / t_down) + 1, int((y + h) / t_down)),
+            tissue = 1.0 - float(glass[int(y / t_down):max(int(y / t_down) + 1, int((y + h) / t_down)),
                                              int(x / t_down):max(int(x / t_down) + 1, int((x + w) / t_down))].mean())
             keep = not tissue_mask or tissue >= min_tissue
             fields.append(SlideField(r, col, x, y, w, h, round(tissue, 4), "classified" if keep else "background"))
@@ -199,11 +205,16 @@ def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: S
             except ImageError as e:  # a damaged tile costs the fields that touch it, not the slide
                 f.status, f.error = "error", str(e)
         for f, res in zip(chunk, clf.classify(crops) if crops else []):
-            if res.error or res.probability is None:
+            one = res.fields[0] if len(res.fields) == 1 else None  # a crop is one field
+            if one is not None:
+                f.quality, f.flags = one.quality, one.flags
+            if one is not None and one.label is None:  # --qc withhold: its quality flags keep it out
+                f.status, f.probability = "withheld", one.probability
+            elif res.error or res.probability is None:
                 f.status, f.error = "error", res.error
             else:
                 f.probability, f.label = res.probability, res.label
-                f.fast_probability = res.fields[0].fast_probability if len(res.fields) == 1 else None
+                f.fast_probability = one.fast_probability if one is not None else None
         if progress:
             progress(min(i + CHUNK, len(todo)), len(todo))
     t_infer = time.perf_counter()
@@ -213,7 +224,8 @@ def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: S
     counts = {"fields": len(fields), "classified": sum(f.status == "classified" for f in fields),
               "background": sum(f.status == "background" for f in fields),
               "errors": sum(f.status == "error" for f in fields),
-              "rechecked": sum(f.fast_probability is not None for f in fields)}
+              "rechecked": sum(f.fast_probability is not None for f in fields),
+              "flagged": sum(bool(f.flags) for f in fields), "withheld": sum(f.status == "withheld" for f in fields)}
     result = SlideResult(
         path=src.name, size=(W, H), levels=len(src.sizes),
         scale={"magnification": scale.magnification, "mpp": scale.mpp, "source": scale.source,
@@ -291,11 +303,6 @@ def output_stem(folder: Path, name: str, sha256: str) -> Path:
     return folder / f"{Path(name).name}.{sha256[:12]}"
 
 
-def _background(thumb: np.ndarray) -> np.ndarray:
-    hsv = cv2.cvtColor(thumb, cv2.COLOR_BGR2HSV)
-    return (hsv[..., 2] >= BACKGROUND_VALUE) & (hsv[..., 1] <= BACKGROUND_SATURATION)
-
-
 def _crop(src: Source, level: int, f: SlideField, size: tuple[int, int]) -> np.ndarray:
     """The field's pixels at the model's scale: read at ``level``, resized only where that level's pixels are not
     the model's (exact crops at the model's scale, so a field equals the same pixels given as an image)."""
@@ -336,7 +343,8 @@ def _rgb(p: float | None) -> tuple[int, int, int]:
 
 
 def overlay_image(thumb: np.ndarray, t_down: float, fields: list[SlideField]) -> np.ndarray:
-    """The thumbnail with every classified field tinted by its probability, errors crossed, background untouched."""
+    """The thumbnail with every classified field tinted by its probability, errors crossed, background untouched;
+    a field with a quality flag outlined in amber (withheld ones untinted)."""
     tint, out = thumb.copy(), thumb.copy()
     boxes = [(f, (int(f.x / t_down), int(f.y / t_down)),
               (int((f.x + f.width) / t_down) - 1, int((f.y + f.height) / t_down) - 1)) for f in fields]
@@ -348,7 +356,9 @@ def overlay_image(thumb: np.ndarray, t_down: float, fields: list[SlideField]) ->
             cv2.line(out, a, b, (0, 0, 0), 1)
     out = cv2.addWeighted(tint, 0.45, out, 0.55, 0)
     for f, a, b in boxes:
-        if f.status == "classified":
+        if f.flags:
+            cv2.rectangle(out, a, b, (0, 160, 224), 2)
+        elif f.status == "classified":
             cv2.rectangle(out, a, b, (60, 60, 60), 1)
     return out
 

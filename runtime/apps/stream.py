@@ -11,7 +11,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-GREEN, RED = (84, 135, 25), (69, 53, 220)  # BGR
+GREEN, RED, AMBER = (84, 135, 25), (69, 53, 220), (0, 160, 224)  # BGR
 
 
 @dataclass
@@ -19,6 +19,7 @@ class StreamStats:
     frames_read: int = 0
     frames_classified: int = 0
     errors: int = 0
+    flagged: int = 0  # frames with a quality flag
     rechecked: int = 0  # fields re-checked at FP32 (borderline under a faster precision)
     seconds: float = 0.0
     verdicts: list[dict[str, Any]] = field(default_factory=list)  # one per classified frame
@@ -26,7 +27,8 @@ class StreamStats:
     def summary(self) -> dict[str, Any]:
         s = max(self.seconds, 1e-9)
         return {"frames_read": self.frames_read, "frames_classified": self.frames_classified, "errors": self.errors,
-                "rechecked_fields": self.rechecked, "read_fps": self.frames_read / s, "classified_fps": self.frames_classified / s}
+                "flagged_frames": self.flagged, "rechecked_fields": self.rechecked,
+                "read_fps": self.frames_read / s, "classified_fps": self.frames_classified / s}
 
 
 def annotate(frame: np.ndarray, result: Any, positive: str) -> np.ndarray:
@@ -37,12 +39,14 @@ def annotate(frame: np.ndarray, result: Any, positive: str) -> np.ndarray:
         cv2.putText(out, result.error[-80:], (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.6, RED, 2)
         return out
     for f in result.fields:
-        color = RED if f.label == positive else GREEN
+        color = AMBER if f.label is None else RED if f.label == positive else GREEN
         cv2.rectangle(out, (f.x, f.y), (f.x + f.width - 1, f.y + f.height - 1), color, 2)
         cv2.putText(out, f"{f.probability:.2f}", (f.x + 6, f.y + 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, color, 2)
     color = RED if result.label == positive else GREEN
     cv2.putText(out, f"{result.label} {result.probability:.3f}", (10, out.shape[0] - 12),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.9, color, 2)
+    for i, line in enumerate(result.advice):  # the quality check: what to do, at the top of the frame
+        cv2.putText(out, line[:70], (10, 30 + 28 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.7, AMBER, 2)
     return out
 
 
@@ -74,9 +78,10 @@ def run_stream(clf: Any, source: int | str, rate: float, out_path: Path | None =
                 stats.frames_classified += 1
                 stats.errors += result.error is not None
                 stats.rechecked += result.rechecked
+                stats.flagged += bool(result.advice)
                 stats.verdicts.append({"frame": stats.frames_read - 1, "time_s": round(now - t0, 3),
                                        "label": result.label, "probability": result.probability,
-                                       "error": result.error})
+                                       "error": result.error, "advice": result.advice})
             shown = annotate(frame, result, clf.contract.labels[1]) if result is not None else frame
             if out_path is not None:
                 if writer is None:

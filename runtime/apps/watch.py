@@ -32,8 +32,9 @@ from typing import Any
 from runtime.io.formats import SLIDE_SUFFIXES, is_image, is_slide
 from runtime.io.inputs import ImageInput
 
-CSV_FIELDS = ("path", "label", "probability", "fields", "rechecked", "error", "size", "mtime_ns", "sha256", "supersedes",
-              "finished_at")
+# advice: what the quality check says to do; rechecked: fields re-checked at FP32
+CSV_FIELDS = ("path", "label", "probability", "fields", "rechecked", "advice", "error", "size", "mtime_ns", "sha256",
+              "supersedes", "finished_at")
 ENCODING = ("utf-8", "surrogateescape")  # file names are bytes: undecodable ones round-trip exactly
 
 
@@ -60,7 +61,7 @@ def record(out: Path, result: dict[str, Any]) -> None:
         w = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore")
         if not out.is_file() or out.stat().st_size == 0:
             w.writeheader()
-        w.writerow(result | {"fields": len(result["fields"])})
+        w.writerow(result | {"fields": len(result["fields"]), "advice": "; ".join(result.get("advice") or [])})
         line = buf.getvalue()
     else:
         line = json.dumps(result) + "\n"  # ensure_ascii: undecodable name bytes become \\udcXX escapes
@@ -175,6 +176,8 @@ class Watcher:
         self.seen.pop(rec["path"], None)
         status = rec["error"] or (f"{rec['label']} {rec['probability']:.4f}" if rec["probability"] is not None
                                   else "no tissue field to classify")
+        if rec.get("advice"):
+            status += f" (QUALITY: {'; '.join(rec['advice'])})"
         print(f"{os.path.basename(rec['path'])!r}: {status}", file=sys.stderr)
 
     def _slide(self, key: str) -> dict[str, Any]:

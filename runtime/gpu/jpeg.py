@@ -46,6 +46,7 @@ class GpuJpegDecoder:
 
     def __init__(self, device: int = 0, backends: tuple[str, ...] = ("GPU_ONLY", "HYBRID_CPU_GPU")) -> None:
         self.lock = threading.Lock()
+        self.context: Any = None  # runtime/gpu/context.py's, made on first use (sparse)
         os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")  # its per-file errors would go, unattributed, to stderr
         with decoder_messages() as said:  # what loading its codec libraries prints, kept for the reason below
             try:
@@ -92,6 +93,27 @@ class GpuJpegDecoder:
             if self._decode(data) is not None:
                 return f"decodes a {kind} JPEG without an error (libjpeg refuses it)"
         return None
+
+    def sparse(self, image: DeviceImage, step: int) -> np.ndarray:
+        """Every ``step``-th pixel of every ``step``-th row of an image decoded here, BGR on the host: what the
+        field-quality measures read (runtime/pipeline/quality.py). Only those rows cross the bus (one copy with
+        the source pitch ``step`` rows), synchronously on the legacy default stream, after the decode."""
+        from runtime.gpu.context import Context
+
+        if self.context is None:
+            self.context = Context()
+        rows = -(-image.height // step)
+        out = np.empty((rows, image.width * image.channels), np.uint8)
+        with self.context.active() as cuda:
+            copy = cuda.Memcpy2D()
+            copy.set_src_device(image.ptr)
+            copy.src_pitch = image.pitch * step
+            copy.set_dst_host(out)
+            copy.dst_pitch = copy.width_in_bytes = image.width * image.channels
+            copy.height = rows
+            copy(aligned=False)
+        px = out.reshape(rows, image.width, image.channels)[:, ::step]
+        return np.ascontiguousarray(px if image.bgr else px[..., ::-1])
 
     def decode_file(self, data: bytes, name: str, max_pixels: int) -> DeviceImage | None:
         """The header checks of every decoder (size limit, pages; ImageError as on the CPU), then the GPU decode

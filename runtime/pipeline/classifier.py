@@ -19,6 +19,7 @@ from runtime.model.paths import default_model_dir
 from runtime.model.precisions import PRECISIONS
 from runtime.pipeline.decoding import Input, Prepared, open_gpu_jpeg, prefetch, prepare
 from runtime.pipeline.preprocessors import open_preprocessor
+from runtime.pipeline.quality import QC_MODES
 from runtime.pipeline.recheck import RECHECK, Recheck
 from runtime.pipeline.results import ModelInfo, Result
 from runtime.pipeline.scheduler import FieldScheduler
@@ -44,17 +45,22 @@ class Classifier:
     passed its gate in it on a GPU), "nchw" or "nhwc". ``decode``: where JPEGs are decoded, "auto" (the GPU next to
     GPU preprocessing where nvImageCodec is installed and passes its damage self-check), "cpu" or "gpu".
     ``recheck``: "on" (a faster precision's fields within its band of the threshold are classified again at FP32,
-    so every label is FP32's: runtime/pipeline/recheck.py) or "off". A NaN or inf from the model makes that image's
-    result an error."""
+    so every label is FP32's: runtime/pipeline/recheck.py) or "off". ``qc``: each field's quality measured and
+    "flag"ged where a limit is crossed (the verdict stands, marked, with what to do), "withhold" (a flagged field
+    gets no label; the verdict comes from the others) or "off" (runtime/pipeline/quality.py). A NaN or inf from the
+    model makes that image's result an error."""
 
     def __init__(self, model_dir: Path | str | None = None, backend: str = "auto", batch_size: int | None = None,
                  threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: str = "auto",
                  precision: str = "auto", allow_build: bool = False, decode_workers: int | None = None,
-                 layout: str = "auto", decode: str = "auto", recheck: str = "on") -> None:
+                 layout: str = "auto", decode: str = "auto", recheck: str = "on", qc: str = "flag") -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if recheck not in RECHECK:
             raise ValueError(f"recheck must be one of {', '.join(RECHECK)}, not {recheck!r}")
+        if qc not in QC_MODES:
+            raise ValueError(f"qc must be one of {', '.join(QC_MODES)}, not {qc!r}")
+        self.qc = qc
         self.model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
         self.manifest: Manifest = self.model.manifest
         self.contract = self.manifest.contract
@@ -85,7 +91,7 @@ class Classifier:
                                        self.recheck.describe() if self.recheck else None)
         self.scheduler = FieldScheduler(self.preprocessor, self.batch_size, self.contract,
                                         f"backend {self.backend.name}, precision {self.backend.precision}",
-                                        self.recheck)
+                                        self.recheck, qc == "withhold")
 
     def classify(self, images: Iterable[Input] | Input) -> list[Result]:
         """Classify images (paths, BGR uint8 arrays, named ImageInputs, or Prepared ones); one Result each, in
@@ -104,11 +110,11 @@ class Classifier:
         """As ``prepare``, the pixels decoded into the preprocessor's buffers: the scheduler hands them back when
         the image is done (inputs prepared outside, like the server's, keep their own memory)."""
         return prepare(item, self.contract, self.max_pixels, self.model_info, self.preprocessor.host_buffer,
-                       self.gpu_jpeg)
+                       self.gpu_jpeg, self.qc != "off")
 
     def prepare(self, item: Input) -> Prepared:
         """The decode-and-plan step for one input, as classify runs it (the server runs it before queueing)."""
-        return prepare(item, self.contract, self.max_pixels, self.model_info)
+        return prepare(item, self.contract, self.max_pixels, self.model_info, quality=self.qc != "off")
 
     def close(self) -> None:
         self.backend.close()

@@ -16,6 +16,7 @@ from runtime.io.decode import Buffer, Decoded, ImageError, decode, read_bytes, t
 from runtime.io.inputs import ImageInput
 from runtime.io.scale import name_warning
 from runtime.model.manifest import Contract
+from runtime.pipeline.quality import STEP, FieldQuality, assess
 from runtime.pipeline.results import ModelInfo, Result
 from runtime.pipeline.tiling import FieldPlan, TilingError, plan_fields
 
@@ -32,6 +33,7 @@ class Prepared:
     bgr: np.ndarray | None = None  # the decoded image; its fields are preprocessed batch by batch
     gpu: DeviceImage | None = None  # or the image decoded on the GPU (RGB), where it was
     failure: Exception | None = None  # why it cannot be classified (ImageError, TilingError), where it cannot
+    quality: list[FieldQuality] | None = None  # each field's quality (runtime/pipeline/quality.py); None: --qc off
 
     @property
     def n_fields(self) -> int:
@@ -42,10 +44,11 @@ Input = str | Path | np.ndarray | ImageInput | Prepared
 
 
 def prepare(item: Input, contract: Contract, max_pixels: int, model: ModelInfo | None = None,
-            into: Buffer | None = None, gpu_jpeg: GpuJpegDecoder | None = None) -> Prepared:
-    """Read (paths), decode (bytes, arrays) and tile one input; a failure becomes its result's error. ``into``:
-    where its pixels are decoded (the GPU paths' page-locked buffers), only for a caller that releases them;
-    ``gpu_jpeg``: a JPEG decoded on the GPU where that decoder takes it."""
+            into: Buffer | None = None, gpu_jpeg: GpuJpegDecoder | None = None, quality: bool = True) -> Prepared:
+    """Read (paths), decode (bytes, arrays) and tile one input, and measure its fields' quality (``quality``); a
+    failure becomes its result's error. ``into``: where its pixels are decoded (the GPU paths' page-locked buffers),
+    only for a caller that releases them; ``gpu_jpeg``: a JPEG decoded on the GPU where that decoder takes it (its
+    quality read from every second row brought back, never the whole image)."""
     if isinstance(item, Prepared):
         return item
     if not isinstance(item, ImageInput):
@@ -78,8 +81,18 @@ def prepare(item: Input, contract: Contract, max_pixels: int, model: ModelInfo |
     except (ImageError, TilingError) as e:
         res.error = str(e) if isinstance(e, ImageError) else f"{item.name}: {e}"
         return Prepared(res, failure=e)
-    res.timings_ms = {"decode": (time.perf_counter() - t0) * 1e3}
-    return Prepared(res, plan, None if dec is None else dec.bgr, on_gpu)
+    t1 = time.perf_counter()
+    res.timings_ms = {"decode": (t1 - t0) * 1e3}
+    fields = None
+    if quality:
+        if dec is not None:
+            sparse = dec.bgr[::STEP, ::STEP]
+        else:
+            assert gpu_jpeg is not None and on_gpu is not None
+            sparse = gpu_jpeg.sparse(on_gpu, STEP)
+        fields = assess(sparse, plan, contract.field_size)
+        res.timings_ms["quality"] = (time.perf_counter() - t1) * 1e3
+    return Prepared(res, plan, None if dec is None else dec.bgr, on_gpu, quality=fields)
 
 
 def open_gpu_jpeg(choice: str, preprocess: str, notes: list[str]) -> GpuJpegDecoder | None:

@@ -9,6 +9,7 @@ import numpy as np
 
 from runtime.backends.base import Backend
 from runtime.model.manifest import Contract, Manifest
+from runtime.pipeline.quality import FieldQuality, advice
 from runtime.pipeline.tiling import FieldPlan
 
 UNTRAINED_WARNING = "UNTRAINED reference weights: this verdict is NOT a diagnosis (demo/test model)."
@@ -55,8 +56,10 @@ class FieldResult:
     width: int
     patches: int
     probability: float  # FP32's where the field was re-checked
-    label: str
+    label: str | None  # None: withheld (--qc withhold and a quality flag)
     fast_probability: float | None = None  # the fast tier's probability, kept where FP32 re-checked the field
+    quality: dict[str, float] | None = None  # the field's quality measures (runtime/pipeline/quality.py)
+    flags: list[str] = field(default_factory=list)  # the quality limits it crosses
 
     @property
     def rechecked(self) -> bool:
@@ -75,6 +78,7 @@ class Result:
     size: tuple[int, int] | None = None  # (width, height)
     conversions: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what the decoder said about this image
+    advice: list[str] = field(default_factory=list)  # what to do about its fields' quality flags ("re-focus ...")
 
     @property
     def rechecked(self) -> int:
@@ -84,11 +88,13 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"model": self.model.to_dict() if self.model else {}, "rechecked": self.rechecked}
 
-    def finish(self, plan: FieldPlan, probs: np.ndarray, contract: Contract,
-               fast: dict[int, float] | None = None) -> None:
+    def finish(self, plan: FieldPlan, probs: np.ndarray, contract: Contract, fast: dict[int, float] | None = None,
+               quality: list[FieldQuality] | None = None, withhold: bool = False) -> None:
         """The verdict from every field's probability (screening rule: the image's probability is the highest
         field probability, so one malignant field makes the image Malignant). ``fast``: the fast tier's
-        probabilities of the fields re-checked at FP32 (``probs`` holds FP32's for them)."""
+        probabilities of the fields re-checked at FP32 (``probs`` holds FP32's for them). ``quality``: each field's;
+        with ``withhold`` a flagged field gets no label and the verdict comes from the others (none left: an error
+        that says why)."""
         fh, fw = contract.field_size
         cols = plan.grid[1]
         fast = fast or {}
@@ -96,5 +102,16 @@ class Result:
                                    patches=contract.seq_len, probability=float(pr), label=contract.label(float(pr)),
                                    fast_probability=fast.get(i))
                        for i, ((y, x), pr) in enumerate(zip(plan.field_origins, probs))]
-        self.probability = float(probs.max())
+        for f, q in zip(self.fields, quality or []):
+            f.quality, f.flags = q.measures, q.flags
+            if withhold and q.flags:
+                f.label = None
+        flags = [flag for f in self.fields for flag in f.flags]
+        self.advice = advice(flags)
+        counted = [f.probability for f in self.fields if f.label is not None]
+        if not counted:
+            self.error = (f"{self.path}: no verdict: every field failed the quality check ({'; '.join(self.advice)}); "
+                          "--qc flag gives a marked verdict anyway")
+            return
+        self.probability = max(counted)
         self.label = contract.label(self.probability)

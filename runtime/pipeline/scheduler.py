@@ -50,10 +50,11 @@ class _Batch:
 
 class FieldScheduler:
     def __init__(self, preprocessor: Preprocessor, batch_size: int, contract: Contract, runs_on: str,
-                 recheck: Recheck | None = None) -> None:
+                 recheck: Recheck | None = None, withhold: bool = False) -> None:
         self.preprocessor, self.batch_size, self.contract = preprocessor, batch_size, contract
         self.runs_on = runs_on  # "backend X, precision Y": what a non-finite output's error names
         self.recheck = recheck
+        self.withhold = withhold  # a field with a quality flag gets no label (--qc withhold)
         self.next_slot = 0
 
     def run(self, items: Iterable[Prepared]) -> Iterator[Result]:
@@ -174,7 +175,8 @@ class FieldScheduler:
                              f"({j.recheck_error}): no verdict")
             elif res.error is None:
                 assert j.item.plan is not None
-                res.finish(j.item.plan, np.concatenate(j.probs), self.contract, j.fast)
+                res.finish(j.item.plan, np.concatenate(j.probs), self.contract, j.fast, j.item.quality,
+                           self.withhold)
                 res.timings_ms["preprocess"] = j.t_pre * 1e3
                 res.timings_ms["inference"] = j.t_infer * 1e3
                 res.timings_ms["total"] = sum(res.timings_ms.values())
