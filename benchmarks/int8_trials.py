@@ -1,6 +1,8 @@
-"""INT8 recipes tried on the trained model, each gated like a shipped variant (every field of every shared image vs
-FP32, the one tolerance table) and timed on ONNX Runtime CPU at batch 1. Research record for issue 14: none keeps
-every label, so no INT8 variant is shipped; the numbers are in docs/models.md ("INT8: tried, not shipped").
+"""ONNX Runtime INT8 recipes tried on the trained model, each gated like a shipped variant (every field of every
+shared image vs FP32, the one tolerance table) and timed on ONNX Runtime CPU at batch 1. Research record: none keeps
+every label; NNCF's accuracy-controlled recipe (export/int8.py) replaced them in the export, and its run on the
+trained model is recorded beside these (benchmarks/results/int8-nncf-trained-2026-12-02.log); docs/models.md has
+both.
 
   python -m benchmarks.int8_trials --json benchmarks/results/int8-trials.json --record models/breakhis-scratch-v1
 """

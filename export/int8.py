@@ -1,81 +1,165 @@
-"""INT8 by explicit quantisation: Q/DQ nodes in the ONNX (what TensorRT 11 builds INT8 from), calibrated on real
-fields with ONNX Runtime's static quantiser, then gated by the fidelity check before it joins the model directory.
+"""INT8 by explicit quantisation: Q/DQ nodes in the ONNX (what TensorRT builds INT8 engines from), made by NNCF's
+post-training quantisation with accuracy control on real fields, then judged like every faster tier: its bound is
+derived from what it measures, its gate runs on held-out fields, and it is kept only where its effective time per
+field (its own plus its re-check share at FP32) beats the best gated tier on this machine.
 
-Convolutions and dense layers are quantised (symmetric, per-channel weights: TensorRT requires zero points of 0);
-the LSTM stays FP32.
+- Calibration and accuracy control on the first ``calib_count`` images' fields. The validation metric is the gate's
+  own label check: the share of those fields whose INT8 label is FP32's; with a maximum drop of 0, NNCF keeps in
+  floating point the layers that cost a label (symmetric activations and weights: TensorRT needs zero points of 0).
+- The bound: the largest |d probability| on the calibration fields, times MARGIN (a maximum measured on a few dozen
+  fields grows on unseen ones: BF16's grew 1.9x from 48 to 374 images), never below the table's INT8 tolerance.
+  It is also INT8's re-check band (recorded as ``bound`` in the variant's gate; ``ModelDir.band``).
+- The gate: every held-out field within the bound, every label outside the band FP32's (``compare``).
+- The speed: INT8 and FP32 per field on ONNX Runtime CPU at batch 1 (and BF16's gate figures where this CPU runs
+  it); INT8's effective time = its time + its held-out re-check share x FP32's.
 """
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from export.verify import ort_outputs
-from runtime.model.fidelity import Comparison, compare
+from runtime.io.decode import decoder_messages
+from runtime.model.fidelity import Comparison, compare, effective_ms
 from runtime.model.manifest import Variant
 from runtime.model.model_dir import ModelDir
 from runtime.model.precisions import PRECISIONS
 from runtime.pipeline.preprocess import folder_fields
 
 QDQ_FILE = PRECISIONS["int8"].file
+MARGIN = 2.0
+TIMED = 4  # fields each tier is timed on (after one warm-up)
 
 
-def quantize(model_dir: Path, calib_images: Path, calib_count: int = 32, log: Any = print) -> Path:
-    """Write model_dir/.model.int8.qdq.onnx.tmp (not yet part of the model) and return its path."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+def quantize(model_dir: Path, calib_images: Path, calib_count: int = 24, log: Any = print) -> tuple[Path, float]:
+    """Write model_dir/.model.int8.qdq.onnx.tmp (not yet part of the model); returns it and the derived bound."""
+    import nncf
+    import onnx
+    import onnxruntime as ort
 
     model = ModelDir.open(model_dir)
     manifest = model.manifest
     fields = folder_fields(calib_images, manifest.contract, calib_count)
     if not len(fields):
         raise ValueError(f"{calib_images}: no usable images for INT8 calibration")
-    log(f"calibrating INT8 on {len(fields)} real fields from {calib_images} ...")
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter(fields[i:i + 1] for i in range(len(fields)))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            x = next(self.items, None)
-            return None if x is None else {manifest.input_name: x}
-
-    tmp = Path(model_dir) / f".{QDQ_FILE}.tmp"
     fp32, _ = model.file(model.variant("fp32").file)
-    quantize_static(str(fp32), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    op_types_to_quantize=["Conv", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-    return tmp
+    want = ort_outputs(fp32, fields, input_name=manifest.input_name)["probability"]
+    threshold = manifest.contract.threshold
+    name = manifest.input_name
+
+    items = list(fields)  # NNCF hands the validation function these very arrays (or a subset of them)
+    where = {id(x): i for i, x in enumerate(items)}
+
+    def probabilities(m: onnx.ModelProto, data: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, FP32's) of the fields in ``data``."""
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        data = list(data)
+        got = np.concatenate([sess.run(["probability"], {name: x[None]})[0].reshape(-1) for x in data])
+        return got, want[[where[id(x)] for x in data]]
+
+    def labels_kept(m: onnx.ModelProto, data: Any) -> tuple[float, list[float]]:
+        got, ref = probabilities(m, data)
+        kept = ((got > threshold) == (ref > threshold)).astype(float)
+        return float(kept.mean()), kept.tolist()
+
+    dataset = nncf.Dataset(items, lambda x: {name: x[None]})
+    log(f"INT8 (NNCF, accuracy control: every label of the {len(items)} calibration fields kept) ...")
+    with decoder_messages() as said:  # NNCF's progress bars and INFO lines, kept off the console
+        quantized = nncf.quantize_with_accuracy_control(
+            onnx.load(str(fp32)), dataset, dataset, labels_kept, max_drop=0.0, drop_type=nncf.DropType.ABSOLUTE,
+            preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(items))
+    for line in said:
+        if any(k in line for k in ("were reverted", "achieved required", "Total number of quantized")):
+            log("  NNCF: " + line.split("nncf:", 1)[-1])
+    got, ref = probabilities(quantized, items)
+    measured = float(np.abs(got - ref).max())
+    floor = PRECISIONS["int8"].tolerance.probability or 0.0
+    bound = max(floor, _round_up(MARGIN * measured))
+    log(f"  calibration fields: max |d probability| {measured:.3g}; bound (x{MARGIN:g}) {bound:g}")
+    tmp = Path(model_dir) / f".{QDQ_FILE}.tmp"
+    onnx.save(quantized, str(tmp))
+    return tmp, bound
 
 
-def gate(model_dir: Path, candidate: Path, images: Path, skip: int) -> Comparison:
+def _round_up(x: float) -> float:
+    """Up to two significant digits."""
+    if x <= 0:
+        return 0.0
+    step = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return round(math.ceil(x / step - 1e-9) * step, 12)
+
+
+def gate(model_dir: Path, candidate: Path, images: Path, skip: int, bound: float) -> Comparison:
     """The INT8 candidate vs the FP32 model on ONNX Runtime CPU, on every field of the folder's images after the
-    first ``skip`` (the calibration images), through the one comparison and tolerance table."""
+    first ``skip`` (the calibration images), within its derived bound."""
     model = ModelDir.open(model_dir)
     held = folder_fields(images, model.contract, start=skip)
     if not len(held):
         raise ValueError(f"{images}: no images left after the {skip} calibration images to gate INT8 on")
     ref = ort_outputs(model.file(model.variant("fp32").file)[0], held)
     got = ort_outputs(candidate, held)
-    return compare(ref, got, "int8", model.contract.threshold, f"onnxruntime-cpu {QDQ_FILE} (held-out images)")
+    return compare(ref, got, "int8", model.contract.threshold, f"onnxruntime-cpu {QDQ_FILE} (held-out images)",
+                   bound=bound)
 
 
-def accept(model_dir: Path, tmp: Path, result: Comparison) -> ModelDir:
-    """Move a gated Q/DQ model into the model directory and list it in the manifest's variant table."""
+def speed(model_dir: Path, candidate: Path, images: Path) -> dict[str, Any]:
+    """ms per field at batch 1 on ONNX Runtime CPU for INT8 and FP32, and the best gated tier here besides INT8
+    ("fp32", or "bf16" where this CPU runs it and its gate timed it, counting its re-checks)."""
+    from runtime.backends.openvino import native
+    from runtime.backends.ort import make_session
+
+    model = ModelDir.open(model_dir)
+    fields = folder_fields(images, model.contract, TIMED + 1)
+    ms = {}
+    for prec, path in (("int8", candidate), ("fp32", model.file(model.variant("fp32").file)[0])):
+        session, times = make_session(path, prec, cuda=False), []
+        for i in range(len(fields)):
+            t0 = time.perf_counter()
+            session.run(None, {model.manifest.input_name: fields[i:i + 1]})
+            times.append((time.perf_counter() - t0) * 1e3)
+        ms[prec] = float(np.median(times[1:] or times))
+    best, best_ms = "fp32", ms["fp32"]
+    bf16 = model.manifest.variants.get("bf16")
+    if bf16 is not None and native("bf16")[0] and bf16.gate.get("ms_per_field") and bf16.gate.get("fields"):
+        share = bf16.gate.get("in_band", 0) / bf16.gate["fields"]
+        bf16_ms = effective_ms(bf16.gate["ms_per_field"], share)
+        # its gate timed it against its own FP32: scaled to this FP32 timing
+        bf16_ms *= ms["fp32"] / bf16.gate["ms_per_field"]["fp32"]
+        if bf16_ms < best_ms:
+            best, best_ms = "bf16", bf16_ms
+    return {"ms_per_field": ms, "best_other": best, "best_other_ms": best_ms}
+
+
+def verdict(result: Comparison, figures: dict[str, Any]) -> str:
+    """Why INT8 is refused ('' where it is kept): its gate, and its effective time (its own, plus its held-out
+    re-check share at FP32's) against the best other tier here (``figures["effective_ms"]`` set either way)."""
+    ms = figures["ms_per_field"]
+    eff = figures["effective_ms"] = effective_ms(ms, result.recheck_share, "int8")
+    why = [result.reason()] if not result.ok else []
+    if eff >= figures["best_other_ms"]:
+        why.append(f"slower than {figures['best_other']} here counting its re-checks: {eff:.0f} ms per field "
+                   f"({ms['int8']:.0f} ms + {result.recheck_share:.0%} of fields in its band 0.5 +- {result.band:g} "
+                   f"at FP32's {ms['fp32']:.0f} ms) against {figures['best_other_ms']:.0f} ms")
+    return "; ".join(why)
+
+
+def accept(model_dir: Path, tmp: Path, result: Comparison, figures: dict[str, Any]) -> ModelDir:
+    """Move a gated Q/DQ model into the model directory and list it in the manifest's variant table, with its
+    bound and its speed."""
     tmp.replace(Path(model_dir) / QDQ_FILE)
     model = ModelDir.open(model_dir)
-    model.accept("int8", Variant(QDQ_FILE, result.summary()), result.to_dict())
+    extra = {"bound": result.band, "ms_per_field": figures["ms_per_field"]}
+    model.accept("int8", Variant(QDQ_FILE, result.summary() | extra), result.to_dict() | figures)
     return model
 
 
-def reject(model_dir: Path, result: Comparison | str) -> None:
-    """Record why INT8 was refused (export_report.json) and make sure no INT8 file or listing is left behind."""
-    gate = None if isinstance(result, str) else result.to_dict()
-    ModelDir.open(model_dir).reject("int8", result if isinstance(result, str) else result.reason(), gate, QDQ_FILE)
+def reject(model_dir: Path, reason: str, result: Comparison | None = None,
+           figures: dict[str, Any] | None = None) -> None:
+    """Record why INT8 was refused (export_report.json, with its figures) and make sure no INT8 file or listing is
+    left behind."""
+    gate = None if result is None else result.to_dict() | (figures or {})
+    ModelDir.open(model_dir).reject("int8", reason, gate, QDQ_FILE)

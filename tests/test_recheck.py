@@ -40,7 +40,7 @@ def _with_fast_tier(clf: Classifier, offset: float, opener, batch_size: int = 4)
     """The classifier's stages rebuilt around the stand-in tier, with a re-check of BF16's band."""
     fast = Shifted(clf.backend, offset)
     clf.preprocessor = CpuPreprocessor(fast, clf.contract, batch_size)
-    recheck = Recheck("bf16", clf.contract, opener, "onnxruntime-cpu-fp32", batch_size)
+    recheck = Recheck(BF16_BAND, clf.contract, opener, "onnxruntime-cpu-fp32", batch_size)
     clf.scheduler = FieldScheduler(clf.preprocessor, batch_size, clf.contract, "stand-in", recheck)
     return recheck
 
@@ -168,7 +168,7 @@ def test_trained_model_labels_equal_fp32_on_every_shared_image_with_the_recheck(
         want += ref.classify(edge)
     with Classifier(trained_dir) as clf:
         got = clf.classify([*images_100x, *edge])
-        assert clf.model_info.recheck and f"{PRECISIONS[clf.backend.precision].band:g}" in clf.model_info.recheck
+        assert clf.recheck is not None and f"within {clf.recheck.band:.3g} of" in str(clf.model_info.recheck)
     for a, b in zip(got, want):
         assert a.error is None and a.label == b.label
         for fa, fb in zip(a.fields, b.fields):
@@ -176,3 +176,20 @@ def test_trained_model_labels_equal_fp32_on_every_shared_image_with_the_recheck(
             if fa.rechecked:
                 assert fa.probability == pytest.approx(fb.probability, abs=1e-4)
     assert all(r.rechecked == len(r.fields) for r in got[len(images_100x):])  # on the threshold: always re-checked
+
+
+def test_int8_is_kept_only_where_its_effective_time_beats_the_best_tier():
+    """INT8's verdict weighs its own time plus its re-check share at FP32's time against the best other tier."""
+    from export.int8 import _round_up, verdict
+
+    ref = np.array([0.10, 0.45, 0.52, 0.90])
+    c = compare({"probability": ref}, {"probability": ref + 0.01}, "int8", 0.5, bound=0.1)
+    assert c.ok and c.band == 0.1 and c.in_band == 2  # 0.46 and 0.53 lie within 0.1 of 0.5
+    fast = {"ms_per_field": {"int8": 100.0, "fp32": 400.0}, "best_other": "fp32", "best_other_ms": 400.0}
+    assert verdict(c, fast) == "" and fast["effective_ms"] == 300.0  # 100 + 50 % x 400
+    slow = {"ms_per_field": {"int8": 250.0, "fp32": 400.0}, "best_other": "fp32", "best_other_ms": 400.0}
+    assert verdict(c, slow).startswith("slower than fp32 here counting its re-checks: 450 ms per field")
+    failing = compare({"probability": ref}, {"probability": ref + 0.2}, "int8", 0.5, bound=0.1)
+    assert verdict(failing, fast) == failing.reason() != ""
+    assert verdict(failing, slow | {"best_other_ms": 200.0}).startswith(failing.reason() + "; slower than fp32")
+    assert (_round_up(0.0123), _round_up(0.78), _round_up(0.3)) == (0.013, 0.78, 0.3)

@@ -210,30 +210,36 @@ def test_tampered_sidecar_is_refused_before_deserialising(engine_dir, images_100
         Classifier(engine_dir, backend="tensorrt")
 
 
-def test_int8_qdq_is_parser_clean_and_gated(trained_dir, shared_data, tmp_path):
-    """The Q/DQ model (TensorRT 11's INT8 input) is symmetric and parser-clean; the export ships it only if it
-    passes the fidelity gate on held-out images (the trained model's), and says which way it went."""
-    from export.int8 import QDQ_FILE, quantize
+def test_int8_qdq_is_parser_clean_gated_and_judged_by_its_effective_speed(trained_dir, shared_data, tmp_path):
+    """The Q/DQ model NNCF makes (TensorRT's INT8 input) is symmetric and parser-clean, keeps every calibration
+    label (accuracy control) and carries a bound derived from what it measured; the export ships it only if it passes
+    its gate on held-out images within that bound AND beats the best tier here counting its re-checks, and says
+    which way it went with its figures (the trained model's)."""
+    from export.int8 import MARGIN, QDQ_FILE, quantize
 
     d = tmp_path / "m"
     shutil.copytree(trained_dir, d, ignore=shutil.ignore_patterns("engines"))
-    images = tmp_path / "images"  # 8 calibrate, 4 held out for the gate (the shipped gate uses every image left)
+    images = tmp_path / "images"  # 4 calibrate, 4 held out for the gate (the shipped gate uses every image left)
     images.mkdir()
-    for p in sorted((shared_data / "breakhis-100x").glob("*.png"))[::4]:
+    for p in sorted((shared_data / "breakhis-100x").glob("*.png"))[::6]:
         (images / p.name).symlink_to(p)
-    tmp = quantize(d, images, calib_count=4, log=lambda m: None)
+    tmp, bound = quantize(d, images, calib_count=4, log=lambda m: None)
     q = onnx.load(str(tmp))
     assert check_onnx(q) == []
-    assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) >= 14  # 13 convs + dense, at least
+    assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) >= 1
     assert not any(n.op_type == "LSTM" and any("quant" in i.lower() for i in n.input) for n in q.graph.node)
+    assert bound >= 1e-2 and MARGIN == 2.0
     tmp.unlink()
-    proc = run_module("export", "int8", "-m", str(d), "--calib-images", str(images), "--calib-count", "8")
+    proc = run_module("export", "int8", "-m", str(d), "--calib-images", str(images), "--calib-count", "4")
     listed = "int8" in json.loads((d / "manifest.json").read_text())["variants"]
+    assert "speed        INT8" in proc.stdout and "re-check" in proc.stdout
     if proc.returncode == 0:
         assert "PASS" in proc.stdout and listed and (d / QDQ_FILE).is_file()
+        gate = ModelDir.open(d).manifest.variants["int8"].gate
+        assert gate["bound"] >= 1e-2 and ModelDir.open(d).band("int8") == gate["bound"]
     else:
-        assert "FAIL" in proc.stdout and "rejected by the fidelity gate" in proc.stderr
-        assert not listed and not (d / QDQ_FILE).exists()
-        assert json.loads((d / "export_report.json").read_text())["rejected"]["int8"]
+        assert "INT8 refused" in proc.stderr and not listed and not (d / QDQ_FILE).exists()
+        report = json.loads((d / "export_report.json").read_text())
+        assert report["rejected"]["int8"] and report["gates"]["int8"]["ms_per_field"]["int8"] > 0
         assert set(json.loads((d / "manifest.json").read_text())["variants"]) == \
             set(ModelDir.open(trained_dir).manifest.variants)  # the rest stays

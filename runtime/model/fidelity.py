@@ -3,7 +3,7 @@ precision table's tolerance (runtime/model/precisions.py), plus label agreement 
 (inside it the runtime asks FP32). Every gate uses it: FP32 parity, the FP16/BF16/INT8 variants, ``export verify``."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -40,6 +40,7 @@ class Comparison:
     non_finite: int  # candidate fields with a NaN or inf output: always a failure
     in_band: int = 0  # fields inside the precision's re-check band (re-checked at FP32 at run time)
     in_band_flips: int = 0  # of those, how many labels FP32's re-check changes
+    band: float = 0.0  # the re-check band the labels were judged outside of
 
     @property
     def ok(self) -> bool:
@@ -60,7 +61,7 @@ class Comparison:
             tol = "reported only" if o.tolerance is None else f"tolerance {o.limit()}, worst {o.worst:.2g} of it"
             out.append(f"  {o.output:12s} max|d|={o.max_abs:.3e} median|d|={o.median_abs:.3e} ({tol}) "
                        f"{'PASS' if o.ok else 'FAIL'}")
-        band = PRECISIONS[self.precision].band
+        band = self.band
         out.append(f"  labels       {self.label_agreement:.1%} agree, {self.flips} flips "
                    f"(required {PRECISIONS[self.precision].tolerance.labels:.0%}"
                    + (f" outside the re-check band 0.5 +- {band:g})" if band else ")"))
@@ -87,11 +88,15 @@ class Comparison:
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], precision: str,
-            threshold: float, name: str = "candidate") -> Comparison:
-    """Compare every output the two have in common (``probability`` required), field by field."""
+            threshold: float, name: str = "candidate", bound: float | None = None) -> Comparison:
+    """Compare every output the two have in common (``probability`` required), field by field. ``bound``: the
+    probability bound (and re-check band) where the precision's is derived per model (INT8), else the table's."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     tol = PRECISIONS[precision].tolerance
+    band = PRECISIONS[precision].band
+    if bound is not None:
+        tol, band = replace(tol, probability=bound), bound
     ref = {k: np.asarray(v, np.float64).reshape(-1) for k, v in reference.items()}
     got = {k: np.asarray(v, np.float64).reshape(-1) for k, v in candidate.items()}
     if ref["probability"].shape != got["probability"].shape:
@@ -109,10 +114,10 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
                                worst))
     agree = (ref["probability"] > threshold) == (got["probability"] > threshold)
     agree &= ~bad
-    inside = in_band(got["probability"], threshold, PRECISIONS[precision].band) & ~bad
+    inside = in_band(got["probability"], threshold, band) & ~bad
     outside = agree[~inside]
     return Comparison(name, precision, int(agree.size), rows, float(outside.mean()) if outside.size else 1.0,
-                      int((~outside).sum()), int(bad.sum()), int(inside.sum()), int((~agree[inside]).sum()))
+                      int((~outside).sum()), int(bad.sum()), int(inside.sum()), int((~agree[inside]).sum()), band)
 
 
 def effective_ms(ms_per_field: dict[str, float], recheck_share: float, precision: str = "bf16") -> float:

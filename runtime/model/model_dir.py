@@ -86,6 +86,14 @@ class ModelDir:
         raise ModelError(f"{self.path}: no {precision} variant ({why}); this model has "
                          f"{', '.join(sorted(self.manifest.variants)) or 'none'}")
 
+    def band(self, precision: str) -> float:
+        """A listed variant's re-check band: the probability bound its gate derived where the precision's bound is
+        derived per model (INT8: ``bound`` in its gate), else the precision table's."""
+        from runtime.model.precisions import PRECISIONS
+
+        derived = self.variant(precision).gate.get("bound")
+        return float(derived) if derived is not None else PRECISIONS[precision].band
+
     def layout_passed(self, precision: str, layout: str) -> bool:
         """Whether this precision passed its gate on a GPU in this memory layout (``export verify --layout``)."""
         try:

@@ -16,7 +16,6 @@ from runtime.io.inputs import ImageInput
 from runtime.model.manifest import Contract, Manifest
 from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir
-from runtime.model.precisions import PRECISIONS
 from runtime.pipeline.decoding import Input, Prepared, open_gpu_jpeg, prefetch, prepare
 from runtime.pipeline.preprocessors import open_preprocessor
 from runtime.pipeline.quality import QC_MODES
@@ -84,9 +83,10 @@ class Classifier:
             self.backend.close()  # opened above: its session and device memory are not left behind
             raise
         self.recheck: Recheck | None = None
-        if recheck == "on" and PRECISIONS[self.backend.precision].band > 0:
+        band = self.model.band(self.backend.precision)
+        if recheck == "on" and band > 0:
             opener, where = reference_for(self.backend, self.model, threads)
-            self.recheck = Recheck(self.backend.precision, self.contract, opener, where, self.batch_size)
+            self.recheck = Recheck(band, self.contract, opener, where, self.batch_size)
         self.model_info = ModelInfo.of(self.manifest, self.backend, self.preprocessor.name, notes,
                                        self.recheck.describe() if self.recheck else None)
         self.scheduler = FieldScheduler(self.preprocessor, self.batch_size, self.contract,

@@ -12,7 +12,7 @@ import numpy as np
 
 from runtime.backends.base import Backend
 from runtime.model.manifest import Contract
-from runtime.model.precisions import PRECISIONS, in_band
+from runtime.model.precisions import in_band
 from runtime.pipeline.preprocess import preprocess_fields
 from runtime.pipeline.tiling import FieldPlan
 
@@ -23,9 +23,9 @@ class Recheck:
     """``select`` the in-band fields of a batch's probabilities; ``run`` them at FP32. ``open_reference`` makes the
     FP32 backend (called once, on first need; a failure there is the failure of the fields that needed it)."""
 
-    def __init__(self, precision: str, contract: Contract, open_reference: Callable[[], Backend],
+    def __init__(self, band: float, contract: Contract, open_reference: Callable[[], Backend],
                  where: str, batch_size: int) -> None:
-        self.band = PRECISIONS[precision].band
+        self.band = band
         self.contract, self.batch_size = contract, batch_size
         self._open = open_reference
         self.reference: Backend | None = None
@@ -33,7 +33,7 @@ class Recheck:
         self.fields = 0  # fields re-checked so far
 
     def describe(self) -> str:
-        return (f"fields with a probability within {self.band:g} of {self.contract.threshold:g} (this precision's "
+        return (f"fields with a probability within {self.band:.3g} of {self.contract.threshold:g} (this precision's "
                 f"bound) are classified again at fp32 ({self.where}) and fp32's answer is their result")
 
     def select(self, probability: np.ndarray) -> np.ndarray:
