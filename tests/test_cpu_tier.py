@@ -173,3 +173,21 @@ def test_auto_counts_the_recheck_cost_of_the_bf16_tier(small_copy, monkeypatch):
                    for n in clf.model_info.backend_notes)
     assert _speed("bf16", gate | {"in_band": 1}).startswith(", 208 ms per field with its re-checks (200 ms + 2.1%")
     assert _speed("bf16", {"fields": 48}) == ""  # an export from before the gate timed it: the table decides
+
+
+def test_auto_runs_an_int8_variant_the_export_kept_and_not_one_its_re_checks_would_slow(small_copy):
+    """A kept INT8 variant (its gate's figures: faster than FP32 counting its re-checks) is what auto runs on the
+    CPU, said in a note; the same variant with figures that make it slower is passed over for FP32."""
+    from runtime.model.manifest import Variant
+
+    m = ModelDir.open(small_copy)
+    fast = {"fields": 24, "in_band": 6, "bound": 0.05, "ms_per_field": {"int8": 300.0, "fp32": 1000.0}}
+    for gate, want in ((fast, "onnxruntime-cpu-int8"),
+                       (fast | {"in_band": 24}, "onnxruntime-cpu-fp32")):  # 300 + 100 % x 1000 > 1000
+        m.manifest.variants["int8"] = Variant("model.onnx", gate)  # the FP32 file stands in for the Q/DQ one
+        m.save()
+        with Classifier(small_copy, backend="cpu") as clf:
+            assert clf.backend.name == want
+            if want.endswith("int8"):
+                assert "precision auto chose int8" in clf.model_info.backend_notes[0]
+                assert clf.recheck is not None and clf.recheck.band == 0.05  # its derived bound is its band

@@ -88,11 +88,19 @@ def open_backend(name: str, model: ModelDir, threads: int | None = None,
 
 
 def cpu_tier(name: str, precision: str, model: ModelDir, threads: int | None) -> tuple[Backend, list[str]]:
-    """The CPU backends. Precision auto: the table's CPU precision (BF16) on OpenVINO where this CPU runs it natively
-    and the model has a variant of it that passed its gate (said in a note), else FP32 (ONNX Runtime, or OpenVINO
-    when named). An explicit precision runs exactly that variant, or is refused with the reason."""
+    """The CPU backends. Precision auto: an INT8 variant the export kept (it passed its gate and, counting its
+    re-checks, beat every other tier where it was exported) on ONNX Runtime; else the table's CPU precision (BF16) on
+    OpenVINO where this CPU runs it natively and the model has a variant of it that passed its gate (said in a note),
+    else FP32 (ONNX Runtime, or OpenVINO when named). An explicit precision runs exactly that variant, or is refused
+    with the reason."""
     from runtime.backends import openvino, ort
 
+    if precision == "auto" and name in ("auto", "cpu") and "int8" in model.manifest.variants:
+        speed = _speed("int8", model.variant("int8").gate)
+        if speed and not speed.startswith("slower"):
+            return ort.OrtBackend(model, "int8", cuda=False, threads=threads), [
+                f"precision auto chose int8 (ONNX Runtime): the model's INT8 variant passed its gate{speed}; "
+                "--precision fp32 forces FP32"]
     row = PRECISIONS.get(precision)
     if name == "cpu" or (row is not None and "openvino" not in row.backends) or (name, precision) == ("auto", "fp32"):
         prec, why = resolve_precision(precision, False, model)
