@@ -12,18 +12,21 @@ def test_benchmark_json_schema(model_dir, shared_data, tmp_path):
                       "--limit", "2", "--repeats", "1", "--warmup", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
-    bf16 = {"runtime_openvino_cpu_bf16", "runtime_openvino_cpu_bf16_folder"}  # where the model has the variant
+    bf16 = {"runtime_openvino_cpu_bf16", "runtime_openvino_cpu_bf16_folder",  # where the model has the variant
+            "runtime_openvino_cpu_bf16_recheck_off"}
     assert set(res["variants"]) - bf16 == {"baseline_pytorch_fp32_eager", "runtime_onnxruntime_cpu",
                                            "baseline_pytorch_fp32_eager_folder", "runtime_onnxruntime_cpu_folder",
                                            "runtime_onnxruntime_cpu_batch4"}
     assert "no int8 variant" in res["skipped"]["runtime_onnxruntime_cpu_int8"]
     fid = res["variants"]["runtime_onnxruntime_cpu"]["fidelity"]
     assert fid["precision"] == "fp32" and fid["label_agreement"] == 1.0 and fid["probability_max_abs"] <= 1e-5
+    assert fid["label_differences"] == 0 and res["variants"]["runtime_onnxruntime_cpu"]["recheck_share"] == 0.0
     for v in res["variants"].values():
         assert v["p50_ms"] > 0 and v["p95_ms"] >= v["p50_ms"] and v["speedup_vs_baseline"] > 0
         assert v["peak_rss_mb"] > 50
     stages = res["variants"]["runtime_onnxruntime_cpu"]["stages_ms"]
-    assert set(stages) == {"decode", "preprocess", "inference"} and stages["decode"]["p99"] >= stages["decode"]["p50"]
+    assert set(stages) == {"decode", "quality", "preprocess", "inference"}  # the quality check's cost reported
+    assert stages["decode"]["p99"] >= stages["decode"]["p50"]
     assert res["variants"]["baseline_pytorch_fp32_eager"]["speedup_vs_baseline"] == 1.0
     assert "speedup" in proc.stdout
 
