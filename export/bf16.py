@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from export.verify import OUTPUTS, ort_outputs
+from export.verify import OUTPUTS, ort_ms_per_field, ort_outputs
 from runtime.backends.openvino import compile_onnx, infer
 from runtime.errors import BreakhisError, Unavailable
 from runtime.model.fidelity import Comparison, compare, effective_ms
@@ -33,20 +33,9 @@ def gate(model_path: Path, fields: np.ndarray, reference: dict[str, np.ndarray],
         runs.append(infer(request, input_name, list(OUTPUTS), fields[i:i + 1]))
         ms.append((time.perf_counter() - t0) * 1e3)
     got = {n: np.concatenate([r[n] for r in runs]) for n in OUTPUTS}
+    fp32_ms = ort_ms_per_field(model_path, "fp32", fields[:FP32_TIMED + 1], input_name)
     return (compare(reference, got, "bf16", threshold, f"{RUNTIME} bf16 {model_path.name}"),
-            {"bf16": float(np.median(ms[1:] or ms)), "fp32": _fp32_ms(model_path, fields[:FP32_TIMED], input_name)})
-
-
-def _fp32_ms(model_path: Path, fields: np.ndarray, input_name: str) -> float:
-    """Median ms per field of the FP32 tier as the runtime runs it (ONNX Runtime CPU, batch 1), after a warm-up."""
-    from runtime.backends.ort import make_session
-
-    session, ms = make_session(model_path, "fp32", cuda=False), []
-    for i in range(-1, len(fields)):
-        t0 = time.perf_counter()
-        session.run(None, {input_name: fields[max(i, 0):max(i, 0) + 1]})
-        ms.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(ms[1:]))
+            {"bf16": float(np.median(ms[1:] or ms)), "fp32": fp32_ms})
 
 
 def gate_into(report: dict, variants: dict[str, Variant], model_path: Path, fields: np.ndarray,

@@ -16,13 +16,12 @@ field (its own plus its re-check share at FP32) beats the best gated tier on thi
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from export.verify import ort_outputs
+from export.verify import ort_ms_per_field, ort_outputs
 from runtime.io.decode import decoder_messages
 from runtime.model.fidelity import Comparison, compare, effective_ms
 from runtime.model.manifest import Variant
@@ -110,18 +109,11 @@ def speed(model_dir: Path, candidate: Path, images: Path) -> dict[str, Any]:
     """ms per field at batch 1 on ONNX Runtime CPU for INT8 and FP32, and the best gated tier here besides INT8
     ("fp32", or "bf16" where this CPU runs it and its gate timed it, counting its re-checks)."""
     from runtime.backends.openvino import native
-    from runtime.backends.ort import make_session
 
     model = ModelDir.open(model_dir)
     fields = folder_fields(images, model.contract, TIMED + 1)
-    ms = {}
-    for prec, path in (("int8", candidate), ("fp32", model.file(model.variant("fp32").file)[0])):
-        session, times = make_session(path, prec, cuda=False), []
-        for i in range(len(fields)):
-            t0 = time.perf_counter()
-            session.run(None, {model.manifest.input_name: fields[i:i + 1]})
-            times.append((time.perf_counter() - t0) * 1e3)
-        ms[prec] = float(np.median(times[1:] or times))
+    ms = {prec: ort_ms_per_field(path, prec, fields, model.manifest.input_name)
+          for prec, path in (("int8", candidate), ("fp32", model.file(model.variant("fp32").file)[0]))}
     best, best_ms = "fp32", ms["fp32"]
     bf16 = model.manifest.variants.get("bf16")
     if bf16 is not None and native("bf16")[0] and bf16.gate.get("ms_per_field") and bf16.gate.get("fields"):

@@ -35,6 +35,21 @@ def ort_outputs(path: Path, fields: np.ndarray, batch: int = 4, extra_max: tuple
             for n in names}
 
 
+def ort_ms_per_field(path: Path, precision: str, fields: np.ndarray, input_name: str = "fields") -> float:
+    """Median ms per field of an ONNX file as the runtime runs it on the CPU (ONNX Runtime, batch 1), the first
+    field a warm-up: how the export's gates time a tier."""
+    import time
+
+    from runtime.backends.ort import make_session
+
+    session, ms = make_session(path, precision, cuda=False), []
+    for i in range(len(fields)):
+        t0 = time.perf_counter()
+        session.run(None, {input_name: fields[i:i + 1]})
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ms[1:] or ms))
+
+
 def _field_probs(results: list[Result], like: list[Result]) -> np.ndarray:
     """Field probabilities in order; an image the candidate failed on (e.g. a non-finite output) counts as NaN."""
     out: list[float] = []

@@ -40,6 +40,24 @@ class DeviceImage:
     bgr: bool = False
 
 
+def to_host(image: DeviceImage, context: Any, step: int = 1) -> np.ndarray:
+    """Every ``step``-th pixel of every ``step``-th row of an image decoded on the GPU, BGR uint8 on the host. Only
+    those rows cross the bus (one copy whose source pitch is ``step`` rows), synchronously on the legacy default
+    stream: after the decode queued there, and after the work of every blocking stream (the preprocessor's)."""
+    rows = -(-image.height // step)
+    out = np.empty((rows, image.width * image.channels), np.uint8)
+    with context.active() as cuda:
+        copy = cuda.Memcpy2D()
+        copy.set_src_device(image.ptr)
+        copy.src_pitch = image.pitch * step
+        copy.set_dst_host(out)
+        copy.dst_pitch = copy.width_in_bytes = image.width * image.channels
+        copy.height = rows
+        copy(aligned=False)
+    px = out.reshape(rows, image.width, image.channels)[:, ::step]
+    return np.ascontiguousarray(px if image.bgr else px[..., ::-1])
+
+
 class GpuJpegDecoder:
     """``decode_file(data, name, max_pixels)``: a one-page, unrotated JPEG on the GPU, or None (the CPU decodes it).
     Its work is ordered on CUDA's legacy default stream, which the preprocessor's stream waits for."""
@@ -96,24 +114,12 @@ class GpuJpegDecoder:
 
     def sparse(self, image: DeviceImage, step: int) -> np.ndarray:
         """Every ``step``-th pixel of every ``step``-th row of an image decoded here, BGR on the host: what the
-        field-quality measures read (runtime/pipeline/quality.py). Only those rows cross the bus (one copy with
-        the source pitch ``step`` rows), synchronously on the legacy default stream, after the decode."""
+        field-quality measures read (runtime/pipeline/quality.py)."""
         from runtime.gpu.context import Context
 
         if self.context is None:
             self.context = Context()
-        rows = -(-image.height // step)
-        out = np.empty((rows, image.width * image.channels), np.uint8)
-        with self.context.active() as cuda:
-            copy = cuda.Memcpy2D()
-            copy.set_src_device(image.ptr)
-            copy.src_pitch = image.pitch * step
-            copy.set_dst_host(out)
-            copy.dst_pitch = copy.width_in_bytes = image.width * image.channels
-            copy.height = rows
-            copy(aligned=False)
-        px = out.reshape(rows, image.width, image.channels)[:, ::step]
-        return np.ascontiguousarray(px if image.bgr else px[..., ::-1])
+        return to_host(image, self.context, step)
 
     def decode_file(self, data: bytes, name: str, max_pixels: int) -> DeviceImage | None:
         """The header checks of every decoder (size limit, pages; ImageError as on the CPU), then the GPU decode

@@ -125,15 +125,6 @@ class GpuPreprocessor:
             out.reshape(-1).view(np.uint8)[:] = host[: out.nbytes]
         return out
 
-    def download(self, image: DeviceImage) -> np.ndarray:
-        """An image decoded on the GPU, copied back as BGR uint8 (the re-check cuts fields from it on the CPU)."""
-        rows = np.empty((image.height, image.pitch), np.uint8)
-        with self.active():
-            self.stream.synchronize()  # ordered after its decode (legacy default stream) and any kernel reading it
-            self.cuda.memcpy_dtoh(rows, image.ptr)
-        pixels = rows[:, :image.width * image.channels].reshape(image.height, image.width, image.channels)
-        return np.ascontiguousarray(pixels if image.bgr else pixels[..., ::-1])
-
     def close(self) -> None:
         with self.active():
             self.stream.synchronize()

@@ -99,7 +99,9 @@ class _GpuDecodeBuffers:
         self.gpu.pool.give(image)
 
     def host_pixels(self, image: Pixels) -> np.ndarray:
-        return image if isinstance(image, np.ndarray) else self.gpu.download(image)
+        from runtime.gpu.jpeg import to_host
+
+        return image if isinstance(image, np.ndarray) else to_host(image, self.gpu.context)
 
 
 class GpuIntoBackend(_GpuDecodeBuffers):
