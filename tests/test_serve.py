@@ -29,21 +29,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
+def start_server(model_dir, *extra: str, scheme: str = "http", context=None) -> tuple[subprocess.Popen, str]:
+    """``python -m runtime.serve`` on a free loopback port, once /healthz answers (over ``context`` for HTTPS)."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(model_dir), "--port", str(port),
-                             "--backend", "cpu", "--max-upload-mb", "2"], cwd=REPO,
+                             "--backend", "cpu", *extra], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{scheme}://127.0.0.1:{port}"
     for _ in range(120):
         try:
-            urllib.request.urlopen(url + "/healthz", timeout=1)
-            break
+            urllib.request.urlopen(url + "/healthz", timeout=1, context=context)
+            return proc, url
         except OSError:
             if proc.poll() is not None:
                 pytest.fail(f"server exited: {proc.stdout.read()}")
             time.sleep(0.25)
+    proc.kill()
+    pytest.fail("server did not answer /healthz in 30 s")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    proc, url = start_server(model_dir, "--max-upload-mb", "2")
     yield url
     proc.terminate()
     proc.wait(timeout=10)
@@ -140,11 +147,19 @@ def test_views_for_the_page(server, images_100x):
     assert all(v.startswith("data:image/jpeg;base64,") for v in out["views"]["patches"])
 
 
-def _chromium():
-    for b, d in (("/usr/bin/chromium", "/usr/bin/chromedriver"),):
-        if os.path.exists(b) and os.path.exists(d):
-            return b, d
-    return None
+def chromium_driver(tmp_path):
+    """Headless Debian Chromium driven by Selenium; skips with the reason where it is not installed."""
+    browser, driver = "/usr/bin/chromium", "/usr/bin/chromedriver"
+    if not (os.path.exists(browser) and os.path.exists(driver)):
+        pytest.skip("Chromium/ChromeDriver not installed (.ci/run installs Debian's chromium and chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,1800"):
+        opts.add_argument(a)
+    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
 
 
 @pytest.fixture(scope="module")
@@ -183,20 +198,10 @@ def test_slide_api_runs_a_job_with_progress_and_every_output(server, small_mosai
 
 
 def test_page_in_headless_chromium(server, images_100x, small_mosaic, tmp_path):
-    found = _chromium()
-    if found is None:
-        pytest.skip("Chromium/ChromeDriver not installed (.ci/run installs Debian's chromium and chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
+    driver = chromium_driver(tmp_path)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = found[0]
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,1800"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=found[1]))
     try:
         driver.get(server + "/")
         WebDriverWait(driver, 30).until(lambda d: "backend" in d.find_element(By.ID, "model").text)

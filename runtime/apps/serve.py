@@ -18,8 +18,10 @@ This module does HTTP only: the classifier is owned by runtime.apps.request_queu
 runtime.apps.views. Limits: uploads above --max-upload-mb are refused while they stream in (413); images above
 --max-pixels or --max-fields get 413; a full queue gets 503 with Retry-After; work whose client has gone is
 dropped. Requests must name this server in their Host header (DNS rebinding), and a browser POST from another
-origin, or without the page's token, is refused (403). SIGTERM: stop accepting, finish the batch in progress,
-cancel what waits, exit 0.
+origin, or without the page's token, is refused (403). With --token-file every route but /healthz needs
+"Authorization: Bearer TOKEN" (401 otherwise; the page asks for it once per tab), and binding to anything but
+loopback without a token is refused unless --insecure-no-auth says so; --tls-cert/--tls-key serve HTTPS.
+SIGTERM: stop accepting, finish the batch in progress, cancel what waits, exit 0.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from runtime.apps import auth
 from runtime.apps.request_queue import Batcher, Busy
 from runtime.apps.slide import AGGREGATES
 from runtime.apps.slide_jobs import SlideJobs
@@ -114,6 +117,7 @@ class Service:
     limits: Limits
     metrics: Metrics = field(default_factory=Metrics)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(16))  # another site's page cannot read it
+    bearer_tokens: tuple[bytes, ...] = ()  # --token-file: what every route but /healthz needs; (): none asked
 
 
 routes = APIRouter()
@@ -134,9 +138,13 @@ def busy(svc: Service, e: Exception | None = None) -> JSONResponse:
                  **{"Retry-After": str(wait)})
 
 
+def page_html(token: str) -> str:
+    return PAGE.read_text().replace("{{TOKEN}}", token)
+
+
 @routes.get("/", response_class=HTMLResponse)
 def page(request: Request) -> str:
-    return PAGE.read_text().replace("{{TOKEN}}", _service(request).token)
+    return page_html(_service(request).token)
 
 
 @routes.get("/healthz")
@@ -270,10 +278,12 @@ def slide_cancel(request: Request, job_id: str) -> Any:
         {"job": job.id, "state": job.state, "cancelling": job.state == "running"}
 
 
-def create_app(clf: Classifier, limits: Limits = Limits(), hosts: set[str] | None = None) -> FastAPI:
-    """The app around an open Classifier (which it owns from now on, through one worker thread)."""
+def create_app(clf: Classifier, limits: Limits = Limits(), hosts: set[str] | None = None,
+               tokens: tuple[bytes, ...] = ()) -> FastAPI:
+    """The app around an open Classifier (which it owns from now on, through one worker thread); ``tokens``: the
+    bearer tokens every route but /healthz needs (none: no authentication)."""
     batcher = Batcher(clf, max_pending=limits.max_pending)
-    svc = Service(clf, batcher, SlideJobs(clf, batcher), limits)
+    svc = Service(clf, batcher, SlideJobs(clf, batcher), limits, bearer_tokens=tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -285,26 +295,35 @@ def create_app(clf: Classifier, limits: Limits = Limits(), hosts: set[str] | Non
     app.include_router(routes)
     app.state.service = svc
     app.add_middleware(Guard, hosts=hosts, token=svc.token, metrics=svc.metrics,  # type: ignore[arg-type]
-                       max_upload=limits.max_upload)
+                       max_upload=limits.max_upload, bearer_tokens=tokens)
     return app
 
 
 class Guard:
     """Pure ASGI middleware (so that handlers still see their client's disconnect): refuses foreign Host headers
-    (421) and browser POSTs from another origin or without the page's token (403), turns an unexpected exception
-    into a 500 without a traceback, and records each /v1/classify answer in the metrics."""
+    (421), requests without one of the bearer tokens where the server has them (401; the page itself comes with
+    401 and asks for the token), browser POSTs from another origin or without the page's token (403), turns an
+    unexpected exception into a 500 without a traceback, and records each /v1/classify answer in the metrics."""
 
-    def __init__(self, app: Any, hosts: set[str] | None, token: str, metrics: Metrics, max_upload: int) -> None:
+    def __init__(self, app: Any, hosts: set[str] | None, token: str, metrics: Metrics, max_upload: int,
+                 bearer_tokens: tuple[bytes, ...] = ()) -> None:
         self.app, self.hosts, self.token, self.metrics, self.max_upload = app, hosts, token, metrics, max_upload
+        self.bearer_tokens = bearer_tokens
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         host, origin = headers.get("host", ""), headers.get("origin")
-        refusal = None
+        refusal, extra = None, {}
         if self.hosts is not None and _host_name(host) not in self.hosts:
             refusal = (421, f"this server does not answer to Host {host!r}")
+        elif self.bearer_tokens and scope["path"] != "/healthz" and not auth.allows(
+                self.bearer_tokens, auth.bearer(headers.get("authorization"))):
+            if scope["path"] == "/" and scope["method"] == "GET":  # the page, which asks for the token
+                return await HTMLResponse(page_html(self.token), status_code=401)(scope, receive, send)
+            refusal, extra = (401, "this server needs 'Authorization: Bearer TOKEN' (a token from its --token-file)"), {
+                "WWW-Authenticate": 'Bearer realm="breakhis-edge"'}
         elif scope["method"] in ("POST", "DELETE") and origin is not None and (
                 _host_name(urlsplit(origin).netloc) != _host_name(host)
                 or headers.get("x-breakhis-token") != self.token):
@@ -318,7 +337,8 @@ class Guard:
                 n += len(message.get("body", b""))
                 if message["type"] != "http.request" or not message.get("more_body"):
                     break
-            return await JSONResponse({"error": refusal[1]}, status_code=refusal[0])(scope, receive, send)
+            return await JSONResponse({"error": refusal[1]}, status_code=refusal[0], headers=extra)(
+                scope, receive, send)
         t0, status = time.perf_counter(), [CLOSED]
 
         async def send_status(message: dict) -> None:
@@ -344,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1",
-                    help="address to bind (default 127.0.0.1: this machine only). WARNING: another address exposes "
-                         "the service, which has no authentication, to the network")
+                    help="address to bind (default 127.0.0.1: this machine only). Any other address needs "
+                         "--token-file (or --insecure-no-auth), and should have --tls-cert/--tls-key")
     ap.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     ap.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                     help="another name this server may be reached by (Host header), repeatable")
@@ -355,28 +375,45 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"refuse images of more fields per request with 413 (default {SERVE_MAX_FIELDS})")
     ap.add_argument("--max-pending", type=int, default=MAX_PENDING_FIELDS,
                     help=f"fields allowed to wait, all requests together; beyond, 503 (default {MAX_PENDING_FIELDS})")
+    g = ap.add_argument_group("security (docs/user-guide.md: a server on the lab network)")
+    g.add_argument("--token-file", type=Path, default=None,
+                   help="bearer tokens, one per line (at least 16 characters each): every route but /healthz then "
+                        "needs 'Authorization: Bearer TOKEN' (401 otherwise); the page asks for it once per tab")
+    g.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS with this certificate (PEM)")
+    g.add_argument("--tls-key", type=Path, default=None, help="the certificate's private key (PEM)")
+    g.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow binding to a network address without --token-file: anyone who can reach it can use "
+                        "the service")
     add_model_options(ap, max_pixels=SERVE_MAX_PIXELS)
     args = ap.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        ap.error("--tls-cert and --tls-key go together")
     import uvicorn
 
     from runtime.apps.options import open_classifier
     from runtime.errors import BreakhisError, report
 
     hosts = allowed_hosts(args.host, args.allowed_host)
-    if hosts is None or args.host not in LOCAL_NAMES:
-        print(f"WARNING: binding to {args.host}: anyone who can reach this address can use the service "
-              "(no authentication).", file=sys.stderr)
     try:
+        tokens = auth.read_tokens(args.token_file) if args.token_file else ()
+        warning = auth.check_binding(args.host, args.host in LOCAL_NAMES, bool(tokens), args.insecure_no_auth)
+        if args.tls_cert:
+            auth.check_tls(args.tls_cert, args.tls_key)
+        if warning:
+            print(warning, file=sys.stderr)
         app = create_app(open_classifier(args), Limits(args.max_upload_mb << 20, args.max_fields, args.max_pending),
-                         hosts)
+                         hosts, tokens)
     except BreakhisError as e:
         return report(e)
     clf = app.state.service.clf
-    print(f"serving {clf.manifest.name} ({clf.backend.name}) on http://{args.host}:{args.port}/", file=sys.stderr)
+    scheme = "https" if args.tls_cert else "http"
+    print(f"serving {clf.manifest.name} ({clf.backend.name}) on {scheme}://{args.host}:{args.port}/"
+          + (f" ({len(tokens)} token(s) accepted)" if tokens else ""), file=sys.stderr)
     # uvicorn stops gracefully on SIGTERM/SIGINT and then re-raises the signal to the handler it found; a quiet
     # one makes that graceful stop an exit with status 0 instead of a death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    tls = {"ssl_certfile": str(args.tls_cert), "ssl_keyfile": str(args.tls_key)} if args.tls_cert else {}
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30, **tls)
     print("stopped", file=sys.stderr)
     return 0

@@ -1,0 +1,137 @@
+"""Our server on a network: bearer tokens (401 without or with a wrong one, on every route but /healthz; the page
+asks for it in Chromium), HTTPS with a certificate made here, plain HTTP to the TLS port refused, and no network
+binding without a token."""
+from __future__ import annotations
+
+import json
+import shutil
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+
+import pytest
+
+from runtime.apps import auth
+from tests.conftest import run_module
+from tests.test_serve import chromium_driver, multipart, start_server
+
+pytest.importorskip("fastapi", reason="fastapi not installed (setup.sh installs the serve extra)")
+
+TOKEN = "lab-bench-3-0123456789abcdef"
+
+
+def get(url: str, token: str | None = None, context=None, data: bytes | None = None,
+        ctype: str = "") -> tuple[int, bytes]:
+    headers = ({"Authorization": f"Bearer {token}"} if token else {}) | ({"Content-Type": ctype} if ctype else {})
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=120, context=context) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("auth") / "tokens"
+    path.write_text(f"# the lab's microscopes\n{TOKEN}\nanother-token-for-bench-4-xyz\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def secured(model_dir, token_file):
+    proc, url = start_server(model_dir, "--token-file", str(token_file))
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_every_route_but_healthz_needs_a_token(secured, images_100x):
+    assert get(secured + "/healthz")[0] == 200
+    body, ctype = multipart(images_100x[0].name, images_100x[0].read_bytes())
+    for path, data in (("/v1/model", None), ("/metrics", None), ("/v1/slide/nope", None), ("/v1/classify", body)):
+        for token in (None, "wrong-token-of-the-right-length", TOKEN[:-1]):
+            status, answer = get(secured + path, token, data=data, ctype=ctype if data else "")
+            assert status == 401, (path, token, status)
+            assert "Bearer" in json.loads(answer)["error"]
+    status, answer = get(secured + "/v1/model", TOKEN)
+    assert status == 200 and json.loads(answer)["contract"]["grid"] == [2, 3]
+    assert get(secured + "/v1/model", "another-token-for-bench-4-xyz")[0] == 200  # every token of the file
+    status, answer = get(secured + "/v1/classify", TOKEN, data=body, ctype=ctype)
+    assert status == 200 and json.loads(answer)["label"] in ("Benign", "Malignant")
+    status, page = get(secured + "/")  # the page comes, with 401, and asks for the token
+    assert status == 401 and b'id="auth"' in page
+    assert get(secured + "/", TOKEN)[0] == 200
+
+
+def test_page_asks_for_the_token_once_and_classifies(secured, images_100x, tmp_path):
+    driver = chromium_driver(tmp_path)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        driver.get(secured + "/")
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "auth").is_displayed())
+        driver.find_element(By.ID, "auth-token").send_keys("not-the-token-at-all-0000")
+        driver.find_element(By.ID, "auth-go").click()
+        WebDriverWait(driver, 30).until(lambda d: "refused" in d.find_element(By.ID, "auth-error").text)
+        field = driver.find_element(By.ID, "auth-token")
+        field.clear()
+        field.send_keys(TOKEN)
+        driver.find_element(By.ID, "auth-go").click()
+        WebDriverWait(driver, 30).until(lambda d: "backend" in d.find_element(By.ID, "model").text)
+        assert not driver.find_element(By.ID, "auth").is_displayed()
+        driver.find_element(By.ID, "file").send_keys(str(images_100x[0]))
+        WebDriverWait(driver, 120).until(lambda d: d.find_element(By.ID, "verdict").is_displayed())
+        assert "p(malignant)" in driver.find_element(By.ID, "verdict").text
+        driver.refresh()  # kept for the tab: not asked again
+        WebDriverWait(driver, 30).until(lambda d: "backend" in d.find_element(By.ID, "model").text)
+        assert not driver.find_element(By.ID, "auth").is_displayed()
+    finally:
+        driver.quit()
+
+
+def test_https_with_a_self_signed_certificate(model_dir, token_file, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl (the command) is not installed: the test makes its certificate with it")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    context = ssl.create_default_context(cafile=str(cert))
+    proc, url = start_server(model_dir, "--token-file", str(token_file), "--tls-cert", str(cert), "--tls-key",
+                             str(key), scheme="https", context=context)
+    try:
+        status, answer = get(url + "/v1/model", TOKEN, context=context)
+        assert status == 200 and json.loads(answer)["name"]
+        assert get(url + "/v1/model", None, context=context)[0] == 401
+        with pytest.raises(OSError):  # plain HTTP to the TLS port: no answer is given
+            urllib.request.urlopen(url.replace("https:", "http:") + "/healthz", timeout=10)
+        with pytest.raises(urllib.error.URLError):  # a client that does not trust the certificate stops
+            urllib.request.urlopen(url + "/healthz", timeout=10)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_network_binding_needs_a_token(model_dir, tmp_path):
+    proc = run_module("runtime.serve", "--model", str(model_dir), "--host", "0.0.0.0", "--port", "9")
+    assert proc.returncode != 0 and "refusing to bind 0.0.0.0 without authentication" in proc.stderr
+    assert "--token-file" in proc.stderr and "Traceback" not in proc.stderr
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    proc = run_module("runtime.serve", "--model", str(model_dir), "--token-file", str(short))
+    assert proc.returncode != 0 and f"{short}:1: a token must be at least 16" in proc.stderr
+    bad = tmp_path / "key.pem"
+    bad.write_text("not a key")
+    proc = run_module("runtime.serve", "--model", str(model_dir), "--tls-cert", str(bad), "--tls-key", str(bad))
+    assert proc.returncode != 0 and "not a usable certificate and private key" in proc.stderr
+
+
+def test_tokens_are_compared_whole():
+    tokens = (TOKEN.encode(), b"x" * 20)
+    assert auth.allows(tokens, TOKEN.encode()) and auth.allows(tokens, b"x" * 20)
+    for wrong in (None, b"", TOKEN.encode()[:-1], TOKEN.encode() + b"!", b"x" * 19):
+        assert not auth.allows(tokens, wrong)
+    assert auth.bearer("Bearer  abc ") == b"abc" and auth.bearer("Basic abc") is None and auth.bearer(None) is None
