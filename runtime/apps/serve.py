@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     # one makes that graceful stop an exit with status 0 instead of a death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    tls = {"ssl_certfile": str(args.tls_cert), "ssl_keyfile": str(args.tls_key)} if args.tls_cert else {}
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30, **tls)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30,
+                ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
     print("stopped", file=sys.stderr)
     return 0
