@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto",
                       max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """--model, --backend, --precision, --recheck, --qc, --preprocess, --decode, --batch-size, --threads,
-    --decode-workers, --build-engine, --max-pixels."""
+    --decode-workers, --build-engine, --max-pixels; and the --triton-* options of --backend triton."""
     g = ap.add_argument_group("model and backend")
     g.add_argument("--model", type=Path, default=None,
                    help=f"model directory with manifest.json (default: $BREAKHIS_MODEL, else {MODELS.name}/"
@@ -57,11 +57,39 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
                    help="build the TensorRT engine for this GPU if the model has none (takes minutes)")
     g.add_argument("--max-pixels", type=_positive, default=max_pixels,
                    help=f"refuse larger images from their header (default: {max_pixels:,})")
+    t = ap.add_argument_group("Triton Inference Server (--backend triton; docs/deploy.md)")
+    t.add_argument("--triton-url", default=None, metavar="URL",
+                   help="the server the fields go to: http://HOST:PORT, grpc://HOST:PORT (https://, grpcs:// with TLS); "
+                        "implies --backend triton. Decoding and preprocessing stay here; --model, where given, must "
+                        "be the model the server runs (without it the contract is taken from the server)")
+    t.add_argument("--triton-model", default=None, metavar="NAME",
+                   help="the server's model (default: breakhis_<precision>; with --precision auto the first of "
+                        "breakhis_fp16, breakhis_bf16, breakhis_fp32 it has ready)")
+    t.add_argument("--triton-header", action="append", default=[], metavar="NAME=VALUE",
+                   help="a header sent with every request, e.g. for a gateway in front of Triton (repeatable); "
+                        "Triton's inference API itself has no authentication")
+    t.add_argument("--triton-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds one request may take (default 60)")
+    t.add_argument("--triton-retries", type=int, default=4, metavar="N",
+                   help="tries again, with a doubling pause from 0.25 s, while the server is full (503) or "
+                        "unreachable; then the batch's images get the error (default 4)")
 
 
 def classifier_options(args: argparse.Namespace) -> dict[str, Any]:
     """The Classifier's keyword arguments the options describe (a cohort's Ray actors get them too)."""
-    return {"model_dir": args.model, "backend": args.backend, "precision": args.precision,
+    triton = None
+    if args.triton_url:
+        from runtime.backends.triton import TritonTarget
+
+        headers = [tuple(h.split("=", 1)) for h in args.triton_header]
+        if any(len(h) != 2 or not h[0] for h in headers):
+            raise SystemExit(f"error: --triton-header takes NAME=VALUE, not {args.triton_header}")
+        triton = TritonTarget(args.triton_url, args.triton_model, tuple(headers),  # type: ignore[arg-type]
+                              args.triton_timeout, max(0, args.triton_retries))
+    elif args.backend == "triton":
+        raise SystemExit("error: --backend triton needs --triton-url http://HOST:PORT or grpc://HOST:PORT")
+    return {"model_dir": args.model, "backend": "triton" if triton else args.backend, "triton": triton,
+            "precision": args.precision,
             "preprocess": args.preprocess, "batch_size": args.batch_size, "threads": args.threads,
             "allow_build": args.build_engine, "max_pixels": args.max_pixels, "decode_workers": args.decode_workers,
             "decode": args.decode, "recheck": args.recheck, "qc": args.qc}

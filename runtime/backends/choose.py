@@ -9,7 +9,8 @@ from runtime.model.manifest import ModelError
 from runtime.model.model_dir import ModelDir
 from runtime.model.precisions import CHOICES, GPU_BACKENDS, PRECISIONS, preferred, runs_on
 
-BACKENDS = ("auto", "cpu", "openvino", "onnxruntime-cuda", "tensorrt")  # "cpu" is ONNX Runtime on the CPU
+BACKENDS = ("auto", "cpu", "openvino", "onnxruntime-cuda", "tensorrt", "triton")  # "cpu": ONNX Runtime on the CPU;
+# "triton": a Triton Inference Server (runtime/backends/triton.py: open_triton, which the Classifier calls)
 LAYOUTS = {"auto": None, "nchw": False, "nhwc": True}  # ONNX Runtime CUDA's NHWC preference; auto: where gated
 PREPROCESSORS = ("auto", "cpu", "gpu")
 DECODERS = ("auto", "cpu", "gpu")  # where JPEGs are decoded (runtime/pipeline/decoding.py: open_gpu_jpeg)
@@ -42,6 +43,8 @@ def open_backend(name: str, model: ModelDir, threads: int | None = None,
 
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "triton":
+        raise BackendUnavailable("backend triton needs a server: --triton-url http://HOST:PORT or grpc://HOST:PORT")
     if precision not in CHOICES:
         raise BackendUnavailable(f"unknown precision {precision!r}; choose one of {', '.join(CHOICES)}")
     if layout not in LAYOUTS:

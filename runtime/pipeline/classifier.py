@@ -4,12 +4,14 @@ pool (decoding.py), the preprocessing path chosen once (preprocessors.py), field
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from runtime.backends.base import Backend
 from runtime.backends.choose import open_backend, reference_for
 from runtime.io.decode import DEFAULT_MAX_PIXELS
 from runtime.io.inputs import ImageInput
@@ -22,6 +24,9 @@ from runtime.pipeline.quality import QC_MODES
 from runtime.pipeline.recheck import RECHECK, Recheck
 from runtime.pipeline.results import ModelInfo, Result
 from runtime.pipeline.scheduler import FieldScheduler
+
+if TYPE_CHECKING:
+    from runtime.backends.triton import TritonTarget
 
 
 class Classifies(Protocol):
@@ -52,7 +57,8 @@ class Classifier:
     def __init__(self, model_dir: Path | str | None = None, backend: str = "auto", batch_size: int | None = None,
                  threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: str = "auto",
                  precision: str = "auto", allow_build: bool = False, decode_workers: int | None = None,
-                 layout: str = "auto", decode: str = "auto", recheck: str = "on", qc: str = "flag") -> None:
+                 layout: str = "auto", decode: str = "auto", recheck: str = "on", qc: str = "flag",
+                 triton: TritonTarget | None = None) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if recheck not in RECHECK:
@@ -60,11 +66,25 @@ class Classifier:
         if qc not in QC_MODES:
             raise ValueError(f"qc must be one of {', '.join(QC_MODES)}, not {qc!r}")
         self.qc = qc
-        self.model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
-        self.manifest: Manifest = self.model.manifest
+        reference: Callable[[], tuple[Callable[[], Backend], str]]
+        if backend == "triton":  # the server's model; a local one, where named, must be the same
+            if triton is None:
+                raise ValueError("backend triton needs triton=TritonTarget(url)")
+            from runtime.backends.triton import open_triton
+
+            local = ModelDir.open(model_dir).manifest if model_dir is not None else None
+            remote, notes = open_triton(triton, precision, local)
+            self.backend: Backend = remote
+            self.manifest: Manifest = remote.manifest
+            band, reference = remote.band, remote.reference
+        else:
+            model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
+            self.manifest = model.manifest
+            self.backend, notes = open_backend(backend, model, threads, precision, allow_build, layout)
+            band = model.band(self.backend.precision)
+            reference = partial(reference_for, self.backend, model, threads)
         self.contract = self.manifest.contract
         self.max_pixels = max_pixels
-        self.backend, notes = open_backend(backend, self.model, threads, precision, allow_build, layout)
         # Images are decoded ahead of inference by a pool of threads. With inference on a GPU the host's cores are
         # free for decoding (one is left for this thread); on the CPU inference needs them and a few keep up.
         cores = os.cpu_count() or 1
@@ -83,9 +103,8 @@ class Classifier:
             self.backend.close()  # opened above: its session and device memory are not left behind
             raise
         self.recheck: Recheck | None = None
-        band = self.model.band(self.backend.precision)
         if recheck == "on" and band > 0:
-            opener, where = reference_for(self.backend, self.model, threads)
+            opener, where = reference()
             self.recheck = Recheck(band, self.contract, opener, where, self.batch_size)
         self.model_info = ModelInfo.of(self.manifest, self.backend, self.preprocessor.name, notes,
                                        self.recheck.describe() if self.recheck else None)

@@ -2,7 +2,9 @@
 the batch in progress are preprocessed), each image charged its share of the time, results released in input
 order. A NaN or inf output makes that image an error, never a verdict (NaN > 0.5 is False: "Benign"). With a
 re-check (recheck.py), a batch's fields inside the precision's band are classified again at FP32 when the batch is
-collected, together, and FP32's probability is theirs; a re-check that fails is their image's error.
+collected, together, and FP32's probability is theirs; a re-check that fails is their image's error, and so is a
+run that fails (a backend that raised, a server that stayed down or full past its retries): the images of that batch
+get the error, every other image its verdict.
 
 With a preprocessor of two slots (double-buffered, the GPU paths) batch k+1 is preprocessed into one slot while
 batch k runs from the other in a runner thread; with one slot (the CPU path) the two take turns in this thread."""
@@ -30,6 +32,7 @@ class _Job:
     non_finite: list[str] = field(default_factory=list)  # "field 3: probability nan, logit inf", ...
     fast: dict[int, float] = field(default_factory=dict)  # re-checked field -> the fast tier's probability
     recheck_error: str | None = None
+    run_error: str | None = None  # a batch holding some of its fields could not be run
     staged: int = 0  # fields handed to a batch so far
     done: int = 0  # fields inferred so far
     t_pre: float = 0.0
@@ -114,8 +117,15 @@ class FieldScheduler:
         return outs, time.perf_counter() - t0
 
     def _collect(self, batch: _Batch) -> None:
-        """Wait for a batch's outputs and charge each image its share."""
-        outs, seconds = batch.outputs.result()
+        """Wait for a batch's outputs and charge each image its share; a run that failed is its images' error."""
+        try:
+            outs, seconds = batch.outputs.result()
+        except Exception as e:  # each backend fails in its own types; the other batches' images are not its concern
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            for j, take in batch.owners:
+                j.run_error = j.run_error or why
+                j.done += take
+            return
         finite = np.logical_and.reduce([np.isfinite(v) for v in outs.values()])
         probs = np.array(outs["probability"][:batch.n], np.float32)
         if self.recheck is not None:
@@ -167,7 +177,9 @@ class FieldScheduler:
         while queue and queue[0].done >= queue[0].item.n_fields:
             j = queue.pop(0)
             res = j.item.result
-            if j.non_finite:
+            if j.run_error is not None:
+                res.error = f"{res.path}: its fields could not be classified ({j.run_error}): no verdict"
+            elif j.non_finite:
                 res.error = (f"{res.path}: the model gave a non-finite output ({'; '.join(j.non_finite)}) on "
                              f"{self.runs_on}: no verdict")
             elif j.recheck_error is not None:

@@ -1,0 +1,210 @@
+"""--backend triton: the fields go to a Triton Inference Server (KServe v2 over HTTP or gRPC); decoding and
+preprocessing stay here. The server's model is one that describes itself (runtime/model/served.py): served by
+`python -m runtime.triton_server` or from a repository `python -m export triton` wrote. Before the first field its
+metadata and parameters are read and checked against the local model where one is named (a mismatch is refused,
+naming what differs), else its manifest is taken as the contract. A server that is down, slow or full (HTTP 503,
+gRPC UNAVAILABLE) is retried with a doubling back-off up to --triton-retries times, within --triton-timeout per
+try; then that batch's images get the error (the scheduler's rule), every other image its result. Triton's
+inference API has no authentication of its own: headers for a gateway in front of it come from --triton-header."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from runtime.backends.base import Backend, BackendUnavailable
+from runtime.model.manifest import Manifest, ModelError
+from runtime.model.precisions import PRECISIONS
+from runtime.model.served import DEFAULT_NAME, Served, served_name
+
+SCHEMES = {"http": ("http", False), "https": ("http", True), "grpc": ("grpc", False), "grpcs": ("grpc", True)}
+AUTO_ORDER = (*(p.name for p in PRECISIONS.values() if p.auto), "fp32")  # --precision auto: the first served
+RETRYABLE = ("503", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED")
+
+
+class TritonUnavailable(BackendUnavailable):
+    """The Triton server cannot be used: not reachable, no such model, or it stayed busy past the retries."""
+
+
+@dataclass(frozen=True)
+class TritonTarget:
+    """Where the fields go: --triton-url, --triton-model, --triton-header, --triton-timeout, --triton-retries."""
+
+    url: str
+    model: str | None = None  # None: DEFAULT_NAME's model of the precision asked for (auto: the first served)
+    headers: tuple[tuple[str, str], ...] = ()
+    timeout_s: float = 60.0
+    retries: int = 4
+
+
+class Connection:
+    """One tritonclient client, HTTP or gRPC, behind the few calls the backend makes."""
+
+    def __init__(self, target: TritonTarget) -> None:
+        parts = urlsplit(target.url)
+        if parts.scheme not in SCHEMES or not parts.hostname or not parts.port:
+            raise TritonUnavailable(f"--triton-url {target.url!r}: give http://HOST:PORT, https://HOST:PORT, "
+                                    "grpc://HOST:PORT or grpcs://HOST:PORT")
+        self.protocol, tls = SCHEMES[parts.scheme]
+        self.url, self.timeout = target.url, target.timeout_s
+        self.headers = dict(target.headers)
+        try:
+            if self.protocol == "http":
+                import tritonclient.http as client
+                self.client: Any = client.InferenceServerClient(parts.netloc, ssl=tls, connection_timeout=self.timeout,
+                                                                network_timeout=self.timeout)
+            else:
+                import tritonclient.grpc as client  # type: ignore[no-redef]
+                self.client = client.InferenceServerClient(parts.netloc, ssl=tls)
+        except ImportError as e:
+            raise TritonUnavailable(f"the Triton client is not installed ({e}): pip install -e '.[triton]'") from None
+        self.module = client
+
+    def call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``; a connection failure or a Triton error becomes TritonUnavailable naming the server."""
+        try:
+            return fn()
+        except Exception as e:  # tritonclient raises InferenceServerException, OSError and gevent/grpc types
+            raise TritonUnavailable(f"Triton at {self.url}: {what}: {describe(e)}") from e
+
+    def ready(self, model: str) -> bool:
+        return bool(self.call("readiness", lambda: self.client.is_model_ready(model, headers=self.headers)))
+
+    def config(self, model: str) -> dict[str, Any]:
+        if self.protocol == "http":
+            return self.call("model config", lambda: self.client.get_model_config(model, headers=self.headers))
+        return self.call("model config", lambda: self.client.get_model_config(model, headers=self.headers,
+                                                                                as_json=True))["config"]
+
+    def metadata(self, model: str) -> dict[str, Any]:
+        kw = {"as_json": True} if self.protocol == "grpc" else {}
+        return self.call("model metadata", lambda: self.client.get_model_metadata(model, headers=self.headers, **kw))
+
+    def infer(self, model: str, name: str, fields: np.ndarray, outputs: tuple[str, ...]) -> tuple[dict, str]:
+        """(outputs, the version that answered); raises tritonclient's own errors (the caller retries)."""
+        x = self.module.InferInput(name, list(fields.shape), "FP32")
+        x.set_data_from_numpy(fields)
+        wanted = [self.module.InferRequestedOutput(o) for o in outputs]
+        if self.protocol == "http":
+            r = self.client.infer(model, [x], outputs=wanted, headers=self.headers)
+            version = r.get_response()["model_version"]
+        else:
+            r = self.client.infer(model, [x], outputs=wanted, headers=self.headers, client_timeout=self.timeout)
+            version = r.get_response(as_json=True)["model_version"]
+        return {o: np.asarray(r.as_numpy(o), np.float32).reshape(-1) for o in outputs}, str(version)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def describe(e: BaseException) -> str:
+    status = e.status() if hasattr(e, "status") and callable(e.status) else None
+    text = (e.message() if hasattr(e, "message") and callable(e.message) else None) or str(e) or type(e).__name__
+    return f"{text.splitlines()[0][:300]}" + (f" ({status})" if status and status not in text else "")
+
+
+def retryable(e: BaseException) -> bool:
+    """A server that is full or not (yet) there: worth another try after a pause; anything else is final."""
+    status = e.status() if hasattr(e, "status") and callable(e.status) else None
+    return status in RETRYABLE or isinstance(e, (ConnectionError, TimeoutError)) or (
+        status is None and "timed out" in str(e).lower())
+
+
+class TritonBackend:
+    """A Backend whose run() is an inference request to ``model`` on the server of ``conn``."""
+
+    device_input = False
+    on_gpu = False  # what runs here is decoding and preprocessing: the host's cores are theirs
+
+    def __init__(self, conn: Connection, target: TritonTarget, model: str, local: Manifest | None) -> None:
+        self.conn, self.target, self.model = conn, target, model
+        where = f"Triton at {conn.url}, model {model}"
+        if not conn.ready(model):
+            raise TritonUnavailable(f"{where}: not ready (not in its repository, or still loading)")
+        config, meta = conn.config(model), conn.metadata(model)
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        served = Served.from_parameters(params, where)
+        if local is not None:
+            diffs = served.differences(local)
+            if diffs:
+                raise ModelError(f"{where} is not the local model {local.name}: " + "; ".join(diffs))
+        inputs = {i["name"]: [int(d) for d in i["shape"]] for i in meta.get("inputs", [])}
+        if config.get("max_batch_size", 0) and len(next(iter(inputs.values()), [])) == 4:
+            inputs = {k: [-1, *v] for k, v in inputs.items()}  # a repository's config states dims without the batch
+        served.manifest.check_model(where, inputs, [o["name"] for o in meta.get("outputs", [])], None)
+        self.served, self.manifest = served, served.manifest
+        self.version = str(max(meta.get("versions") or ["1"], key=lambda v: int(v) if v.isdigit() else 0))
+        self.precision, self.band = served.precision, served.band
+        self.name = f"triton-{served.precision} ({model} v{self.version} at {conn.url})"
+        self.model_file, self.file_sha256 = served.model_file, served.file_sha256
+        max_batch = int(config.get("max_batch_size") or 1)
+        self.max_batch = max_batch
+        self.preferred_batch = min(8, max_batch)  # one request per batch: the server batches across clients too
+
+    def run(self, fields: np.ndarray) -> dict[str, np.ndarray]:
+        """The outputs for ``fields``, retried while the server is full or unreachable; TritonUnavailable after the
+        last try, naming the server, the model and what it said."""
+        fields = np.ascontiguousarray(fields, np.float32)
+        outputs = tuple(self.manifest.output_names)
+        delay, tries = 0.25, self.target.retries + 1
+        for attempt in range(1, tries + 1):
+            try:
+                got, version = self.conn.infer(self.model, self.manifest.input_name, fields, outputs)
+            except Exception as e:  # tritonclient's, gevent's and grpc's own types
+                if attempt == tries or not retryable(e):
+                    raise TritonUnavailable(f"Triton at {self.conn.url}, model {self.model}: {describe(e)}"
+                                            f"{f' (after {attempt} tries)' if attempt > 1 else ''}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+                continue
+            if version != self.version:  # a new version was loaded meanwhile: not the model that was checked
+                raise TritonUnavailable(f"Triton at {self.conn.url}, model {self.model}: answered with version "
+                                        f"{version}, not the version {self.version} checked at start")
+            return got
+        raise AssertionError("unreachable")
+
+    def reference(self) -> tuple[Callable[[], Backend], str]:
+        """(how to open, what it is): the FP32 model on the same server that re-checks this precision's in-band
+        fields, checked to be the same model at FP32."""
+        model = self.served.recheck_model
+
+        def open_reference() -> Backend:
+            if not model:
+                raise TritonUnavailable(f"Triton at {self.conn.url}, model {self.model}: {self.precision} with no FP32 "
+                                        "model named for its re-checks (breakhis_recheck_model)")
+            ref = TritonBackend(Connection(self.target), self.target, model, self.manifest)
+            if ref.precision != "fp32":
+                raise TritonUnavailable(f"Triton at {self.conn.url}: {model}, named for re-checks, runs {ref.precision}")
+            return ref
+
+        return open_reference, f"{model or 'no FP32 model'} on the same Triton server, opened on first need"
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_triton(target: TritonTarget, precision: str, local: Manifest | None) -> tuple[TritonBackend, list[str]]:
+    """(backend, notes): ``target.model``, else the precision's model (auto: the first of AUTO_ORDER the server has
+    ready); ModelError where the server's model is not the local one."""
+    conn = Connection(target)
+    try:
+        if not conn.call("liveness", lambda: conn.client.is_server_live(headers=conn.headers)):
+            raise TritonUnavailable(f"Triton at {conn.url}: not live")
+        if target.model is not None:
+            return TritonBackend(conn, target, target.model, local), []
+        wanted = AUTO_ORDER if precision == "auto" else (precision,)
+        for p in wanted:
+            name = served_name(DEFAULT_NAME, p)
+            if conn.ready(name):
+                notes = [f"precision auto chose {p}: the first of {', '.join(AUTO_ORDER)} this server has ready"] \
+                    if precision == "auto" else []
+                return TritonBackend(conn, target, name, local), notes
+        raise TritonUnavailable(f"Triton at {conn.url}: no model {' or '.join(served_name(DEFAULT_NAME, p) for p in wanted)}"
+                                " ready (name another with --triton-model)")
+    except BaseException:
+        conn.close()
+        raise
