@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 is the CPU build (a plain "torch" would pull a multi-GB CUDA build).
-.venv/bin/python -m pip install -q -e '.[export,serve,openvino,openslide,cluster,dicom,dev]'
+.venv/bin/python -m pip install -q -e '.[export,serve,openvino,openslide,cluster,dicom,triton,dev]'
 # Test-only references installed without their dependency pins: patchify's metadata caps numpy < 2 (its code runs
 # on numpy 2), and tensorrt-stubs would pull the real TensorRT wheel, which fetches from another index.
 .venv/bin/python -m pip install -q --no-deps patchify==0.2.3 tensorrt-stubs==10.13.0.35.1
@@ -22,5 +22,14 @@ if [ -f "$(.venv/bin/python -c 'from runtime.model.paths import trained_weights;
 else
   echo "note: the shared trained model was not found: the untrained reference model is the default" >&2
   usable models/reference || .venv/bin/python -m export reference -o models/reference
+fi
+# python -m runtime.triton_server runs in its own environment: PyTriton 0.7.0 (Triton inside) pins numpy<2. The
+# runtime's code comes from this checkout (the command moves itself there); skipped with a note where it cannot be
+# installed (BREAKHIS_NO_TRITON=1 skips it on purpose).
+if [ -z "${BREAKHIS_NO_TRITON:-}" ] && ! .venv-triton/bin/python -c 'import pytriton, onnxruntime' 2>/dev/null; then
+  { { [ -x .venv-triton/bin/python ] || "$PY" -m venv .venv-triton; } &&
+    .venv-triton/bin/python -m pip install -q 'nvidia-pytriton==0.7.0' onnxruntime openvino; } ||
+    echo "note: PyTriton could not be installed in .venv-triton: python -m runtime.triton_server and its tests" \
+         "will say so" >&2
 fi
 echo "ready: .venv/bin/python -m runtime.classify IMAGE..." >&2

@@ -23,6 +23,7 @@ EPILOG = """examples:
   python -m export int8 -m models/reference --calib-images DIR       # Q/DQ ONNX, kept only if it passes the gate
   python -m export bf16 -m models/breakhis-v1      # the CPU's BF16 tier (OpenVINO), on a CPU with native BF16
   python -m export trt -m models/reference --precision fp16          # on the Jetson / GPU box itself
+  python -m export triton -m models/breakhis-v1 -o triton-repo       # for a stock tritonserver
   python -m export verify -m models/reference --images DIR --backend tensorrt --precision fp16
   python -m export verify -m models/reference --images DIR --backend cpu --precision fp16   # FP16 ONNX on the CPU
 """
@@ -107,6 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     trt.add_argument("--calib-images", type=Path, default=None, help="INT8 on TensorRT 10: calibration images")
     trt.add_argument("--calib-count", type=int, default=64,
                      help="INT8 on TensorRT 10: the first N images calibrate (default 64)")
+    tri = sub.add_parser("triton", help="a model repository for a stock Triton Inference Server (config.pbtxt + "
+                         "model file per gated variant, checked with Triton's own config schema)")
+    tri.add_argument("-m", "--model", type=Path, default=None,
+                     help="model directory (default: the trained model where setup.sh exported it, else the reference)")
+    tri.add_argument("-o", "--out", type=Path, required=True, help="repository folder to write (new, or empty)")
+    tri.add_argument("--max-batch", type=int, default=8, help="largest batch Triton forms, in fields (default 8)")
+    tri.add_argument("--max-queue", type=int, default=32,
+                     help="requests allowed to wait; beyond, Triton rejects with 503/UNAVAILABLE (default 32)")
+    tri.add_argument("--max-queue-delay-us", type=int, default=2000,
+                     help="how long Triton waits to fill a batch, microseconds (default 2000)")
+    tri.add_argument("--instances", type=int, default=1, help="model instances per device (default 1)")
+    tri.add_argument("--kind", choices=["gpu", "cpu"], default="gpu",
+                     help="where the ONNX models' instances run (default gpu; TensorRT plans always on the GPU)")
     ver = sub.add_parser("verify", help="fidelity of a backend/engine vs the FP32 ONNX Runtime CPU reference")
     ver.add_argument("-m", "--model", type=Path, default=None,
                     help="model directory (default: the trained model where setup.sh exported it, else the reference)")
@@ -134,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         return _int8(args)
     if args.cmd == "bf16":
         return _bf16(args)
+    if args.cmd == "triton":
+        return _triton(args)
 
     # Heavy imports after argument parsing so that --help is instant.
     from export import cache
@@ -354,6 +370,25 @@ def _state_sha256(model, torch) -> str:
         h.update(k.encode())
         h.update(v.detach().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+
+def _triton(args: argparse.Namespace) -> int:
+    from export.triton_repo import Serving, write_repository
+    from runtime.errors import BreakhisError, report
+    from runtime.model.model_dir import ModelDir
+
+    serving = Serving(args.max_batch, args.max_queue, args.max_queue_delay_us, args.instances, f"KIND_{args.kind.upper()}")
+    try:
+        names = write_repository(ModelDir.open(args.model), args.out, serving)
+    except BreakhisError as e:
+        return report(e)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {', '.join(names)} (tritonserver --model-repository {args.out}; clients: "
+          f"--triton-url http://HOST:8000)", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -104,7 +104,10 @@ class FieldScheduler:
         t_pre = time.perf_counter() - t0
         if slots == 1:  # in series: nothing to overlap with
             done: Future = Future()
-            done.set_result(self._timed_run(n, slot))
+            try:
+                done.set_result(self._timed_run(n, slot))
+            except Exception as e:  # collected below as the batch's failure, as from the runner thread
+                done.set_exception(e)
         else:
             done = runner.submit(self._timed_run, n, slot)
         flight.append(_Batch(owners, n, t_pre, done))

@@ -1,0 +1,248 @@
+"""The model on a real Triton Inference Server (PyTriton, in .venv-triton) on 127.0.0.1, and --backend triton against
+it over HTTP and gRPC: the local backend's probabilities, batching across concurrent clients in Triton's own
+statistics, a full queue as a clear per-item error and then success with retries, a server stopped mid-run (every
+item answered once), a model that is not the local one refused; and the repository for a stock tritonserver,
+checked with Triton's own config schema."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.model.manifest import Contract, ModelError, sha256_file
+from runtime.model.model_dir import ModelDir
+from runtime.model.precisions import PRECISIONS
+from tests.conftest import REPO, run_module
+
+TRITON_PYTHON = REPO / ".venv-triton" / "bin" / "python"
+tritonclient = pytest.importorskip("tritonclient.http", reason="tritonclient not installed (setup.sh: the triton extra)")
+
+
+def _pytriton_missing() -> str | None:
+    if not TRITON_PYTHON.is_file():
+        return f"{TRITON_PYTHON.parent.parent} does not exist (setup.sh makes it; BREAKHIS_NO_TRITON skips it)"
+    proc = subprocess.run([str(TRITON_PYTHON), "-c", "import pytriton"], capture_output=True, text=True)
+    return None if proc.returncode == 0 else f"PyTriton does not import in .venv-triton: {proc.stderr[-300:]}"
+
+
+def _ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Server:
+    """``python -m runtime.triton_server`` on free loopback ports, as a user starts it (from the project's .venv)."""
+
+    def __init__(self, model_dir: Path, tmp: Path, *extra: str) -> None:
+        why = _pytriton_missing()
+        if why:
+            pytest.skip(why)
+        self.http, self.grpc, metrics = _ports(3)
+        self.token = "statistics-token-0123456789"
+        (tmp / "token").write_text(self.token)
+        self.log = tmp / "server.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.triton_server", "--model", str(model_dir), "--backend", "cpu",
+             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(metrics),
+             "--access-token-file", str(tmp / "token"), *extra],
+            cwd=REPO, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.http}"
+        client = tritonclient.InferenceServerClient(f"127.0.0.1:{self.http}")
+        for _ in range(240):
+            try:
+                if client.is_model_ready("breakhis_fp32"):
+                    break
+            except Exception:  # not listening yet
+                pass
+            if self.proc.poll() is not None:
+                pytest.fail(f"triton_server exited {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+            time.sleep(0.25)
+        else:
+            self.stop()
+            pytest.fail(f"Triton not ready in 60 s: {self.log.read_text()[-3000:]}")
+        self.workspace = Path(client.get_model_config("breakhis_fp32")["parameters"]["workspace-path"]["string_value"])
+        self.shm_prefix = f"pytrtion{self.proc.pid}"
+
+    def stats(self, model: str) -> dict:
+        client = tritonclient.InferenceServerClient(f"127.0.0.1:{self.http}")
+        return client.get_inference_statistics(model, headers={"triton-access-token": self.token})
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+    def left_behind(self) -> list[str]:
+        """What a stopped server left: its process group's Triton, shared memory, workspace."""
+        left = [f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith(self.shm_prefix)]
+        return left + ([str(self.workspace)] if self.workspace.exists() else [])
+
+
+@pytest.fixture(scope="module")
+def served(model_dir, tmp_path_factory):
+    """The narrow reference model: FP16 on ONNX Runtime CPU as breakhis_fp16, FP32 beside it; batches of up to 4
+    formed within 100 ms, at most 2 requests waiting."""
+    server = Server(model_dir, tmp_path_factory.mktemp("triton"), "--precision", "fp16", "--max-batch", "4",
+                    "--max-queue", "2", "--max-queue-delay-us", "100000")
+    yield server
+    assert server.stop() == 0, server.log.read_text()[-2000:]
+    assert server.left_behind() == []
+    assert "Traceback" not in server.log.read_text()
+
+
+def _classifier(model_dir, url, **kw):
+    from runtime.backends.triton import TritonTarget
+    from runtime.pipeline.classifier import Classifier
+
+    target = TritonTarget(url, kw.pop("model", None), retries=kw.pop("retries", 4))
+    return Classifier(model_dir, backend="triton", triton=target, **kw)
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_triton_gives_the_local_backends_probabilities(served, model_dir, images_100x, scheme):
+    from runtime.pipeline.classifier import Classifier
+
+    url = served.url if scheme == "http" else f"grpc://127.0.0.1:{served.grpc}"
+    images = images_100x[:8]
+    with Classifier(model_dir, backend="cpu", precision="fp32") as local:
+        want = np.array([r.probability for r in local.classify(images)])
+    tol = PRECISIONS["fp32"].tolerance
+    with _classifier(model_dir, url, precision="fp32") as remote:
+        got = remote.classify(images)
+        assert remote.backend.precision == "fp32" and remote.recheck is None
+    assert all(r.error is None for r in got), [r.error for r in got]
+    p = np.array([r.probability for r in got])
+    assert np.all(np.abs(p - want) <= tol.probability + tol.rtol * np.abs(want)), np.abs(p - want).max()
+    assert f"breakhis_fp32 v1 at {url}" in got[0].model.backend  # every result names server, model and version
+    with _classifier(None, url) as auto:  # no local model: the contract is the server's; auto takes its FP16
+        fast = auto.classify(images)
+        assert auto.backend.precision == "fp16" and auto.manifest.contract == ModelDir.open(model_dir).contract
+    assert [r.label for r in fast] == [r.label for r in got]  # FP32's labels: in-band fields re-checked on the server
+
+
+def test_concurrent_clients_are_batched_by_triton(served, model_dir, images_100x):
+    def batches() -> dict[int, int]:  # Triton's own statistics: runs per batch size
+        stats = served.stats("breakhis_fp32")["model_stats"][0]["batch_stats"]
+        return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats}
+
+    before = batches()
+    start = threading.Barrier(4)
+    results: list = []
+
+    def client(i: int) -> None:
+        with _classifier(model_dir, served.url, precision="fp32") as clf:
+            start.wait()
+            results.extend(clf.classify([images_100x[i]]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and all(r.error is None for r in results), [r.error for r in results]
+    after = batches()  # Triton ran fields of several clients together: a run of more than 1 field since before
+    assert any(size > 1 and n > before.get(size, 0) for size, n in after.items()), (before, after)
+
+
+def test_a_full_queue_is_a_clear_per_item_error_and_retries_get_through(served, model_dir, images_100x):
+    def burst(retries: int) -> list:
+        start, out = threading.Barrier(8), []
+
+        def client(i: int) -> None:
+            with _classifier(model_dir, served.url, precision="fp32", retries=retries) as clf:
+                start.wait()
+                out.extend(clf.classify([images_100x[i]]))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    refused = burst(0)
+    assert len(refused) == 8
+    errors = [r.error for r in refused if r.error]
+    assert errors, "8 clients at once against a queue of 2: some must be refused"
+    assert all("Exceeds maximum queue size" in e and "breakhis_fp32" in e and served.url in e for e in errors), errors
+    assert all(r.label in ("Benign", "Malignant") for r in refused if not r.error)  # the others are answered
+    retried = burst(6)
+    assert [r.error for r in retried] == [None] * 8
+
+
+def test_a_server_stopped_mid_run_answers_every_item_once(model_dir, images_100x, tmp_path):
+    server = Server(model_dir, tmp_path, "--precision", "fp32")
+    images = images_100x[:12]
+    out = []
+    with _classifier(model_dir, server.url, retries=1, batch_size=1) as clf:
+        for r in clf.classify_iter(images):
+            out.append(r)
+            if len(out) == 3:
+                assert server.stop() == 0
+    assert [r.path for r in out] == [str(p) for p in images]  # each once, in order
+    assert all((r.error is None) != (r.label is None) for r in out)
+    assert all(r.label for r in out[:3]) and out[-1].error and "Triton at" in out[-1].error
+    assert server.left_behind() == []
+
+
+def test_a_server_with_another_model_is_refused(served, trained_dir):
+    with pytest.raises(ModelError, match=r"is not the local model breakhis-scratch-v1: .*weights sha256"):
+        _classifier(trained_dir, served.url, precision="fp32")
+    proc = run_module("runtime.classify", "--triton-url", served.url, "--model", str(trained_dir), "x.png")
+    assert proc.returncode != 0 and "weights sha256" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_module("runtime.classify", "--triton-url", "http://127.0.0.1:9", "x.png")  # nothing listens there
+    assert proc.returncode != 0 and "Triton at http://127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_repository_for_a_stock_tritonserver(model_dir, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    repo = tmp_path / "repo"
+    run_module("export", "triton", "-m", str(model_dir), "-o", str(repo), "--max-queue", "16", check=True)
+    model = ModelDir.open(model_dir)
+    assert sorted(p.name for p in repo.iterdir()) == ["breakhis_fp16", "breakhis_fp32"]
+    for precision in ("fp32", "fp16"):
+        folder = repo / f"breakhis_{precision}"
+        c = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert c.platform == "onnxruntime_onnx" and c.max_batch_size == 8
+        assert list(c.input[0].dims) == [6, 3, 224, 224] and [o.name for o in c.output] == ["logit", "probability"]
+        assert c.dynamic_batching.default_queue_policy.max_queue_size == 16
+        assert c.dynamic_batching.default_queue_policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+        assert list(c.dynamic_batching.preferred_batch_size) == [1, 2, 4, 8] and c.instance_group[0].count == 1
+        params = {k: v.string_value for k, v in c.parameters.items()}
+        file = model.variant(precision).file
+        assert sha256_file(folder / "1" / "model.onnx") == model.manifest.files[file] == params["breakhis_file_sha256"]
+        assert Contract.from_dict(json.loads(params["breakhis_manifest"])["contract"]) == model.manifest.contract
+        accelerators = c.optimization.execution_accelerators.gpu_execution_accelerator
+        assert [dict(a.parameters) for a in accelerators] == ([{"precision_mode": "FP16"}] if precision == "fp16"
+                                                              else [])  # FP32 stays FP32
+    assert params["breakhis_recheck_model"] == "breakhis_fp32" and float(params["breakhis_band"]) == 0.01
+    proc = run_module("export", "triton", "-m", str(model_dir), "-o", str(repo))  # written whole, never over
+    assert proc.returncode != 0 and "not empty" in proc.stderr
+
+
+def test_a_changed_model_file_writes_no_repository(model_dir, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "model"
+    shutil.copytree(model_dir, damaged)
+    with open(damaged / "model.fp16.onnx", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\x00" * 8)
+    proc = run_module("export", "triton", "-m", str(damaged), "-o", str(tmp_path / "repo"))
+    assert proc.returncode != 0 and "sha256" in proc.stderr
+    assert not (tmp_path / "repo").exists() and not list(tmp_path.glob(".repo.*"))
