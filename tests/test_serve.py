@@ -29,11 +29,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir, *extra: str, scheme: str = "http", context=None) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir, *extra: str, scheme: str = "http", context=None,
+                 backend: str = "cpu") -> tuple[subprocess.Popen, str]:
     """``python -m runtime.serve`` on a free loopback port, once /healthz answers (over ``context`` for HTTPS)."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(model_dir), "--port", str(port),
-                             "--backend", "cpu", *extra], cwd=REPO,
+                             "--backend", backend, *extra], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"{scheme}://127.0.0.1:{port}"
     for _ in range(120):

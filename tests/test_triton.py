@@ -74,7 +74,8 @@ class Server:
         else:
             self.stop()
             pytest.fail(f"Triton not ready in 60 s: {self.log.read_text()[-3000:]}")
-        self.workspace = Path(client.get_model_config("breakhis_fp32")["parameters"]["workspace-path"]["string_value"])
+        config = client.get_model_config("breakhis_fp32", headers={"triton-access-token": self.token})
+        self.workspace = Path(config["parameters"]["workspace-path"]["string_value"])
         self.shm_prefix = f"pytrtion{self.proc.pid}"
 
     def stats(self, model: str) -> dict:
@@ -184,10 +185,16 @@ def test_a_full_queue_is_a_clear_per_item_error_and_retries_get_through(served, 
 
 
 def test_a_server_stopped_mid_run_answers_every_item_once(model_dir, images_100x, tmp_path):
-    server = Server(model_dir, tmp_path, "--precision", "fp32")
+    from runtime.backends.triton import TritonTarget, TritonUnavailable
+    from runtime.pipeline.classifier import Classifier
+
+    server = Server(model_dir, tmp_path, "--precision", "fp32", "--restrict-inference")
+    with pytest.raises(TritonUnavailable, match="triton-access-token"):  # inference needs the token too
+        _classifier(model_dir, server.url)
     images = images_100x[:12]
     out = []
-    with _classifier(model_dir, server.url, retries=1, batch_size=1) as clf:
+    target = TritonTarget(server.url, headers=(("triton-access-token", server.token),), retries=1)
+    with Classifier(model_dir, backend="triton", triton=target, batch_size=1) as clf:
         for r in clf.classify_iter(images):
             out.append(r)
             if len(out) == 3:
@@ -246,3 +253,17 @@ def test_a_changed_model_file_writes_no_repository(model_dir, tmp_path):
     proc = run_module("export", "triton", "-m", str(damaged), "-o", str(tmp_path / "repo"))
     assert proc.returncode != 0 and "sha256" in proc.stderr
     assert not (tmp_path / "repo").exists() and not list(tmp_path.glob(".repo.*"))
+
+
+def test_our_server_classifies_through_triton(served, model_dir, images_100x):
+    """runtime.serve's worker thread sends the fields (the HTTP client is made per thread: gevent's rule)."""
+    from tests.test_serve import post, start_server
+
+    proc, url = start_server(model_dir, "--triton-url", served.url, "--precision", "fp32", backend="triton")
+    try:
+        status, out = post(url, images_100x[0].read_bytes())
+        assert status == 200 and out["label"] in ("Benign", "Malignant"), out
+        assert out["model"]["backend"].startswith("triton-fp32 (breakhis_fp32 v1 at http://127.0.0.1:")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

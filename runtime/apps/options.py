@@ -78,6 +78,8 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
 def classifier_options(args: argparse.Namespace) -> dict[str, Any]:
     """The Classifier's keyword arguments the options describe (a cohort's Ray actors get them too)."""
     triton = None
+    if args.triton_url and args.backend not in ("auto", "triton"):
+        raise SystemExit(f"error: --triton-url sends the fields to Triton: it does not go with --backend {args.backend}")
     if args.triton_url:
         from runtime.backends.triton import TritonTarget
 

@@ -11,7 +11,8 @@ export triton` writes for a stock tritonserver, so one client (--backend triton)
 PyTriton 0.7.0 pins numpy<2: it runs in its own environment, .venv-triton, which setup.sh makes (run from the
 project's .venv, this command moves itself there). Triton's inference API has no authentication of its own: keep it
 on 127.0.0.1 (the default) or behind a reverse proxy that checks tokens (docs/deploy.md); PyTriton guards its
-model-repository, statistics, trace and logging APIs with an access token (--access-token-file, else a random one).
+model-repository, statistics, trace and logging APIs with an access token (--access-token-file, else a random one),
+and with --restrict-inference its inference, metadata and model-config APIs too.
 SIGTERM or Ctrl-C stops Triton cleanly: its shared memory and workspace are removed.
 """
 from __future__ import annotations
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--access-token-file", type=Path, default=None,
                     help="the token for Triton's repository, statistics, trace and logging APIs (clients send it as "
                          "'triton-access-token'); default: a random one, printed at start")
+    ap.add_argument("--restrict-inference", action="store_true",
+                    help="the token is needed for inference, metadata and model config too (clients: --triton-header "
+                         "triton-access-token=TOKEN over HTTP, triton-grpc-protocol-triton-access-token=TOKEN over "
+                         "gRPC): a shared secret, in clear text unless TLS is in front (docs/deploy.md)")
     args = ap.parse_args(argv)
     try:
         pytriton_or_move()
@@ -168,7 +173,10 @@ def serve(args: argparse.Namespace, token: str | None) -> int:
         config = TritonConfig(http_address=args.host, http_port=args.http_port, grpc_address=args.host,
                               grpc_port=args.grpc_port, metrics_address=args.host, metrics_port=args.metrics_port,
                               exit_timeout_secs=10)
-        security = TritonSecurityConfig(access_token=token)
+        restricted = ["shared-memory", "model-repository", "statistics", "trace", "logging"]
+        if args.restrict_inference:
+            restricted += ["inference", "metadata", "model-config"]
+        security = TritonSecurityConfig(access_token=token, restricted_endpoints=restricted)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

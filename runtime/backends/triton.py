@@ -8,6 +8,7 @@ try; then that batch's images get the error (the scheduler's rule), every other 
 inference API has no authentication of its own: headers for a gateway in front of it come from --triton-header."""
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +43,9 @@ class TritonTarget:
 
 
 class Connection:
-    """One tritonclient client, HTTP or gRPC, behind the few calls the backend makes."""
+    """tritonclient's client, HTTP or gRPC, behind the few calls the backend makes: one per thread that calls (the
+    HTTP client runs on gevent, whose connections belong to the thread that made them; the server's worker thread
+    classifies for the thread that opened the model)."""
 
     def __init__(self, target: TritonTarget) -> None:
         parts = urlsplit(target.url)
@@ -55,14 +58,25 @@ class Connection:
         try:
             if self.protocol == "http":
                 import tritonclient.http as client
-                self.client: Any = client.InferenceServerClient(parts.netloc, ssl=tls, connection_timeout=self.timeout,
-                                                                network_timeout=self.timeout)
             else:
                 import tritonclient.grpc as client  # type: ignore[no-redef]
-                self.client = client.InferenceServerClient(parts.netloc, ssl=tls)
         except ImportError as e:
             raise TritonUnavailable(f"the Triton client is not installed ({e}): pip install -e '.[triton]'") from None
         self.module = client
+        options = {"connection_timeout": self.timeout, "network_timeout": self.timeout} if self.protocol == "http" \
+            else {}
+        self._make = lambda: client.InferenceServerClient(parts.netloc, ssl=tls, **options)
+        self._local = threading.local()
+        self._clients: list[Any] = []
+
+    @property
+    def client(self) -> Any:
+        """This thread's client, made on its first call."""
+        made = getattr(self._local, "client", None)
+        if made is None:
+            made = self._local.client = self._make()
+            self._clients.append(made)
+        return made
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
         """``fn()``; a connection failure or a Triton error becomes TritonUnavailable naming the server."""
@@ -98,7 +112,12 @@ class Connection:
         return {o: np.asarray(r.as_numpy(o), np.float32).reshape(-1) for o in outputs}, str(version)
 
     def close(self) -> None:
-        self.client.close()
+        for client in self._clients:
+            try:
+                client.close()
+            except Exception:  # a gevent client closed from another thread than its own: dropped with the process
+                pass
+        self._clients.clear()
 
 
 def describe(e: BaseException) -> str:
