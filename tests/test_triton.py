@@ -267,3 +267,18 @@ def test_our_server_classifies_through_triton(served, model_dir, images_100x):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_server_says_why_it_cannot_start(tmp_path):
+    proc = run_module("runtime.triton_server", env={"BREAKHIS_TRITON_VENV": str(tmp_path / "none")})
+    assert proc.returncode == 2 and "PyTriton is not installed here" in proc.stderr and "setup.sh" in proc.stderr
+    if _pytriton_missing():
+        pytest.skip(_pytriton_missing())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_module("runtime.triton_server", "--http-port", str(port))
+    # refused by our check before Triton starts (PyTriton would wait out its start timeout and say little)
+    assert proc.returncode != 0 and f"http port 127.0.0.1:{port} cannot be used" in proc.stderr
+    assert "Traceback" not in proc.stderr

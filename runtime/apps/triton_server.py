@@ -35,7 +35,8 @@ from runtime.model.precisions import CHOICES
 from runtime.model.served import DEFAULT_NAME, Served, served_name
 
 REPO = Path(__file__).resolve().parents[2]
-TRITON_VENV = REPO / ".venv-triton"  # made by setup.sh: nvidia-pytriton with numpy<2, onnxruntime, openvino
+# made by setup.sh: nvidia-pytriton with numpy<2, onnxruntime, openvino ($BREAKHIS_TRITON_VENV: another one)
+TRITON_VENV = Path(os.environ.get("BREAKHIS_TRITON_VENV") or REPO / ".venv-triton")
 PYTRITON = "nvidia-pytriton==0.7.0"
 
 
