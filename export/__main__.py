@@ -378,7 +378,8 @@ def _triton(args: argparse.Namespace) -> int:
     from runtime.errors import BreakhisError, report
     from runtime.model.model_dir import ModelDir
 
-    serving = Serving(args.max_batch, args.max_queue, args.max_queue_delay_us, args.instances, f"KIND_{args.kind.upper()}")
+    serving = Serving(args.max_batch, args.max_queue, args.max_queue_delay_us, args.instances,
+                      f"KIND_{args.kind.upper()}")
     try:
         names = write_repository(ModelDir.open(args.model), args.out, serving)
     except BreakhisError as e:

@@ -73,7 +73,8 @@ def check_config(text: str, name: str) -> None:
         parsed = text_format.Parse(text, mc.ModelConfig())
     except text_format.ParseError as e:
         raise ModelError(f"{name}/config.pbtxt does not parse with Triton's model config schema: {e}") from None
-    if parsed.name != name or parsed.max_batch_size < 1 or not parsed.dynamic_batching.default_queue_policy.max_queue_size:
+    queue = parsed.dynamic_batching.default_queue_policy
+    if parsed.name != name or parsed.max_batch_size < 1 or not queue.max_queue_size:
         raise ModelError(f"{name}/config.pbtxt: name, batching or queue bound lost in writing")
 
 

@@ -24,7 +24,8 @@ from runtime.model.precisions import PRECISIONS
 from tests.conftest import REPO, run_module
 
 TRITON_PYTHON = REPO / ".venv-triton" / "bin" / "python"
-tritonclient = pytest.importorskip("tritonclient.http", reason="tritonclient not installed (setup.sh: the triton extra)")
+tritonclient = pytest.importorskip("tritonclient.http",
+                                   reason="tritonclient not installed (setup.sh installs the triton extra)")
 
 
 def _pytriton_missing() -> str | None:
@@ -112,6 +113,23 @@ def _classifier(model_dir, url, **kw):
     return Classifier(model_dir, backend="triton", triton=target, **kw)
 
 
+def _at_once(n: int, model_dir, url: str, images: list, **kw) -> list:
+    """n clients, each with its own Classifier on ``url`` at FP32, sending one image each at the same moment."""
+    start, out = threading.Barrier(n), []
+
+    def client(i: int) -> None:
+        with _classifier(model_dir, url, precision="fp32", **kw) as clf:
+            start.wait()
+            out.extend(clf.classify([images[i]]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
 def test_triton_gives_the_local_backends_probabilities(served, model_dir, images_100x, scheme):
     from runtime.pipeline.classifier import Classifier
@@ -140,47 +158,20 @@ def test_concurrent_clients_are_batched_by_triton(served, model_dir, images_100x
         return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats}
 
     before = batches()
-    start = threading.Barrier(4)
-    results: list = []
-
-    def client(i: int) -> None:
-        with _classifier(model_dir, served.url, precision="fp32") as clf:
-            start.wait()
-            results.extend(clf.classify([images_100x[i]]))
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = _at_once(4, model_dir, served.url, images_100x)
     assert len(results) == 4 and all(r.error is None for r in results), [r.error for r in results]
     after = batches()  # Triton ran fields of several clients together: a run of more than 1 field since before
     assert any(size > 1 and n > before.get(size, 0) for size, n in after.items()), (before, after)
 
 
 def test_a_full_queue_is_a_clear_per_item_error_and_retries_get_through(served, model_dir, images_100x):
-    def burst(retries: int) -> list:
-        start, out = threading.Barrier(8), []
-
-        def client(i: int) -> None:
-            with _classifier(model_dir, served.url, precision="fp32", retries=retries) as clf:
-                start.wait()
-                out.extend(clf.classify([images_100x[i]]))
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return out
-
-    refused = burst(0)
+    refused = _at_once(8, model_dir, served.url, images_100x, retries=0)
     assert len(refused) == 8
     errors = [r.error for r in refused if r.error]
     assert errors, "8 clients at once against a queue of 2: some must be refused"
     assert all("Exceeds maximum queue size" in e and "breakhis_fp32" in e and served.url in e for e in errors), errors
     assert all(r.label in ("Benign", "Malignant") for r in refused if not r.error)  # the others are answered
-    retried = burst(6)
+    retried = _at_once(8, model_dir, served.url, images_100x, retries=6)
     assert [r.error for r in retried] == [None] * 8
 
 

@@ -59,7 +59,8 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
                    help=f"refuse larger images from their header (default: {max_pixels:,})")
     t = ap.add_argument_group("Triton Inference Server (--backend triton; docs/deploy.md)")
     t.add_argument("--triton-url", default=None, metavar="URL",
-                   help="the server the fields go to: http://HOST:PORT, grpc://HOST:PORT (https://, grpcs:// with TLS); "
+                   help="the server the fields go to: http://HOST:PORT, grpc://HOST:PORT (https://, grpcs:// with "
+                        "TLS); "
                         "implies --backend triton. Decoding and preprocessing stay here; --model, where given, must "
                         "be the model the server runs (without it the contract is taken from the server)")
     t.add_argument("--triton-model", default=None, metavar="NAME",
@@ -79,7 +80,8 @@ def classifier_options(args: argparse.Namespace) -> dict[str, Any]:
     """The Classifier's keyword arguments the options describe (a cohort's Ray actors get them too)."""
     triton = None
     if args.triton_url and args.backend not in ("auto", "triton"):
-        raise SystemExit(f"error: --triton-url sends the fields to Triton: it does not go with --backend {args.backend}")
+        raise SystemExit(f"error: --triton-url sends the fields to Triton: it does not go with --backend "
+                         f"{args.backend}")
     if args.triton_url:
         from runtime.backends.triton import TritonTarget
 

@@ -197,7 +197,8 @@ class TritonBackend:
                                         "model named for its re-checks (breakhis_recheck_model)")
             ref = TritonBackend(Connection(self.target), self.target, model, self.manifest)
             if ref.precision != "fp32":
-                raise TritonUnavailable(f"Triton at {self.conn.url}: {model}, named for re-checks, runs {ref.precision}")
+                raise TritonUnavailable(f"Triton at {self.conn.url}: {model}, named for re-checks, runs "
+                                        f"{ref.precision}")
             return ref
 
         return open_reference, f"{model or 'no FP32 model'} on the same Triton server, opened on first need"
@@ -222,8 +223,8 @@ def open_triton(target: TritonTarget, precision: str, local: Manifest | None) ->
                 notes = [f"precision auto chose {p}: the first of {', '.join(AUTO_ORDER)} this server has ready"] \
                     if precision == "auto" else []
                 return TritonBackend(conn, target, name, local), notes
-        raise TritonUnavailable(f"Triton at {conn.url}: no model {' or '.join(served_name(DEFAULT_NAME, p) for p in wanted)}"
-                                " ready (name another with --triton-model)")
+        names = " or ".join(served_name(DEFAULT_NAME, p) for p in wanted)
+        raise TritonUnavailable(f"Triton at {conn.url}: no model {names} ready (name another with --triton-model)")
     except BaseException:
         conn.close()
         raise

@@ -127,7 +127,8 @@ class Manifest:
     output_names: tuple[str, ...] = ("logit", "probability")
     variants: dict[str, Variant] = field(default_factory=dict)  # precision -> passing variant; nothing else listed
 
-    def check_model(self, path: Path | str, inputs: dict[str, list], outputs: list[str], stored_contract: str | None) -> None:
+    def check_model(self, path: Path | str, inputs: dict[str, list], outputs: list[str],
+                    stored_contract: str | None) -> None:
         """Refuse a model file whose inputs, outputs or embedded contract (JSON, where the file carries one) do not
         fit this manifest; any runtime's view of the file: input name -> shape (batch first), output names."""
         c = self.contract
