@@ -293,10 +293,12 @@ def test_one_precision_table_drives_the_choices_the_refusals_and_the_build_plans
     assert "{" + ",".join(CHOICES) + "}" in run_module("runtime.classify", "--help").stdout.replace("\n", "")
     assert ENGINE_PRECISIONS == ("fp32", "fp16", "int8")  # bf16 is OpenVINO's alone
     model = ModelDir.open(model_dir)
-    for row in PRECISIONS.values():
-        for name in set(BACKENDS) - {"auto", *row.backends}:
+    for row in PRECISIONS.values():  # triton runs what its server serves (runtime/backends/triton.py)
+        for name in set(BACKENDS) - {"auto", "triton", *row.backends}:
             with pytest.raises(BackendUnavailable, match=f"backend {name} has no {row.name} tier: it runs"):
                 open_backend(name, model, precision=row.name)
+    with pytest.raises(BackendUnavailable, match="backend triton needs a server: --triton-url"):
+        open_backend("triton", model)
 
 
 def test_with_two_slots_the_next_batch_is_staged_while_the_current_one_runs(model_dir, images_100x):
