@@ -60,8 +60,15 @@ class Server:
             [sys.executable, "-m", "runtime.triton_server", "--model", str(model_dir), "--backend", "cpu",
              "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(metrics),
              "--access-token-file", str(tmp / "token"), *extra],
-            cwd=REPO, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+            cwd=REPO, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.http}"
+        try:
+            self._ready()
+        except BaseException:
+            self.stop()  # never left running behind a failed start
+            raise
+
+    def _ready(self) -> None:
         client = tritonclient.InferenceServerClient(f"127.0.0.1:{self.http}")
         for _ in range(240):
             try:
@@ -73,7 +80,6 @@ class Server:
                 pytest.fail(f"triton_server exited {self.proc.returncode}: {self.log.read_text()[-3000:]}")
             time.sleep(0.25)
         else:
-            self.stop()
             pytest.fail(f"Triton not ready in 60 s: {self.log.read_text()[-3000:]}")
         config = client.get_model_config("breakhis_fp32", headers={"triton-access-token": self.token})
         self.workspace = Path(config["parameters"]["workspace-path"]["string_value"])
@@ -84,8 +90,17 @@ class Server:
         return client.get_inference_statistics(model, headers={"triton-access-token": self.token})
 
     def stop(self) -> int:
+        """SIGTERM, as a service manager stops it; a server that does not stop is killed with its Triton (its own
+        session) and the test fails."""
+        if self.proc.poll() is not None:
+            return self.proc.returncode
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise
 
     def left_behind(self) -> list[str]:
         """What a stopped server left: its process group's Triton, shared memory, workspace."""
@@ -185,11 +200,14 @@ def test_a_server_stopped_mid_run_answers_every_item_once(model_dir, images_100x
     images = images_100x[:12]
     out = []
     target = TritonTarget(server.url, headers=(("triton-access-token", server.token),), retries=1)
-    with Classifier(model_dir, backend="triton", triton=target, batch_size=1) as clf:
-        for r in clf.classify_iter(images):
-            out.append(r)
-            if len(out) == 3:
-                assert server.stop() == 0
+    try:
+        with Classifier(model_dir, backend="triton", triton=target, batch_size=1) as clf:
+            for r in clf.classify_iter(images):
+                out.append(r)
+                if len(out) == 3:
+                    assert server.stop() == 0
+    finally:
+        server.stop()
     assert [r.path for r in out] == [str(p) for p in images]  # each once, in order
     assert all((r.error is None) != (r.label is None) for r in out)
     assert all(r.label for r in out[:3]) and out[-1].error and "Triton at" in out[-1].error
