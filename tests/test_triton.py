@@ -291,3 +291,38 @@ def test_the_server_says_why_it_cannot_start(tmp_path):
     # refused by our check before Triton starts (PyTriton would wait out its start timeout and say little)
     assert proc.returncode != 0 and f"http port 127.0.0.1:{port} cannot be used" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_tensorrt_plan_built_for_the_server_joins_the_repository(model_dir, tmp_path):
+    """The plan's bytes are opaque here (no TensorRT): what is checked is the mechanism, a plan per engine sidecar,
+    its sha256 the sidecar's, served on the GPU as tensorrt_plan at the batch its profile allows."""
+    import shutil
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from runtime.backends.engines import EngineInfo, EngineTarget, save
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    target = EngineTarget("10.3.0", "Orin", "8.7", ModelDir.open(model).manifest.files["model.onnx"], "fp16")
+    plan = b"a serialized engine for this GPU and TensorRT" * 100
+    save(ModelDir.open(model).engines, EngineInfo(target, "model.onnx", {"min": 1, "opt": 4, "max": 4}), plan)
+    run_module("export", "triton", "-m", str(model), "-o", str(tmp_path / "repo"), check=True)
+    name = f"breakhis_{target.key()}"
+    folder = tmp_path / "repo" / name
+    c = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert c.platform == "tensorrt_plan" and c.max_batch_size == 4 and not c.HasField("optimization")
+    assert c.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert (folder / "1" / "model.plan").read_bytes() == plan
+    params = {k: v.string_value for k, v in c.parameters.items()}
+    assert params["breakhis_precision"] == "fp16" and params["breakhis_recheck_model"] == "breakhis_fp32"
+
+
+def test_triton_options_are_checked(model_dir):
+    proc = run_module("runtime.classify", "--triton-url", "http://127.0.0.1:9", "--triton-header", "novalue", "x.png")
+    assert proc.returncode != 0 and "--triton-header takes NAME=VALUE" in proc.stderr
+    proc = run_module("runtime.classify", "--triton-url", "ftp://host:1", "x.png")
+    assert proc.returncode != 0 and "give http://HOST:PORT" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_module("runtime.classify", "--triton-url", "http://127.0.0.1:9", "--backend", "cpu", "x.png")
+    assert proc.returncode != 0 and "does not go with --backend cpu" in proc.stderr
