@@ -381,7 +381,8 @@ def _triton(args: argparse.Namespace) -> int:
     serving = Serving(args.max_batch, args.max_queue, args.max_queue_delay_us, args.instances,
                       f"KIND_{args.kind.upper()}")
     try:
-        names = write_repository(ModelDir.open(args.model), args.out, serving)
+        model = ModelDir.open(args.model)
+        names = write_repository(model, args.out, serving)
     except BreakhisError as e:
         return report(e)
     except ValueError as e:
@@ -389,6 +390,9 @@ def _triton(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {args.out}: {', '.join(names)} (tritonserver --model-repository {args.out}; clients: "
           f"--triton-url http://HOST:8000)", file=sys.stderr)
+    if "bf16" in model.manifest.variants:
+        print("note: bf16 is OpenVINO's CPU tier, not a file a stock Triton backend runs: serve it with python -m "
+              "runtime.triton_server", file=sys.stderr)
     return 0
 
 
