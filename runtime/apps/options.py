@@ -60,9 +60,8 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
     t = ap.add_argument_group("Triton Inference Server (--backend triton; docs/deploy.md)")
     t.add_argument("--triton-url", default=None, metavar="URL",
                    help="the server the fields go to: http://HOST:PORT, grpc://HOST:PORT (https://, grpcs:// with "
-                        "TLS); "
-                        "implies --backend triton. Decoding and preprocessing stay here; --model, where given, must "
-                        "be the model the server runs (without it the contract is taken from the server)")
+                        "TLS); implies --backend triton. Decoding and preprocessing stay here; --model, where given, "
+                        "must be the model the server runs (without it the contract is taken from the server)")
     t.add_argument("--triton-model", default=None, metavar="NAME",
                    help="the server's model (default: breakhis_<precision>; with --precision auto the first of "
                         "breakhis_fp16, breakhis_bf16, breakhis_fp32 it has ready)")

@@ -41,8 +41,9 @@ class Classifies(Protocol):
 
 class Classifier:
     """One model, one backend, chosen once. ``model_dir``: default the trained model where setup.sh exported it,
-    else the untrained reference. ``backend``: "auto", "cpu" (ONNX Runtime), "openvino", "onnxruntime-cuda" or
-    "tensorrt". ``precision``: "auto" (FP16 on a GPU, BF16 on a CPU with native BF16, each where the model has a
+    else the untrained reference. ``backend``: "auto", "cpu" (ONNX Runtime), "openvino", "onnxruntime-cuda",
+    "tensorrt", or "triton": the fields go to the Triton server ``triton`` names (runtime/backends/triton.py), whose
+    model must be ``model_dir``'s where one is given (else the server's contract is used). ``precision``: "auto" (FP16 on a GPU, BF16 on a CPU with native BF16, each where the model has a
     variant that passed its gate; else FP32), or a listed variant (runtime/model/precisions.py).
     ``preprocess``: "cpu" (numpy), "gpu" (our CUDA kernel via pycuda) or "auto" (GPU when inference runs on a GPU
     and pycuda is usable, else CPU). ``layout``: ONNX Runtime CUDA's memory layout, "auto" (NHWC where the variant
