@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="requests allowed to wait; beyond, Triton rejects (HTTP 503 / gRPC UNAVAILABLE; default 32)")
     ap.add_argument("--max-queue-delay-us", type=int, default=2000,
                     help="how long Triton waits to fill a batch, in microseconds (default 2000)")
+    ap.add_argument("--exit-timeout", type=int, default=10,
+                    help="at SIGTERM, seconds Triton waits for requests in progress to finish (default 10)")
     ap.add_argument("--access-token-file", type=Path, default=None,
                     help="the token for Triton's repository, statistics, trace and logging APIs (clients send it as "
                          "'triton-access-token'); default: a random one, printed at start")
@@ -173,7 +175,7 @@ def serve(args: argparse.Namespace, token: str | None) -> int:
                                                    reference.file_sha256)))
         config = TritonConfig(http_address=args.host, http_port=args.http_port, grpc_address=args.host,
                               grpc_port=args.grpc_port, metrics_address=args.host, metrics_port=args.metrics_port,
-                              exit_timeout_secs=10)
+                              exit_timeout_secs=args.exit_timeout)
         restricted = ["shared-memory", "model-repository", "statistics", "trace", "logging"]
         if args.restrict_inference:
             restricted += ["inference", "metadata", "model-config"]
