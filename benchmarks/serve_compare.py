@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=Path, default=None, help="folder of one-field images (default: the 100X samples)")
     ap.add_argument("--requests", type=int, default=8, help="requests per client (default 8)")
     ap.add_argument("--precision", default="auto", help="the precision every path runs (default auto)")
+    ap.add_argument("--triton-max-batch", type=int, default=8,
+                    help="the largest batch Triton forms (runtime.triton_server --max-batch; default 8)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     from runtime.backends.triton import TritonTarget
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     images = sorted((args.images or sample_images()).glob("*.png"))[:16]
     result: dict = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
                     "cpu": _cpu(), "model": str(model), "precision": args.precision, "requests": args.requests,
+                    "triton_max_batch": args.triton_max_batch,
                     "runs": {}}
     with Classifier(model, precision=args.precision) as local:
         turn = threading.Lock()
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     http, grpc, metrics = _port(), _port(), _port()
     triton = subprocess.Popen([sys.executable, "-m", "runtime.triton_server", "--model", str(model), "--precision",
                                args.precision, "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
-                               str(metrics), "--max-queue", "64"], cwd=REPO,
+                               str(metrics), "--max-queue", "64", "--max-batch", str(args.triton_max_batch)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         target = TritonTarget(f"http://127.0.0.1:{http}")
