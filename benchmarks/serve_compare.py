@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=Path, default=None, help="folder of one-field images (default: the 100X samples)")
     ap.add_argument("--requests", type=int, default=8, help="requests per client (default 8)")
     ap.add_argument("--precision", default="auto", help="the precision every path runs (default auto)")
-    ap.add_argument("--triton-max-batch", type=int, default=8,
-                    help="the largest batch Triton forms (runtime.triton_server --max-batch; default 8)")
+    ap.add_argument("--triton-max-batch", type=int, default=None,
+                    help="the largest batch Triton forms (runtime.triton_server --max-batch; default: its default, 8)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     from runtime.backends.triton import TritonTarget
@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     http, grpc, metrics = _port(), _port(), _port()
     triton = subprocess.Popen([sys.executable, "-m", "runtime.triton_server", "--model", str(model), "--precision",
                                args.precision, "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
-                               str(metrics), "--max-queue", "64", "--max-batch", str(args.triton_max_batch)], cwd=REPO,
+                               str(metrics), "--max-queue", "64",
+                               *(["--max-batch", str(args.triton_max_batch)] if args.triton_max_batch else [])],
+                              cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         target = TritonTarget(f"http://127.0.0.1:{http}")
