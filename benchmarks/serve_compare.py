@@ -39,6 +39,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _start(module: str, *args: str) -> subprocess.Popen:
+    """A server of this project, as a user starts it, quiet."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
 def _wait(ready: Callable[[], bool], proc: subprocess.Popen, what: str) -> None:
     for _ in range(480):
         try:
@@ -114,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         result["runs"]["local"] = [load(c, args.requests, images, local_client) for c in CLIENTS]
 
     port = _port()
-    serve = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(model), "--port", str(port),
-                              "--precision", args.precision, "--max-pending", "256"], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = _start("runtime.serve", "--model", str(model), "--port", str(port), "--precision", args.precision,
+                   "--max-pending", "256")
     try:
         url = f"http://127.0.0.1:{port}"
         _wait(lambda: urllib.request.urlopen(url + "/healthz", timeout=1).status == 200, serve, "runtime.serve")
@@ -135,12 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         serve.wait(timeout=60)
 
     http, grpc, metrics = _port(), _port(), _port()
-    triton = subprocess.Popen([sys.executable, "-m", "runtime.triton_server", "--model", str(model), "--precision",
-                               args.precision, "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
-                               str(metrics), "--max-queue", "64",
-                               *(["--max-batch", str(args.triton_max_batch)] if args.triton_max_batch else [])],
-                              cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    triton = _start("runtime.triton_server", "--model", str(model), "--precision", args.precision, "--http-port",
+                    str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-queue", "64",
+                    *(["--max-batch", str(args.triton_max_batch)] if args.triton_max_batch else []))
     try:
         target = TritonTarget(f"http://127.0.0.1:{http}")
         import tritonclient.http as th
