@@ -45,6 +45,19 @@ def _start(module: str, *args: str) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL)
 
 
+def measured(proc: subprocess.Popen, ready: Callable[[], bool], open_client: Callable[[], Callable[[Path], None]],
+             images: list[Path], requests: int) -> list[dict]:
+    """Once the server ``proc`` is ready: a warm-up request, then the load at each number of clients; the server is
+    stopped whatever happens."""
+    try:
+        _wait(ready, proc, str(proc.args[2]))  # type: ignore[index]
+        open_client()(images[0])
+        return [load(c, requests, images, open_client) for c in CLIENTS]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def _wait(ready: Callable[[], bool], proc: subprocess.Popen, what: str) -> None:
     for _ in range(480):
         try:
@@ -120,48 +133,38 @@ def main(argv: list[str] | None = None) -> int:
         result["runs"]["local"] = [load(c, args.requests, images, local_client) for c in CLIENTS]
 
     port = _port()
+    url = f"http://127.0.0.1:{port}"
     serve = _start("runtime.serve", "--model", str(model), "--port", str(port), "--precision", args.precision,
                    "--max-pending", "256")
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait(lambda: urllib.request.urlopen(url + "/healthz", timeout=1).status == 200, serve, "runtime.serve")
 
-        def http_client() -> Callable[[Path], None]:
-            def send(path: Path) -> None:
-                req = urllib.request.Request(url + "/v1/classify", data=path.read_bytes(), method="POST")
-                with urllib.request.urlopen(req, timeout=600) as r:
-                    r.read()
-            return send
+    def http_client() -> Callable[[Path], None]:
+        def send(path: Path) -> None:
+            req = urllib.request.Request(url + "/v1/classify", data=path.read_bytes(), method="POST")
+            with urllib.request.urlopen(req, timeout=600) as r:
+                r.read()
+        return send
 
-        http_client()(images[0])  # warm
-        result["runs"]["serve"] = [load(c, args.requests, images, http_client) for c in CLIENTS]
-    finally:
-        serve.terminate()
-        serve.wait(timeout=60)
+    result["runs"]["serve"] = measured(serve, lambda: urllib.request.urlopen(url + "/healthz", timeout=1).status == 200,
+                                       http_client, images, args.requests)
+
+    import tritonclient.http as th
 
     http, grpc, metrics = _port(), _port(), _port()
     triton = _start("runtime.triton_server", "--model", str(model), "--precision", args.precision, "--http-port",
                     str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-queue", "64",
                     *(["--max-batch", str(args.triton_max_batch)] if args.triton_max_batch else []))
-    try:
-        target = TritonTarget(f"http://127.0.0.1:{http}")
-        import tritonclient.http as th
+    target = TritonTarget(f"http://127.0.0.1:{http}")
 
-        client = th.InferenceServerClient(f"127.0.0.1:{http}")
-        _wait(lambda: client.is_model_ready("breakhis_fp32"), triton, "runtime.triton_server")
+    def triton_client() -> Callable[[Path], None]:
+        clf = Classifier(None, backend="triton", triton=target, precision=args.precision)
 
-        def triton_client() -> Callable[[Path], None]:
-            clf = Classifier(None, backend="triton", triton=target, precision=args.precision)
+        def send(path: Path) -> None:
+            assert clf.classify(path)[0].error is None
+        return send
 
-            def send(path: Path) -> None:
-                assert clf.classify(path)[0].error is None
-            return send
-
-        triton_client()(images[0])  # warm
-        result["runs"]["triton"] = [load(c, args.requests, images, triton_client) for c in CLIENTS]
-    finally:
-        triton.terminate()
-        triton.wait(timeout=60)
+    ready = th.InferenceServerClient(f"127.0.0.1:{http}")
+    result["runs"]["triton"] = measured(triton, lambda: ready.is_model_ready("breakhis_fp32"), triton_client, images,
+                                        args.requests)
     write_json(args.json, result)
     print(f"{result['cpu']}; model {Path(model).name}, {result['backend']}; {args.requests} requests per client")
     print(f"{'path':8s} {'clients':>7s} {'fields/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s}")
