@@ -117,7 +117,6 @@ class Service:
     limits: Limits
     metrics: Metrics = field(default_factory=Metrics)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(16))  # another site's page cannot read it
-    bearer_tokens: tuple[bytes, ...] = ()  # --token-file: what every route but /healthz needs; (): none asked
 
 
 routes = APIRouter()
@@ -283,7 +282,7 @@ def create_app(clf: Classifier, limits: Limits = Limits(), hosts: set[str] | Non
     """The app around an open Classifier (which it owns from now on, through one worker thread); ``tokens``: the
     bearer tokens every route but /healthz needs (none: no authentication)."""
     batcher = Batcher(clf, max_pending=limits.max_pending)
-    svc = Service(clf, batcher, SlideJobs(clf, batcher), limits, bearer_tokens=tokens)
+    svc = Service(clf, batcher, SlideJobs(clf, batcher), limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
