@@ -27,6 +27,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+# Runs in .venv-triton, which has the model's runtimes but not the image libraries: nothing here may import
+# runtime.io or runtime.apps.options (tests/test_triton.py starts it there).
 from runtime.backends.choose import BACKENDS, open_backend, reference_for
 from runtime.errors import BreakhisError, Unavailable, report
 from runtime.model.model_dir import ModelDir
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace, token: str | None) -> int:
-    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+    from pytriton.triton import DEFAULT_PROTECTED_ENDPOINTS, Triton, TritonConfig, TritonSecurityConfig
 
     model = ModelDir.open(args.model if args.model is not None else default_model_dir())
     backend, notes = open_backend(args.backend, model, args.threads, args.precision)
@@ -176,9 +178,8 @@ def serve(args: argparse.Namespace, token: str | None) -> int:
         config = TritonConfig(http_address=args.host, http_port=args.http_port, grpc_address=args.host,
                               grpc_port=args.grpc_port, metrics_address=args.host, metrics_port=args.metrics_port,
                               exit_timeout_secs=args.exit_timeout)
-        restricted = ["shared-memory", "model-repository", "statistics", "trace", "logging"]
-        if args.restrict_inference:
-            restricted += ["inference", "metadata", "model-config"]
+        restricted = [*DEFAULT_PROTECTED_ENDPOINTS, *(["inference", "metadata", "model-config"]
+                                                       if args.restrict_inference else [])]
         security = TritonSecurityConfig(access_token=token, restricted_endpoints=restricted)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -120,15 +120,20 @@ class Connection:
         self._clients.clear()
 
 
+def _status(e: BaseException) -> str | None:
+    """tritonclient's status of an error ("503", "StatusCode.UNAVAILABLE"), None for other errors."""
+    return e.status() if hasattr(e, "status") and callable(e.status) else None
+
+
 def describe(e: BaseException) -> str:
-    status = e.status() if hasattr(e, "status") and callable(e.status) else None
+    status = _status(e)
     text = (e.message() if hasattr(e, "message") and callable(e.message) else None) or str(e) or type(e).__name__
     return f"{text.splitlines()[0][:300]}" + (f" ({status})" if status and status not in text else "")
 
 
 def retryable(e: BaseException) -> bool:
     """A server that is full or not (yet) there: worth another try after a pause; anything else is final."""
-    status = e.status() if hasattr(e, "status") and callable(e.status) else None
+    status = _status(e)
     return status in RETRYABLE or isinstance(e, (ConnectionError, TimeoutError)) or (
         status is None and "timed out" in str(e).lower())
 
