@@ -83,7 +83,9 @@ def table(results: list, model: ModelInfo) -> str:
             lines += [f"{'':40s}   note: {c}" for c in r.conversions]
             lines += [f"{'':40s}   WARNING: {w}" for w in r.warnings]
     n_err = sum(r.error is not None for r in results)
-    lines.append(f"{len(results) - n_err} classified, {n_err} failed"
+    n_held = sum(r.error is not None and r.withheld > 0 for r in results)
+    lines.append(f"{len(results) - n_err} classified, {n_err - n_held} failed"
+                 + (f", {n_held} without a verdict (fields withheld by the quality check)" if n_held else "")
                  + (f", {sum(r.rechecked for r in results)} fields re-checked at fp32" if model.recheck else ""))
     return "\n".join(lines).encode("utf-8", "backslashreplace").decode()  # names of any bytes stay printable
 

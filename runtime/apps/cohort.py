@@ -135,8 +135,10 @@ def finish_slide(unit: Unit, parts: list[dict[str, Any]], options: dict[str, Any
     a, n, s = res.aggregate, res.counts, res.scale
     row |= {"magnification": s["magnification"], "mpp": s["mpp"], "scale_source": s["source"],
             "verdict": a["label"], "probability": a["value"], "rule": a["rule"], **n,
-            "error": "; ".join(res.warnings) if n["errors"] else None,
-            "status": "classified with errors" if n["errors"] else "classified"}
+            "error": "; ".join(([a["note"]] if res.withheld_verdict else []) + (res.warnings if n["errors"] else []))
+            or None,
+            # withheld: no verdict, the quality check withheld fields and the counted ones are not Malignant
+            "status": "withheld" if res.withheld_verdict else "classified with errors" if n["errors"] else "classified"}
     files = res.outputs() | {".overlay.png": overlay}
     if options.get("geojson_gz"):
         files[".geojson.gz"] = gzip.compress(files[".geojson"], mtime=0)
@@ -432,11 +434,13 @@ def main(argv: list[str] | None = None) -> int:
            "options": options, "band_rows": args.band_rows, "key": key, "inputs": len(paths),
            "classified": slides_todo,
            "resumed": sum(bool(r.get("resumed")) for r in rows),
-           "errors": sum(r.get("status") == "error" for r in rows), "tables": tables, "argv": sys.argv[1:]} | info
+           "errors": sum(r.get("status") == "error" for r in rows),
+           "withheld": sum(r.get("status") == "withheld" for r in rows), "tables": tables, "argv": sys.argv[1:]} | info
     write_atomic(args.out / "run.json", (json.dumps(run, indent=1) + "\n").encode())
     print(f"{len(rows)} slides: {run['classified']} classified now, {run['resumed']} skipped (done before), "
-          f"{run['errors']} errors; {args.out / 'cohort.csv'}", file=sys.stderr)
-    return 1 if run["errors"] else 0
+          f"{run['errors']} errors, {run['withheld']} without a verdict (fields withheld by the quality check); "
+          f"{args.out / 'cohort.csv'}", file=sys.stderr)
+    return 1 if run["errors"] or run["withheld"] else 0
 
 
 def _scale(options: dict[str, Any]) -> Scale | None:

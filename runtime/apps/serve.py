@@ -235,6 +235,8 @@ async def classify(request: Request, views: int = 0) -> Any:
     if waiting.cancelled():
         return busy(svc)
     res = waiting.result()
+    if res.error and res.withheld:  # no verdict: the body keeps every field's measures and flags
+        return JSONResponse(res.to_dict(), status_code=422)
     if res.error:
         return error(422, res.error)
     out = res.to_dict()  # its warnings: the decoder's and the classifier's (e.g. another magnification)

@@ -32,7 +32,7 @@ from runtime.io.slide_source import Source, open_source, slide_identity
 from runtime.model.manifest import Contract
 from runtime.pipeline.classifier import Classifies
 from runtime.pipeline.quality import BACKGROUND_SATURATION, BACKGROUND_VALUE, MEASURES, MIN_TISSUE, background
-from runtime.pipeline.results import ModelInfo
+from runtime.pipeline.results import ModelInfo, withheld_reason
 
 AGGREGATES = ("max", "topk", "mean", "fraction")
 # Tissue rule: under brightfield, glass is bright and grey. A thumbnail pixel is background when its HSV value is
@@ -73,6 +73,11 @@ class SlideResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     model: ModelInfo | None = None
     sha256: str | None = None  # of the file classified, where it was hashed (its outputs are named by it)
+
+    @property
+    def withheld_verdict(self) -> bool:
+        """No verdict because the quality check withheld fields (--qc withhold; the aggregate's note says why)."""
+        return "withheld" in self.aggregate
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"model": self.model.to_dict() if self.model else {}}
@@ -200,7 +205,8 @@ def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: S
         chunk, crops = [], []
         for f in todo[i:i + CHUNK]:
             try:
-                crops.append(ImageInput(f"{src.name} field r{f.row} c{f.col}", array=_crop(src, level, f, (fw, fh))))
+                crops.append(ImageInput(f"{src.name} field r{f.row} c{f.col}", array=_crop(src, level, f, (fw, fh)),
+                                        min_tissue=min_tissue))
                 chunk.append(f)
             except ImageError as e:  # a damaged tile costs the fields that touch it, not the slide
                 f.status, f.error = "error", str(e)
@@ -231,8 +237,7 @@ def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: S
         scale={"magnification": scale.magnification, "mpp": scale.mpp, "source": scale.source,
                "model_magnification": c.magnification, "model_mpp": c.mpp, "factor": factor, "level": level,
                "level_downsample": src.downsamples[level]},
-        aggregate=aggregate_verdict([f.probability for f in fields if f.status == "classified"], aggregate, top_k,
-                                    c.threshold, c.labels),
+        aggregate=region_verdict(fields, aggregate, top_k, c.threshold, c.labels),
         counts=counts, tissue_rule=(f"background: HSV value >= {BACKGROUND_VALUE} and saturation <= "
                                     f"{BACKGROUND_SATURATION}; classified when tissue >= {min_tissue:g}"
                                     if tissue_mask else "off: every field classified"),
@@ -263,8 +268,7 @@ def merge_bands(parts: list[SlideResult], aggregate: str, top_k: int, threshold:
     return replace(parts[0], fields=fields, counts={k: sum(p.counts[k] for p in parts) for k in parts[0].counts},
                    warnings=list(dict.fromkeys(w for p in parts for w in p.warnings)),
                    timings_ms={k: sum(p.timings_ms.get(k, 0.0) for p in parts) for k in parts[0].timings_ms},
-                   aggregate=aggregate_verdict([f.probability for f in fields if f.status == "classified"],
-                                               aggregate, top_k, threshold, labels))
+                   aggregate=region_verdict(fields, aggregate, top_k, threshold, labels))
 
 
 def merge_overlays(parts: list[tuple[SlideResult, bytes]]) -> bytes:
@@ -318,9 +322,12 @@ def _crop(src: Source, level: int, f: SlideField, size: tuple[int, int]) -> np.n
 
 
 def aggregate_verdict(probs: list[float | None], rule: str, top_k: int, threshold: float,
-                      labels: tuple[str, str]) -> dict[str, Any]:
-    """The region's verdict from its classified fields, by a named rule (max = the screening default)."""
+                      labels: tuple[str, str], withheld: list[SlideField] | None = None) -> dict[str, Any]:
+    """The region's verdict from its classified fields, by a named rule (max = the screening default). Fields the
+    quality check ``withheld`` can only withhold: a region the counted fields call the positive label keeps it;
+    otherwise, with any field withheld, it gets no verdict (a note that says why)."""
     p = np.asarray([v for v in probs if v is not None], np.float64)
+    held = withheld or []
     meaning = {"max": "highest field probability: one malignant field makes the region Malignant (screening)",
                "topk": f"mean of the {top_k} highest field probabilities",
                "mean": "mean field probability",
@@ -328,11 +335,22 @@ def aggregate_verdict(probs: list[float | None], rule: str, top_k: int, threshol
     out: dict[str, Any] = {"rule": rule, "meaning": meaning, "fields": int(p.size)}
     if rule == "topk":
         out["k"] = top_k
-    if not p.size:
+    value = None if not p.size else float({"max": lambda: p.max(), "topk": lambda: np.sort(p)[-top_k:].mean(),
+                                           "mean": lambda: p.mean(),
+                                           "fraction": lambda: (p > threshold).mean()}[rule]())
+    if held and (value is None or value <= threshold):
+        return out | {"value": None, "label": None, "withheld": len(held),
+                      "note": f"no verdict: {withheld_reason(held, p.size + len(held), labels)}"}
+    if value is None:
         return out | {"value": None, "label": None, "note": "no tissue field to classify"}
-    value = {"max": lambda: p.max(), "topk": lambda: np.sort(p)[-top_k:].mean(), "mean": lambda: p.mean(),
-             "fraction": lambda: (p > threshold).mean()}[rule]()
-    return out | {"value": float(value), "label": labels[1] if value > threshold else labels[0]}
+    return out | {"value": value, "label": labels[1] if value > threshold else labels[0]}
+
+
+def region_verdict(fields: list[SlideField], rule: str, top_k: int, threshold: float,
+                   labels: tuple[str, str]) -> dict[str, Any]:
+    """``aggregate_verdict`` of a slide's fields: the classified ones counted, the withheld ones withheld."""
+    return aggregate_verdict([f.probability for f in fields if f.status == "classified"], rule, top_k, threshold,
+                             labels, [f for f in fields if f.status == "withheld"])
 
 
 def _rgb(p: float | None) -> tuple[int, int, int]:
@@ -427,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                     bar(-1, -1)
             res.sha256 = sha
             res.save(stem)
-            failed += res.counts["errors"] > 0
+            failed += res.counts["errors"] > 0 or res.withheld_verdict  # no verdict: like an error, exit 1
             results.append(res)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1))
@@ -445,7 +463,8 @@ def _summary(r: SlideResult, out: Path) -> str:
     lines = [f"{r.path}: {verdict}",
              f"  {n['fields']} fields at {model} scale (input {given} from {s['source']}, factor {s['factor']:.3g}, "
              f"level {s['level']}): "
-             f"{n['classified']} classified, {n['background']} background, {n['errors']} errors; "
+             f"{n['classified']} classified, {n['background']} background, {n['errors']} errors, "
+             f"{n['flagged']} flagged and {n['withheld']} withheld by the quality check; "
              f"{r.timings_ms['total'] / 1e3:.1f} s",
              f"  wrote {output_stem(out, r.path, r.sha256 or '')}.geojson / .csv / .overlay.png / .json / "
              ".probability.ome.tif"]

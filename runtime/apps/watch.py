@@ -204,7 +204,8 @@ class Watcher:
         res.sha256 = sha
         res.save(stem)
         return rec | {"label": res.aggregate["label"], "probability": res.aggregate["value"],
-                      "fields": [asdict(f) for f in res.fields if f.status == "classified"],
+                      "error": res.aggregate["note"] if res.withheld_verdict else None,
+                      "fields": [asdict(f) for f in res.fields if f.status in ("classified", "withheld")],
                       "rechecked": res.counts["rechecked"],
                       "warnings": res.warnings, "slide": {"aggregate": res.aggregate, "counts": res.counts,
                                                           "outputs": f"{stem}.*"}}

@@ -14,12 +14,15 @@ from runtime.io.formats import IMAGE_SUFFIXES, SLIDE_SUFFIXES, is_dicom, is_imag
 @dataclass
 class ImageInput:
     """One input and the name it is reported under: encoded bytes (a watched file read once, an upload), a decoded
-    BGR array (a camera frame), or an error found before decoding (a missing path)."""
+    BGR array (a camera frame), or an error found before decoding (a missing path). ``min_tissue``: the tissue
+    share below which the quality check flags a field as mostly glass, where the caller has its own (a slide's
+    --min-tissue: one tissue rule for the slide's mask and its fields' check); None: the check's default."""
 
     name: str
     data: bytes | None = None
     array: np.ndarray | None = None
     error: str | None = None
+    min_tissue: float | None = None
 
 
 def expand_inputs(items: list[str], recursive: bool = False, skipped: list[str] | None = None,

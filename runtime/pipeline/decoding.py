@@ -90,7 +90,7 @@ def prepare(item: Input, contract: Contract, max_pixels: int, model: ModelInfo |
         else:
             assert gpu_jpeg is not None and on_gpu is not None
             sparse = gpu_jpeg.sparse(on_gpu, STEP)
-        fields = assess(sparse, plan, contract.field_size)
+        fields = assess(sparse, plan, contract.field_size, item.min_tissue)
         res.timings_ms["quality"] = (time.perf_counter() - t1) * 1e3
     return Prepared(res, plan, None if dec is None else dec.bgr, on_gpu, quality=fields)
 

@@ -39,8 +39,10 @@ class Limit:
     flag: str
     advice: str  # what the person at the microscope should do
 
-    def crossed(self, value: float) -> bool:
-        return value < self.bound if self.below else value > self.bound
+    def crossed(self, value: float, bound: float | None = None) -> bool:
+        """Whether ``value`` crosses this limit (or ``bound``, where a caller sets its own)."""
+        b = self.bound if bound is None else bound
+        return value < b if self.below else value > b
 
 
 UNDER_EXPOSED = "under-exposed: raise the lamp or the exposure and capture again"
@@ -77,8 +79,11 @@ class FieldQuality:
     flags: list[str] = field(default_factory=list)
 
     @classmethod
-    def judge(cls, measures: dict[str, float]) -> FieldQuality:
-        flags = [lim.flag for lim in LIMITS if lim.crossed(measures[lim.measure])]
+    def judge(cls, measures: dict[str, float], min_tissue: float | None = None) -> FieldQuality:
+        """The flags of the LIMITS ``measures`` cross; ``min_tissue``, where given, is the tissue limit (a slide's
+        --min-tissue, which is also its mask's rule)."""
+        flags = [lim.flag for lim in LIMITS
+                 if lim.crossed(measures[lim.measure], min_tissue if lim.measure == "tissue" else None)]
         return cls({k: round(v, 4) for k, v in measures.items()}, list(dict.fromkeys(flags)))
 
     def to_dict(self) -> dict:
@@ -139,8 +144,10 @@ def measure(field_px: np.ndarray) -> dict[str, float]:
             "stain": stain}
 
 
-def assess(sparse: np.ndarray, plan: FieldPlan, field_size: tuple[int, int]) -> list[FieldQuality]:
-    """Every field of an image, from ``sparse``: the decoded image's every STEP-th pixel of every STEP-th row."""
+def assess(sparse: np.ndarray, plan: FieldPlan, field_size: tuple[int, int],
+           min_tissue: float | None = None) -> list[FieldQuality]:
+    """Every field of an image, from ``sparse``: the decoded image's every STEP-th pixel of every STEP-th row
+    (``min_tissue``: the tissue limit, where the caller has its own)."""
     fh, fw = (s // STEP for s in field_size)
-    return [FieldQuality.judge(measure(sparse[y // STEP:y // STEP + fh, x // STEP:x // STEP + fw]))
+    return [FieldQuality.judge(measure(sparse[y // STEP:y // STEP + fh, x // STEP:x // STEP + fw]), min_tissue)
             for y, x in plan.field_origins]

@@ -85,16 +85,23 @@ class Result:
         """Fields whose result FP32 gave on re-check."""
         return sum(f.rechecked for f in self.fields)
 
+    @property
+    def withheld(self) -> int:
+        """Fields the quality check kept out of the verdict (--qc withhold)."""
+        return sum(f.label is None for f in self.fields)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"model": self.model.to_dict() if self.model else {}, "rechecked": self.rechecked}
+        return asdict(self) | {"model": self.model.to_dict() if self.model else {}, "rechecked": self.rechecked,
+                               "withheld": self.withheld}
 
     def finish(self, plan: FieldPlan, probs: np.ndarray, contract: Contract, fast: dict[int, float] | None = None,
                quality: list[FieldQuality] | None = None, withhold: bool = False) -> None:
         """The verdict from every field's probability (screening rule: the image's probability is the highest
         field probability, so one malignant field makes the image Malignant). ``fast``: the fast tier's
         probabilities of the fields re-checked at FP32 (``probs`` holds FP32's for them). ``quality``: each field's;
-        with ``withhold`` a flagged field gets no label and the verdict comes from the others (none left: an error
-        that says why)."""
+        with ``withhold`` a flagged field gets no label, and withholding can only withhold: a counted Malignant field
+        makes the image Malignant, but where every counted field is Benign and a field was withheld there is no
+        verdict (an error that says why: the withheld field could be the malignant one)."""
         fh, fw = contract.field_size
         cols = plan.grid[1]
         fast = fast or {}
@@ -106,12 +113,22 @@ class Result:
             f.quality, f.flags = q.measures, q.flags
             if withhold and q.flags:
                 f.label = None
-        flags = [flag for f in self.fields for flag in f.flags]
-        self.advice = advice(flags)
+        self.advice = advice([flag for f in self.fields for flag in f.flags])
         counted = [f.probability for f in self.fields if f.label is not None]
-        if not counted:
-            self.error = (f"{self.path}: no verdict: every field failed the quality check ({'; '.join(self.advice)}); "
-                          "--qc flag gives a marked verdict anyway")
+        verdict = contract.label(max(counted)) if counted else None
+        if self.withheld and verdict != contract.labels[1]:
+            held = [f for f in self.fields if f.label is None]
+            self.error = f"{self.path}: no verdict: {withheld_reason(held, len(self.fields), contract.labels)}"
             return
+        assert counted
         self.probability = max(counted)
-        self.label = contract.label(self.probability)
+        self.label = verdict
+
+
+def withheld_reason(held: list[Any], total: int, labels: tuple[str, str]) -> str:
+    """Why fields withheld by the quality check (``held``, each with its ``flags``) leave no verdict: how many of
+    ``total``, what their flags say to do, and that the counted fields alone cannot give the negative label."""
+    return (f"{len(held)} of {total} field{'s' if total > 1 else ''} withheld by the quality check "
+            f"({'; '.join(advice([x for f in held for x in f.flags]))}); no counted field is {labels[1]} and a "
+            f"withheld one could be, so it is not called {labels[0]}: capture those fields again, or use --qc flag "
+            "for a marked verdict")
