@@ -32,7 +32,25 @@ def test_table_for_people(model_dir, images_100x):
     proc = classify(str(images_100x[0]), "--model", str(model_dir))
     assert proc.returncode == 0, proc.stderr
     assert "UNTRAINED" in proc.stdout and "NOT a diagnosis" in proc.stdout
-    assert images_100x[0].name in proc.stdout and "1 classified, 0 failed" in proc.stdout
+    assert images_100x[0].name in proc.stdout and "1 classified (0 flagged by the quality check, 0 with warnings), " \
+        "0 failed" in proc.stdout
+
+
+def test_stdout_holds_results_and_stderr_notes_and_errors(model_dir, images_100x, tmp_path):
+    """The table's stdout: the model line, the rows, the summary and the model's standing; how the backend was
+    chosen only with -v, on stderr; why an image has no verdict on stderr, in words."""
+    missing = tmp_path / "missing.png"
+    proc = classify(str(images_100x[0]), str(missing), "--model", str(model_dir), "--backend", "cpu",
+                    "--precision", "fp16")
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("model: ") and "precision fp16" in lines[0] and lines[-1].startswith("UNTRAINED")
+    assert not any(line.startswith(("note:", "re-check:", "error:")) for line in lines)
+    assert "missing.png" in next(line for line in lines if line.startswith("missing.png")) and "ERROR" in proc.stdout
+    assert f"error: {missing}: file not found" in proc.stderr and "re-check:" not in proc.stderr
+    proc = classify(str(images_100x[0]), "--model", str(model_dir), "--backend", "cpu", "--precision", "fp16", "-v")
+    assert proc.returncode == 0 and "re-check: fields with a probability within" in proc.stderr
+    assert "re-check:" not in proc.stdout
 
 
 def test_json_schema(model_dir, images_100x):

@@ -48,9 +48,9 @@ def test_bf16_gate_passed_on_every_shared_image(trained_dir):
 
 @needs_bf16
 def test_auto_picks_bf16_on_this_cpu_and_says_so_fp32_forces_fp32(trained_dir, images_100x):
-    proc = run_module("runtime.classify", "--no-progress", "--model", str(trained_dir), str(images_100x[0]))
+    proc = run_module("runtime.classify", "--no-progress", "--model", str(trained_dir), str(images_100x[0]), "-v")
     assert proc.returncode == 0, proc.stderr
-    assert "backend openvino-cpu-bf16" in proc.stdout and "precision auto chose bf16" in proc.stdout
+    assert "backend openvino-cpu-bf16" in proc.stdout and "precision auto chose bf16" in proc.stderr
     proc = run_module("runtime.classify", "--no-progress", "--model", str(trained_dir), "--precision", "fp32",
                       "--json", str(images_100x[0]))
     assert proc.returncode == 0, proc.stderr

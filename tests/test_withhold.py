@@ -93,10 +93,11 @@ def test_the_cli_says_no_verdict_and_exits_1(trained_dir, mosaics, capsys):
     folder = mosaics["folder"]
     assert main([str(folder / "hidden.png"), str(folder / "kept.png"), "--model", str(trained_dir), "--backend", "cpu",
                  "--precision", "fp32", "--qc", "withhold", "--no-progress"]) == 1
-    out = capsys.readouterr().out
-    assert "1 classified, 0 failed, 1 without a verdict (fields withheld by the quality check)" in out
-    hidden_line = next(line for line in out.splitlines() if line.startswith("hidden.png"))
-    assert "no verdict: 1 of 2 fields withheld" in hidden_line and "Benign" not in hidden_line.split("no verdict")[0]
+    printed = capsys.readouterr()
+    assert "0 failed, 1 without a verdict (fields withheld by the quality check)" in printed.out
+    hidden_line = next(line for line in printed.out.splitlines() if line.startswith("hidden.png"))
+    assert "NO VERDICT" in hidden_line and "Benign" not in hidden_line
+    assert "hidden.png: no verdict: 1 of 2 fields withheld" in printed.err
 
 
 def test_the_api_keeps_measures_and_flags_in_its_422(trained_dir, mosaics):

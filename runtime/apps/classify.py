@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     fmt.add_argument("--jsonl", action="store_true",
                      help="print one JSON object per line, as each input is done (for long runs and pipes)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="say on stderr how the backend and precision were chosen, and what is re-checked at FP32")
     args = ap.parse_args(argv)
     streams = (args.camera is not None) + (args.video is not None)
     if streams > 1 or (streams and args.inputs) or not (streams or args.inputs):
@@ -59,19 +61,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def table(results: list, model: ModelInfo) -> str:
-    """A short, fixed-width table for people."""
-    lines = [f"model: {model.name} ({'trained' if model.trained else 'UNTRAINED'}; backend {model.backend}, "
-             f"preprocessing on {model.preprocess.upper()})"]
-    lines += [f"note: {n}" for n in model.backend_notes]
-    if model.recheck:
-        lines.append(f"re-check: {model.recheck}")
+    """A short, fixed-width table for people (stdout): the model, a row per image, a summary, the model's standing.
+    Why an image has no verdict goes to stderr (``problems``)."""
+    lines = [f"model: {model.name} ({'trained' if model.trained else 'UNTRAINED'}; backend {model.backend}, precision "
+             f"{model.precision}, preprocessing on {model.preprocess.upper()})"]
     if model.warning:
         lines.append(f"WARNING: {model.warning}")
     lines.append(f"{'image':40s} {'verdict':10s} {'p(malig)':>8s} {'fields':>6s} {'ms':>8s}")
     for r in results:
         name = Path(r.path).name.encode("utf-8", "backslashreplace").decode()[-40:]  # any bytes, printable
         if r.error:
-            lines.append(f"{name:40s} ERROR      {r.error}")
+            lines.append(f"{name:40s} {'NO VERDICT' if r.withheld else 'ERROR':10s} (why: on stderr)")
+            lines += [f"{'':40s}   QUALITY: {a}" for a in r.advice]
         else:
             lines.append(f"{name:40s} {r.label:10s} {r.probability:8.4f} {len(r.fields):6d} "
                          f"{r.timings_ms['total']:8.1f}")
@@ -82,12 +83,33 @@ def table(results: list, model: ModelInfo) -> str:
             lines += [f"{'':40s}   QUALITY: {a}" for a in r.advice]
             lines += [f"{'':40s}   note: {c}" for c in r.conversions]
             lines += [f"{'':40s}   WARNING: {w}" for w in r.warnings]
+    lines.append(summary(results, bool(model.recheck)))
+    lines.append(model.standing)
+    return "\n".join(lines).encode("utf-8", "backslashreplace").decode()  # names of any bytes stay printable
+
+
+def summary(results: list, recheck: bool) -> str:
+    """One line: how many images got a verdict, how many not and why, and what a reader must know of the others."""
     n_err = sum(r.error is not None for r in results)
     n_held = sum(r.error is not None and r.withheld > 0 for r in results)
-    lines.append(f"{len(results) - n_err} classified, {n_err - n_held} failed"
-                 + (f", {n_held} without a verdict (fields withheld by the quality check)" if n_held else "")
-                 + (f", {sum(r.rechecked for r in results)} fields re-checked at fp32" if model.recheck else ""))
-    return "\n".join(lines).encode("utf-8", "backslashreplace").decode()  # names of any bytes stay printable
+    flagged = sum(bool(r.advice) for r in results if r.error is None)
+    warned = sum(bool(r.warnings) for r in results if r.error is None)
+    return (f"{len(results) - n_err} classified ({flagged} flagged by the quality check, {warned} with warnings), "
+            f"{n_err - n_held} failed"
+            + (f", {n_held} without a verdict (fields withheld by the quality check)" if n_held else "")
+            + (f"; {sum(r.rechecked for r in results)} fields re-checked at fp32" if recheck else ""))
+
+
+def problems(results: list, model: ModelInfo, verbose: bool) -> None:
+    """stderr: why each image without a verdict has none; with ``verbose``, how the backend was chosen."""
+    if verbose:
+        for n in model.backend_notes:
+            print(f"note: {n}", file=sys.stderr)
+        if model.recheck:
+            print(f"re-check: {model.recheck}", file=sys.stderr)
+    for r in results:
+        if r.error:
+            print(f"error: {r.error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         stream = tqdm(stream, total=len(items), unit="img", file=sys.stderr, disable=None, leave=False)
     if args.jsonl:  # streamed: memory stays bounded whatever the number of inputs
         failed = False
+        problems([], clf.model_info, args.verbose)
         for r in stream:
             print(json.dumps(r.to_dict()), flush=True)
+            problems([r], clf.model_info, False)
             failed |= r.error is not None
         clf.close()
         return 1 if failed else 0
@@ -138,7 +162,5 @@ def main(argv: list[str] | None = None) -> int:
         print()
     else:
         print(table(results, clf.model_info))
-    for r in results:
-        if r.error and args.json:
-            print(f"error: {r.error}", file=sys.stderr)
+    problems(results, clf.model_info, args.verbose)
     return 1 if any(r.error for r in results) else 0

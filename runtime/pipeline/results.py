@@ -13,6 +13,7 @@ from runtime.pipeline.quality import FieldQuality, advice
 from runtime.pipeline.tiling import FieldPlan
 
 UNTRAINED_WARNING = "UNTRAINED reference weights: this verdict is NOT a diagnosis (demo/test model)."
+STANDING = "research model: not a medical device, its verdict is not a diagnosis"  # every result's model block says it
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,14 @@ class ModelInfo:
                    backend_notes=tuple(notes), recheck=recheck,
                    warning=None if manifest.provenance.trained else UNTRAINED_WARNING)
 
+    @property
+    def standing(self) -> str:
+        """What a verdict of this model is (and is not), as every output says it."""
+        return self.warning or STANDING
+
     def to_dict(self) -> dict[str, Any]:
-        """As results' JSON has it: notes, warning and re-check only where there are any."""
-        d = asdict(self) | {"backend_notes": list(self.backend_notes)}
+        """As results' JSON has it: notes, warning and re-check only where there are any; always its standing."""
+        d = asdict(self) | {"backend_notes": list(self.backend_notes), "standing": self.standing}
         return {k: v for k, v in d.items() if not (k in ("backend_notes", "warning", "recheck") and not v)}
 
 
