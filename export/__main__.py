@@ -37,6 +37,9 @@ def _common(p: argparse.ArgumentParser, default_out: str | None) -> None:
                    help="folder of real images for the ranges, the parity check and the variants' gates "
                         "(default: $BREAKHIS_SHARED/data/breakhis-100x, $BREAKHIS_SHARED defaulting to ../shared; "
                         "seeded synthetic fields if neither exists)")
+    p.add_argument("--allow-synthetic", action="store_true",
+                   help="without real images, gate the variants (FP16, BF16) on seeded random fields (default: make "
+                        "none: a gate on random fields says nothing of real ones)")
     p.add_argument("--parity-count", type=int, default=6,
                    help="fields compared PyTorch vs ONNX Runtime at batch 1 and 4 (default: 6)")
     p.add_argument("--gate-count", type=int, default=None,
@@ -215,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.parity_images is not None and not args.parity_images.is_dir():
             ap.error(f"--parity-images {args.parity_images}: not a directory")
         options = {"parity_count": args.parity_count, "gate_count": args.gate_count,
-                   "range_safe": not args.no_range_safe, "variants": list(variants_made)}
+                   "range_safe": not args.no_range_safe, "variants": list(variants_made),
+                   "allow_synthetic": args.allow_synthetic}
         key = cache.export_key(prov, images, options)
         if args.no_cache or cache.reuse(key, args.out, name, prov, log=_log) is None:
             write_model_dir(model, args.out, name, prov, images, args.parity_count, args.gate_count,
-                            range_safe=not args.no_range_safe, log=_log, variants_made=variants_made)
+                            range_safe=not args.no_range_safe, log=_log, variants_made=variants_made,
+                            allow_synthetic=args.allow_synthetic)
             cache.store(key, args.out, log=_log)
     except BreakhisError as e:
         return report(e)

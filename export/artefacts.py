@@ -82,9 +82,11 @@ def gate_fields(folder: Path | None, n_images: int | None, seed: int = 0) -> tup
 
 def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Provenance, images: Path | None,
                     n_parity: int = 6, n_gate: int | None = None, range_safe: bool = True, log=print,
-                    variants_made: tuple[str, ...] = OPTIONAL_VARIANTS) -> Manifest:
+                    variants_made: tuple[str, ...] = OPTIONAL_VARIANTS, allow_synthetic: bool = False) -> Manifest:
     """Export, gate and write every artefact; a variant that fails its gate is reported and not written, and one
-    not in ``variants_made`` is not made (the report says why).
+    not in ``variants_made`` is not made (the report says why). Without real images, variants are gated on
+    synthetic fields only with ``allow_synthetic`` (a gate on random fields says nothing of real ones): else none
+    is made, and the report says how to make them.
 
     model.onnx is the range-safe (rescaled) FP32 model, identical in output to ``model``; model.fp16.onnx runs its
     convolution chain in float16. Files are written under temporary names and renamed only when the FP32 model
@@ -95,6 +97,11 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
     threshold = CONTRACT.threshold
     try:
         fields, where = gate_fields(images, n_gate)
+        no_real = bool("synthetic" in where and not allow_synthetic and variants_made)
+        if no_real:
+            log(f"no variant besides FP32 is made: no real images to gate them on ({images or 'no folder'}); "
+                "--parity-images FOLDER gates them on real images, --allow-synthetic on random fields")
+            variants_made = ()
         if not variants_made:  # nothing to gate against FP32; the ranges (only FP16 needs them) from parity fields
             fields, where = fields[:n_parity], f"{where}: the first {min(n_parity, len(fields))} (FP32 only)"
         log(f"exporting ONNX (opset {ox.OPSET}, dynamic batch) ...")
@@ -127,8 +134,9 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
         log(f"  range-safe rescaling vs the original FP32 model: max|d| {exact}")
 
         got16 = None
+        synthetic = "no real images to gate it on: export again with --parity-images FOLDER" if no_real else None
         if "fp16" not in variants_made:
-            report["not_made"]["fp16"] = _why_not("fp16") or "not asked for (--variants)"
+            report["not_made"]["fp16"] = synthetic or _why_not("fp16") or "not asked for (--variants)"
             log(f"FP16 variant not made: {report['not_made']['fp16']}")
         else:
             log("making the FP16 variant (convolution chain float16; pooling, Dense, BatchNorm, LSTM float32) ...")
@@ -176,7 +184,7 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
     if "bf16" in variants_made:
         bf16.gate_into(report, variants, out_dir / "model.onnx", fields, _outputs(ref), threshold, log)
     else:
-        report["not_made"]["bf16"] = _why_not("bf16") or "not asked for (--variants)"
+        report["not_made"]["bf16"] = synthetic or _why_not("bf16") or "not asked for (--variants)"
         log(f"BF16 variant not made: {report['not_made']['bf16']}")
     files = {f: sha256_file(out_dir / f) for f in tmp}
     manifest = Manifest(name=name, contract=CONTRACT, provenance=provenance, files=files,

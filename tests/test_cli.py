@@ -237,3 +237,21 @@ def test_the_camera_overlay_uses_the_contracts_label(images_100x):
     res = Result("frame", "Carcinoma", 0.9, [field])
     assert tuple(annotate(frame, res, "Carcinoma")[0, 0]) == RED  # a contract whose positive label is not "Malignant"
     assert tuple(annotate(frame, res, "Malignant")[0, 0]) == GREEN
+
+
+def test_every_refusal_names_the_next_step(model_dir):
+    """A variant never made names the command that makes it; TensorRT's absence says where TensorRT comes from."""
+    from runtime.backends.engines import TrtUnavailable, import_tensorrt
+    from runtime.model.manifest import ModelError
+    from runtime.model.model_dir import ModelDir
+
+    with pytest.raises(ModelError, match=f"python -m export int8 -m {model_dir} --calib-images FOLDER"):
+        ModelDir.open(model_dir).variant("int8")
+    try:
+        import tensorrt
+    except ImportError:
+        tensorrt = None
+    if tensorrt is not None and hasattr(tensorrt, "Runtime"):
+        pytest.skip("the TensorRT runtime is installed here: nothing to refuse")
+    with pytest.raises(TrtUnavailable, match="JetPack"):
+        import_tensorrt()

@@ -5,6 +5,8 @@ and images whose BreakHis name states another magnification are flagged."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from benchmarks.synthetic_slide import FIELD, write_mosaic
-from runtime.apps.slide import AGGREGATES, aggregate_verdict, classify_slide
+from runtime.apps.slide import AGGREGATES, LEGEND, aggregate_verdict, classify_slide
 from runtime.io.scale import Scale, resample_factor
 from runtime.io.slide_source import open_source
 from runtime.model.manifest import Contract, sha256_file
@@ -162,6 +164,14 @@ def test_slide_cli_writes_every_output(trained_dir, mosaic, tmp_path):
     for suffix in (".geojson", ".csv", ".overlay.png", ".json", ".probability.ome.tif"):
         assert (tmp_path / f"{stem}{suffix}").is_file()
     assert f"wrote {tmp_path / stem}.geojson" in proc.stdout
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {oct(stat.S_IMODE((tmp_path / f"{stem}{suffix}").stat().st_mode)) for suffix in (
+        ".geojson", ".csv", ".overlay.png", ".json", ".probability.ome.tif")} == {oct(0o666 & ~umask)}
+    # the overlay's legend: the colour scale from green (p 0) to blue (p 1) under the thumbnail, and the verdict
+    overlay = cv2.imread(str(tmp_path / f"{stem}.overlay.png"))
+    strip = overlay[-LEGEND:]
+    assert (strip[6:20, 8] == (0, 200, 0)).all() and (strip[6:20, 167] == (255, 60, 0)).all()
     saved = json.loads((tmp_path / f"{stem}.json").read_text())
     assert saved["aggregate"]["rule"] == "topk" and saved["model"]["name"] == "breakhis-scratch-v1"
     assert saved["sha256"] == sha256_file(path)

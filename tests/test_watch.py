@@ -81,12 +81,16 @@ def test_csv_output_and_torn_last_line(model_dir, images_100x, tmp_path):
     with open(out, "a") as f:
         f.write(str(inbox / "b.png")[:10])  # a crash mid-line leaves a fragment; it must not count as done
     (inbox / "b.png").write_bytes(images_100x[1].read_bytes())
+    (inbox / "text.png").write_bytes(b"not an image")
     proc = start(model_dir, inbox, out, idle=2)
     proc.communicate(timeout=120)
+    assert proc.returncode == 1  # as every command: an input without a verdict
     import csv
 
     rows = list(csv.DictReader(out.read_text().splitlines()))
     assert [r["path"] for r in rows if r["label"]] == [str(inbox / "a.png"), str(inbox / "b.png")]
+    # every row names the model and precision that made it, and carries the image's warnings
+    assert text[0].endswith(",warnings,model") and all("@" in r["model"] for r in rows if r["finished_at"])
 
 
 def _writer(path, data: bytes, pause: float, pieces: int = 2):

@@ -130,7 +130,9 @@ def finish_slide(unit: Unit, parts: list[dict[str, Any]], options: dict[str, Any
     results = [p["result"] for p in parts]
     res = results[0] if len(parts) == 1 else merge_bands(results, options["aggregate"], options["top_k"],
                                                          parts[0]["threshold"], tuple(parts[0]["labels"]))
-    overlay = parts[0]["overlay"] if len(parts) == 1 else merge_overlays([(p["result"], p["overlay"]) for p in parts])
+    # a whole slide's overlay has its legend; bands' are joined under the slide's (a lone band's too)
+    overlay = parts[0]["overlay"] if unit.rows is None else merge_overlays(
+        [(p["result"], p["overlay"]) for p in parts], res.aggregate)
     res.sha256 = unit.sha256
     a, n, s = res.aggregate, res.counts, res.scale
     row |= {"magnification": s["magnification"], "mpp": s["mpp"], "scale_source": s["source"],

@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1: this machine only). Any other address needs "
                          "--token-file (or --insecure-no-auth), and should have --tls-cert/--tls-key")
-    ap.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    ap.add_argument("--port", type=int, default=8080,
+                    help="port to listen on (default 8080: Triton Inference Server, often beside it, takes 8000-8002)")
     ap.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                     help="another name this server may be reached by (Host header), repeatable")
     ap.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES >> 20,

@@ -243,9 +243,11 @@ def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: S
                                     if tissue_mask else "off: every field classified"),
         fields=fields, warnings=warnings, model=clf.model_info,
         timings_ms={"plan_and_mask": (t_plan - t0) * 1e3, "classify": (t_infer - t_plan) * 1e3})
-    if overlay is not None:
+    if overlay is not None:  # a band's overlay gets its legend once the bands are merged (merge_overlays)
+        image = overlay_image(thumb, t_down, fields)
+        image = with_legend(image, result.aggregate) if band is None else image
         # encoded here and written by Python: OpenCV's imwrite crashes on names that are not valid UTF-8
-        Path(overlay).write_bytes(cv2.imencode(".png", overlay_image(thumb, t_down, fields))[1].tobytes())
+        Path(overlay).write_bytes(cv2.imencode(".png", image)[1].tobytes())
     result.timings_ms["total"] = (time.perf_counter() - t0) * 1e3
     return result
 
@@ -271,9 +273,10 @@ def merge_bands(parts: list[SlideResult], aggregate: str, top_k: int, threshold:
                    aggregate=region_verdict(fields, aggregate, top_k, threshold, labels))
 
 
-def merge_overlays(parts: list[tuple[SlideResult, bytes]]) -> bytes:
+def merge_overlays(parts: list[tuple[SlideResult, bytes]], aggregate: dict[str, Any]) -> bytes:
     """One overlay PNG from the bands' own: each band's rows of the thumbnail taken from the band that drew them
-    (a band's overlay differs from the thumbnail only inside its own fields)."""
+    (a band's overlay differs from the thumbnail only inside its own fields), with the legend of the slide's
+    ``aggregate``."""
     images: list[np.ndarray] = []
     for _, png in parts:
         img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
@@ -286,14 +289,26 @@ def merge_overlays(parts: list[tuple[SlideResult, bytes]]) -> bytes:
             t_down = res.size[0] / img.shape[1]
             y0, y1 = min(f.y for f in res.fields), max(f.y + f.height for f in res.fields)
             out[int(y0 / t_down):int(y1 / t_down)] = img[int(y0 / t_down):int(y1 / t_down)]
-    return cv2.imencode(".png", out)[1].tobytes()
+    return cv2.imencode(".png", with_legend(out, aggregate))[1].tobytes()
+
+
+def _umask() -> int:
+    """The process's umask (read once, at import: setting it to read it is not thread-safe later)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` whole or not at all: written under a temporary name in its folder, then renamed."""
+    """``path`` holds ``data`` whole or not at all: written under a temporary name in its folder, then renamed;
+    its mode is the user's umask's, as any file the user writes (mkstemp's own is 0600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:80]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~UMASK)
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -354,10 +369,36 @@ def region_verdict(fields: list[SlideField], rule: str, top_k: int, threshold: f
 
 
 def _rgb(p: float | None) -> tuple[int, int, int]:
-    """Green (benign) through yellow to red (malignant)."""
+    """Green (benign) through yellow (0.5) to blue (malignant): blue stands out on H&E's pinks and purples, where a
+    red tint on eosin does not."""
     if p is None:
         return 128, 128, 128
-    return int(255 * min(1.0, 2 * p)), int(255 * min(1.0, 2 * (1 - p))), 0
+    if p <= 0.5:
+        return int(255 * 2 * p), 200 + int(55 * 2 * p), 0
+    t = 2 * p - 1
+    return int(255 * (1 - t)), int(255 - 195 * t), int(255 * t)
+
+
+LEGEND = 44  # pixels of the legend strip under the overlay
+
+
+def with_legend(overlay: np.ndarray, aggregate: dict[str, Any]) -> np.ndarray:
+    """The overlay with a strip under it: the colour scale of p(malignant), what the outlines mean, and the region's
+    verdict (or why there is none)."""
+    h, w = overlay.shape[:2]
+    width = max(w, 480)
+    out = np.full((h + LEGEND, width, 3), 255, np.uint8)
+    out[:h, :w] = overlay
+    for i in range(160):  # the scale: p 0 .. 1
+        r, g, b = _rgb(i / 159)
+        out[h + 6:h + 20, 8 + i] = (b, g, r)
+    text = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.putText(out, "p(malignant) 0 .. 1; amber outline: quality flag", (176, h + 18), text, 0.4, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    verdict = (f"{aggregate['label']} ({aggregate['rule']} = {aggregate['value']:.3f})" if aggregate["label"]
+               else aggregate.get("note", "no verdict")[:90])
+    cv2.putText(out, verdict, (8, h + 37), text, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return out
 
 
 def overlay_image(thumb: np.ndarray, t_down: float, fields: list[SlideField]) -> np.ndarray:

@@ -32,9 +32,11 @@ from typing import Any
 from runtime.io.formats import SLIDE_SUFFIXES, is_image, is_slide
 from runtime.io.inputs import ImageInput
 
-# advice: what the quality check says to do; rechecked: fields re-checked at FP32
+# advice: what the quality check says to do; rechecked: fields re-checked at FP32; warnings: the decoder's and the
+# scale's; model: name@sha256 (first 12) and the precision that ran. A CSV begun by an older version keeps its own
+# header (its rows go on without the columns it lacks).
 CSV_FIELDS = ("path", "label", "probability", "fields", "rechecked", "advice", "error", "size", "mtime_ns", "sha256",
-              "supersedes", "finished_at")
+              "supersedes", "finished_at", "warnings", "model")
 ENCODING = ("utf-8", "surrogateescape")  # file names are bytes: undecodable ones round-trip exactly
 
 
@@ -54,14 +56,25 @@ def latest_records(out: Path) -> dict[str, dict[str, Any]]:
     return {r["path"]: r for r in rows if isinstance(r, dict) and r.get("path") and r.get("finished_at")}
 
 
+def _header(out: Path) -> list[str]:
+    """The columns of an existing CSV (its first line)."""
+    with open(out, newline="", encoding=ENCODING[0], errors=ENCODING[1]) as f:
+        return next(csv.reader(f), None) or list(CSV_FIELDS)
+
+
 def record(out: Path, result: dict[str, Any]) -> None:
     """Append one result as one line, atomically with respect to crashes (single O_APPEND write + fsync)."""
     if out.suffix == ".csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore")
-        if not out.is_file() or out.stat().st_size == 0:
+        fresh = not out.is_file() or out.stat().st_size == 0
+        w = csv.DictWriter(buf, CSV_FIELDS if fresh else _header(out), extrasaction="ignore")
+        if fresh:
             w.writeheader()
-        w.writerow(result | {"fields": len(result["fields"]), "advice": "; ".join(result.get("advice") or [])})
+        model = result.get("model") or {}
+        w.writerow(result | {"fields": len(result["fields"]), "advice": "; ".join(result.get("advice") or []),
+                             "warnings": "; ".join(result.get("warnings") or []),
+                             "model": f"{model.get('name')}@{str(model.get('sha256'))[:12]} {model.get('precision')}"
+                             if model else ""})
         line = buf.getvalue()
     else:
         line = json.dumps(result) + "\n"  # ensure_ascii: undecodable name bytes become \\udcXX escapes
@@ -93,6 +106,7 @@ class Watcher:
         self.latest = latest_records(out)
         self.seen: dict[str, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, first time seen so)
         self.noted: set[str] = set()  # slide files named once as not classified (no --slides)
+        self.failed = 0  # records of this run without a verdict (an error, or fields withheld): the exit status
 
     def accepts(self, name: str) -> bool:
         """Images; slide formats too with --slides (without it, each one is named once on stderr, not waited for,
@@ -172,6 +186,7 @@ class Watcher:
     def _write(self, rec: dict[str, Any]) -> None:
         rec["finished_at"] = time.time()
         record(self.out, rec)
+        self.failed += rec["error"] is not None
         self.latest[rec["path"]] = rec
         self.seen.pop(rec["path"], None)
         status = rec["error"] or (f"{rec['label']} {rec['probability']:.4f}" if rec["probability"] is not None
@@ -204,6 +219,7 @@ class Watcher:
         res.sha256 = sha
         res.save(stem)
         return rec | {"label": res.aggregate["label"], "probability": res.aggregate["value"],
+                      "model": res.model.to_dict() if res.model else {},
                       "error": res.aggregate["note"] if res.withheld_verdict else None,
                       "fields": [asdict(f) for f in res.fields if f.status in ("classified", "withheld")],
                       "rechecked": res.counts["rechecked"],
@@ -256,4 +272,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     clf.close()
-    return 0
+    return 1 if w.failed else 0  # as every command: 1 where an input got no verdict

@@ -34,7 +34,9 @@ def import_tensorrt() -> Any:
         raise TrtUnavailable(f"TensorRT is not installed ({e}). On JetPack 6 it comes with the OS "
                              "(python3-libnvinfer); on x86 use NVIDIA's tensorrt wheel") from None
     if not hasattr(trt, "Runtime"):  # tensorrt-stubs alone provides an importable, empty namespace package
-        raise TrtUnavailable("only TensorRT type stubs are installed here, not the TensorRT runtime")
+        raise TrtUnavailable("only TensorRT type stubs are installed here, not the TensorRT runtime: on a Jetson it "
+                             "comes with JetPack (python3-libnvinfer), on an x86 GPU machine from NVIDIA's tensorrt "
+                             "wheel (docs/gpu-and-jetson.md); meanwhile --backend onnxruntime-cuda (GPU) or cpu")
     return trt
 
 

@@ -74,17 +74,17 @@ class ModelDir:
         """The listed variant of this precision, or ModelError saying why there is none (its gate result)."""
         if precision in self.manifest.variants:
             return self.manifest.variants[precision]
-        why = "it was never made"
+        why, step = "it was never made", _next_step(self.path, precision)
         try:
             report = self.report()
         except ModelError:  # the report only explains; a damaged one changes nothing here
             report = {}
         if precision in report.get("rejected", {}):
-            why = f"it failed its fidelity gate at export: {report['rejected'][precision]}"
-        elif precision in report.get("not_made", {}):
-            why = f"it was not made at export: {report['not_made'][precision]}"
+            why, step = f"it failed its fidelity gate at export: {report['rejected'][precision]}", INSTEAD
+        elif precision in report.get("not_made", {}):  # the reason says what would make it
+            why, step = f"it was not made at export: {report['not_made'][precision]}", INSTEAD
         raise ModelError(f"{self.path}: no {precision} variant ({why}); this model has "
-                         f"{', '.join(sorted(self.manifest.variants)) or 'none'}")
+                         f"{', '.join(sorted(self.manifest.variants)) or 'none'}. {step}")
 
     def band(self, precision: str) -> float:
         """A listed variant's re-check band: the probability bound its gate derived where the precision's bound is
@@ -158,3 +158,25 @@ def verified_file(folder: Path, name: str, files: dict[str, str]) -> tuple[Path,
 @functools.lru_cache(maxsize=64)
 def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(Path(path))
+
+
+INSTEAD = "Use --precision auto (the fastest variant that passed here) or fp32"
+
+
+def _next_step(path: Path, precision: str) -> str:
+    """What to run to get a precision's variant (the precision table says what makes it), or what to use instead."""
+    from runtime.model.precisions import PRECISIONS
+
+    row, instead = PRECISIONS.get(precision), INSTEAD
+    if row is None:
+        return instead
+    if row.made_by == "export int8":
+        return (f"To make it: python -m export int8 -m {path} --calib-images FOLDER (real images of your lab; it is "
+                f"kept only where it passes its gate and is the fastest tier). {instead}")
+    if row.made_by == "--variants":
+        cmd = "python -m export bf16 -m " + str(path) if precision == "bf16" else \
+            "the export again with --variants " + precision
+        where = {"gpu": " on a machine with an NVIDIA GPU", "cpu": " on a CPU with native BF16"}.get(row.auto, "")
+        return f"To make it{where}: {cmd}. {instead}"
+    return instead
+
