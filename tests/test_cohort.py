@@ -71,6 +71,7 @@ def test_one_process_writes_every_output_a_row_each_and_the_run(model_dir, cohor
     assert pq.read_table(out / "cohort.parquet").column("path").to_pylist() == [r["path"] for r in rows]
     run = json.loads((out / "run.json").read_text())
     assert run["model"]["name"] and run["options"]["mpp"] == 0.5 and run["classified"] == 7 and run["errors"] == 1
+    assert all(r["model"].startswith(f"{run['model']['name']}@") for r in _rows(out) if r["status"] != "error")
     assert {"python", "numpy", "onnxruntime", "ray"} <= set(run["versions"]) and run["started"] <= run["finished"]
     stem = out / "slides" / good[0]["outputs"]
     ids = [f["id"] for f in json.loads(Path(f"{stem}.geojson").read_text())["features"]]

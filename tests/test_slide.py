@@ -174,6 +174,12 @@ def test_slide_cli_writes_every_output(trained_dir, mosaic, tmp_path):
     assert (strip[6:20, 8] == (0, 200, 0)).all() and (strip[6:20, 167] == (255, 60, 0)).all()
     saved = json.loads((tmp_path / f"{stem}.json").read_text())
     assert saved["aggregate"]["rule"] == "topk" and saved["model"]["name"] == "breakhis-scratch-v1"
+    # every output names the model that made it (name@sha256 and precision) and carries the region's warnings
+    tag = f"breakhis-scratch-v1@{saved['model']['sha256'][:12]} {saved['model']['precision']}"
+    rows = (tmp_path / f"{stem}.csv").read_text().splitlines()
+    assert rows[0].endswith(",model") and all(r.endswith(tag) for r in rows[1:])
+    geo = json.loads((tmp_path / f"{stem}.geojson").read_text())["breakhis"]
+    assert geo["model"] == tag and geo["warnings"] == saved["warnings"] and geo["aggregate"] == saved["aggregate"]
     assert saved["sha256"] == sha256_file(path)
     proc = run_module("runtime.slide", "--no-progress", "--out", str(tmp_path), str(tmp_path / "missing.tif"))
     assert proc.returncode == 1 and "missing.tif" in proc.stderr
@@ -232,3 +238,7 @@ def test_two_inputs_of_one_name_from_two_folders_keep_their_own_outputs(model_di
         stem = out / f"scan.tif.{sha256_file(src)[:12]}"
         assert json.loads(Path(f"{stem}.json").read_text())["fields"] == res["fields"]  # each kept its own
     assert len(list(out.iterdir())) == 10  # 5 outputs each: GeoJSON, CSV, JSON, overlay, probability map
+    proc = run_module("runtime.slide", "--model", str(model_dir), "--backend", "cpu", "--no-progress", "--jsonl",
+                      "--out", str(out), str(a / "scan.tif"), str(b / "scan.tif"))
+    assert proc.returncode == 0 and [json.loads(line)["fields"] for line in proc.stdout.splitlines()] == \
+        [first["fields"], second["fields"]]  # one line per slide, as runtime.classify --jsonl

@@ -47,7 +47,7 @@ from runtime.model.paths import default_model_dir
 
 COLUMNS = ("path", "size_bytes", "sha256", "magnification", "mpp", "scale_source", "verdict", "probability", "rule",
            "fields", "classified", "background", "errors", "rechecked", "flagged", "withheld", "seconds", "status",
-           "error", "resumed", "outputs")
+           "error", "warnings", "model", "resumed", "outputs")
 RECORD = ".result.json"  # a slide's record: written last, so its presence means the slide's outputs are whole
 MAX_ATTEMPTS = 3  # a slide whose worker died this often is recorded as an error
 
@@ -137,6 +137,7 @@ def finish_slide(unit: Unit, parts: list[dict[str, Any]], options: dict[str, Any
     a, n, s = res.aggregate, res.counts, res.scale
     row |= {"magnification": s["magnification"], "mpp": s["mpp"], "scale_source": s["source"],
             "verdict": a["label"], "probability": a["value"], "rule": a["rule"], **n,
+            "warnings": "; ".join(res.warnings), "model": res.model_tag(),
             "error": "; ".join(([a["note"]] if res.withheld_verdict else []) + (res.warnings if n["errors"] else []))
             or None,
             # withheld: no verdict, the quality check withheld fields and the counted ones are not Malignant

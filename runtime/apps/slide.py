@@ -102,7 +102,14 @@ class SlideResult:
                                          "qc_flags": f.flags,
                                          "rechecked": f.fast_probability is not None,
                                          "row": f.row, "col": f.col}})
-        return {"type": "FeatureCollection", "features": feats}
+        # a foreign member (RFC 7946, 6.1): the region's verdict, its warnings and the model, beside the tiles
+        return {"type": "FeatureCollection", "features": feats,
+                "breakhis": {"aggregate": self.aggregate, "warnings": self.warnings, "model": self.model_tag()}}
+
+    def model_tag(self) -> str:
+        """The model as a table cell says it: name@sha256 (first 12) and the precision that ran."""
+        m = self.model
+        return f"{m.name}@{m.sha256[:12]} {m.precision}" if m else ""
 
     def outputs(self) -> dict[str, bytes]:
         """STEM suffix -> bytes: .geojson, .csv, .json and the probability map .probability.ome.tif (the overlay PNG
@@ -146,13 +153,13 @@ class SlideResult:
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\n")
         w.writerow(["row", "col", "minx", "miny", "width", "height", "tissue", "status", "probability", "label",
-                    "error", "fast_probability", "qc_flags", *(f"qc_{m}" for m in MEASURES)])
+                    "error", "fast_probability", "qc_flags", *(f"qc_{m}" for m in MEASURES), "model"])
         # minx, miny, width, height, probability: as WSInfer writes them
         for f in self.fields:
             w.writerow([f.row, f.col, f.x, f.y, f.width, f.height, f"{f.tissue:.3f}", f.status,
                         "" if f.probability is None else f"{f.probability:.6f}", f.label or "", f.error or "",
                         "" if f.fast_probability is None else f"{f.fast_probability:.6f}", " ".join(f.flags),
-                        *("" if f.quality is None else f"{f.quality[m]:.4g}" for m in MEASURES)])
+                        *("" if f.quality is None else f"{f.quality[m]:.4g}" for m in MEASURES), self.model_tag()])
         return out.getvalue()
 
 
@@ -451,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-tissue-mask", action="store_true", help="classify every field, background too")
     ap.add_argument("--min-tissue", type=float, default=MIN_TISSUE,
                     help=f"fraction of a field that must be tissue for it to be classified (default: {MIN_TISSUE})")
-    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    fmt = ap.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the results as a JSON list instead of a table")
+    fmt.add_argument("--jsonl", action="store_true",
+                     help="print one JSON object per line, as each slide is done (as runtime.classify --jsonl)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_model_options(ap, max_pixels=100_000_000)
     args = ap.parse_args(argv)
@@ -486,11 +496,14 @@ def main(argv: list[str] | None = None) -> int:
                     bar(-1, -1)
             res.sha256 = sha
             res.save(stem)
+            if args.jsonl:
+                print(json.dumps(res.to_dict()), flush=True)
             failed += res.counts["errors"] > 0 or res.withheld_verdict  # no verdict: like an error, exit 1
-            results.append(res)
+            if not args.jsonl:  # streamed: nothing held
+                results.append(res)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1))
-    else:
+    elif not args.jsonl:
         for r in results:  # names of any bytes stay printable
             print(_summary(r, args.out).encode("utf-8", "backslashreplace").decode())
     return 1 if failed else 0

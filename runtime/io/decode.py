@@ -197,7 +197,10 @@ def probe(data: bytes, name: str) -> Probe:
                 im.seek(i)
                 pages.append(im.size)
             orientation = int(im.getexif().get(0x0112, 1) or 1) if fmt in ("JPEG", "MPO", "TIFF") else 1
-    except (UnidentifiedImageError, OSError, EOFError, SyntaxError, ValueError, struct.error) as e:
+    except UnidentifiedImageError:  # Pillow's message is a repr of its buffer: say it in words
+        raise ImageError(f"{name}: not a PNG, JPEG, TIFF or BMP image (its first bytes are not any image format's "
+                         "signature: another kind of file, renamed?)") from None
+    except (OSError, EOFError, SyntaxError, ValueError, struct.error) as e:
         raise ImageError(f"{name}: not a PNG, JPEG, TIFF or BMP image (unrecognised or damaged header: "
                          f"{str(e)[:120]})") from None
     return Probe(fmt, pages, orientation if orientation in ORIENTATION else 1)
