@@ -29,13 +29,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir, *extra: str, scheme: str = "http", context=None,
-                 backend: str = "cpu") -> tuple[subprocess.Popen, str]:
-    """``python -m runtime.serve`` on a free loopback port, once /healthz answers (over ``context`` for HTTPS)."""
+def start_server(model_dir, *extra: str, scheme: str = "http", context=None, backend: str = "cpu",
+                 code: str | None = None, **popen) -> tuple[subprocess.Popen, str]:
+    """``python -m runtime.serve`` (or ``python -c code``) on a free loopback port, once /healthz answers (over
+    ``context`` for HTTPS); ``popen``: Popen's arguments (env, preexec_fn)."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(model_dir), "--port", str(port),
-                             "--backend", backend, *extra], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, *(("-c", code) if code else ("-m", "runtime.serve")), "--model",
+                             str(model_dir), "--port", str(port), "--backend", backend, *extra], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     url = f"{scheme}://127.0.0.1:{port}"
     for _ in range(120):
         try:

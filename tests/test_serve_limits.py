@@ -159,7 +159,7 @@ def test_foreign_host_and_cross_origin_posts_are_refused(limited, images):
             urllib.request.urlopen(req, timeout=10)
         assert e.value.code == 421
     page = urllib.request.urlopen(url + "/").read().decode()
-    token = page.split('const TOKEN = "')[1].split('"')[0]
+    token = page.split('<meta name="breakhis-page-token" content="')[1].split('"')[0]
     assert len(token) > 10
     for origin, tok in (("http://evil.example", token), (url, "wrong"), (url, None)):
         headers = {"Origin": origin, **({"X-Breakhis-Token": tok} if tok else {})}

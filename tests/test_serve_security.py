@@ -35,15 +35,30 @@ def get(url: str, token: str | None = None, context=None, data: bytes | None = N
 def token_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("auth") / "tokens"
     path.write_text(f"# the lab's microscopes\n{TOKEN}\nanother-token-for-bench-4-xyz\n")
+    path.chmod(0o644)  # readable by every local user: warned about, not refused (runtime/apps/auth.py says why)
     return path
 
 
 @pytest.fixture(scope="module")
-def secured(model_dir, token_file):
+def secured_proc(model_dir, token_file):
     proc, url = start_server(model_dir, "--token-file", str(token_file))
-    yield url
+    yield proc, url
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def secured(secured_proc):
+    return secured_proc[1]
+
+
+def test_a_token_file_readable_by_others_is_warned_about(secured_proc, token_file):
+    proc, _ = secured_proc
+    said = []
+    while not said or not said[-1].startswith("serving"):
+        said.append(proc.stdout.readline())
+    assert f"WARNING: {token_file}: the token file is readable by every local user (mode 644)" in "".join(said)
+    assert TOKEN not in "".join(said)
 
 
 def test_every_route_but_healthz_needs_a_token(secured, images_100x):
@@ -126,6 +141,10 @@ def test_a_network_binding_needs_a_token(tmp_path, capsys):
     assert f"{short}:1: a token must be at least 16" in capsys.readouterr().err
     bad = tmp_path / "key.pem"
     bad.write_text("not a key")
+    bad.chmod(0o644)  # readable by every local user: refused before it is even read
+    assert main(["--tls-cert", str(bad), "--tls-key", str(bad)]) != 0
+    assert f"{bad}: the private key is readable by every local user (mode 644)" in capsys.readouterr().err
+    bad.chmod(0o640)  # owner and group (Debian's ssl-cert convention): read, and refused as no key
     assert main(["--tls-cert", str(bad), "--tls-key", str(bad)]) != 0
     assert "not a usable certificate and private key" in capsys.readouterr().err
 
@@ -136,3 +155,15 @@ def test_tokens_are_compared_whole():
     for wrong in (None, b"", TOKEN.encode()[:-1], TOKEN.encode() + b"!", b"x" * 19):
         assert not auth.allows(tokens, wrong)
     assert auth.bearer("Bearer  abc ") == b"abc" and auth.bearer("Basic abc") is None and auth.bearer(None) is None
+
+
+def test_tokens_of_any_length_are_compared_as_digests():
+    assert auth.allows((b"a" * 16, b"b" * 200), b"b" * 200) and not auth.allows((b"a" * 16,), b"a" * 200)
+    assert not auth.allows((b"a" * 16,), b"a" * 15 + b"\0")
+
+
+def test_plain_http_beyond_loopback_with_tokens_is_warned_about():
+    warning = auth.plain_http_warning("0.0.0.0", local=False, has_tokens=True, tls=False)
+    assert warning is not None and "clear text" in warning and "--tls-cert" in warning
+    assert auth.plain_http_warning("0.0.0.0", local=False, has_tokens=True, tls=True) is None
+    assert auth.plain_http_warning("127.0.0.1", local=True, has_tokens=True, tls=False) is None

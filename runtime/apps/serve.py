@@ -17,11 +17,13 @@
 This module does HTTP only: the classifier is owned by runtime.apps.request_queue's worker, the page's images come from
 runtime.apps.views. Limits: uploads above --max-upload-mb are refused while they stream in (413); images above
 --max-pixels or --max-fields get 413; a full queue gets 503 with Retry-After; work whose client has gone is
-dropped. Requests must name this server in their Host header (DNS rebinding), and a browser POST from another
-origin, or without the page's token, is refused (403). With --token-file every route but /healthz needs
-"Authorization: Bearer TOKEN" (401 otherwise; the page asks for it once per tab), and binding to anything but
-loopback without a token is refused unless --insecure-no-auth says so; --tls-cert/--tls-key serve HTTPS.
-SIGTERM: stop accepting, finish the batch in progress, cancel what waits, exit 0.
+dropped; at most --max-uploads uploads are held at once (the memory bound), --max-connections connections are
+served, slow clients are cut off (runtime.apps.connection); a slide is refused (413) before any work when its scale
+or its field count is beyond the limits (runtime.apps.slide_jobs). Which requests get in, and the headers every
+answer carries (Content-Security-Policy, nosniff), is runtime.apps.guard's: Host names (DNS rebinding), bearer
+tokens (--token-file; the page asks for one once per tab), cross-origin POSTs. Binding to anything but loopback
+without a token is refused unless --insecure-no-auth says so; --tls-cert/--tls-key serve HTTPS.
+SIGTERM: stop accepting, finish the batch in progress, cancel what waits, remove slide uploads, exit 0.
 """
 from __future__ import annotations
 
@@ -31,23 +33,22 @@ import secrets
 import signal
 import sys
 import threading
-import time
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.requests import ClientDisconnect
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from runtime.apps import auth
+from runtime.apps.connection import BODY_CHUNK_TIMEOUT_S, HeaderTimeoutProtocol, next_chunk
+from runtime.apps.guard import CLOSED, LOCAL_NAMES, WILDCARDS, Guard, allowed_hosts
 from runtime.apps.request_queue import Batcher, Busy
 from runtime.apps.slide import AGGREGATES
-from runtime.apps.slide_jobs import SlideJobs
+from runtime.apps.slide_jobs import SlideJobs, SlideRefused
 from runtime.apps.views import patch_views
 from runtime.io.decode import ImageTooLarge
 from runtime.io.inputs import ImageInput
@@ -58,9 +59,10 @@ MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 SERVE_MAX_PIXELS = 16_000_000  # per request: 4x a 2048x2048 camera frame (the CLI allows 64 MP)
 SERVE_MAX_FIELDS = 32  # per request: a bound on the inference one request can ask for
 MAX_PENDING_FIELDS = 128  # waiting in the queue, all requests together: beyond it, 503
-PAGE = Path(__file__).resolve().parent / "static" / "index.html"
-LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
-CLOSED = 499  # the client went away before its answer (nginx's code); not a server error
+MAX_UPLOADS = 4  # uploads held in memory at once (docs/user-guide.md: the memory bound); more wait for a turn
+UPLOAD_WAIT_S = 30.0  # how long an upload waits for its turn before 503
+MAX_CONNECTIONS = 64  # uvicorn's limit_concurrency: connections and requests at once; beyond it, 503
+STATIC = Path(__file__).resolve().parent / "static"
 NO_JOB = "no such slide job (finished jobs are kept for a while)"
 
 
@@ -84,19 +86,6 @@ class Metrics:
                 "max": float(lat.max()), "window": len(self.latency_ms)}}
 
 
-def allowed_hosts(host: str, extra: list[str]) -> set[str] | None:
-    """Host header names this server answers to; None (any) when bound to every interface."""
-    if host in ("0.0.0.0", "::"):
-        return None
-    names = {host, *extra} | (set(LOCAL_NAMES) if host in LOCAL_NAMES else set())
-    return {n.lower().strip("[]") for n in names}
-
-
-def _host_name(value: str) -> str:
-    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:80' -> '::1'."""
-    return (urlsplit("//" + value).hostname or "").lower()
-
-
 @dataclass(frozen=True)
 class Limits:
     """What one request, and all requests together, may ask of the server: beyond, 413 or 503."""
@@ -105,6 +94,8 @@ class Limits:
     max_fields: int = SERVE_MAX_FIELDS  # fields per image request
     max_pending: int = MAX_PENDING_FIELDS  # fields waiting in the queue, all requests together
     retry_after_s: int = 5  # what a 503 tells the client to wait
+    max_uploads: int = MAX_UPLOADS  # uploads held at once
+    max_slide_fields: int | None = None  # fields per slide (None: slide_jobs.default_max_fields)
 
 
 @dataclass
@@ -117,6 +108,11 @@ class Service:
     limits: Limits
     metrics: Metrics = field(default_factory=Metrics)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(16))  # another site's page cannot read it
+    uploads: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_UPLOADS))
+
+    @property
+    def page(self) -> str:
+        return (STATIC / "index.html").read_text().replace("{{TOKEN}}", self.token)
 
 
 routes = APIRouter()
@@ -137,13 +133,17 @@ def busy(svc: Service, e: Exception | None = None) -> JSONResponse:
                  **{"Retry-After": str(wait)})
 
 
-def page_html(token: str) -> str:
-    return PAGE.read_text().replace("{{TOKEN}}", token)
-
-
 @routes.get("/", response_class=HTMLResponse)
 def page(request: Request) -> str:
-    return page_html(_service(request).token)
+    return _service(request).page
+
+
+@routes.get("/static/{name}", include_in_schema=False)
+def static(name: str) -> Response:
+    """The page's own script and style (the Content-Security-Policy allows no other)."""
+    if name not in ("app.js", "app.css"):
+        return error(404, "no such file")
+    return FileResponse(STATIC / name, media_type="text/javascript" if name.endswith(".js") else "text/css")
 
 
 @routes.get("/healthz")
@@ -170,12 +170,13 @@ def get_metrics(request: Request) -> dict[str, Any]:
 async def read_body(request: Request, limit: int) -> bytes | None:
     """The body, read as it streams in; None once it passes the limit. Past the limit nothing more is kept, and up
     to twice the limit is read and dropped so that an ordinary client still receives its 413; a larger upload is
-    cut off there."""
+    cut off there. TimeoutError where the client stalls for BODY_CHUNK_TIMEOUT_S."""
     chunks: list[bytes] | None = []
     n = 0
     if int(request.headers.get("content-length") or 0) > 2 * limit:
         return None
-    async for chunk in request.stream():
+    stream = request.stream()
+    while (chunk := await next_chunk(stream)) is not None:
         n += len(chunk)
         if n > limit:
             chunks = None
@@ -187,8 +188,12 @@ async def read_body(request: Request, limit: int) -> bytes | None:
 
 
 async def read_upload(request: Request, limit: int) -> tuple[str, bytes] | JSONResponse:
-    """(file name, bytes) of a multipart field "file" or a raw body, bounded by the upload limit."""
-    data = await read_body(request, limit)
+    """(file name, bytes) of a multipart field "file" or a raw body, bounded by the upload limit. Called with one of
+    the server's upload turns held (``uploads``)."""
+    try:
+        data = await read_body(request, limit)
+    except TimeoutError:
+        return error(408, f"the upload stalled: nothing came for {BODY_CHUNK_TIMEOUT_S:g} s")
     if data is None:
         return error(413, f"upload above the limit of {limit:,} bytes")
     name = "upload"
@@ -203,12 +208,35 @@ async def read_upload(request: Request, limit: int) -> tuple[str, bytes] | JSONR
             return error(400, "multipart body has no file field named 'file'")
         name = upload.filename or name
         data = await upload.read()
+        request._body = b""  # one copy of the upload is held, not two
     return name, data
+
+
+@asynccontextmanager
+async def upload_turn(svc: Service) -> Any:
+    """One of the server's MAX_UPLOADS turns to hold an upload, for the whole request (its bytes live until the
+    answer); None after UPLOAD_WAIT_S without one."""
+    try:
+        await asyncio.wait_for(svc.uploads.acquire(), UPLOAD_WAIT_S)
+    except TimeoutError:
+        yield None
+        return
+    try:
+        yield True
+    finally:
+        svc.uploads.release()
 
 
 @routes.post("/v1/classify")
 async def classify(request: Request, views: int = 0) -> Any:
     svc = _service(request)
+    async with upload_turn(svc) as turn:
+        if turn is None:
+            return busy(svc, Busy(f"{svc.limits.max_uploads} uploads are being received"))
+        return await _classify(request, svc, views)
+
+
+async def _classify(request: Request, svc: Service, views: int) -> Any:
     got = await read_upload(request, svc.limits.max_upload)
     if isinstance(got, JSONResponse):
         return got
@@ -239,7 +267,7 @@ async def classify(request: Request, views: int = 0) -> Any:
         return error(422, res.error)
     out = res.to_dict()  # its warnings: the decoder's and the classifier's (e.g. another magnification)
     if views:
-        out["views"] = patch_views(bgr, out, svc.clf.contract)
+        out["views"] = await asyncio.to_thread(patch_views, bgr, out, svc.clf.contract)
     return out
 
 
@@ -247,10 +275,17 @@ async def classify(request: Request, views: int = 0) -> Any:
 async def slide(request: Request, aggregate: str = "max", top_k: int = 3, magnification: float | None = None,
                 tissue_mask: int = 1) -> Any:
     svc = _service(request)
-    got = await read_upload(request, svc.limits.max_upload)  # read first: a client still sending cannot read an
-    if isinstance(got, JSONResponse):  # early answer
-        return got
-    name, data = got
+    async with upload_turn(svc) as turn:
+        if turn is None:
+            return busy(svc, Busy(f"{svc.limits.max_uploads} uploads are being received"))
+        got = await read_upload(request, svc.limits.max_upload)  # read first: a client still sending cannot read
+        if isinstance(got, JSONResponse):  # an early answer
+            return got
+        return await _slide(svc, *got, aggregate, top_k, magnification, tissue_mask)
+
+
+async def _slide(svc: Service, name: str, data: bytes, aggregate: str, top_k: int, magnification: float | None,
+                 tissue_mask: int) -> Any:
     if aggregate not in AGGREGATES or top_k < 1 or (magnification is not None and magnification <= 0):
         return error(400, f"aggregate must be one of {', '.join(AGGREGATES)}, top_k >= 1, magnification > 0")
     if not data:
@@ -258,9 +293,14 @@ async def slide(request: Request, aggregate: str = "max", top_k: int = 3, magnif
     options = {"aggregate": aggregate, "top_k": top_k, "tissue_mask": bool(tissue_mask),
                "scale": Scale(magnification, None, "request") if magnification else None}
     try:
-        job = svc.slides.start(data, name, options)
+        job = await asyncio.to_thread(svc.slides.start, data, name, options)  # writes the file: not on the loop
     except Busy as e:
         return busy(svc, e)
+    except SlideRefused as e:
+        return error(413, str(e))
+    except OSError as e:  # disk full, no permission: the slot and the folder are free again
+        return error(503, f"{name}: the upload could not be stored ({e.strerror or type(e).__name__})",
+                     **{"Retry-After": str(svc.limits.retry_after_s)})
     return {"job": job.id, "status": f"/v1/slide/{job.id}"}
 
 
@@ -278,83 +318,30 @@ def slide_cancel(request: Request, job_id: str) -> Any:
 
 
 def create_app(clf: Classifier, limits: Limits = Limits(), hosts: set[str] | None = None,
-               tokens: tuple[bytes, ...] = ()) -> FastAPI:
-    """The app around an open Classifier (which it owns from now on, through one worker thread); ``tokens``: the
-    bearer tokens every route but /healthz needs (none: no authentication)."""
+               tokens: tuple[bytes, ...] = (), wildcard: bool = False) -> FastAPI:
+    """The app around an open Classifier (which it owns from now on, through one worker thread); ``hosts``: the
+    Host names it answers to (guard.allowed_hosts; default: loopback), ``wildcard``: bound to every interface;
+    ``tokens``: the bearer tokens every route but /healthz needs (none: no authentication)."""
     batcher = Batcher(clf, max_pending=limits.max_pending)
-    svc = Service(clf, batcher, SlideJobs(clf, batcher), limits)
+    svc = Service(clf, batcher, SlideJobs(clf, batcher, max_fields=limits.max_slide_fields), limits,
+                  uploads=asyncio.Semaphore(limits.max_uploads))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         yield
-        svc.slides.stop()
+        svc.slides.stop()  # cancelled, their uploads removed
         batcher.stop()  # shutdown: waiting work is cancelled; the batch in progress finishes
+
+    def record(path: str, status: int, ms: float) -> None:
+        if path.startswith("/v1/classify"):
+            svc.metrics.record(status, ms)
 
     app = FastAPI(title="breakhis-edge", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.include_router(routes)
     app.state.service = svc
-    app.add_middleware(Guard, hosts=hosts, token=svc.token, metrics=svc.metrics,  # type: ignore[arg-type]
-                       max_upload=limits.max_upload, bearer_tokens=tokens)
+    app.add_middleware(Guard, hosts=allowed_hosts("127.0.0.1", []) if hosts is None else hosts,  # type: ignore
+                       wildcard=wildcard, token=svc.token, page=svc.page, record=record, bearer_tokens=tokens)
     return app
-
-
-class Guard:
-    """Pure ASGI middleware (so that handlers still see their client's disconnect): refuses foreign Host headers
-    (421), requests without one of the bearer tokens where the server has them (401; the page itself comes with
-    401 and asks for the token), browser POSTs from another origin or without the page's token (403), turns an
-    unexpected exception into a 500 without a traceback, and records each /v1/classify answer in the metrics."""
-
-    def __init__(self, app: Any, hosts: set[str] | None, token: str, metrics: Metrics, max_upload: int,
-                 bearer_tokens: tuple[bytes, ...] = ()) -> None:
-        self.app, self.hosts, self.token, self.metrics, self.max_upload = app, hosts, token, metrics, max_upload
-        self.bearer_tokens = bearer_tokens
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        host, origin = headers.get("host", ""), headers.get("origin")
-        refusal, extra = None, {}
-        if self.hosts is not None and _host_name(host) not in self.hosts:
-            refusal = (421, f"this server does not answer to Host {host!r}")
-        elif self.bearer_tokens and scope["path"] != "/healthz" and not auth.allows(
-                self.bearer_tokens, auth.bearer(headers.get("authorization"))):
-            if scope["path"] == "/" and scope["method"] == "GET":  # the page, which asks for the token
-                return await HTMLResponse(page_html(self.token), status_code=401)(scope, receive, send)
-            refusal, extra = (401, "this server needs 'Authorization: Bearer TOKEN' (a token from its --token-file)"), {
-                "WWW-Authenticate": 'Bearer realm="breakhis-edge"'}
-        elif scope["method"] in ("POST", "DELETE") and origin is not None and (
-                _host_name(urlsplit(origin).netloc) != _host_name(host)
-                or headers.get("x-breakhis-token") != self.token):
-            refusal = (403, "cross-origin request refused (use the page served here, or a client without Origin)")
-        if refusal is not None:
-            # Read (and drop) what the client is still sending, up to twice the upload limit, so that it can read
-            # the refusal instead of meeting a closed connection.
-            n = 0
-            while n <= 2 * self.max_upload:
-                message = await receive()
-                n += len(message.get("body", b""))
-                if message["type"] != "http.request" or not message.get("more_body"):
-                    break
-            return await JSONResponse({"error": refusal[1]}, status_code=refusal[0], headers=extra)(
-                scope, receive, send)
-        t0, status = time.perf_counter(), [CLOSED]
-
-        async def send_status(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        except ClientDisconnect:
-            status[0] = CLOSED
-        except Exception as e:  # the last guard: a bug must not take the server down or leak a traceback
-            status[0] = 500
-            await JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)(
-                scope, receive, send)
-        if scope["path"].startswith("/v1/classify"):
-            self.metrics.record(status[0], (time.perf_counter() - t0) * 1e3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,13 +354,22 @@ def main(argv: list[str] | None = None) -> int:
                          "--token-file (or --insecure-no-auth), and should have --tls-cert/--tls-key")
     ap.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     ap.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                    help="another name this server may be reached by (Host header), repeatable")
+                    help="another name this server may be reached by (Host header), repeatable; on --host 0.0.0.0 "
+                         "or :: the names it answers to are these and localhost (and any IP address)")
     ap.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES >> 20,
                     help=f"refuse larger uploads with 413, while they stream in (default {MAX_UPLOAD_BYTES >> 20})")
     ap.add_argument("--max-fields", type=int, default=SERVE_MAX_FIELDS,
                     help=f"refuse images of more fields per request with 413 (default {SERVE_MAX_FIELDS})")
     ap.add_argument("--max-pending", type=int, default=MAX_PENDING_FIELDS,
                     help=f"fields allowed to wait, all requests together; beyond, 503 (default {MAX_PENDING_FIELDS})")
+    ap.add_argument("--max-slide-fields", type=int, default=None,
+                    help="refuse slides of more fields with 413, before any work (default: the fields of the largest "
+                         "slide accepted, 40 billion pixels, at the model's scale)")
+    ap.add_argument("--max-uploads", type=int, default=MAX_UPLOADS,
+                    help=f"uploads held in memory at once; more wait up to {UPLOAD_WAIT_S:g} s, then 503 "
+                         f"(default {MAX_UPLOADS}; docs/user-guide.md: the memory bound)")
+    ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                    help=f"connections and requests served at once; beyond, 503 (default {MAX_CONNECTIONS})")
     g = ap.add_argument_group("security (docs/user-guide.md: a server on the lab network)")
     g.add_argument("--token-file", type=Path, default=None,
                    help="bearer tokens, one per line (at least 16 characters each): every route but /healthz then "
@@ -392,16 +388,20 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.apps.options import open_classifier
     from runtime.errors import BreakhisError, report
 
-    hosts = allowed_hosts(args.host, args.allowed_host)
+    local = args.host in LOCAL_NAMES
     try:
         tokens = auth.read_tokens(args.token_file) if args.token_file else ()
-        warning = auth.check_binding(args.host, args.host in LOCAL_NAMES, bool(tokens), args.insecure_no_auth)
+        warnings = [auth.check_binding(args.host, local, bool(tokens), args.insecure_no_auth),
+                    auth.readable_warning(args.token_file) if args.token_file else None,
+                    auth.plain_http_warning(args.host, local, bool(tokens), args.tls_cert is not None)]
         if args.tls_cert:
             auth.check_tls(args.tls_cert, args.tls_key)
-        if warning:
+        for warning in filter(None, warnings):
             print(warning, file=sys.stderr)
-        app = create_app(open_classifier(args), Limits(args.max_upload_mb << 20, args.max_fields, args.max_pending),
-                         hosts, tokens)
+        limits = Limits(args.max_upload_mb << 20, args.max_fields, args.max_pending, max_uploads=args.max_uploads,
+                        max_slide_fields=args.max_slide_fields)
+        app = create_app(open_classifier(args), limits, allowed_hosts(args.host, args.allowed_host), tokens,
+                         wildcard=args.host in WILDCARDS)
     except BreakhisError as e:
         return report(e)
     clf = app.state.service.clf
@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30,
-                ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
+                ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, http=HeaderTimeoutProtocol,
+                limit_concurrency=args.max_connections, ws="none")
     print("stopped", file=sys.stderr)
     return 0
