@@ -167,3 +167,70 @@ def test_plain_http_beyond_loopback_with_tokens_is_warned_about():
     assert warning is not None and "clear text" in warning and "--tls-cert" in warning
     assert auth.plain_http_warning("0.0.0.0", local=False, has_tokens=True, tls=True) is None
     assert auth.plain_http_warning("127.0.0.1", local=True, has_tokens=True, tls=False) is None
+
+
+def test_allowed_host_is_enforced_on_wildcard_binds():
+    from runtime.apps.guard import allowed_hosts, host_allowed
+
+    for bind in ("0.0.0.0", "::"):
+        hosts = allowed_hosts(bind, ["Microscope-3.lab"])
+        assert {"microscope-3.lab", "localhost", "127.0.0.1", "::1"} <= hosts
+        assert not host_allowed("evil.example", hosts, wildcard=True)  # a rebinding attacker's name
+        assert not host_allowed("0.0.0.0", hosts, wildcard=False) and "0.0.0.0" not in hosts
+        assert host_allowed("microscope-3.lab", hosts, wildcard=True)
+        assert host_allowed("192.168.4.20", hosts, wildcard=True)  # an address dialled directly: no DNS in it
+        assert host_allowed("fe80::1", hosts, wildcard=True)
+    assert not host_allowed("192.168.4.20", allowed_hosts("127.0.0.1", []), wildcard=False)
+
+
+def _raw(port: int, head: str) -> tuple[int, bytes]:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head.encode("latin-1"))
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+@pytest.mark.parametrize("header", ["Host: [::1", "Host: 127.0.0.1:99999", "Host: 127.0.0.1/x", "Host: a b",
+                                    "Host: user@127.0.0.1", "Origin: http://[x", "Origin: http://127.0.0.1:port"])
+def test_malformed_host_or_origin_is_400_and_websockets_are_not_served(secured, header):
+    port = int(secured.rsplit(":", 1)[1])
+    host = "" if header.startswith("Host") else f"Host: 127.0.0.1:{port}\r\n"
+    status, answer = _raw(port, f"POST /v1/classify HTTP/1.1\r\n{host}{header}\r\nContent-Length: 0\r\n"
+                                "Connection: close\r\n\r\n")
+    assert status == 400 and b"malformed Host or Origin header" in answer, answer[:300]
+    status, answer = _raw(port, f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                "Sec-WebSocket-Version: 13\r\n\r\n")
+    assert status == 401  # an ordinary request, refused without a token: never switched to a websocket
+
+
+def test_the_guard_refuses_websockets_and_other_scopes():
+    import asyncio
+
+    from runtime.apps.guard import Guard
+
+    reached = []
+
+    async def app(scope, receive, send):  # what a route that accepts websockets would do
+        reached.append(scope["type"])
+        await send({"type": "websocket.accept"})
+
+    guard = Guard(app, {"127.0.0.1"}, False, "page-token", "", lambda *_: None, (TOKEN.encode(),))
+    sent = []
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/ws", "headers": [(b"host", b"127.0.0.1")]}
+    asyncio.run(guard(scope, receive, send))
+    assert reached == [] and sent == [{"type": "websocket.close", "code": 1008}]
+    with pytest.raises(RuntimeError, match="unsupported ASGI scope"):
+        asyncio.run(guard({"type": "webtransport", "path": "/"}, receive, send))
+    assert reached == []
