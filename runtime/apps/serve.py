@@ -44,7 +44,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from runtime.apps import auth
-from runtime.apps.connection import BODY_CHUNK_TIMEOUT_S, HeaderTimeoutProtocol, next_chunk
+from runtime.apps.connection import BODY_CHUNK_TIMEOUT_S, HEADER_TIMEOUT_S, HeaderTimeoutProtocol, next_chunk
 from runtime.apps.guard import CLOSED, LOCAL_NAMES, WILDCARDS, Guard, allowed_hosts
 from runtime.apps.request_queue import Batcher, Busy
 from runtime.apps.slide import AGGREGATES
@@ -96,6 +96,7 @@ class Limits:
     retry_after_s: int = 5  # what a 503 tells the client to wait
     max_uploads: int = MAX_UPLOADS  # uploads held at once
     max_slide_fields: int | None = None  # fields per slide (None: slide_jobs.default_max_fields)
+    body_timeout_s: float = BODY_CHUNK_TIMEOUT_S  # the longest wait for the next piece of an upload: beyond, 408
 
 
 @dataclass
@@ -167,16 +168,16 @@ def get_metrics(request: Request) -> dict[str, Any]:
     return svc.metrics.snapshot() | {"queue": {"pending_fields": svc.batcher.pending, "dropped": svc.batcher.dropped}}
 
 
-async def read_body(request: Request, limit: int) -> bytes | None:
+async def read_body(request: Request, limit: int, timeout: float) -> bytes | None:
     """The body, read as it streams in; None once it passes the limit. Past the limit nothing more is kept, and up
     to twice the limit is read and dropped so that an ordinary client still receives its 413; a larger upload is
-    cut off there. TimeoutError where the client stalls for BODY_CHUNK_TIMEOUT_S."""
+    cut off there. TimeoutError where the client sends nothing for ``timeout`` seconds."""
     chunks: list[bytes] | None = []
     n = 0
     if int(request.headers.get("content-length") or 0) > 2 * limit:
         return None
     stream = request.stream()
-    while (chunk := await next_chunk(stream)) is not None:
+    while (chunk := await next_chunk(stream, timeout)) is not None:
         n += len(chunk)
         if n > limit:
             chunks = None
@@ -187,13 +188,14 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks) if chunks is not None else None
 
 
-async def read_upload(request: Request, limit: int) -> tuple[str, bytes] | JSONResponse:
+async def read_upload(request: Request, limits: Limits) -> tuple[str, bytes] | JSONResponse:
     """(file name, bytes) of a multipart field "file" or a raw body, bounded by the upload limit. Called with one of
     the server's upload turns held (``uploads``)."""
+    limit = limits.max_upload
     try:
-        data = await read_body(request, limit)
+        data = await read_body(request, limit, limits.body_timeout_s)
     except TimeoutError:
-        return error(408, f"the upload stalled: nothing came for {BODY_CHUNK_TIMEOUT_S:g} s")
+        return error(408, f"the upload stalled: nothing came for {limits.body_timeout_s:g} s")
     if data is None:
         return error(413, f"upload above the limit of {limit:,} bytes")
     name = "upload"
@@ -237,7 +239,7 @@ async def classify(request: Request, views: int = 0) -> Any:
 
 
 async def _classify(request: Request, svc: Service, views: int) -> Any:
-    got = await read_upload(request, svc.limits.max_upload)
+    got = await read_upload(request, svc.limits)
     if isinstance(got, JSONResponse):
         return got
     name, data = got
@@ -278,7 +280,7 @@ async def slide(request: Request, aggregate: str = "max", top_k: int = 3, magnif
     async with upload_turn(svc) as turn:
         if turn is None:
             return busy(svc, Busy(f"{svc.limits.max_uploads} uploads are being received"))
-        got = await read_upload(request, svc.limits.max_upload)  # read first: a client still sending cannot read
+        got = await read_upload(request, svc.limits)  # read first: a client still sending cannot read
         if isinstance(got, JSONResponse):  # an early answer
             return got
         return await _slide(svc, *got, aggregate, top_k, magnification, tissue_mask)
@@ -370,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"(default {MAX_UPLOADS}; docs/user-guide.md: the memory bound)")
     ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                     help=f"connections and requests served at once; beyond, 503 (default {MAX_CONNECTIONS})")
+    ap.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                    help=f"seconds a request's headers may take to arrive; then the connection is closed "
+                         f"(default {HEADER_TIMEOUT_S:g})")
+    ap.add_argument("--body-timeout", type=float, default=BODY_CHUNK_TIMEOUT_S,
+                    help=f"seconds an upload may send nothing; then 408 (default {BODY_CHUNK_TIMEOUT_S:g})")
     g = ap.add_argument_group("security (docs/user-guide.md: a server on the lab network)")
     g.add_argument("--token-file", type=Path, default=None,
                    help="bearer tokens, one per line (at least 16 characters each): every route but /healthz then "
@@ -399,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         for warning in filter(None, warnings):
             print(warning, file=sys.stderr)
         limits = Limits(args.max_upload_mb << 20, args.max_fields, args.max_pending, max_uploads=args.max_uploads,
-                        max_slide_fields=args.max_slide_fields)
+                        max_slide_fields=args.max_slide_fields, body_timeout_s=args.body_timeout)
         app = create_app(open_classifier(args), limits, allowed_hosts(args.host, args.allowed_host), tokens,
                          wildcard=args.host in WILDCARDS)
     except BreakhisError as e:
@@ -413,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30,
-                ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, http=HeaderTimeoutProtocol,
+                ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+                http=type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": args.header_timeout}),
                 limit_concurrency=args.max_connections, ws="none")
     print("stopped", file=sys.stderr)
     return 0
