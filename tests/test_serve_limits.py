@@ -239,7 +239,7 @@ def strict(model_dir):
 def test_a_client_that_sends_its_headers_slowly_is_cut_off(strict):
     import socket
 
-    url, port = strict
+    _, port = strict
     with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         closed, end = False, time.monotonic() + 60  # the limit is 5 s; 60 only stops a test that would hang
@@ -255,7 +255,7 @@ def test_a_client_that_sends_its_headers_slowly_is_cut_off(strict):
 
 
 def test_an_upload_that_stalls_gets_408(strict):
-    url, port = strict
+    _, port = strict
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         conn.putrequest("POST", "/v1/classify")
