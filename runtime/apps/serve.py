@@ -40,15 +40,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
-from runtime.apps import auth
+from runtime.apps import api_contract, auth
+from runtime.apps.api_contract import Aggregate, responses, upload
 from runtime.apps.connection import BODY_CHUNK_TIMEOUT_S, HEADER_TIMEOUT_S, HeaderTimeoutProtocol, next_chunk
 from runtime.apps.guard import CLOSED, LOCAL_NAMES, WILDCARDS, Guard, allowed_hosts
 from runtime.apps.request_queue import Batcher, Busy
-from runtime.apps.slide import AGGREGATES
-from runtime.apps.slide_jobs import SlideJobs, SlideRefused
+from runtime.apps.slide_jobs import MAX_FACTOR, MIN_FACTOR, SlideJobs, SlideRefused
 from runtime.apps.views import patch_views
 from runtime.io.decode import ImageTooLarge
 from runtime.io.inputs import ImageInput
@@ -134,7 +134,7 @@ def busy(svc: Service, e: Exception | None = None) -> JSONResponse:
                  **{"Retry-After": str(wait)})
 
 
-@routes.get("/", response_class=HTMLResponse)
+@routes.get("/", response_class=HTMLResponse, responses=responses(page=True))
 def page(request: Request) -> str:
     return _service(request).page
 
@@ -147,12 +147,12 @@ def static(name: str) -> Response:
     return FileResponse(STATIC / name, media_type="text/javascript" if name.endswith(".js") else "text/css")
 
 
-@routes.get("/healthz")
+@routes.get("/healthz", responses=responses())
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@routes.get("/v1/model")
+@routes.get("/v1/model", responses=responses())
 def model(request: Request) -> dict[str, Any]:
     svc = _service(request)
     m, lim = svc.clf.manifest, svc.limits
@@ -162,7 +162,7 @@ def model(request: Request) -> dict[str, Any]:
                        "max_fields": lim.max_fields}}
 
 
-@routes.get("/metrics")
+@routes.get("/metrics", responses=responses())
 def get_metrics(request: Request) -> dict[str, Any]:
     svc = _service(request)
     return svc.metrics.snapshot() | {"queue": {"pending_fields": svc.batcher.pending, "dropped": svc.batcher.dropped}}
@@ -229,8 +229,8 @@ async def upload_turn(svc: Service) -> Any:
         svc.uploads.release()
 
 
-@routes.post("/v1/classify")
-async def classify(request: Request, views: int = 0) -> Any:
+@routes.post("/v1/classify", **upload(403, 408, 413, 422))
+async def classify(request: Request, views: int = Query(0, ge=0, le=1)) -> Any:
     svc = _service(request)
     async with upload_turn(svc) as turn:
         if turn is None:
@@ -273,9 +273,10 @@ async def _classify(request: Request, svc: Service, views: int) -> Any:
     return out
 
 
-@routes.post("/v1/slide", status_code=202)
-async def slide(request: Request, aggregate: str = "max", top_k: int = 3, magnification: float | None = None,
-                tissue_mask: int = 1) -> Any:
+@routes.post("/v1/slide", status_code=202, **upload(403, 408, 413))
+async def slide(request: Request, aggregate: Aggregate = "max", top_k: int = Query(3, ge=1, le=1_000_000),
+                magnification: float | None = Query(None, gt=0, allow_inf_nan=False),
+                tissue_mask: int = Query(1, ge=0, le=1)) -> Any:
     svc = _service(request)
     async with upload_turn(svc) as turn:
         if turn is None:
@@ -288,10 +289,12 @@ async def slide(request: Request, aggregate: str = "max", top_k: int = 3, magnif
 
 async def _slide(svc: Service, name: str, data: bytes, aggregate: str, top_k: int, magnification: float | None,
                  tissue_mask: int) -> Any:
-    if aggregate not in AGGREGATES or top_k < 1 or (magnification is not None and magnification <= 0):
-        return error(400, f"aggregate must be one of {', '.join(AGGREGATES)}, top_k >= 1, magnification > 0")
     if not data:
         return error(400, "empty upload")
+    model = svc.clf.contract.magnification  # a scale asked for out of range is a parameter out of its range (400);
+    if magnification is not None and model and not MIN_FACTOR <= magnification / model <= MAX_FACTOR:  # a file's: 413
+        return error(400, f"magnification must be within {MIN_FACTOR * model:g}..{MAX_FACTOR * model:g} "
+                          f"({MIN_FACTOR:g}x..{MAX_FACTOR:g}x this model's {model:g}X)")
     options = {"aggregate": aggregate, "top_k": top_k, "tissue_mask": bool(tissue_mask),
                "scale": Scale(magnification, None, "request") if magnification else None}
     try:
@@ -306,13 +309,13 @@ async def _slide(svc: Service, name: str, data: bytes, aggregate: str, top_k: in
     return {"job": job.id, "status": f"/v1/slide/{job.id}"}
 
 
-@routes.get("/v1/slide/{job_id}")
+@routes.get("/v1/slide/{job_id}", responses=responses(404))
 def slide_status(request: Request, job_id: str) -> Any:
     job = _service(request).slides.get(job_id)
     return error(404, NO_JOB) if job is None else job.to_dict()
 
 
-@routes.delete("/v1/slide/{job_id}")
+@routes.delete("/v1/slide/{job_id}", responses=responses(403, 404))
 def slide_cancel(request: Request, job_id: str) -> Any:
     job = _service(request).slides.cancel(job_id)
     return error(404, NO_JOB) if job is None else \
@@ -339,6 +342,7 @@ def create_app(clf: Classifier, limits: Limits = Limits(), hosts: set[str] | Non
             svc.metrics.record(status, ms)
 
     app = FastAPI(title="breakhis-edge", docs_url=None, redoc_url=None, lifespan=lifespan)
+    api_contract.install(app, clf.contract, routes.routes)
     app.include_router(routes)
     app.state.service = svc
     app.add_middleware(Guard, hosts=allowed_hosts("127.0.0.1", []) if hosts is None else hosts,  # type: ignore

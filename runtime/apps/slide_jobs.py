@@ -177,7 +177,8 @@ class SlideJobs:
     def __init__(self, clf: Classifies, batcher: Batcher, keep: int = 8, max_fields: int | None = None,
                  root: Path | None = None) -> None:
         self.clf, self.batcher = clf, batcher
-        self.jobs: dict[str, SlideJob] = {}
+        self.jobs: dict[str, SlideJob] = {}  # what GET /v1/slide/ID finds (DELETE forgets a job)
+        self.active: SlideJob | None = None  # the one slot: the job whose thread runs, forgotten or not
         self.keep = keep
         self.max_fields = max_fields or default_max_fields(clf.contract)
         self.root = root or Path(tempfile.gettempdir())
@@ -189,10 +190,10 @@ class SlideJobs:
         Busy while another one runs; SlideRefused beyond the limits (``admit``); OSError where the upload cannot
         be stored. Whatever stops the start frees the slot and removes the folder."""
         with self.lock:
-            if any(j.state == "running" for j in self.jobs.values()):
+            if self.active is not None:
                 raise Busy("another slide is being classified")
-            job = SlideJob(secrets.token_urlsafe(12), name)  # running: holds the slot while it starts
-            self.jobs[job.id] = job
+            job = SlideJob(secrets.token_urlsafe(12), name)  # holds the slot while it starts
+            self.jobs[job.id], self.active = job, job
             for old in sorted(self.jobs.values(), key=lambda j: j.started)[:-self.keep]:
                 del self.jobs[old.id]
         try:
@@ -207,6 +208,7 @@ class SlideJobs:
         except BaseException:
             with self.lock:
                 self.jobs.pop(job.id, None)
+                self.active = None
             if job.folder is not None:
                 shutil.rmtree(job.folder, ignore_errors=True)
             raise
@@ -217,8 +219,10 @@ class SlideJobs:
             return self.jobs.get(job_id)
 
     def cancel(self, job_id: str) -> SlideJob | None:
-        """Ask a running job to stop: what it queued is withdrawn, its state becomes "cancelled"."""
-        job = self.get(job_id)
+        """Forget a job (GET finds it no more) and, if it runs, stop it: what it queued is withdrawn, its state
+        becomes "cancelled", and its slot is free once its thread has ended."""
+        with self.lock:
+            job = self.jobs.pop(job_id, None)
         if job is not None:
             job.cancel.set()
         return job
@@ -227,7 +231,7 @@ class SlideJobs:
         """Cancel every running job (the server is stopping), wait up to ``wait`` seconds for them to end, and
         remove their uploads whether or not they have."""
         with self.lock:
-            jobs = list(self.jobs.values())
+            jobs = list(self.jobs.values()) + ([self.active] if self.active is not None else [])
         for job in jobs:
             job.cancel.set()
         deadline = time.monotonic() + wait
@@ -246,18 +250,21 @@ class SlideJobs:
             job.done, job.total = done, total
 
         proxy = BatchedClassifier(self.clf, self.batcher, job.cancel)
+        result, error, state = None, None, "done"
         try:
             res = classify_slide(proxy, path, overlay=overlay, progress=progress, name=job.name,  # type: ignore[arg-type]
                                  **options)
-            out = res.to_dict() | {"geojson": res.geojson(), "csv": res.csv(),
-                                   "overlay_png": base64.b64encode(overlay.read_bytes()).decode()}
+            result = res.to_dict() | {"geojson": res.geojson(), "csv": res.csv(),
+                                      "overlay_png": base64.b64encode(overlay.read_bytes()).decode()}
             job.total = job.done = res.counts["classified"]
-            job.result, job.state = out, "done"
         except Cancelled:
-            job.error, job.state = f"{job.name}: cancelled", "cancelled"
+            error, state = f"{job.name}: cancelled", "cancelled"
         except (BreakhisError, Busy, ValueError) as e:
-            job.error, job.state = f"{job.name}: {e}", "error"
+            error, state = f"{job.name}: {e}", "error"
         except Exception as e:  # noqa: BLE001 - a job must end in a state the client can read
-            job.error, job.state = f"{job.name}: internal error: {type(e).__name__}", "error"
+            error, state = f"{job.name}: internal error: {type(e).__name__}", "error"
         finally:
             shutil.rmtree(path.parent, ignore_errors=True)
+            with self.lock:  # the slot is free before the state says the job has ended
+                self.active = None
+            job.result, job.error, job.state = result, error, state
