@@ -69,6 +69,6 @@ def test_schemathesis_finds_nothing_against_the_running_server(served, tmp_path)
     run = subprocess.run([str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(config), "run",
                           served + "/openapi.json", "--checks", "all", "--max-examples", "10", "--seed", "1",
                           "--request-timeout", "60", "--no-color"], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)
+                         cwd=tmp_path, check=False)
     out = run.stdout + run.stderr
     assert run.returncode == 0 and " passed" in out and "failure" not in out.lower(), out[-4000:]
