@@ -234,3 +234,30 @@ def test_the_guard_refuses_websockets_and_other_scopes():
     with pytest.raises(RuntimeError, match="unsupported ASGI scope"):
         asyncio.run(guard({"type": "webtransport", "path": "/"}, receive, send))
     assert reached == []
+
+
+def test_a_refused_upload_is_not_read_to_its_end(secured):
+    import socket
+
+    port = int(secured.rsplit(":", 1)[1])
+    total, sent = 50 << 20, 0  # the server's upload limit: before, a refusal read up to twice that
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {total}\r\n"
+                  "Content-Type: application/octet-stream\r\n\r\n".encode())
+        chunk = b"\0" * (64 << 10)
+        try:
+            while sent < total:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except OSError:  # answered and closed (reset), or no longer read (the send waits, then times out)
+            pass
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    # what the server read: at most REFUSAL_DRAIN (1 MiB); what was sent beyond it sat in the two sockets' buffers
+    # (a few MB on loopback), never the whole upload
+    assert sent < 16 << 20, f"{sent / 2**20:.0f} MB of a refused upload were taken"
+    assert answer.startswith(b"HTTP/1.1 401") or answer == b"", answer[:100]

@@ -98,8 +98,9 @@ class Guard:
         if refusal is not None:
             code, msg, extra = refusal
             await self.drain(receive)
-            answer = HTMLResponse(self.page, status_code=401) if msg is None else \
-                JSONResponse({"error": msg}, status_code=code, headers=extra)
+            close = {"Connection": "close"}  # else uvicorn would read (and drop) the rest of the body to keep it alive
+            answer = HTMLResponse(self.page, status_code=401, headers=close) if msg is None else \
+                JSONResponse({"error": msg}, status_code=code, headers=extra | close)
             return await answer(scope, receive, secure_send)
         t0, status = time.perf_counter(), [CLOSED]
 

@@ -195,9 +195,9 @@ async def read_upload(request: Request, limits: Limits) -> tuple[str, bytes] | J
     try:
         data = await read_body(request, limit, limits.body_timeout_s)
     except TimeoutError:
-        return error(408, f"the upload stalled: nothing came for {limits.body_timeout_s:g} s")
-    if data is None:
-        return error(413, f"upload above the limit of {limit:,} bytes")
+        return error(408, f"the upload stalled: nothing came for {limits.body_timeout_s:g} s", Connection="close")
+    if data is None:  # what is left of the body is not read: the connection closes after the answer
+        return error(413, f"upload above the limit of {limit:,} bytes", Connection="close")
     name = "upload"
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         request._body = data  # Starlette parses the form from the body already read (and bounded) here
