@@ -102,7 +102,7 @@ def test_classify_matches_the_cli(server, model_dir, images_100x):
 ])
 def test_bad_uploads_get_4xx_with_reason(server, images_100x, kind, status, reason):
     good = images_100x[0].read_bytes()
-    ok, png = cv2.imencode(".png", np.zeros((300, 400, 3), np.uint8))
+    _, png = cv2.imencode(".png", np.zeros((300, 400, 3), np.uint8))
     data = {"empty": b"", "text": b"hello", "truncated": good[:4000], "small": png.tobytes(),
             "huge": _png_bomb(100_000, 100_000), "too_big": b"\x00" * (3 << 20), "no_file_field": b""}[kind]
     if kind == "no_file_field":
@@ -116,7 +116,7 @@ def test_bad_uploads_get_4xx_with_reason(server, images_100x, kind, status, reas
 
 def test_conversions_reported(server, images_100x):
     img = cv2.imread(str(images_100x[0]))
-    ok, gray = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
+    _, gray = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
     status, out = post(server, gray.tobytes())
     assert status == 200 and out["conversions"] == ["grayscale -> BGR (channel replicated)"]
 
@@ -217,7 +217,7 @@ def test_page_in_headless_chromium(server, images_100x, small_mosaic, tmp_path):
         verdict = driver.find_element(By.ID, "verdict").text
         assert ("Malignant" in verdict or "Benign" in verdict) and "p(malignant)" in verdict
         for row in ("patches", "preprocessed"):
-            WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+            WebDriverWait(driver, 30).until(lambda d, row=row: d.execute_script(
                 f"return [...document.querySelectorAll('#{row} img')].filter(i => i.naturalWidth > 0).length") == 6)
         assert driver.execute_script("return document.getElementById('canvas').width") == 700
         assert not driver.find_element(By.ID, "qc").is_displayed()  # sharp real fields: no quality banner

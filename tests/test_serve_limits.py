@@ -78,7 +78,7 @@ def _metrics(url):
 
 
 def test_chunked_upload_beyond_the_limit_is_refused_while_streaming(limited):
-    url, port, proc = limited
+    _, port, proc = limited
     rss0 = psutil.Process(proc.pid).memory_info().rss
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.putrequest("POST", "/v1/classify")
@@ -107,7 +107,7 @@ def test_images_beyond_the_request_limits_get_413(limited, images):
 
 
 def test_full_queue_gets_503_with_retry_after_and_a_small_request_is_not_starved(limited, images):
-    url, port, _ = limited
+    url, _, _ = limited
     done: dict[str, float] = {}
     codes: dict[str, int] = {}
 
@@ -152,7 +152,7 @@ def test_work_of_a_client_that_left_is_dropped_and_not_an_error(limited, images)
 
 
 def test_foreign_host_and_cross_origin_posts_are_refused(limited, images):
-    url, port, _ = limited
+    url, _, _ = limited
     for host in ("evil.example", "evil.example:80", "127.0.0.2"):
         req = urllib.request.Request(url + "/v1/model", headers={"Host": host})
         with pytest.raises(urllib.error.HTTPError) as e:

@@ -203,7 +203,7 @@ async def read_upload(request: Request, limits: Limits) -> tuple[str, bytes] | J
         request._body = data  # Starlette parses the form from the body already read (and bounded) here
         try:
             form = await request.form(max_part_size=limit)
-        except Exception as e:  # malformed multipart bodies raise parser-specific errors
+        except Exception as e:  # noqa: BLE001 - malformed multipart bodies raise parser-specific errors
             return error(400, f"malformed multipart body: {e}")
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
