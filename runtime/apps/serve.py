@@ -9,10 +9,11 @@
                       with everyone else's
   GET  /v1/slide/ID   that job: state, fields done / total, and when done the result with GeoJSON, CSV and the
                       overlay PNG (base64)
-  DELETE /v1/slide/ID cancel that job: what it queued is withdrawn
+  DELETE /v1/slide/ID cancel that job (what it queued is withdrawn) and forget it: GET then gives 404
   GET  /v1/model      manifest: contract, provenance, trained, backend in use
   GET  /healthz       liveness
   GET  /metrics       request counts and latency percentiles
+  GET  /openapi.json  the API's contract (runtime.apps.api_contract)
 
 This module does HTTP only: the classifier is owned by runtime.apps.request_queue's worker, the page's images come from
 runtime.apps.views. Limits: uploads above --max-upload-mb are refused while they stream in (413); images above
