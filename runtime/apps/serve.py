@@ -217,8 +217,8 @@ async def read_upload(request: Request, limits: Limits) -> tuple[str, bytes] | J
 
 @asynccontextmanager
 async def upload_turn(svc: Service) -> Any:
-    """One of the server's MAX_UPLOADS turns to hold an upload, for the whole request (its bytes live until the
-    answer); None after UPLOAD_WAIT_S without one."""
+    """One of the server's MAX_UPLOADS turns to hold an upload's bytes (read, parsed, decoded or stored; what goes
+    on to the queue is the decoded image, which the queue's own bound counts); None after UPLOAD_WAIT_S."""
     try:
         await asyncio.wait_for(svc.uploads.acquire(), UPLOAD_WAIT_S)
     except TimeoutError:
@@ -236,17 +236,15 @@ async def classify(request: Request, views: int = Query(0, ge=0, le=1)) -> Any:
     async with upload_turn(svc) as turn:
         if turn is None:
             return busy(svc, Busy(f"{svc.limits.max_uploads} uploads are being received"))
-        return await _classify(request, svc, views)
-
-
-async def _classify(request: Request, svc: Service, views: int) -> Any:
-    got = await read_upload(request, svc.limits)
-    if isinstance(got, JSONResponse):
-        return got
-    name, data = got
-    item = await asyncio.to_thread(svc.clf.prepare, ImageInput(name, data=data))  # as the classifier would
+        got = await read_upload(request, svc.limits)
+        if isinstance(got, JSONResponse):
+            return got
+        name, data = got
+        item = await asyncio.to_thread(svc.clf.prepare, ImageInput(name, data=data))  # as the classifier would
+        empty = not data
+        del got, data  # the turn ends with the upload's bytes
     if item.failure is not None:
-        status = 413 if isinstance(item.failure, ImageTooLarge) else 400 if not data else 422
+        status = 413 if isinstance(item.failure, ImageTooLarge) else 400 if empty else 422
         return error(status, item.result.error or str(item.failure))
     if item.n_fields > svc.limits.max_fields:
         return error(413, f"{name}: {item.n_fields} fields is above this server's limit of {svc.limits.max_fields} "
