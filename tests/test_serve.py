@@ -29,13 +29,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir, *extra: str, scheme: str = "http", context=None,
-                 backend: str = "cpu") -> tuple[subprocess.Popen, str]:
-    """``python -m runtime.serve`` on a free loopback port, once /healthz answers (over ``context`` for HTTPS)."""
+def start_server(model_dir, *extra: str, scheme: str = "http", context=None, backend: str = "cpu",
+                 code: str | None = None, **popen) -> tuple[subprocess.Popen, str]:
+    """``python -m runtime.serve`` (or ``python -c code``) on a free loopback port, once /healthz answers (over
+    ``context`` for HTTPS); ``popen``: Popen's arguments (env, preexec_fn)."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(model_dir), "--port", str(port),
-                             "--backend", backend, *extra], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, *(("-c", code) if code else ("-m", "runtime.serve")), "--model",
+                             str(model_dir), "--port", str(port), "--backend", backend, *extra], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     url = f"{scheme}://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -101,7 +102,7 @@ def test_classify_matches_the_cli(server, model_dir, images_100x):
 ])
 def test_bad_uploads_get_4xx_with_reason(server, images_100x, kind, status, reason):
     good = images_100x[0].read_bytes()
-    ok, png = cv2.imencode(".png", np.zeros((300, 400, 3), np.uint8))
+    _, png = cv2.imencode(".png", np.zeros((300, 400, 3), np.uint8))
     data = {"empty": b"", "text": b"hello", "truncated": good[:4000], "small": png.tobytes(),
             "huge": _png_bomb(100_000, 100_000), "too_big": b"\x00" * (3 << 20), "no_file_field": b""}[kind]
     if kind == "no_file_field":
@@ -115,7 +116,7 @@ def test_bad_uploads_get_4xx_with_reason(server, images_100x, kind, status, reas
 
 def test_conversions_reported(server, images_100x):
     img = cv2.imread(str(images_100x[0]))
-    ok, gray = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
+    _, gray = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
     status, out = post(server, gray.tobytes())
     assert status == 200 and out["conversions"] == ["grayscale -> BGR (channel replicated)"]
 
@@ -216,7 +217,7 @@ def test_page_in_headless_chromium(server, images_100x, small_mosaic, tmp_path):
         verdict = driver.find_element(By.ID, "verdict").text
         assert ("Malignant" in verdict or "Benign" in verdict) and "p(malignant)" in verdict
         for row in ("patches", "preprocessed"):
-            WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+            WebDriverWait(driver, 30).until(lambda d, row=row: d.execute_script(
                 f"return [...document.querySelectorAll('#{row} img')].filter(i => i.naturalWidth > 0).length") == 6)
         assert driver.execute_script("return document.getElementById('canvas').width") == 700
         assert not driver.find_element(By.ID, "qc").is_displayed()  # sharp real fields: no quality banner

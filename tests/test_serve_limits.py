@@ -78,7 +78,7 @@ def _metrics(url):
 
 
 def test_chunked_upload_beyond_the_limit_is_refused_while_streaming(limited):
-    url, port, proc = limited
+    _, port, proc = limited
     rss0 = psutil.Process(proc.pid).memory_info().rss
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.putrequest("POST", "/v1/classify")
@@ -107,7 +107,7 @@ def test_images_beyond_the_request_limits_get_413(limited, images):
 
 
 def test_full_queue_gets_503_with_retry_after_and_a_small_request_is_not_starved(limited, images):
-    url, port, _ = limited
+    url, _, _ = limited
     done: dict[str, float] = {}
     codes: dict[str, int] = {}
 
@@ -152,14 +152,14 @@ def test_work_of_a_client_that_left_is_dropped_and_not_an_error(limited, images)
 
 
 def test_foreign_host_and_cross_origin_posts_are_refused(limited, images):
-    url, port, _ = limited
+    url, _, _ = limited
     for host in ("evil.example", "evil.example:80", "127.0.0.2"):
         req = urllib.request.Request(url + "/v1/model", headers={"Host": host})
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=10)
         assert e.value.code == 421
     page = urllib.request.urlopen(url + "/").read().decode()
-    token = page.split('const TOKEN = "')[1].split('"')[0]
+    token = page.split('<meta name="breakhis-page-token" content="')[1].split('"')[0]
     assert len(token) > 10
     for origin, tok in (("http://evil.example", token), (url, "wrong"), (url, None)):
         headers = {"Origin": origin, **({"X-Breakhis-Token": tok} if tok else {})}
@@ -224,3 +224,68 @@ def test_a_small_request_overtakes_a_large_one_that_waits(model_dir, images):
         proc.terminate()
         proc.wait(timeout=60)
     assert done == ["big1", "small", "big2"]
+
+
+@pytest.fixture(scope="module")
+def strict(model_dir):
+    """Short time limits and few connections, so that slow clients are seen to be cut off."""
+    proc, url, port = start(model_dir, "--header-timeout", "5", "--body-timeout", "5", "--max-connections", "4",
+                            seconds_per_field=0.0)
+    yield url, port
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_a_client_that_sends_its_headers_slowly_is_cut_off(strict):
+    import socket
+
+    _, port = strict
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        closed, end = False, time.monotonic() + 60  # the limit is 5 s; 60 only stops a test that would hang
+        while not closed and time.monotonic() < end:
+            try:
+                s.sendall(b"X-Slow: 1\r\n")  # one header line every half second, for ever
+                closed = s.recv(1) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+        assert closed, "a connection whose headers never end was kept open"
+
+
+def test_an_upload_that_stalls_gets_408(strict):
+    _, port = strict
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.putrequest("POST", "/v1/classify")
+        conn.putheader("Content-Length", "100000")
+        conn.endheaders()
+        conn.send(b"\0" * 1000)  # and nothing more
+        answer = conn.getresponse()
+        assert answer.status == 408 and "stalled" in json.loads(answer.read())["error"]
+    finally:
+        conn.close()
+
+
+def test_connections_beyond_the_limit_get_503(strict):
+    import socket
+
+    url, port = strict
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    try:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/healthz", timeout=30)
+        assert e.value.code == 503
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the server sees them gone
+        try:
+            assert urllib.request.urlopen(url + "/healthz", timeout=30).status == 200
+            break
+        except urllib.error.HTTPError:
+            time.sleep(0.2)
+    else:
+        pytest.fail("still 503 after the idle connections closed")

@@ -35,15 +35,30 @@ def get(url: str, token: str | None = None, context=None, data: bytes | None = N
 def token_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("auth") / "tokens"
     path.write_text(f"# the lab's microscopes\n{TOKEN}\nanother-token-for-bench-4-xyz\n")
+    path.chmod(0o644)  # readable by every local user: warned about, not refused (runtime/apps/auth.py says why)
     return path
 
 
 @pytest.fixture(scope="module")
-def secured(model_dir, token_file):
+def secured_proc(model_dir, token_file):
     proc, url = start_server(model_dir, "--token-file", str(token_file))
-    yield url
+    yield proc, url
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def secured(secured_proc):
+    return secured_proc[1]
+
+
+def test_a_token_file_readable_by_others_is_warned_about(secured_proc, token_file):
+    proc, _ = secured_proc
+    said = []
+    while not said or not said[-1].startswith("serving"):
+        said.append(proc.stdout.readline())
+    assert f"WARNING: {token_file}: the token file is readable by every local user (mode 644)" in "".join(said)
+    assert TOKEN not in "".join(said)
 
 
 def test_every_route_but_healthz_needs_a_token(secured, images_100x):
@@ -126,6 +141,10 @@ def test_a_network_binding_needs_a_token(tmp_path, capsys):
     assert f"{short}:1: a token must be at least 16" in capsys.readouterr().err
     bad = tmp_path / "key.pem"
     bad.write_text("not a key")
+    bad.chmod(0o644)  # readable by every local user: refused before it is even read
+    assert main(["--tls-cert", str(bad), "--tls-key", str(bad)]) != 0
+    assert f"{bad}: the private key is readable by every local user (mode 644)" in capsys.readouterr().err
+    bad.chmod(0o640)  # owner and group (Debian's ssl-cert convention): read, and refused as no key
     assert main(["--tls-cert", str(bad), "--tls-key", str(bad)]) != 0
     assert "not a usable certificate and private key" in capsys.readouterr().err
 
@@ -136,3 +155,109 @@ def test_tokens_are_compared_whole():
     for wrong in (None, b"", TOKEN.encode()[:-1], TOKEN.encode() + b"!", b"x" * 19):
         assert not auth.allows(tokens, wrong)
     assert auth.bearer("Bearer  abc ") == b"abc" and auth.bearer("Basic abc") is None and auth.bearer(None) is None
+
+
+def test_tokens_of_any_length_are_compared_as_digests():
+    assert auth.allows((b"a" * 16, b"b" * 200), b"b" * 200) and not auth.allows((b"a" * 16,), b"a" * 200)
+    assert not auth.allows((b"a" * 16,), b"a" * 15 + b"\0")
+
+
+def test_plain_http_beyond_loopback_with_tokens_is_warned_about():
+    warning = auth.plain_http_warning("0.0.0.0", local=False, has_tokens=True, tls=False)
+    assert warning is not None and "clear text" in warning and "--tls-cert" in warning
+    assert auth.plain_http_warning("0.0.0.0", local=False, has_tokens=True, tls=True) is None
+    assert auth.plain_http_warning("127.0.0.1", local=True, has_tokens=True, tls=False) is None
+
+
+def test_allowed_host_is_enforced_on_wildcard_binds():
+    from runtime.apps.guard import allowed_hosts, host_allowed
+
+    for bind in ("0.0.0.0", "::"):
+        hosts = allowed_hosts(bind, ["Microscope-3.lab"])
+        assert {"microscope-3.lab", "localhost", "127.0.0.1", "::1"} <= hosts
+        assert not host_allowed("evil.example", hosts, wildcard=True)  # a rebinding attacker's name
+        assert not host_allowed("0.0.0.0", hosts, wildcard=False) and "0.0.0.0" not in hosts
+        assert host_allowed("microscope-3.lab", hosts, wildcard=True)
+        assert host_allowed("192.168.4.20", hosts, wildcard=True)  # an address dialled directly: no DNS in it
+        assert host_allowed("fe80::1", hosts, wildcard=True)
+    assert not host_allowed("192.168.4.20", allowed_hosts("127.0.0.1", []), wildcard=False)
+
+
+def _raw(port: int, head: str) -> tuple[int, bytes]:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head.encode("latin-1"))
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+@pytest.mark.parametrize("header", ["Host: [::1", "Host: 127.0.0.1:99999", "Host: 127.0.0.1/x", "Host: a b",
+                                    "Host: user@127.0.0.1", "Origin: http://[x", "Origin: http://127.0.0.1:port"])
+def test_malformed_host_or_origin_is_400_and_websockets_are_not_served(secured, header):
+    port = int(secured.rsplit(":", 1)[1])
+    host = "" if header.startswith("Host") else f"Host: 127.0.0.1:{port}\r\n"
+    status, answer = _raw(port, f"POST /v1/classify HTTP/1.1\r\n{host}{header}\r\nContent-Length: 0\r\n"
+                                "Connection: close\r\n\r\n")
+    assert status == 400 and b"malformed Host or Origin header" in answer, answer[:300]
+    status, answer = _raw(port, f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                "Sec-WebSocket-Version: 13\r\n\r\n")
+    assert status == 401  # an ordinary request, refused without a token: never switched to a websocket
+
+
+def test_the_guard_refuses_websockets_and_other_scopes():
+    import asyncio
+
+    from runtime.apps.guard import Guard
+
+    reached = []
+
+    async def app(scope, receive, send):  # what a route that accepts websockets would do
+        reached.append(scope["type"])
+        await send({"type": "websocket.accept"})
+
+    guard = Guard(app, {"127.0.0.1"}, False, "page-token", "", lambda *_: None, (TOKEN.encode(),))
+    sent = []
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/ws", "headers": [(b"host", b"127.0.0.1")]}
+    asyncio.run(guard(scope, receive, send))
+    assert reached == [] and sent == [{"type": "websocket.close", "code": 1008}]
+    with pytest.raises(RuntimeError, match="unsupported ASGI scope"):
+        asyncio.run(guard({"type": "webtransport", "path": "/"}, receive, send))
+    assert reached == []
+
+
+def test_a_refused_upload_is_not_read_to_its_end(secured):
+    import socket
+
+    port = int(secured.rsplit(":", 1)[1])
+    total, sent = 50 << 20, 0  # the server's upload limit: before, a refusal read up to twice that
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {total}\r\n"
+                  "Content-Type: application/octet-stream\r\n\r\n".encode())
+        chunk = b"\0" * (64 << 10)
+        try:
+            while sent < total:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except OSError:  # answered and closed (reset), or no longer read (the send waits, then times out)
+            pass
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    # what the server read: at most REFUSAL_DRAIN (1 MiB); what was sent beyond it sat in the two sockets' buffers
+    # (a few MB on loopback), never the whole upload
+    assert sent < 16 << 20, f"{sent / 2**20:.0f} MB of a refused upload were taken"
+    assert answer.startswith(b"HTTP/1.1 401") or answer == b"", answer[:100]

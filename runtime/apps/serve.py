@@ -9,19 +9,22 @@
                       with everyone else's
   GET  /v1/slide/ID   that job: state, fields done / total, and when done the result with GeoJSON, CSV and the
                       overlay PNG (base64)
-  DELETE /v1/slide/ID cancel that job: what it queued is withdrawn
+  DELETE /v1/slide/ID cancel that job (what it queued is withdrawn) and forget it: GET then gives 404
   GET  /v1/model      manifest: contract, provenance, trained, backend in use
   GET  /healthz       liveness
   GET  /metrics       request counts and latency percentiles
+  GET  /openapi.json  the API's contract (runtime.apps.api_contract)
 
 This module does HTTP only: the classifier is owned by runtime.apps.request_queue's worker, the page's images come from
 runtime.apps.views. Limits: uploads above --max-upload-mb are refused while they stream in (413); images above
 --max-pixels or --max-fields get 413; a full queue gets 503 with Retry-After; work whose client has gone is
-dropped. Requests must name this server in their Host header (DNS rebinding), and a browser POST from another
-origin, or without the page's token, is refused (403). With --token-file every route but /healthz needs
-"Authorization: Bearer TOKEN" (401 otherwise; the page asks for it once per tab), and binding to anything but
-loopback without a token is refused unless --insecure-no-auth says so; --tls-cert/--tls-key serve HTTPS.
-SIGTERM: stop accepting, finish the batch in progress, cancel what waits, exit 0.
+dropped; at most --max-uploads uploads are held at once (the memory bound), --max-connections connections are
+served, slow clients are cut off (runtime.apps.connection); a slide is refused (413) before any work when its scale
+or its field count is beyond the limits (runtime.apps.slide_jobs). Which requests get in, and the headers every
+answer carries (Content-Security-Policy, nosniff), is runtime.apps.guard's: Host names (DNS rebinding), bearer
+tokens (--token-file; the page asks for one once per tab), cross-origin POSTs. Binding to anything but loopback
+without a token is refused unless --insecure-no-auth says so; --tls-cert/--tls-key serve HTTPS.
+SIGTERM: stop accepting, finish the batch in progress, cancel what waits, remove slide uploads, exit 0.
 """
 from __future__ import annotations
 
@@ -31,23 +34,22 @@ import secrets
 import signal
 import sys
 import threading
-import time
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.requests import ClientDisconnect
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
-from runtime.apps import auth
+from runtime.apps import api_contract, auth
+from runtime.apps.api_contract import Aggregate, responses, upload
+from runtime.apps.connection import BODY_CHUNK_TIMEOUT_S, HEADER_TIMEOUT_S, HeaderTimeoutProtocol, next_chunk
+from runtime.apps.guard import CLOSED, LOCAL_NAMES, WILDCARDS, Guard, allowed_hosts
 from runtime.apps.request_queue import Batcher, Busy
-from runtime.apps.slide import AGGREGATES
-from runtime.apps.slide_jobs import SlideJobs
+from runtime.apps.slide_jobs import MAX_FACTOR, MIN_FACTOR, SlideJobs, SlideRefused
 from runtime.apps.views import patch_views
 from runtime.io.decode import ImageTooLarge
 from runtime.io.inputs import ImageInput
@@ -58,9 +60,10 @@ MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 SERVE_MAX_PIXELS = 16_000_000  # per request: 4x a 2048x2048 camera frame (the CLI allows 64 MP)
 SERVE_MAX_FIELDS = 32  # per request: a bound on the inference one request can ask for
 MAX_PENDING_FIELDS = 128  # waiting in the queue, all requests together: beyond it, 503
-PAGE = Path(__file__).resolve().parent / "static" / "index.html"
-LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
-CLOSED = 499  # the client went away before its answer (nginx's code); not a server error
+MAX_UPLOADS = 4  # uploads held in memory at once (docs/user-guide.md: the memory bound); more wait for a turn
+UPLOAD_WAIT_S = 30.0  # how long an upload waits for its turn before 503
+MAX_CONNECTIONS = 64  # uvicorn's limit_concurrency: connections and requests at once; beyond it, 503
+STATIC = Path(__file__).resolve().parent / "static"
 NO_JOB = "no such slide job (finished jobs are kept for a while)"
 
 
@@ -84,19 +87,6 @@ class Metrics:
                 "max": float(lat.max()), "window": len(self.latency_ms)}}
 
 
-def allowed_hosts(host: str, extra: list[str]) -> set[str] | None:
-    """Host header names this server answers to; None (any) when bound to every interface."""
-    if host in ("0.0.0.0", "::"):
-        return None
-    names = {host, *extra} | (set(LOCAL_NAMES) if host in LOCAL_NAMES else set())
-    return {n.lower().strip("[]") for n in names}
-
-
-def _host_name(value: str) -> str:
-    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:80' -> '::1'."""
-    return (urlsplit("//" + value).hostname or "").lower()
-
-
 @dataclass(frozen=True)
 class Limits:
     """What one request, and all requests together, may ask of the server: beyond, 413 or 503."""
@@ -105,6 +95,9 @@ class Limits:
     max_fields: int = SERVE_MAX_FIELDS  # fields per image request
     max_pending: int = MAX_PENDING_FIELDS  # fields waiting in the queue, all requests together
     retry_after_s: int = 5  # what a 503 tells the client to wait
+    max_uploads: int = MAX_UPLOADS  # uploads held at once
+    max_slide_fields: int | None = None  # fields per slide (None: slide_jobs.default_max_fields)
+    body_timeout_s: float = BODY_CHUNK_TIMEOUT_S  # the longest wait for the next piece of an upload: beyond, 408
 
 
 @dataclass
@@ -117,6 +110,11 @@ class Service:
     limits: Limits
     metrics: Metrics = field(default_factory=Metrics)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(16))  # another site's page cannot read it
+    uploads: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_UPLOADS))
+
+    @property
+    def page(self) -> str:
+        return (STATIC / "index.html").read_text().replace("{{TOKEN}}", self.token)
 
 
 routes = APIRouter()
@@ -137,21 +135,25 @@ def busy(svc: Service, e: Exception | None = None) -> JSONResponse:
                  **{"Retry-After": str(wait)})
 
 
-def page_html(token: str) -> str:
-    return PAGE.read_text().replace("{{TOKEN}}", token)
-
-
-@routes.get("/", response_class=HTMLResponse)
+@routes.get("/", response_class=HTMLResponse, responses=responses(page=True))
 def page(request: Request) -> str:
-    return page_html(_service(request).token)
+    return _service(request).page
 
 
-@routes.get("/healthz")
+@routes.get("/static/{name}", include_in_schema=False)
+def static(name: str) -> Response:
+    """The page's own script and style (the Content-Security-Policy allows no other)."""
+    if name not in ("app.js", "app.css"):
+        return error(404, "no such file")
+    return FileResponse(STATIC / name, media_type="text/javascript" if name.endswith(".js") else "text/css")
+
+
+@routes.get("/healthz", responses=responses())
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@routes.get("/v1/model")
+@routes.get("/v1/model", responses=responses())
 def model(request: Request) -> dict[str, Any]:
     svc = _service(request)
     m, lim = svc.clf.manifest, svc.limits
@@ -161,21 +163,22 @@ def model(request: Request) -> dict[str, Any]:
                        "max_fields": lim.max_fields}}
 
 
-@routes.get("/metrics")
+@routes.get("/metrics", responses=responses())
 def get_metrics(request: Request) -> dict[str, Any]:
     svc = _service(request)
     return svc.metrics.snapshot() | {"queue": {"pending_fields": svc.batcher.pending, "dropped": svc.batcher.dropped}}
 
 
-async def read_body(request: Request, limit: int) -> bytes | None:
+async def read_body(request: Request, limit: int, timeout: float) -> bytes | None:
     """The body, read as it streams in; None once it passes the limit. Past the limit nothing more is kept, and up
     to twice the limit is read and dropped so that an ordinary client still receives its 413; a larger upload is
-    cut off there."""
+    cut off there. TimeoutError where the client sends nothing for ``timeout`` seconds."""
     chunks: list[bytes] | None = []
     n = 0
     if int(request.headers.get("content-length") or 0) > 2 * limit:
         return None
-    async for chunk in request.stream():
+    stream = request.stream()
+    while (chunk := await next_chunk(stream, timeout)) is not None:
         n += len(chunk)
         if n > limit:
             chunks = None
@@ -186,36 +189,62 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks) if chunks is not None else None
 
 
-async def read_upload(request: Request, limit: int) -> tuple[str, bytes] | JSONResponse:
-    """(file name, bytes) of a multipart field "file" or a raw body, bounded by the upload limit."""
-    data = await read_body(request, limit)
-    if data is None:
-        return error(413, f"upload above the limit of {limit:,} bytes")
+async def read_upload(request: Request, limits: Limits) -> tuple[str, bytes] | JSONResponse:
+    """(file name, bytes) of a multipart field "file" or a raw body, bounded by the upload limit. Called with one of
+    the server's upload turns held (``uploads``)."""
+    limit = limits.max_upload
+    try:
+        data = await read_body(request, limit, limits.body_timeout_s)
+    except TimeoutError:
+        return error(408, f"the upload stalled: nothing came for {limits.body_timeout_s:g} s", Connection="close")
+    if data is None:  # what is left of the body is not read: the connection closes after the answer
+        return error(413, f"upload above the limit of {limit:,} bytes", Connection="close")
     name = "upload"
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         request._body = data  # Starlette parses the form from the body already read (and bounded) here
         try:
             form = await request.form(max_part_size=limit)
-        except Exception as e:  # malformed multipart bodies raise parser-specific errors
+        except Exception as e:  # noqa: BLE001 - malformed multipart bodies raise parser-specific errors
             return error(400, f"malformed multipart body: {e}")
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             return error(400, "multipart body has no file field named 'file'")
         name = upload.filename or name
         data = await upload.read()
+        request._body = b""  # one copy of the upload is held, not two
     return name, data
 
 
-@routes.post("/v1/classify")
-async def classify(request: Request, views: int = 0) -> Any:
+@asynccontextmanager
+async def upload_turn(svc: Service) -> Any:
+    """One of the server's MAX_UPLOADS turns to hold an upload's bytes (read, parsed, decoded or stored; what goes
+    on to the queue is the decoded image, which the queue's own bound counts); None after UPLOAD_WAIT_S."""
+    try:
+        await asyncio.wait_for(svc.uploads.acquire(), UPLOAD_WAIT_S)
+    except TimeoutError:
+        yield None
+        return
+    try:
+        yield True
+    finally:
+        svc.uploads.release()
+
+
+@routes.post("/v1/classify", **upload(403, 408, 413, 422))
+async def classify(request: Request, views: int = Query(0, ge=0, le=1)) -> Any:
     svc = _service(request)
-    got = await read_upload(request, svc.limits.max_upload)
-    if isinstance(got, JSONResponse):
-        return got
-    name, data = got
-    item = await asyncio.to_thread(svc.clf.prepare, ImageInput(name, data=data))  # as the classifier would
+    async with upload_turn(svc) as turn:
+        if turn is None:
+            return busy(svc, Busy(f"{svc.limits.max_uploads} uploads are being received"))
+        got = await read_upload(request, svc.limits)
+        if isinstance(got, JSONResponse):
+            return got
+        name, data = got
+        item = await asyncio.to_thread(svc.clf.prepare, ImageInput(name, data=data))  # as the classifier would
+        empty = not data
+        del got, data  # the turn ends with the upload's bytes
     if item.failure is not None:
-        status = 413 if isinstance(item.failure, ImageTooLarge) else 400 if not data else 422
+        status = 413 if isinstance(item.failure, ImageTooLarge) else 400 if empty else 422
         return error(status, item.result.error or str(item.failure))
     if item.n_fields > svc.limits.max_fields:
         return error(413, f"{name}: {item.n_fields} fields is above this server's limit of {svc.limits.max_fields} "
@@ -241,38 +270,53 @@ async def classify(request: Request, views: int = 0) -> Any:
         return error(422, res.error)
     out = res.to_dict()  # its warnings: the decoder's and the classifier's (e.g. another magnification)
     if views:
-        out["views"] = patch_views(bgr, out, svc.clf.contract)
+        out["views"] = await asyncio.to_thread(patch_views, bgr, out, svc.clf.contract)
     return out
 
 
-@routes.post("/v1/slide", status_code=202)
-async def slide(request: Request, aggregate: str = "max", top_k: int = 3, magnification: float | None = None,
-                tissue_mask: int = 1) -> Any:
+@routes.post("/v1/slide", status_code=202, **upload(403, 408, 413))
+async def slide(request: Request, aggregate: Aggregate = "max", top_k: int = Query(3, ge=1, le=1_000_000),
+                magnification: float | None = Query(None, gt=0, allow_inf_nan=False),
+                tissue_mask: int = Query(1, ge=0, le=1)) -> Any:
     svc = _service(request)
-    got = await read_upload(request, svc.limits.max_upload)  # read first: a client still sending cannot read an
-    if isinstance(got, JSONResponse):  # early answer
-        return got
-    name, data = got
-    if aggregate not in AGGREGATES or top_k < 1 or (magnification is not None and magnification <= 0):
-        return error(400, f"aggregate must be one of {', '.join(AGGREGATES)}, top_k >= 1, magnification > 0")
+    async with upload_turn(svc) as turn:
+        if turn is None:
+            return busy(svc, Busy(f"{svc.limits.max_uploads} uploads are being received"))
+        got = await read_upload(request, svc.limits)  # read first: a client still sending cannot read
+        if isinstance(got, JSONResponse):  # an early answer
+            return got
+        return await _slide(svc, *got, aggregate, top_k, magnification, tissue_mask)
+
+
+async def _slide(svc: Service, name: str, data: bytes, aggregate: str, top_k: int, magnification: float | None,
+                 tissue_mask: int) -> Any:
     if not data:
         return error(400, "empty upload")
+    model = svc.clf.contract.magnification  # a scale asked for out of range is a parameter out of its range (400);
+    if magnification is not None and model and not MIN_FACTOR <= magnification / model <= MAX_FACTOR:  # a file's: 413
+        return error(400, f"magnification must be within {MIN_FACTOR * model:g}..{MAX_FACTOR * model:g} "
+                          f"({MIN_FACTOR:g}x..{MAX_FACTOR:g}x this model's {model:g}X)")
     options = {"aggregate": aggregate, "top_k": top_k, "tissue_mask": bool(tissue_mask),
                "scale": Scale(magnification, None, "request") if magnification else None}
     try:
-        job = svc.slides.start(data, name, options)
+        job = await asyncio.to_thread(svc.slides.start, data, name, options)  # writes the file: not on the loop
     except Busy as e:
         return busy(svc, e)
+    except SlideRefused as e:
+        return error(413, str(e))
+    except OSError as e:  # disk full, no permission: the slot and the folder are free again
+        return error(503, f"{name}: the upload could not be stored ({e.strerror or type(e).__name__})",
+                     **{"Retry-After": str(svc.limits.retry_after_s)})
     return {"job": job.id, "status": f"/v1/slide/{job.id}"}
 
 
-@routes.get("/v1/slide/{job_id}")
+@routes.get("/v1/slide/{job_id}", responses=responses(404))
 def slide_status(request: Request, job_id: str) -> Any:
     job = _service(request).slides.get(job_id)
     return error(404, NO_JOB) if job is None else job.to_dict()
 
 
-@routes.delete("/v1/slide/{job_id}")
+@routes.delete("/v1/slide/{job_id}", responses=responses(403, 404))
 def slide_cancel(request: Request, job_id: str) -> Any:
     job = _service(request).slides.cancel(job_id)
     return error(404, NO_JOB) if job is None else \
@@ -280,83 +324,31 @@ def slide_cancel(request: Request, job_id: str) -> Any:
 
 
 def create_app(clf: Classifier, limits: Limits = Limits(), hosts: set[str] | None = None,
-               tokens: tuple[bytes, ...] = ()) -> FastAPI:
-    """The app around an open Classifier (which it owns from now on, through one worker thread); ``tokens``: the
-    bearer tokens every route but /healthz needs (none: no authentication)."""
+               tokens: tuple[bytes, ...] = (), wildcard: bool = False) -> FastAPI:
+    """The app around an open Classifier (which it owns from now on, through one worker thread); ``hosts``: the
+    Host names it answers to (guard.allowed_hosts; default: loopback), ``wildcard``: bound to every interface;
+    ``tokens``: the bearer tokens every route but /healthz needs (none: no authentication)."""
     batcher = Batcher(clf, max_pending=limits.max_pending)
-    svc = Service(clf, batcher, SlideJobs(clf, batcher), limits)
+    svc = Service(clf, batcher, SlideJobs(clf, batcher, max_fields=limits.max_slide_fields), limits,
+                  uploads=asyncio.Semaphore(limits.max_uploads))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         yield
-        svc.slides.stop()
+        svc.slides.stop()  # cancelled, their uploads removed
         batcher.stop()  # shutdown: waiting work is cancelled; the batch in progress finishes
 
+    def record(path: str, status: int, ms: float) -> None:
+        if path.startswith("/v1/classify"):
+            svc.metrics.record(status, ms)
+
     app = FastAPI(title="breakhis-edge", docs_url=None, redoc_url=None, lifespan=lifespan)
+    api_contract.install(app, clf.contract, routes.routes)
     app.include_router(routes)
     app.state.service = svc
-    app.add_middleware(Guard, hosts=hosts, token=svc.token, metrics=svc.metrics,  # type: ignore[arg-type]
-                       max_upload=limits.max_upload, bearer_tokens=tokens)
+    app.add_middleware(Guard, hosts=allowed_hosts("127.0.0.1", []) if hosts is None else hosts,  # type: ignore
+                       wildcard=wildcard, token=svc.token, page=svc.page, record=record, bearer_tokens=tokens)
     return app
-
-
-class Guard:
-    """Pure ASGI middleware (so that handlers still see their client's disconnect): refuses foreign Host headers
-    (421), requests without one of the bearer tokens where the server has them (401; the page itself comes with
-    401 and asks for the token), browser POSTs from another origin or without the page's token (403), turns an
-    unexpected exception into a 500 without a traceback, and records each /v1/classify answer in the metrics."""
-
-    def __init__(self, app: Any, hosts: set[str] | None, token: str, metrics: Metrics, max_upload: int,
-                 bearer_tokens: tuple[bytes, ...] = ()) -> None:
-        self.app, self.hosts, self.token, self.metrics, self.max_upload = app, hosts, token, metrics, max_upload
-        self.bearer_tokens = bearer_tokens
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        host, origin = headers.get("host", ""), headers.get("origin")
-        refusal, extra = None, {}
-        if self.hosts is not None and _host_name(host) not in self.hosts:
-            refusal = (421, f"this server does not answer to Host {host!r}")
-        elif self.bearer_tokens and scope["path"] != "/healthz" and not auth.allows(
-                self.bearer_tokens, auth.bearer(headers.get("authorization"))):
-            if scope["path"] == "/" and scope["method"] == "GET":  # the page, which asks for the token
-                return await HTMLResponse(page_html(self.token), status_code=401)(scope, receive, send)
-            refusal, extra = (401, "this server needs 'Authorization: Bearer TOKEN' (a token from its --token-file)"), {
-                "WWW-Authenticate": 'Bearer realm="breakhis-edge"'}
-        elif scope["method"] in ("POST", "DELETE") and origin is not None and (
-                _host_name(urlsplit(origin).netloc) != _host_name(host)
-                or headers.get("x-breakhis-token") != self.token):
-            refusal = (403, "cross-origin request refused (use the page served here, or a client without Origin)")
-        if refusal is not None:
-            # Read (and drop) what the client is still sending, up to twice the upload limit, so that it can read
-            # the refusal instead of meeting a closed connection.
-            n = 0
-            while n <= 2 * self.max_upload:
-                message = await receive()
-                n += len(message.get("body", b""))
-                if message["type"] != "http.request" or not message.get("more_body"):
-                    break
-            return await JSONResponse({"error": refusal[1]}, status_code=refusal[0], headers=extra)(
-                scope, receive, send)
-        t0, status = time.perf_counter(), [CLOSED]
-
-        async def send_status(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        except ClientDisconnect:
-            status[0] = CLOSED
-        except Exception as e:  # the last guard: a bug must not take the server down or leak a traceback
-            status[0] = 500
-            await JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)(
-                scope, receive, send)
-        if scope["path"].startswith("/v1/classify"):
-            self.metrics.record(status[0], (time.perf_counter() - t0) * 1e3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,13 +362,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8080,
                     help="port to listen on (default 8080: Triton Inference Server, often beside it, takes 8000-8002)")
     ap.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                    help="another name this server may be reached by (Host header), repeatable")
+                    help="another name this server may be reached by (Host header), repeatable; on --host 0.0.0.0 "
+                         "or :: the names it answers to are these and localhost (and any IP address)")
     ap.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES >> 20,
                     help=f"refuse larger uploads with 413, while they stream in (default {MAX_UPLOAD_BYTES >> 20})")
     ap.add_argument("--max-fields", type=int, default=SERVE_MAX_FIELDS,
                     help=f"refuse images of more fields per request with 413 (default {SERVE_MAX_FIELDS})")
     ap.add_argument("--max-pending", type=int, default=MAX_PENDING_FIELDS,
                     help=f"fields allowed to wait, all requests together; beyond, 503 (default {MAX_PENDING_FIELDS})")
+    ap.add_argument("--max-slide-fields", type=int, default=None,
+                    help="refuse slides of more fields with 413, before any work (default: the fields of the largest "
+                         "slide accepted, 40 billion pixels, at the model's scale)")
+    ap.add_argument("--max-uploads", type=int, default=MAX_UPLOADS,
+                    help=f"uploads held in memory at once; more wait up to {UPLOAD_WAIT_S:g} s, then 503 "
+                         f"(default {MAX_UPLOADS}; docs/user-guide.md: the memory bound)")
+    ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                    help=f"connections and requests served at once; beyond, 503 (default {MAX_CONNECTIONS})")
+    ap.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                    help=f"seconds a request's headers may take to arrive; then the connection is closed "
+                         f"(default {HEADER_TIMEOUT_S:g})")
+    ap.add_argument("--body-timeout", type=float, default=BODY_CHUNK_TIMEOUT_S,
+                    help=f"seconds an upload may send nothing; then 408 (default {BODY_CHUNK_TIMEOUT_S:g})")
     g = ap.add_argument_group("security (docs/user-guide.md: a server on the lab network)")
     g.add_argument("--token-file", type=Path, default=None,
                    help="bearer tokens, one per line (at least 16 characters each): every route but /healthz then "
@@ -395,16 +401,20 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.apps.options import open_classifier
     from runtime.errors import BreakhisError, report
 
-    hosts = allowed_hosts(args.host, args.allowed_host)
+    local = args.host in LOCAL_NAMES
     try:
         tokens = auth.read_tokens(args.token_file) if args.token_file else ()
-        warning = auth.check_binding(args.host, args.host in LOCAL_NAMES, bool(tokens), args.insecure_no_auth)
+        warnings = [auth.check_binding(args.host, local, bool(tokens), args.insecure_no_auth),
+                    auth.readable_warning(args.token_file) if args.token_file else None,
+                    auth.plain_http_warning(args.host, local, bool(tokens), args.tls_cert is not None)]
         if args.tls_cert:
             auth.check_tls(args.tls_cert, args.tls_key)
-        if warning:
+        for warning in filter(None, warnings):
             print(warning, file=sys.stderr)
-        app = create_app(open_classifier(args), Limits(args.max_upload_mb << 20, args.max_fields, args.max_pending),
-                         hosts, tokens)
+        limits = Limits(args.max_upload_mb << 20, args.max_fields, args.max_pending, max_uploads=args.max_uploads,
+                        max_slide_fields=args.max_slide_fields, body_timeout_s=args.body_timeout)
+        app = create_app(open_classifier(args), limits, allowed_hosts(args.host, args.allowed_host), tokens,
+                         wildcard=args.host in WILDCARDS)
     except BreakhisError as e:
         return report(e)
     clf = app.state.service.clf
@@ -416,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30,
-                ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
+                ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+                http=type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": args.header_timeout}),
+                limit_concurrency=args.max_connections, ws="none")
     print("stopped", file=sys.stderr)
     return 0

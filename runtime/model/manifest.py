@@ -15,6 +15,10 @@ from typing import Any
 from runtime.errors import BreakhisError
 
 FORMAT_VERSION = 2  # 2: the variant table (precision -> file + the gate it passed)
+# A label is short plain text: it is printed, written into reports and shown on the page, and may come from a
+# Triton server's manifest parameter. Letters, digits, spaces and _ . , ( ) + - only, 1..40 characters.
+MAX_LABEL_CHARS = 40
+LABEL_PUNCTUATION = " _.,()+-"
 
 def sha256_file(path: Path) -> str:
     """sha256 of a file, read in 1 MiB chunks (model files are tens of MB)."""
@@ -87,6 +91,13 @@ class Contract:
             raise ModelError(f"contract has an unsupported channel order or mean/scale length: {d}")
         if c.patch <= 0 or c.stride <= 0 or min(c.grid) <= 0:
             raise ModelError(f"contract sizes must be positive: {d}")
+        for label in c.labels:
+            if not (0 < len(label) <= MAX_LABEL_CHARS and label == label.strip() and all(
+                    ch.isalnum() or ch in LABEL_PUNCTUATION for ch in label)):
+                raise ModelError(f"contract label {label[:60]!r} is not short plain text (1..{MAX_LABEL_CHARS} "
+                                 f"letters, digits, spaces or {LABEL_PUNCTUATION.strip()})")
+        if c.labels[0] == c.labels[1]:
+            raise ModelError(f"contract labels must differ: {c.labels}")
         return c
 
 
