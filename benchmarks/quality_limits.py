@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -22,7 +23,7 @@ import numpy as np
 from benchmarks import write_json
 from runtime.io.inputs import image_files
 from runtime.model.paths import shared_dir
-from runtime.pipeline.quality import _HE, LIMITS, MEASURES, STEP, FieldQuality, measure
+from runtime.pipeline.quality import _HE, LIMITS, STEP, FieldQuality, measure
 
 FIELD = (448, 672)  # the model's field (2 x 3 patches of 224)
 DAB = np.array([0.268, 0.570, 0.776])  # Ruifrok & Johnston's DAB optical-density vector (RGB)
@@ -111,7 +112,14 @@ def vignetted(bgr: np.ndarray, corner: float = 0.6) -> np.ndarray:
 
 
 def jpeg(bgr: np.ndarray, quality: int = 50) -> np.ndarray:
-    return cv2.imdecode(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_COLOR)
+    return np.asarray(cv2.imdecode(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_COLOR))
+
+
+def read(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path))
+    if bgr is None:
+        raise SystemExit(f"{path}: not a readable image")
+    return bgr
 
 
 def glass_over(bgr: np.ndarray, share: float, value: int) -> np.ndarray:
@@ -181,7 +189,7 @@ def derive(real: list[dict[str, float]], degraded: dict[str, list[dict[str, floa
         separable = mildest is not None and (mildest < worst if lim.below else mildest > worst)
         if lim.measure == "tissue":
             bound, rule = lim.bound, "the slides' --min-tissue default"
-        elif separable:
+        elif mildest is not None and separable:
             bound = float(np.sqrt(worst * mildest)) if lim.measure == "focus" else (worst + mildest) / 2
             rule = "midpoint"
         else:
@@ -199,15 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     derivation, held_out = split(args.data / "breakhis-100x" / "MANIFEST.csv")
-    read = {n: cv2.imread(str(args.data / "breakhis-100x" / n)) for n in derivation + held_out}
-    real = {n: field_measures(b) for n, b in read.items()}
-    degraded = {k: {n: field_measures(d.apply(b)) for n, b in read.items()} for k, d in DEGRADATIONS.items()}
+    images = {n: read(args.data / "breakhis-100x" / n) for n in derivation + held_out}
+    real = {n: field_measures(b) for n, b in images.items()}
+    degraded = {k: {n: field_measures(d.apply(b)) for n, b in images.items()} for k, d in DEGRADATIONS.items()}
     rows = derive([real[n] for n in derivation], {k: [v[n] for n in derivation] for k, v in degraded.items()})
     code = {(lim.measure, lim.flag): lim.bound for lim in LIMITS}
     stale = [r for r in rows if code[(r["measure"], r["flag"])] != r["bound"]]
 
     def judged(names: list[str]) -> dict:
-        out = {"real_flagged": [n for n in names if flags(real[n])], "degraded": {}}
+        out: dict[str, Any] = {"real_flagged": [n for n in names if flags(real[n])], "degraded": {}}
         for k, d in DEGRADATIONS.items():
             got = [flags(degraded[k][n]) for n in names]
             hit = sum(d.flag in f for f in got) if d.flag else sum(bool(f) for f in got)
@@ -216,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "flags": sorted({x for f in got for x in f})}
         return out
 
-    other = {p.name: flags(field_measures(cv2.imread(str(p)))) for p in image_files(args.data / "breakhis-other")}
-    result = {"split": "by patient: within each class, patients in id order alternately to derivation and held-out",
+    other = {p.name: flags(field_measures(read(p))) for p in image_files(args.data / "breakhis-other")}
+    result: dict[str, Any] = {"split": "by patient: within each class, patients in id order alternately to derivation and held-out",
               "derivation": derivation, "held_out": held_out, "step": STEP, "limits": rows,
               "derivation_set": judged(derivation), "held_out_set": judged(held_out),
               "other_magnifications_flagged": {n: f for n, f in other.items() if f}}
