@@ -169,7 +169,7 @@ def test_slide_outputs_carry_the_measures_and_mark_flagged_fields(model_dir, ima
                      "--no-progress"]) in (0, 1)
         (table,) = out.glob("*.csv")
         stem = table.name.removesuffix(".csv")
-        rows = list(csv.DictReader(open(table)))
+        rows = list(csv.DictReader(table.read_text().splitlines()))
         assert [r["qc_flags"] for r in rows] == ["", "out_of_focus"] and all(r["qc_focus"] for r in rows)
         result = json.loads((out / f"{stem}.json").read_text())
         assert result["counts"]["flagged"] == 1 and result["counts"]["withheld"] == (qc == "withhold")
