@@ -150,6 +150,8 @@ DEGRADATIONS: dict[str, Degradation] = {
                                    lambda b: noisy(half_blurred(b)), "part_out_of_focus"),
     "noise": Degradation("camera noise sigma 4 on a sharp field", noisy, None),
     "over": Degradation("over-exposed: gain until 30 % of pixels saturate", exposed, "over_exposed", "saturated"),
+    "over_gain": Degradation("over-exposed: exposure (gain) x 1.5", lambda b: np.clip(b * 1.5, 0, 255).astype(np.uint8),
+                             "over_exposed"),
     "dark_gain": Degradation("under-exposed: lamp at 0.7 (gain 0.7)", lambda b: (b * 0.7).astype(np.uint8),
                              "under_exposed", "white"),
     "dark_gamma": Degradation("darkened by gamma 2.5", lambda b: (255 * (b / 255.0) ** 2.5).astype(np.uint8),
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             hit = sum(d.flag in f for f in got) if d.flag else sum(bool(f) for f in got)
             out["degraded"][k] = {"what": d.what, "expected": d.flag, "images": len(names),
                                   "flagged" if d.flag else "any_flag": hit,
-                                  "flags": sorted({x for f in got for x in f})}
+                                  "flags": {x: sum(x in f for f in got) for x in sorted({x for f in got for x in f})}}
         return out
 
     other = {p.name: flags(field_measures(read(p))) for p in image_files(args.data / "breakhis-other")}
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, d in part["degraded"].items():
             n = d.get("flagged", d.get("any_flag"))
             print(f"  {k:16s} {n:3d} of {d['images']} {'flagged ' + d['expected'] if d['expected'] else 'any flag'}"
-                  f"  {d['flags']}")
+                  f"  {' '.join(f'{x} {c}' for x, c in d['flags'].items())}")
     print(f"other magnifications flagged: {result['other_magnifications_flagged']}")
     for r in stale:
         print(f"LIMITS in runtime/pipeline/quality.py differ: {r['measure']} {code[(r['measure'], r['flag'])]} "

@@ -158,9 +158,9 @@ def measure(field_px: np.ndarray) -> dict[str, float]:
     tissue = cv2.bitwise_not(glass)
     n, n_tissue = grey.size, cv2.countNonZero(tissue)
     focus, blurred = _focus(grey, tissue > 0)
-    # Exposure: the tissue's mean grey level; the share of the field white in every channel (>= CLIPPED: clipped
-    # glass counts too, docs/quality.md says why); the field's white (its 99th percentile grey level: glass, lumen
-    # or the lightest tissue), the lamp's.
+    # Exposure: the tissue's mean grey level; the share of the field white in every channel (>= CLIPPED), glass
+    # included: clipping counted on tissue alone did not hold on the held-out patients (docs/quality.md); the
+    # field's white (its 99th percentile grey level: glass, lumen or the lightest tissue), the lamp's.
     saturated = cv2.countNonZero(cv2.inRange(field_px, (CLIPPED,) * 3, (255,) * 3)) / n
     brightness = float(cv2.mean(grey, mask=tissue)[0]) if n_tissue else float(cv2.mean(grey)[0])
     # Stain: optical density against the field's own white (its 99th percentile per channel: glass, or the
