@@ -64,12 +64,11 @@ def half_blurred(b: np.ndarray, sigma: float = 3.0) -> np.ndarray:
 def exposed(bgr: np.ndarray, saturated: float = 0.30) -> np.ndarray:
     """Exposure (a linear gain) pushed until at least ``saturated`` of the field's pixels are white in every
     channel (>= 250)."""
+    darkest = bgr[:FIELD[0], :FIELD[1]].min(axis=2).astype(np.float32)  # white in every channel: its darkest is
     gain = 1.0
-    while True:
-        out = np.clip(bgr.astype(np.float32) * gain, 0, 255).astype(np.uint8)
-        if (out[:FIELD[0], :FIELD[1]].min(axis=2) >= 250).mean() >= saturated:
-            return out
+    while (darkest * gain >= 250).mean() < saturated:
         gain += 0.02
+    return np.clip(bgr.astype(np.float32) * gain, 0, 255).astype(np.uint8)
 
 
 def hue_turned(bgr: np.ndarray, degrees: int = 240) -> np.ndarray:
@@ -90,10 +89,14 @@ def _restained(bgr: np.ndarray, recolour: Callable[[np.ndarray, np.ndarray], np.
 
 
 def ihc(bgr: np.ndarray) -> np.ndarray:
-    """Immunohistochemistry: haematoxylin counterstain, DAB brown where the eosin was (the eosin amount of the
-    least-squares split, its negative part dropped)."""
+    """Immunohistochemistry, strongly positive: a haematoxylin counterstain, with half of the haematoxylin's density
+    (positive nuclei) and all of the eosin's (least-squares split, negative parts dropped) turned DAB brown."""
     dab = DAB / np.linalg.norm(DAB)
-    return _restained(bgr, lambda a, od: np.maximum(a[:, :1], 0) * _HE[0] + np.maximum(a[:, 1:2], 0) * dab)
+
+    def recolour(a: np.ndarray, od: np.ndarray) -> np.ndarray:
+        h, e = np.maximum(a[:, :1], 0), np.maximum(a[:, 1:2], 0)
+        return 0.5 * h * _HE[0] + (0.5 * h + e) * dab
+    return _restained(bgr, recolour)
 
 
 def grey_od(bgr: np.ndarray) -> np.ndarray:
@@ -163,7 +166,7 @@ DEGRADATIONS: dict[str, Degradation] = {
     "grey": Degradation("grey-scale capture", lambda b: cv2.cvtColor(cv2.cvtColor(b, cv2.COLOR_BGR2GRAY),
                                                                     cv2.COLOR_GRAY2BGR), "no_stain_colour", "colour"),
     "not_he": Degradation("colours turned 240 degrees in hue", hue_turned, "not_he", "stain"),
-    "ihc": Degradation("IHC: DAB brown with a haematoxylin counterstain", ihc, "not_he"),
+    "ihc": Degradation("IHC: DAB brown with a haematoxylin counterstain (no limit holds: reported)", ihc, "not_he"),
     "grey_od": Degradation("a neutral grey optical density", grey_od, "not_he", "stain"),
     "jpeg_50": Degradation("JPEG at quality 50", jpeg, None),
 }
