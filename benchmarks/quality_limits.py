@@ -5,13 +5,14 @@ the same images degraded as a microscope degrades them, and each limit is put be
 mildest degradation it must flag. The held-out images, real and degraded, then give the false-flag rate and the
 detection of every degradation. The images at other magnifications are not 100X: reported apart, never derived on.
 
-  python -m benchmarks.quality_limits --json benchmarks/results/quality-limits.json
+  python -m benchmarks.quality_limits --json benchmarks/results/quality-limits.json --cost models/breakhis-scratch-v1
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,11 +206,39 @@ def derive(real: list[dict[str, float]], degraded: dict[str, list[dict[str, floa
     return rows
 
 
+def cost(model: Path, paths: list[Path], repeats: int = 5) -> dict:
+    """The check's time per image (``assess`` on the image's every STEP-th pixel and row, as the decode workers run
+    it) against a whole ``Classifier(model, backend="cpu").classify`` of the same image, medians."""
+    from runtime.pipeline.classifier import Classifier
+    from runtime.pipeline.quality import assess
+    from runtime.pipeline.tiling import plan_fields
+
+    images = [read(p) for p in paths]
+    with Classifier(model, backend="cpu") as clf:
+        clf.classify([str(paths[0])])  # warm-up
+        whole = []
+        for p in paths:
+            t0 = time.perf_counter()
+            clf.classify([str(p)])
+            whole.append(time.perf_counter() - t0)
+        c = clf.contract
+    check = []
+    for _ in range(repeats):
+        for b in images:
+            t0 = time.perf_counter()
+            assess(b[::STEP, ::STEP], plan_fields(b.shape[0], b.shape[1], c), c.field_size)
+            check.append(time.perf_counter() - t0)
+    q, w = float(np.median(check)) * 1e3, float(np.median(whole)) * 1e3
+    return {"images": len(paths), "quality_ms": round(q, 2), "classify_ms": round(w, 1), "ratio": round(q / w, 5)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=shared_dir() / "data",
                     help="the folder with breakhis-100x (MANIFEST.csv) and breakhis-other")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cost", type=Path, default=None, metavar="MODEL",
+                    help="also time the check against a whole classify with this model on the CPU (8 images)")
     args = ap.parse_args(argv)
     derivation, held_out = split(args.data / "breakhis-100x" / "MANIFEST.csv")
     images = {n: read(args.data / "breakhis-100x" / n) for n in derivation + held_out}
@@ -251,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in stale:
         print(f"LIMITS in runtime/pipeline/quality.py differ: {r['measure']} {code[(r['measure'], r['flag'])]} "
               f"-> {r['bound']}")
+    if args.cost is not None:
+        result["cost"] = cost(args.cost, [args.data / "breakhis-100x" / n for n in held_out[:8]])
+        print(f"cost per image: quality {result['cost']['quality_ms']} ms, classify {result['cost']['classify_ms']} ms "
+              f"({100 * result['cost']['ratio']:.2f} %)")
     write_json(args.json, result)
     return 1 if stale else 0
 
