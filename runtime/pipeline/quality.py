@@ -1,8 +1,8 @@
 """Field quality before a verdict: each field's focus, exposure, tissue and stain as numbers, each with a limit
 derived on one set of real BreakHis images and judged on another (docs/quality.md), and a flag with what to do where
-a limit is crossed ("out of focus: re-focus and capture again"). The measures are local and look at tissue: focus
-tile by tile on the tissue, exposure on the tissue's pixels, stain on the stained ones; glass is only counted as
-glass. Computed in the decode workers on every second pixel of every second row of the field as decoded (the host's
+a limit is crossed ("out of focus: re-focus and capture again"). Focus is measured tile by tile on the tissue,
+brightness on the tissue's pixels, the stain on the stained ones (clipping still counts glass: docs/quality.md says
+why). Computed in the decode workers on every second pixel of every second row of the field as decoded (the host's
 pixels; a JPEG decoded on the GPU brings back only those rows). ``--qc flag`` marks the verdict, ``withhold`` gives
 a flagged field no label, ``off`` skips it."""
 from __future__ import annotations
