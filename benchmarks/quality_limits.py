@@ -167,7 +167,7 @@ DEGRADATIONS: dict[str, Degradation] = {
     "grey": Degradation("grey-scale capture", lambda b: cv2.cvtColor(cv2.cvtColor(b, cv2.COLOR_BGR2GRAY),
                                                                     cv2.COLOR_GRAY2BGR), "no_stain_colour", "colour"),
     "not_he": Degradation("colours turned 240 degrees in hue", hue_turned, "not_he", "stain"),
-    "ihc": Degradation("IHC: DAB brown with a haematoxylin counterstain (no limit holds: reported)", ihc, "not_he"),
+    "ihc": Degradation("IHC: DAB brown with a haematoxylin counterstain", ihc, "ihc_stain", "brown"),
     "grey_od": Degradation("a neutral grey optical density", grey_od, "not_he", "stain"),
     "jpeg_50": Degradation("JPEG at quality 50", jpeg, None),
 }

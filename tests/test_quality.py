@@ -19,7 +19,8 @@ from runtime.pipeline.quality import LIMITS, MEASURES, FieldQuality, advice, mea
 from tests.conftest import REPO, run_module
 
 # judged on the held-out patients: each flagged as made for; and sharp fields under noise or JPEG 50 never flagged
-HELD_OUT = ("blur_2", "blur_2_noise", "blur_3", "half_blur", "over", "dark_gain", "glass", "grey", "not_he", "grey_od")
+HELD_OUT = ("blur_2", "blur_2_noise", "blur_3", "half_blur", "over", "dark_gain", "glass", "grey", "not_he", "grey_od",
+            "ihc")
 FIT = ("noise", "jpeg_50")
 HELD_OUT_ALL = HELD_OUT + FIT
 

@@ -45,6 +45,7 @@ _TO_STAINS = np.linalg.inv(np.stack([_HE[0], _HE[1], _RESIDUAL])).astype(np.floa
 STAINED_OD = 0.15  # optical density (norm, after the white point) above which a pixel counts as stained
 CONE_SLACK = 0.1  # a stain amount down to -0.1 x the pixel's density still counts as non-negative (stain variation)
 CLIPPED = 250  # a channel at or above this is clipped
+BROWN_RATIO, BROWN_RED = 0.8, 1.05  # blue density above these x the green and x the red: a brown (DAB-like) pixel
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ LIMITS = (
     Limit("tissue", MIN_TISSUE, True, "mostly_glass", "mostly glass: move the stage onto tissue and capture again"),
     Limit("colour", 12.2, True, "no_stain_colour", "no stain colour (a grey-scale capture?): capture in colour"),
     Limit("stain", 0.356, True, "not_he", NOT_HE),
+    Limit("brown", 0.705, False, "ihc_stain",
+          "brown DAB stain (an immunohistochemistry slide?): this model reads H&E slides only"),
 )
 MEASURES = tuple(dict.fromkeys(lim.measure for lim in LIMITS))
 
@@ -183,12 +186,18 @@ def measure(field_px: np.ndarray) -> dict[str, float]:
         d = density[stained]
         stain = float(((amounts[:, 0] > -CONE_SLACK * d) & (amounts[:, 1] > -CONE_SLACK * d)).mean())
         colour = float(hsv[::2, ::2, 1].reshape(-1)[stained].mean())
+        # Brown: the share of stained pixels that absorb blue most: blue density above BROWN_RATIO x the green and
+        # above the red. DAB, the brown of immunohistochemistry, does (blue : green : red 0.78 : 0.57 : 0.27); no
+        # mixture of Ruifrok and Johnston's H and E does (blue/green 0.41 and 0.11), though BreakHis's real
+        # haematoxylin often reaches 0.8; a neutral grey (equal densities) is not brown.
+        s_od = od[stained]
+        brown = float(((s_od[:, 2] > BROWN_RATIO * s_od[:, 1]) & (s_od[:, 2] > BROWN_RED * s_od[:, 0])).mean())
     else:  # nothing stained: no stain colour, and nothing to judge the stains by (tissue flags such a field)
-        stain, colour = 1.0, 0.0
+        stain, colour, brown = 1.0, 0.0, 0.0
     return {"focus": focus, "blurred": blurred, "saturated": saturated, "brightness": brightness,
             "white": float(_percentile(cv2.calcHist([grey], [0], None, [256], [0, 256]).ravel(), 99)),
             "tissue": 1.0 - (n - n_tissue) / n,
-            "colour": colour, "stain": stain}
+            "colour": colour, "stain": stain, "brown": brown}
 
 
 def assess(sparse: np.ndarray, plan: FieldPlan, field_size: tuple[int, int],
