@@ -324,7 +324,7 @@ def test_a_tensorrt_plan_built_for_the_server_joins_the_repository(model_dir, tm
 def test_triton_options_are_checked(capsys):
     from runtime.apps.classify import main
 
-    for args, said in ((["--triton-header", "novalue"], "--triton-header takes NAME=VALUE"),
+    for args, said in ((["--triton-header", "novalue"], "--triton-header number 1 is not NAME=VALUE"),
                        (["--backend", "cpu"], "does not go with --backend cpu")):
         with pytest.raises(SystemExit, match=said):
             main(["--triton-url", "http://127.0.0.1:9", *args, "x.png"])
