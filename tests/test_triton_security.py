@@ -15,6 +15,7 @@ import json
 import shutil
 import ssl
 import subprocess
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -241,3 +242,123 @@ def test_a_private_ca_is_trusted_only_when_given(model_dir, images_100x, tmp_pat
             _classify(rogue.url, images_100x[:1], ca=str(other_ca))
     with pytest.raises(TritonUnavailable, match="--triton-ca is for https:// and grpcs://"):
         _classify("http://127.0.0.1:9", images_100x[:1], ca=str(ca))
+
+
+# --- python -m runtime.triton_server -------------------------------------------------------------------------------
+
+def _refused(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
+    """main(args) in this process, where PyTriton is not installed: a refusal comes before any start; what passes
+    the checks reaches 'PyTriton is not installed here' (nothing can start)."""
+    from runtime.apps import triton_server
+
+    monkeypatch.setattr(triton_server, "TRITON_VENV", tmp_path / "no-venv")
+    code = triton_server.main(list(args))
+    return code, capsys.readouterr().err
+
+
+def _token_file(tmp_path: Path, text: str, name: str = "token") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_the_server_refuses_unusable_tokens_with_the_token_files_rules(monkeypatch, capsys, tmp_path):
+    secret = "a-secret-that-is-long-enough-0123"
+    for text, said in (("", "no token in the file"), ("  \n\t\n", "no token in the file"),
+                       ("abc\n", "a token must be at least 16 printable characters"),
+                       ("two words long enough here\n", "without spaces"),
+                       (f"{secret}\n{secret}-2\n", "2 tokens: Triton takes one")):
+        code, err = _refused(monkeypatch, capsys, tmp_path, "--access-token-file", _token_file(tmp_path, text))
+        assert code == 2 and said in err and "Traceback" not in err, err
+        assert secret not in err and "PyTriton is not installed" not in err  # refused before anything starts
+    code, err = _refused(monkeypatch, capsys, tmp_path, "--access-token-file", _token_file(tmp_path, secret + "\n"))
+    assert code == 2 and "PyTriton is not installed here" in err and secret not in err  # a good token passes
+
+
+def test_the_server_binds_beyond_loopback_only_locked(monkeypatch, capsys, tmp_path):
+    token = _token_file(tmp_path, "a-secret-that-is-long-enough-0123\n")
+    for args in (["--host", "0.0.0.0"], ["--host", "192.0.2.7", "--restrict-inference"],
+                 ["--host", "::", "--access-token-file", token]):
+        code, err = _refused(monkeypatch, capsys, tmp_path, *args)
+        assert code == 2 and f"refusing to bind {args[1]} without authentication" in err, (args, err)
+        assert "--restrict-inference with --access-token-file" in err and "--insecure-no-auth" in err
+    for args, warned in ((["--host", "0.0.0.0", "--restrict-inference", "--access-token-file", token], False),
+                         (["--host", "0.0.0.0", "--insecure-no-auth"], True), (["--host", "127.0.0.2"], False),
+                         (["--host", "::1"], False), (["--host", "localhost"], False)):
+        code, err = _refused(monkeypatch, capsys, tmp_path, *args)
+        assert "PyTriton is not installed here" in err and "refusing" not in err, (args, err)
+        assert ("WARNING: binding to 0.0.0.0 with --insecure-no-auth" in err) == warned, (args, err)
+
+
+def test_sigterm_to_the_process_group_leaves_nothing_and_stale_runs_are_removed(model_dir, tmp_path):
+    """Stopped as systemd (KillMode=control-group) and `timeout` stop a service: SIGTERM to every process of its
+    group at once. Started without --access-token-file (the random token: in a 0600 file, never printed), with
+    PyTriton's home holding what a killed run left and what is not ours to remove."""
+    import os
+    import re
+    import signal
+    import sys
+
+    import tritonclient.http as client
+
+    from tests.test_triton import REPO, _ports, _pytriton_missing, group, model_folders
+
+    if _pytriton_missing():
+        pytest.skip(_pytriton_missing())
+    home = Path(tempfile.mkdtemp(prefix="bh-", dir="/tmp"))  # short: PyTriton's sockets live below it (108 bytes)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    stale, alive, unmarked = home / "breakhis-triton-killed", home / "breakhis-triton-alive", home / "breakhis-triton-x"
+    stale_model = tmp_path / "folderAb12Cd"  # a model folder as Triton names them, recorded by the killed run
+    stale_shm = Path(f"/dev/shm/pytrtion{dead.pid}-0123abcd-test")
+    for folder in (stale / "pytriton", alive, unmarked, stale_model / "1"):
+        folder.mkdir(parents=True)
+    (stale / "breakhis-triton.json").write_text(json.dumps({"pid": dead.pid, "shm_prefix": f"pytrtion{dead.pid}-0123abcd",
+                                                            "folders": [str(stale_model)]}))
+    (alive / "breakhis-triton.json").write_text(json.dumps({"pid": os.getpid(), "shm_prefix": "", "folders": []}))
+    stale_shm.write_bytes(b"left by a killed run")
+    http, grpc, metrics = _ports(3)
+    log = tmp_path / "server.log"
+    try:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "runtime.triton_server", "--model", str(model_dir), "--backend", "cpu",
+                 "--precision", "fp32", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
+                 str(metrics), "--exit-timeout", "2"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTRITON_HOME": str(home)}, start_new_session=True)
+        try:
+            said = None
+            for _ in range(240):
+                said = re.search(r"access token: a random one in (\S+) .*; workspace (\S+)", log.read_text())
+                if said or proc.poll() is not None:
+                    break
+                threading.Event().wait(0.25)
+            assert said, log.read_text()[-3000:]
+            token_file, workspace = Path(said[1]), Path(said[2])
+            token = token_file.read_text().strip()
+            assert token_file.stat().st_mode & 0o777 == 0o600 and len(token) >= 32 and token not in log.read_text()
+            triton = client.InferenceServerClient(f"127.0.0.1:{http}")
+            assert triton.get_inference_statistics(headers={"triton-access-token": token})  # the token in use
+            with pytest.raises(Exception, match="triton-access-token"):
+                triton.get_inference_statistics()
+            running, folders = group(proc.pid), model_folders(proc.pid)
+            shm = [n for n in os.listdir("/dev/shm") if n.startswith(f"pytrtion{proc.pid}-")]
+            assert len(running) >= 3 and folders and shm and workspace.is_dir()  # Triton, its stub, PyTriton's
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None or group(proc.pid):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        left = [f"pid {p}" for p in group(proc.pid)] + [
+            str(p) for p in [workspace, token_file, *folders, *(Path("/dev/shm") / n for n in shm)] if p.exists()]
+        assert left == [], (left, log.read_text()[-3000:])
+        assert not stale.exists() and not stale_model.exists() and not stale_shm.exists()  # the killed run's
+        assert alive.exists() and unmarked.exists()  # a running process's, and one without a marker: not touched
+        text = log.read_text()
+        assert f"note: removed what killed runs left: {stale_shm}, {stale_model}, {stale}" in text
+        assert "Traceback" not in text and token not in text
+    finally:
+        stale_shm.unlink(missing_ok=True)
+        shutil.rmtree(home, ignore_errors=True)

@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[2]
 # made by setup.sh: nvidia-pytriton with numpy<2, onnxruntime, openvino ($BREAKHIS_TRITON_VENV: another one)
 TRITON_VENV = Path(os.environ.get("BREAKHIS_TRITON_VENV") or REPO / ".venv-triton")
 PYTRITON = "nvidia-pytriton==0.7.0"
+MOVED = "BREAKHIS_TRITON_MOVED"  # set in the environment of the command started again in .venv-triton
 STOP_GRACE_S = 5  # after Triton's --exit-timeout, the time left for unloading and PyTriton's cleanup; then killed
 
 
@@ -69,7 +70,8 @@ def pytriton_or_move() -> None:
         pass
     python = TRITON_VENV / "bin" / "python"
     if python.is_file() and Path(sys.executable) != python:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
+               MOVED: "1"}
         os.execve(python, [str(python), "-m", "runtime.triton_server", *sys.argv[1:]], env)
     raise TritonServerUnavailable(f"PyTriton is not installed here and {TRITON_VENV} has no Python: make it with "
                                   f"`bash setup.sh` (or: python3 -m venv {TRITON_VENV} && {TRITON_VENV}/bin/pip "
@@ -167,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     try:  # refused before anything starts (and before this command moves to .venv-triton)
         token = access_token(args.access_token_file)
         warning = check_host(args)
+        if warning and not os.environ.get(MOVED):  # said once, before the move to .venv-triton
+            print(warning, file=sys.stderr)
         pytriton_or_move()
         library_path()
         check_ports(args.host, {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port})
-        if warning:
-            print(warning, file=sys.stderr)
         return serve(args, token)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -281,7 +283,7 @@ def serve_in(run: triton_workspace.RunFolder, args: argparse.Namespace, token: s
     restricted = [*DEFAULT_PROTECTED_ENDPOINTS, *(["inference", "metadata", "model-config"]
                                                    if args.restrict_inference else [])]
     security = TritonSecurityConfig(access_token=token, restricted_endpoints=restricted)
-    triton = Triton(config=config, workspace=run.path / "pytriton", security_config=security)
+    triton = Triton(config=config, workspace=run.path / "w", security_config=security)  # short: sockets inside
     run.note(shm_prefix=triton._python_backend_config["shm-region-prefix-name"])  # pinned PyTriton 0.7.0
     for name, runs, served in models:  # bound before Triton starts: its models load with their parameters
         bind_model(triton, name, runs, served, args)
@@ -304,7 +306,8 @@ def serve_in(run: triton_workspace.RunFolder, args: argparse.Namespace, token: s
 
 def start(triton: Any, stop: threading.Event) -> bool:
     """Start Triton and load the models (in a thread: a SIGTERM meanwhile is not kept waiting); whether it started
-    before ``stop`` was set. A start that failed is said."""
+    before ``stop`` was set. A start that failed is said. The thread never ends: PyTriton starts tritonserver with
+    PR_SET_PDEATHSIG, which sends it SIGTERM when the thread that started it ends (the process ends it)."""
     failed: list[BaseException] = []
 
     def run() -> None:
@@ -314,6 +317,7 @@ def start(triton: Any, stop: threading.Event) -> bool:
             failed.append(e)
         finally:
             stop_or_started.set()
+        threading.Event().wait()
 
     stop_or_started = threading.Event()
     threading.Thread(target=run, daemon=True, name="triton-start").start()
