@@ -205,7 +205,8 @@ def test_header_options_name_the_header_never_its_value(tmp_path, capsys):
     readable.chmod(0o644)
     assert main(["--triton-url", "http://127.0.0.1:9", "--triton-header-file", str(readable), "x.png"]) != 0
     err = capsys.readouterr().err
-    assert f"{readable} can be read by other users (mode 644)" in err and secret not in err
+    assert f"WARNING: {readable}: the header file is readable by every local user (mode 644)" in err
+    assert secret not in err
 
 
 def _private_ca(tmp: Path) -> tuple[Path, ssl.SSLContext]:
@@ -283,12 +284,13 @@ def test_the_server_binds_beyond_loopback_only_locked(monkeypatch, capsys, tmp_p
         code, err = _refused(monkeypatch, capsys, tmp_path, *args)
         assert code == 2 and f"refusing to bind {args[1]} without authentication" in err, (args, err)
         assert "--restrict-inference with --access-token-file" in err and "--insecure-no-auth" in err
-    for args, warned in ((["--host", "0.0.0.0", "--restrict-inference", "--access-token-file", token], False),
-                         (["--host", "0.0.0.0", "--insecure-no-auth"], True), (["--host", "127.0.0.2"], False),
-                         (["--host", "::1"], False), (["--host", "localhost"], False)):
+    for args, open_, clear in ((["--host", "0.0.0.0", "--restrict-inference", "--access-token-file", token], 0, 1),
+                               (["--host", "0.0.0.0", "--insecure-no-auth"], 1, 0), (["--host", "127.0.0.2"], 0, 0),
+                               (["--host", "::1", "--access-token-file", token], 0, 0), (["--host", "localhost"], 0, 0)):
         code, err = _refused(monkeypatch, capsys, tmp_path, *args)
         assert "PyTriton is not installed here" in err and "refusing" not in err, (args, err)
-        assert ("WARNING: binding to 0.0.0.0 with --insecure-no-auth" in err) == warned, (args, err)
+        assert ("WARNING: binding to 0.0.0.0 with --insecure-no-auth" in err) == open_, (args, err)
+        assert ("the access token crosses the network in clear text" in err) == clear, (args, err)
 
 
 def test_sigterm_to_the_process_group_leaves_nothing_and_stale_runs_are_removed(model_dir, tmp_path):

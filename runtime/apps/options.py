@@ -3,6 +3,7 @@ verify), and the one way a CLI opens its Classifier."""
 from __future__ import annotations
 
 import argparse
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,15 +126,16 @@ def triton_target(args: argparse.Namespace) -> TritonTarget:
 
 def read_secret(path: Path) -> str:
     """The text of a file of secrets (headers), read as a token file is: SystemExit naming the file where it cannot
-    be read; a warning where other users may read it (a token file's rule, runtime/apps/auth.py)."""
+    be read; a warning, not a refusal, where every local user may read it (the token files' rule and reasons,
+    runtime/apps/auth.py)."""
     try:
         text = path.read_text("utf-8")
         mode = path.stat().st_mode
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: {path}: cannot read the header file ({type(e).__name__}: {e})") from None
-    if mode & 0o077:
-        print(f"warning: {path} can be read by other users (mode {mode & 0o777:03o}): chmod 600 {path}",
-              file=sys.stderr)
+    if mode & stat.S_IROTH:
+        print(f"WARNING: {path}: the header file is readable by every local user (mode {stat.S_IMODE(mode):o}): "
+              f"chmod o-r {path}", file=sys.stderr)
     return text
 
 

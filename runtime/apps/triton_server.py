@@ -202,14 +202,20 @@ def is_loopback(host: str) -> bool:
 
 def check_host(args: argparse.Namespace) -> str | None:
     """runtime.serve's rule for binding (runtime/apps/auth.py): beyond loopback only where the inference API needs
-    the token (--restrict-inference with --access-token-file), or with --insecure-no-auth (a warning)."""
-    locked = args.restrict_inference and args.access_token_file is not None
+    the token (--restrict-inference with --access-token-file), or with --insecure-no-auth (a warning); a warning
+    too where the token would cross a network in clear text."""
+    local, locked = is_loopback(args.host), args.restrict_inference and args.access_token_file is not None
     try:
-        return check_binding(args.host, is_loopback(args.host), locked, args.insecure_no_auth)
+        warning = check_binding(args.host, local, locked, args.insecure_no_auth)
     except AuthError:
         raise AuthError(f"refusing to bind {args.host} without authentication: Triton's inference API would answer "
                         "anyone who can reach it. Give --restrict-inference with --access-token-file FILE (clients "
                         "send the header triton-access-token), or say --insecure-no-auth") from None
+    if not local and args.access_token_file is not None:  # PyTriton serves neither HTTP nor gRPC over TLS
+        clear = (f"WARNING: Triton serves plain HTTP and gRPC on {args.host}: the access token crosses the network in "
+                 "clear text, readable by anyone on the path; put a TLS proxy in front (docs/deploy.md)")
+        warning = f"{warning}\n{clear}" if warning else clear
+    return warning
 
 
 def serve(args: argparse.Namespace, token: str | None) -> int:
