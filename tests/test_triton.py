@@ -310,14 +310,21 @@ def test_a_changed_model_file_writes_no_repository(model_dir, tmp_path):
 
 
 def test_our_server_classifies_through_triton(served, model_dir, images_100x):
-    """runtime.serve's worker thread sends the fields (the HTTP client is made per thread: gevent's rule)."""
+    """runtime.serve's worker thread sends the fields (the HTTP client is made per thread: gevent's rule). The URL
+    carries credentials (sent as Basic authentication, which Triton ignores): neither the result nor /v1/model
+    shows them."""
+    import urllib.request
+
     from tests.test_serve import post, start_server
 
-    proc, url = start_server(model_dir, "--triton-url", served.url, "--precision", "fp32", backend="triton")
+    with_password = served.url.replace("http://", "http://lab-user:url-password-0123456789@")
+    proc, url = start_server(model_dir, "--triton-url", with_password, "--precision", "fp32", backend="triton")
     try:
         status, out = post(url, images_100x[0].read_bytes())
         assert status == 200 and out["label"] in ("Benign", "Malignant"), out
-        assert out["model"]["backend"].startswith("triton-fp32 (breakhis_fp32 v1 at http://127.0.0.1:")
+        assert out["model"]["backend"] == f"triton-fp32 (breakhis_fp32 v1 at {served.url})"
+        model = urllib.request.urlopen(url + "/v1/model", timeout=30).read().decode()
+        assert served.url in model and "url-password" not in model and "url-password" not in json.dumps(out)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
