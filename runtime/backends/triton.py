@@ -113,13 +113,14 @@ class Connection:
         self.protocol, tls = SCHEMES[parts.scheme]
         if target.ca and not tls:
             raise TritonUnavailable(f"--triton-ca is for https:// and grpcs:// URLs, not {self.url}")
-        self.headers = dict(target.headers)
+        # gRPC metadata keys are lower case (HTTP/2); HTTP/1.1 keeps the names as given
+        self.headers = {k.lower() if self.protocol == "grpc" else k: v for k, v in target.headers}
         self.secrets = list(self.headers.values())
         if parts.username is not None or parts.password is not None:  # sent as Basic authentication, never shown
             user, password = unquote(parts.username or ""), unquote(parts.password or "")
-            basic = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
             if not any(k.lower() == "authorization" for k in self.headers):
-                self.headers["authorization" if self.protocol == "grpc" else "Authorization"] = basic
+                self.headers["authorization" if self.protocol == "grpc" else "Authorization"] = "Basic " + basic
             self.secrets += [s for s in (password, parts.password, basic) if s]
         try:
             if self.protocol == "http":
