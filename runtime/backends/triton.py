@@ -4,8 +4,13 @@ preprocessing stay here. The server's model is one that describes itself (runtim
 metadata and parameters are read and checked against the local model where one is named (a mismatch is refused,
 naming what differs), else its manifest is taken as the contract. A server that is down, slow or full (HTTP 503,
 gRPC UNAVAILABLE) is retried with a doubling back-off up to --triton-retries times, within --triton-timeout per
-try; then that batch's images get the error (the scheduler's rule), every other image its result. Triton's
-inference API has no authentication of its own: headers for a gateway in front of it come from --triton-header."""
+try; then that batch's images get the error (the scheduler's rule), every other image its result. An answer is
+checked before it is used: each output of shape (n,) or (n, 1) for n fields, every probability finite and within
+[0, 1], else that batch's images get the error. Triton's inference API has no authentication of its own: headers
+for a gateway in front of it come from --triton-header / --triton-header-file, and their values never appear in a
+message (only their names); credentials in the URL (``https://user:pass@host:port``) are sent as HTTP Basic
+authentication and stripped from the URL that results and messages name; --triton-ca trusts a private CA for
+https:// and grpcs://."""
 from __future__ import annotations
 
 import base64
