@@ -135,6 +135,7 @@ BAD_ANSWERS = {
     "a long answer": (_answer("logit", lambda n: [n + 1, 1], lambda n: [0.0] * (n + 1)), "shape (4, 1)"),
     "above 1": (_answer("probability", lambda n: [n, 1], lambda n: [0.5] * (n - 1) + [1.5]), "e.g. 1.5"),
     "below 0": (_answer("probability", lambda n: [n], lambda n: [-0.25] + [0.5] * (n - 1)), "e.g. -0.25"),
+    "not a number": (_answer("probability", lambda n: [n, 1], lambda n: [float("nan")] * n), "e.g. nan"),
     "no probability": (lambda n: [o for o in Rogue.good(n) if o[0] != "probability"], "no output 'probability'"),
 }
 
