@@ -54,7 +54,9 @@ class Server:
             pytest.skip(why)
         self.http, self.grpc, metrics = _ports(3)
         self.token = "statistics-token-0123456789"
-        (tmp / "token").write_text(self.token)
+        self.token_file = tmp / "token"
+        self.token_file.write_text(self.token)
+        self.token_file.chmod(0o600)
         self.log = tmp / "server.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "runtime.triton_server", "--model", str(model_dir), "--backend", "cpu",
@@ -84,6 +86,12 @@ class Server:
         config = client.get_model_config("breakhis_fp32", headers={"triton-access-token": self.token})
         self.workspace = Path(config["parameters"]["workspace-path"]["string_value"])
         self.shm_prefix = f"pytrtion{self.proc.pid}"
+        self.model_folders = model_folders(self.proc.pid)
+        assert self.model_folders, "the stubs' model folders are found (else left_behind would not look for them)"
+
+    def group(self) -> list[int]:
+        """The running (not zombie) processes of the server's process group."""
+        return group(self.proc.pid)
 
     def stats(self, model: str) -> dict:
         client = tritonclient.InferenceServerClient(f"127.0.0.1:{self.http}")
@@ -103,9 +111,43 @@ class Server:
             raise
 
     def left_behind(self) -> list[str]:
-        """What a stopped server left: its process group's Triton, shared memory, workspace."""
-        left = [f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith(self.shm_prefix)]
-        return left + ([str(self.workspace)] if self.workspace.exists() else [])
+        """What a stopped server left: processes of its group (Triton, its stubs, PyTriton's helpers), shared
+        memory, PyTriton's workspace, the folders Triton wrote its models into."""
+        left = [f"pid {p}" for p in self.group()]
+        left += [f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith(self.shm_prefix)]
+        return left + [str(p) for p in [self.workspace, *self.model_folders] if p.exists()]
+
+
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command: state, ppid, pgrp, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def group(pgid: int) -> list[int]:
+    """The running (not zombie) processes of process group ``pgid``, read from /proc."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            state, _, pgrp = _stat(entry)[:3]
+        except OSError:
+            continue
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            found.append(int(entry))
+    return found
+
+
+def model_folders(pgid: int) -> list[Path]:
+    """The folders Triton wrote the models of PyTriton into: its Python-backend stubs (in the server's process group)
+    run <folder>/<version>/model.py."""
+    folders = []
+    for pid in group(pgid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"triton_python_backend_stub"):
+            folders.append(Path(argv[1].decode()).parents[1])
+    return folders
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +157,10 @@ def served(model_dir, tmp_path_factory):
     server = Server(model_dir, tmp_path_factory.mktemp("triton"), "--precision", "fp16", "--max-batch", "4",
                     "--max-queue", "2", "--max-queue-delay-us", "100000")
     yield server
-    assert server.stop() == 0, server.log.read_text()[-2000:]
+    assert server.stop() == 0, server.log.read_text()[-2000:]  # SIGTERM to the server's process only
     assert server.left_behind() == []
-    assert "Traceback" not in server.log.read_text()
+    log = server.log.read_text()
+    assert "Traceback" not in log and server.token not in log and f"from {server.token_file}" in log
 
 
 def _classifier(model_dir, url, **kw):
@@ -267,14 +310,21 @@ def test_a_changed_model_file_writes_no_repository(model_dir, tmp_path):
 
 
 def test_our_server_classifies_through_triton(served, model_dir, images_100x):
-    """runtime.serve's worker thread sends the fields (the HTTP client is made per thread: gevent's rule)."""
+    """runtime.serve's worker thread sends the fields (the HTTP client is made per thread: gevent's rule). The URL
+    carries credentials (sent as Basic authentication, which Triton ignores): neither the result nor /v1/model
+    shows them."""
+    import urllib.request
+
     from tests.test_serve import post, start_server
 
-    proc, url = start_server(model_dir, "--triton-url", served.url, "--precision", "fp32", backend="triton")
+    with_password = served.url.replace("http://", "http://lab-user:url-password-0123456789@")
+    proc, url = start_server(model_dir, "--triton-url", with_password, "--precision", "fp32", backend="triton")
     try:
         status, out = post(url, images_100x[0].read_bytes())
         assert status == 200 and out["label"] in ("Benign", "Malignant"), out
-        assert out["model"]["backend"].startswith("triton-fp32 (breakhis_fp32 v1 at http://127.0.0.1:")
+        assert out["model"]["backend"] == f"triton-fp32 (breakhis_fp32 v1 at {served.url})"
+        model = urllib.request.urlopen(url + "/v1/model", timeout=30).read().decode()
+        assert served.url in model and "url-password" not in model and "url-password" not in json.dumps(out)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -324,7 +374,7 @@ def test_a_tensorrt_plan_built_for_the_server_joins_the_repository(model_dir, tm
 def test_triton_options_are_checked(capsys):
     from runtime.apps.classify import main
 
-    for args, said in ((["--triton-header", "novalue"], "--triton-header takes NAME=VALUE"),
+    for args, said in ((["--triton-header", "novalue"], "--triton-header number 1 is not NAME=VALUE"),
                        (["--backend", "cpu"], "does not go with --backend cpu")):
         with pytest.raises(SystemExit, match=said):
             main(["--triton-url", "http://127.0.0.1:9", *args, "x.png"])

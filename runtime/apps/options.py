@@ -3,6 +3,8 @@ verify), and the one way a CLI opens its Classifier."""
 from __future__ import annotations
 
 import argparse
+import stat
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +16,7 @@ from runtime.pipeline.quality import QC_MODES
 from runtime.pipeline.recheck import RECHECK
 
 if TYPE_CHECKING:
+    from runtime.backends.triton import TritonTarget
     from runtime.pipeline.classifier import Classifier
 
 
@@ -67,7 +70,14 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
                         "breakhis_fp16, breakhis_bf16, breakhis_fp32 it has ready)")
     t.add_argument("--triton-header", action="append", default=[], metavar="NAME=VALUE",
                    help="a header sent with every request, e.g. for a gateway in front of Triton (repeatable); "
-                        "Triton's inference API itself has no authentication")
+                        "Triton's inference API itself has no authentication. Visible to other local users (ps): "
+                        "put secrets in --triton-header-file")
+    t.add_argument("--triton-header-file", type=Path, default=None, metavar="FILE",
+                   help="headers sent with every request, one 'Name: value' per line (# comments), read like a token "
+                        "file, e.g. 'Authorization: Bearer TOKEN' or 'triton-access-token: TOKEN'")
+    t.add_argument("--triton-ca", type=Path, default=None, metavar="FILE",
+                   help="a CA certificate (PEM) to trust for https:// and grpcs:// instead of the system's, for a "
+                        "server with a certificate from a private CA")
     t.add_argument("--triton-timeout", type=float, default=60.0, metavar="S",
                    help="seconds one request may take (default 60)")
     t.add_argument("--triton-retries", type=int, default=4, metavar="N",
@@ -82,13 +92,7 @@ def classifier_options(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: --triton-url sends the fields to Triton: it does not go with --backend "
                          f"{args.backend}")
     if args.triton_url:
-        from runtime.backends.triton import TritonTarget
-
-        headers = [tuple(h.split("=", 1)) for h in args.triton_header]
-        if any(len(h) != 2 or not h[0] for h in headers):
-            raise SystemExit(f"error: --triton-header takes NAME=VALUE, not {args.triton_header}")
-        triton = TritonTarget(args.triton_url, args.triton_model, tuple(headers),  # type: ignore[arg-type]
-                              args.triton_timeout, max(0, args.triton_retries))
+        triton = triton_target(args)
     elif args.backend == "triton":
         raise SystemExit("error: --backend triton needs --triton-url http://HOST:PORT or grpc://HOST:PORT")
     return {"model_dir": args.model, "backend": "triton" if triton else args.backend, "triton": triton,
@@ -96,6 +100,45 @@ def classifier_options(args: argparse.Namespace) -> dict[str, Any]:
             "preprocess": args.preprocess, "batch_size": args.batch_size, "threads": args.threads,
             "allow_build": args.build_engine, "max_pixels": args.max_pixels, "decode_workers": args.decode_workers,
             "decode": args.decode, "recheck": args.recheck, "qc": args.qc}
+
+
+def triton_target(args: argparse.Namespace) -> TritonTarget:
+    """The TritonTarget of the --triton-* options; SystemExit naming the option, or the header by its name or
+    position, never a header's value."""
+    from runtime.backends.triton import HeaderError, TritonTarget, parse_headers
+
+    headers: list[tuple[str, str]] = []
+    for i, h in enumerate(args.triton_header, 1):
+        name, eq, value = h.partition("=")
+        if not eq or not name:
+            raise SystemExit(f"error: --triton-header number {i} is not NAME=VALUE")
+        headers.append((name, value))
+    try:
+        if args.triton_header_file:
+            headers += parse_headers(read_secret(args.triton_header_file).splitlines(), str(args.triton_header_file))
+        if args.triton_ca and not args.triton_ca.is_file():
+            raise SystemExit(f"error: --triton-ca {args.triton_ca}: no such file")
+        return TritonTarget(args.triton_url, args.triton_model, tuple(headers), args.triton_timeout,
+                            max(0, args.triton_retries), str(args.triton_ca) if args.triton_ca else None)
+    except HeaderError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def read_secret(path: Path) -> str:
+    """The text of a file of secrets (headers), read as a token file is: SystemExit naming the file where it cannot
+    be read; a warning, not a refusal, where every local user may read it (the token files' rule and reasons,
+    runtime/apps/auth.py)."""
+    from runtime.apps.auth import readable_by_others
+
+    try:
+        text = path.read_text("utf-8")
+        shared = readable_by_others(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path}: cannot read the header file ({type(e).__name__}: {e})") from None
+    if shared:
+        print(f"WARNING: {path}: the header file is readable by every local user (mode "
+              f"{stat.S_IMODE(path.stat().st_mode):o}): chmod o-r {path}", file=sys.stderr)
+    return text
 
 
 def open_classifier(args: argparse.Namespace, **overrides: Any) -> Classifier:

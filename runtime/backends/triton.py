@@ -4,16 +4,23 @@ preprocessing stay here. The server's model is one that describes itself (runtim
 metadata and parameters are read and checked against the local model where one is named (a mismatch is refused,
 naming what differs), else its manifest is taken as the contract. A server that is down, slow or full (HTTP 503,
 gRPC UNAVAILABLE) is retried with a doubling back-off up to --triton-retries times, within --triton-timeout per
-try; then that batch's images get the error (the scheduler's rule), every other image its result. Triton's
-inference API has no authentication of its own: headers for a gateway in front of it come from --triton-header."""
+try; then that batch's images get the error (the scheduler's rule), every other image its result. An answer is
+checked before it is used: each output of shape (n,) or (n, 1) for n fields, every probability finite and within
+[0, 1], else that batch's images get the error. Triton's inference API has no authentication of its own: headers
+for a gateway in front of it come from --triton-header / --triton-header-file, and their values never appear in a
+message (only their names); credentials in the URL (``https://user:pass@host:port``) are sent as HTTP Basic
+authentication and stripped from the URL that results and messages name; --triton-ca trusts a private CA for
+https:// and grpcs://."""
 from __future__ import annotations
 
+import base64
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
@@ -25,6 +32,7 @@ from runtime.model.served import DEFAULT_NAME, Served, served_name
 SCHEMES = {"http": ("http", False), "https": ("http", True), "grpc": ("grpc", False), "grpcs": ("grpc", True)}
 AUTO_ORDER = (*(p.name for p in PRECISIONS.values() if p.auto), "fp32")  # --precision auto: the first served
 RETRYABLE = ("503", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token: what a header's name may be
 
 
 class TritonUnavailable(BackendUnavailable):
@@ -33,13 +41,63 @@ class TritonUnavailable(BackendUnavailable):
 
 @dataclass(frozen=True)
 class TritonTarget:
-    """Where the fields go: --triton-url, --triton-model, --triton-header, --triton-timeout, --triton-retries."""
+    """Where the fields go: --triton-url, --triton-model, --triton-header(-file), --triton-timeout, --triton-retries,
+    --triton-ca. Its repr shows neither header values nor the URL's password."""
 
     url: str
     model: str | None = None  # None: DEFAULT_NAME's model of the precision asked for (auto: the first served)
     headers: tuple[tuple[str, str], ...] = ()
     timeout_s: float = 60.0
     retries: int = 4
+    ca: str | None = None  # a CA certificate file (PEM) trusted for https:// and grpcs:// instead of the system's
+
+    def __post_init__(self) -> None:
+        for name, value in self.headers:
+            check_header(name, value)
+
+    def __repr__(self) -> str:
+        return (f"TritonTarget({without_credentials(self.url)!r}, model={self.model!r}, headers="
+                f"{[name for name, _ in self.headers]}, timeout_s={self.timeout_s}, retries={self.retries}, "
+                f"ca={self.ca!r})")
+
+
+class HeaderError(ValueError):
+    """A header that cannot be sent; the message names the header, never its value."""
+
+
+def check_header(name: str, value: str) -> None:
+    """Refuse (HeaderError naming ``name`` only) a header whose name is not an HTTP token or whose value holds a line
+    break or other control character (it would end the header and start another)."""
+    if not HEADER_NAME.fullmatch(name):
+        raise HeaderError(f"header {name[:40]!r}: not a valid header name (letters, digits and !#$%&'*+.^_`|~-)")
+    if not value.strip() or any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+        raise HeaderError(f"header {name}: its value is empty or holds a line break or control character")
+
+
+def parse_headers(lines: list[str], where: str) -> tuple[tuple[str, str], ...]:
+    """``Name: value`` lines (blank lines and # comments skipped) as (name, value) pairs; HeaderError naming
+    ``where`` and the line (its number and the header's name, never the value) for one that is not."""
+    headers = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise HeaderError(f"{where}:{n}: not a 'Name: value' line (no ':')")
+        try:
+            check_header(name.strip(), value.strip())
+        except HeaderError as e:
+            raise HeaderError(f"{where}:{n}: {e}") from None
+        headers.append((name.strip(), value.strip()))
+    return tuple(headers)
+
+
+def without_credentials(url: str) -> str:
+    """``url`` without a ``user:password@`` part: what results, /v1/model and messages name."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 class Connection:
@@ -48,13 +106,27 @@ class Connection:
     classifies for the thread that opened the model)."""
 
     def __init__(self, target: TritonTarget) -> None:
+        self.url, self.timeout = without_credentials(target.url), target.timeout_s
         parts = urlsplit(target.url)
-        if parts.scheme not in SCHEMES or not parts.hostname or not parts.port:
-            raise TritonUnavailable(f"--triton-url {target.url!r}: give http://HOST:PORT, https://HOST:PORT, "
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme not in SCHEMES or not parts.hostname or not port:
+            raise TritonUnavailable(f"--triton-url {self.url!r}: give http://HOST:PORT, https://HOST:PORT, "
                                     "grpc://HOST:PORT or grpcs://HOST:PORT")
         self.protocol, tls = SCHEMES[parts.scheme]
-        self.url, self.timeout = target.url, target.timeout_s
-        self.headers = dict(target.headers)
+        if target.ca and not tls:
+            raise TritonUnavailable(f"--triton-ca is for https:// and grpcs:// URLs, not {self.url}")
+        # gRPC metadata keys are lower case (HTTP/2); HTTP/1.1 keeps the names as given
+        self.headers = {k.lower() if self.protocol == "grpc" else k: v for k, v in target.headers}
+        self.secrets = list(self.headers.values())
+        if parts.username is not None or parts.password is not None:  # sent as Basic authentication, never shown
+            user, password = unquote(parts.username or ""), unquote(parts.password or "")
+            basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            if not any(k.lower() == "authorization" for k in self.headers):
+                self.headers["authorization" if self.protocol == "grpc" else "Authorization"] = "Basic " + basic
+            self.secrets += [s for s in (password, parts.password, basic) if s]
         try:
             if self.protocol == "http":
                 import tritonclient.http as client
@@ -63,9 +135,15 @@ class Connection:
         except ImportError as e:
             raise TritonUnavailable(f"the Triton client is not installed ({e}): pip install -e '.[triton]'") from None
         self.module = client
-        options = {"connection_timeout": self.timeout, "network_timeout": self.timeout} if self.protocol == "http" \
-            else {}
-        self._make = lambda: client.InferenceServerClient(parts.netloc, ssl=tls, **options)
+        netloc = parts.netloc.rpartition("@")[2]
+        options: dict[str, Any]
+        if self.protocol == "http":
+            options = {"connection_timeout": self.timeout, "network_timeout": self.timeout}
+            if target.ca:  # geventhttpclient's context: certificate and host name checked, against this CA only
+                options["ssl_options"] = {"ca_certs": target.ca}
+        else:
+            options = {"root_certificates": target.ca} if target.ca else {}
+        self._make = lambda: client.InferenceServerClient(netloc, ssl=tls, **options)
         self._local = threading.local()
         self._clients: list[Any] = []
 
@@ -82,8 +160,17 @@ class Connection:
         """``fn()``; a connection failure or a Triton error becomes TritonUnavailable naming the server."""
         try:
             return fn()
-        except Exception as e:  # tritonclient raises InferenceServerException, OSError and gevent/grpc types
-            raise TritonUnavailable(f"Triton at {self.url}: {what}: {describe(e)}") from e
+        except Exception as e:  # noqa: BLE001 (tritonclient raises InferenceServerException, OSError, gevent/grpc types)
+            # not chained: the message is the one with secrets replaced
+            raise TritonUnavailable(f"Triton at {self.url}: {what}: {self.describe(e)}") from None
+
+    def describe(self, e: BaseException) -> str:
+        """``describe(e)`` with every header value and URL credential replaced by ``***`` (a server or a library
+        that echoes a request's headers must not put a secret into a result)."""
+        text = describe(e)
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
 
     def ready(self, model: str) -> bool:
         return bool(self.call("readiness", lambda: self.client.is_model_ready(model, headers=self.headers)))
@@ -109,7 +196,7 @@ class Connection:
         else:
             r = self.client.infer(model, [x], outputs=wanted, headers=self.headers, client_timeout=self.timeout)
             version = r.get_response(as_json=True)["model_version"]
-        return {o: np.asarray(r.as_numpy(o), np.float32).reshape(-1) for o in outputs}, str(version)
+        return {o: answered(o, r.as_numpy(o), len(fields)) for o in outputs}, str(version)
 
     def close(self) -> None:
         for client in self._clients:
@@ -118,6 +205,29 @@ class Connection:
             except Exception:  # a gevent client closed from another thread than its own: dropped with the process
                 pass
         self._clients.clear()
+
+
+class BadAnswer(ValueError):
+    """The server answered with something that is not n probabilities: never retried, never used."""
+
+
+def answered(name: str, value: Any, n: int) -> np.ndarray:
+    """Output ``name`` of an answer for ``n`` fields as n float32 values; BadAnswer where it is missing, not numeric,
+    not of shape (n,) or (n, 1) (an (n, 2) answer is not cut to n values, a short one not padded), or, for the
+    probability, not finite and within [0, 1]."""
+    if value is None:
+        raise BadAnswer(f"the answer has no output {name!r}")
+    got = np.asarray(value)
+    if got.dtype.kind not in "fiu":
+        raise BadAnswer(f"output {name!r} is {got.dtype}, not numbers")
+    if got.shape not in ((n,), (n, 1)):
+        raise BadAnswer(f"output {name!r} has shape {got.shape} for {n} fields: expected ({n},) or ({n}, 1)")
+    got = got.astype(np.float32).reshape(n)
+    if name == "probability" and not np.all((got >= 0) & (got <= 1)):  # NaN fails both comparisons
+        bad = got[~((got >= 0) & (got <= 1))]
+        raise BadAnswer(f"output {name!r} holds {bad.size} value(s) that are not probabilities in [0, 1] "
+                        f"(e.g. {bad[0]})")
+    return got
 
 
 def _status(e: BaseException) -> str | None:
@@ -180,7 +290,8 @@ class TritonBackend:
                 got, version = self.conn.infer(self.model, self.manifest.input_name, fields, outputs)
             except Exception as e:  # tritonclient's, gevent's and grpc's own types
                 if attempt == tries or not retryable(e):
-                    raise TritonUnavailable(f"Triton at {self.conn.url}, model {self.model}: {describe(e)}"
+                    raise TritonUnavailable(f"Triton at {self.conn.url}, model {self.model}: "
+                                            f"{self.conn.describe(e)}"
                                             f"{f' (after {attempt} tries)' if attempt > 1 else ''}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
