@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto",
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                      max_pixels: int = DEFAULT_MAX_PIXELS,
+                      max_pixels_why: str = "an image is decoded whole, about 3 bytes a pixel") -> None:
     """--model, --backend, --precision, --recheck, --qc, --preprocess, --decode, --batch-size, --threads,
     --decode-workers, --build-engine, --max-pixels; and the --triton-* options of --backend triton."""
     g = ap.add_argument_group("model and backend")
@@ -59,7 +60,7 @@ def add_model_options(ap: argparse.ArgumentParser, backend_default: str = "auto"
     g.add_argument("--build-engine", action="store_true",
                    help="build the TensorRT engine for this GPU if the model has none (takes minutes)")
     g.add_argument("--max-pixels", type=_positive, default=max_pixels,
-                   help=f"refuse larger images from their header (default: {max_pixels:,})")
+                   help=f"refuse larger images from their header (default: {max_pixels:,}: {max_pixels_why})")
     t = ap.add_argument_group("Triton Inference Server (--backend triton; docs/deploy.md)")
     t.add_argument("--triton-url", default=None, metavar="URL",
                    help="the server the fields go to: http://HOST:PORT, grpc://HOST:PORT (https://, grpcs:// with "

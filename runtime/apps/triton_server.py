@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="how long Triton waits to fill a batch, in microseconds (default 2000)")
     ap.add_argument("--exit-timeout", type=int, default=10,
                     help="at SIGTERM, seconds Triton waits for requests in progress to finish (default 10)")
-    ap.add_argument("--access-token-file", type=Path, default=None,
+    ap.add_argument("--token-file", "--access-token-file", dest="access_token_file", type=Path, default=None,
                     help="the token (one line, at least 16 characters, as runtime.serve's --token-file) for Triton's "
                          "repository, shared-memory, statistics, trace and logging APIs (clients send it as the "
                          "header 'triton-access-token'); default: a random one, written to a file only this user can "
