@@ -357,3 +357,42 @@ def test_a_jpeg_with_a_harmless_warning_is_decoded_whole_with_the_warning_kept(s
     assert dec.warnings == ["Warning: unknown JFIF revision number 2.01"]
     assert capfd.readouterr().err == ""
     np.testing.assert_array_equal(dec.bgr, to_bgr8(cv2.imdecode(np.frombuffer(bytes(data), np.uint8), FLAGS), "x").bgr)
+
+
+def test_an_image_at_another_magnification_that_looks_out_of_focus_is_told_the_magnification(model_dir, shared_data,
+                                                                                           tmp_path):
+    """The shared 40X images, a region of each upsampled x2.5 to the model's 100X scale (as a region or slide at 40X
+    is read): the focus check flags them. Under the BreakHis name, which says 40X, the result warns of the
+    magnification and its advice names it instead of "re-focus"; the same pixels under a name that states no
+    magnification keep the focus advice; the original 40X images are not flagged at all."""
+    from runtime.io.scale import Scale, magnification_advice
+    from runtime.pipeline.classifier import Classifier
+
+    forty = sorted(p for p in (shared_data / "breakhis-other").glob("*.png") if "-40-" in p.name)
+    assert len(forty) == 2
+    named, plain = [], []
+    for i, p in enumerate(forty):
+        img = cv2.imread(str(p))
+        h, w = img.shape[:2]
+        up = cv2.resize(img[:h * 2 // 5, :w * 2 // 5], (w, h), interpolation=cv2.INTER_LINEAR)
+        (tmp_path / "named").mkdir(exist_ok=True)
+        named.append(tmp_path / "named" / p.name)
+        plain.append(tmp_path / f"field-{i}.png")
+        for out in (named[-1], plain[-1]):
+            cv2.imwrite(str(out), up)
+    with Classifier(model_dir, backend="cpu", precision="fp32") as clf:
+        results = clf.classify([*named, *plain, *forty])
+        contract = clf.contract
+    refocus = "out of focus: re-focus and capture again"
+    told = ("out of focus at the model's scale: this image is 40X (BreakHis file name) and the model reads 100X "
+            "fields: capture at 100X (re-focus only if it already is 100X)")
+    for r in results[:2]:
+        assert any("out_of_focus" in f.flags for f in r.fields) and any("says 40X" in w for w in r.warnings)
+        assert told in r.advice and refocus not in r.advice
+    for r in results[2:4]:
+        assert any("out_of_focus" in f.flags for f in r.fields) and refocus in r.advice and told not in r.advice
+    assert all(r.advice == [] and any("says 40X" in w for w in r.warnings) for r in results[4:])
+    assert magnification_advice(Scale(40.0, None, "OME-XML"), contract, resampled=True) == (
+        "out of focus at the model's scale: this image was upsampled x2.5 from 40X (OME-XML): capture at 100X "
+        "(re-focus only if it already is 100X)")
+    assert magnification_advice(Scale(100.0, None, "flag"), contract, resampled=True) is None

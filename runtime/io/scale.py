@@ -59,3 +59,17 @@ def name_warning(name: str, contract: Contract) -> str | None:
         return None
     return (f"{Path(name).name}: the file name says {mag:g}X, this model was trained on {contract.magnification:g}X "
             "fields: the verdict is not at the model's scale")
+
+
+def magnification_advice(scale: Scale, contract: Contract, resampled: bool) -> str | None:
+    """What to do where the focus check flags an image that is not at the model's magnification (None where it is,
+    or where either is unknown): a field at another scale, an upsampled one above all, looks out of focus to a check
+    made for the model's, and re-focusing would not help. ``resampled``: the image was brought to the model's scale
+    (a region or slide; a single field image is classified as it is)."""
+    if not (scale.magnification and contract.magnification) or scale.magnification == contract.magnification:
+        return None
+    model, mag = f"{contract.magnification:g}X", f"{scale.magnification:g}X"
+    f = scale.magnification / contract.magnification
+    what = (f"this image was upsampled x{1 / f:.3g} from {mag} ({scale.source})" if resampled and f < 1 else
+            f"this image is {mag} ({scale.source}) and the model reads {model} fields")
+    return f"out of focus at the model's scale: {what}: capture at {model} (re-focus only if it already is {model})"

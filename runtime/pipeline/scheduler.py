@@ -23,11 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from runtime.io.scale import from_name, magnification_advice
 from runtime.model.manifest import Contract
 from runtime.pipeline.decoding import Prepared
 from runtime.pipeline.preprocessors import Outputs, Preprocessor
+from runtime.pipeline.quality import advice
 from runtime.pipeline.recheck import Recheck
 from runtime.pipeline.results import Result
+
+FOCUS = "out_of_focus"  # the focus check's flag (runtime/pipeline/quality.py)
 
 
 @dataclass
@@ -260,6 +264,7 @@ class FieldScheduler:
                 assert j.item.plan is not None
                 res.finish(j.item.plan, np.concatenate(j.probs), self.contract, j.fast, j.item.quality,
                            self.withhold)
+                _name_the_magnification(res, self.contract)
                 res.timings_ms["preprocess"] = j.t_pre * 1e3
                 res.timings_ms["inference"] = j.t_infer * 1e3
                 if j.rechecks:
@@ -269,6 +274,15 @@ class FieldScheduler:
                 self.preprocessor.release(j.item.bgr)  # its fields are inferred: the buffer may take the next image
             j.item.bgr = j.item.gpu = None  # release the pixels as soon as the image is done
             yield res
+
+
+def _name_the_magnification(res: Result, contract: Contract) -> None:
+    """Where the focus check flagged an image whose file name states another magnification than the model's, its
+    advice says so instead of only "re-focus" (runtime/io/scale.py: magnification_advice)."""
+    said = magnification_advice(from_name(res.path), contract, resampled=False)
+    if said and any(FOCUS in f.flags for f in res.fields):
+        focus = advice([FOCUS])
+        res.advice = [said if a in focus else a for a in res.advice]
 
 
 def _settle(future: Future, fn: Callable[..., Any], *args: Any) -> None:
