@@ -186,6 +186,27 @@ def test_trained_model_labels_equal_fp32_on_every_shared_image_with_the_recheck(
     assert all(r.rechecked == len(r.fields) for r in got[len(images_100x):])  # on the threshold: always re-checked
 
 
+def test_the_trained_models_band_comes_from_its_gates_logit_bound(trained_dir, images_100x):
+    """The trained model's faster variants gated here (BF16 on a CPU with native BF16, FP16 where a GPU was
+    visible): each gate recorded 2 x its max |d logit| as the logit bound, and the band is what that maps to at the
+    threshold (BF16 on the 48 shared images: max |d logit| 0.088 -> bound 0.18 -> band 0.0449, wider than the 0.03
+    its probability gave); it holds FP32's label on every gate field outside it, which the classifier's re-check
+    uses."""
+    m = ModelDir.open(trained_dir)
+    fast = [p for p in ("bf16", "fp16", "int8") if p in m.manifest.variants]
+    if not fast:
+        pytest.skip(f"no faster variant of the trained model was gated here ({m.report().get('not_made')})")
+    report = m.report()["gates"]
+    for p in fast:
+        gate = m.variant(p).gate
+        assert gate["logit_bound"] == logit_bound_of(gate["max_abs"]["logit"]) > 0
+        band = band_from_logit(gate["logit_bound"], m.contract.threshold)
+        assert m.band(p) == max(PRECISIONS[p].band, band) and band > gate["max_abs"]["probability"]
+        assert report[p]["ok"] and report[p]["flips"] == 0 and report[p]["band"] == m.band(p)
+    with Classifier(trained_dir, precision=fast[0], backend="openvino" if fast[0] == "bf16" else "auto") as clf:
+        assert clf.recheck is not None and clf.recheck.band == m.band(fast[0])
+
+
 def test_int8_is_kept_only_where_its_effective_time_beats_the_best_tier():
     """INT8's verdict weighs its own time plus its re-check share at FP32's time against the best other tier."""
     from export.int8 import verdict
