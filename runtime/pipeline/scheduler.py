@@ -9,8 +9,8 @@ gets its verdict.
 
 With a preprocessor of two slots (double-buffered, the GPU paths) batch k+1 is preprocessed into one slot while
 batch k runs from the other in a runner thread, and a batch's re-checks run in a thread of their own, so that FP32
-on the side does not hold up the GPU's batches: an image waits for its re-checks only when its result is next to be
-released. With one slot (the CPU path, where FP32 would compete for the same cores) the three take turns in this
+on the side does not hold up the GPU's batches: the loop waits for an image's re-check only at the end of the input
+or once 4 batches' images wait behind it (memory stays bounded). With one slot (the CPU path, where FP32 would compete for the same cores) the three take turns in this
 thread. Each image is charged its share of the re-check's time (``timings_ms["recheck"]``) wherever it had one."""
 from __future__ import annotations
 
