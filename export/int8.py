@@ -55,16 +55,18 @@ def quantize(model_dir: Path, calib_images: Path, calib_count: int = 24,
     items = list(fields)  # NNCF hands the validation function these very arrays (or a subset of them)
     where = {id(x): i for i, x in enumerate(items)}
 
-    def probabilities(m: onnx.ModelProto, data: Any, output: str = "probability") -> tuple[np.ndarray, np.ndarray]:
-        """(an output's values, FP32's) on the fields in ``data``."""
+    def outputs(m: onnx.ModelProto, data: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(the logits and probabilities of ``m``, FP32's) on the fields in ``data``."""
         sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
         data = list(data)
-        got = np.concatenate([sess.run([output], {name: x[None]})[0].reshape(-1) for x in data])
-        return got, reference[output][[where[id(x)] for x in data]]
+        runs = [sess.run(["logit", "probability"], {name: x[None]}) for x in data]
+        at = [where[id(x)] for x in data]
+        return ({k: np.concatenate([r[i].reshape(-1) for r in runs]) for i, k in enumerate(("logit", "probability"))},
+                {k: reference[k][at] for k in ("logit", "probability")})
 
     def labels_kept(m: onnx.ModelProto, data: Any) -> tuple[float, list[float]]:
-        got, ref = probabilities(m, data)
-        kept = ((got > threshold) == (ref > threshold)).astype(float)
+        got, ref = outputs(m, data)
+        kept = ((got["probability"] > threshold) == (ref["probability"] > threshold)).astype(float)
         return float(kept.mean()), kept.tolist()
 
     dataset = nncf.Dataset(items, lambda x: {name: x[None]})
@@ -76,12 +78,10 @@ def quantize(model_dir: Path, calib_images: Path, calib_count: int = 24,
     for line in said:
         if any(k in line for k in ("were reverted", "achieved required", "Total number of quantized")):
             log("  NNCF: " + line.split("nncf:", 1)[-1])
-    got, ref = probabilities(quantized, items)
-    measured = float(np.abs(got - ref).max())
+    got, ref = outputs(quantized, items)
+    measured, measured_logit = (float(np.abs(got[k] - ref[k]).max()) for k in ("probability", "logit"))
     floor = PRECISIONS["int8"].tolerance.probability or 0.0
     bound = max(floor, round_up(MARGIN * measured))
-    got, ref = probabilities(quantized, items, "logit")
-    measured_logit = float(np.abs(got - ref).max())
     logit = logit_bound_of(measured_logit)
     log(f"  calibration fields: max |d probability| {measured:.3g}, |d logit| {measured_logit:.3g}; bounds "
         f"(x{MARGIN:g}) {bound:g} and {logit:g}")
