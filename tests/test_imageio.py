@@ -365,7 +365,9 @@ def test_an_image_at_another_magnification_that_looks_out_of_focus_is_told_the_m
     is read): the focus check flags them. Under the BreakHis name, which says 40X, the result warns of the
     magnification and its advice names it instead of "re-focus"; the same pixels under a name that states no
     magnification keep the focus advice; the original 40X images are not flagged at all."""
-    from runtime.io.scale import Scale, magnification_advice
+    from dataclasses import replace
+
+    from runtime.io.scale import Scale, magnification_advice, resample_factor
     from runtime.pipeline.classifier import Classifier
 
     forty = sorted(p for p in (shared_data / "breakhis-other").glob("*.png") if "-40-" in p.name)
@@ -396,3 +398,11 @@ def test_an_image_at_another_magnification_that_looks_out_of_focus_is_told_the_m
         "out of focus at the model's scale: this image was upsampled x2.5 from 40X (OME-XML): capture at 100X "
         "(re-focus only if it already is 100X)")
     assert magnification_advice(Scale(100.0, None, "flag"), contract, resampled=True) is None
+    fine = replace(contract, mpp=0.25)  # a model that states microns per pixel: an input at 0.5 is upsampled x2
+    f, warn = resample_factor(Scale(None, 0.5, "OME-XML"), fine)
+    assert f == 0.5 and warn == [("input is 0.5 microns per pixel (OME-XML), the model was trained on 0.25: "
+                                  "upsampled 2x, with less detail than it was trained on")]
+    assert magnification_advice(Scale(None, 0.5, "OME-XML"), fine, resampled=True) == (
+        "out of focus at the model's scale: this image was upsampled x2 from 0.5 microns per pixel (OME-XML): capture "
+        "at 100X (re-focus only if it already is 100X)")
+    assert resample_factor(Scale(None, 0.25, "OME-XML"), fine) == (1.0, [])
