@@ -87,7 +87,8 @@ class ModelDir:
                          f"{', '.join(sorted(self.manifest.variants)) or 'none'}")
 
     def band(self, precision: str) -> float:
-        """A listed variant's re-check band (``recheck_band``)."""
+        """A listed variant's re-check band (``recheck_band``); ModelError saying why where it is not listed."""
+        self.variant(precision)
         return recheck_band(self.manifest, precision)[0]
 
     def layout_passed(self, precision: str, layout: str) -> bool:
