@@ -498,7 +498,7 @@ class ServedStandIn:
 
 
 def test_a_servers_band_must_be_the_local_models_and_never_0_for_a_faster_precision(model_dir):
-    from runtime.backends.triton import TritonBackend, TritonTarget
+    from runtime.backends.triton import TritonBackend, TritonTarget, TritonUnavailable
 
     model = ModelDir.open(model_dir)
     manifest, target = model.manifest, TritonTarget("http://127.0.0.1:1")
@@ -518,3 +518,7 @@ def test_a_servers_band_must_be_the_local_models_and_never_0_for_a_faster_precis
     with pytest.raises(ModelError, match="bf16: not a variant of the local model"):
         TritonBackend(ServedStandIn(replace(served("fp16", 0.05), precision="bf16")), target, "breakhis_bf16",
                       manifest)
+    alone = TritonBackend(ServedStandIn(replace(served("fp16", model.band("fp16")), recheck_model="")), target,
+                          "breakhis_fp16", manifest)
+    with pytest.raises(TritonUnavailable, match="no FP32 model named for its re-checks.*--recheck off"):
+        alone.reference()  # what the classifier asks when it starts with re-checks on: refused there
