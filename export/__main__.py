@@ -277,14 +277,14 @@ def _int8(args: argparse.Namespace) -> int:
     from export.int8 import accept, gate, quantize, reject, speed, verdict
     from export.trt_support import check_onnx
 
-    tmp, bound = quantize(args.model, args.calib_images, args.calib_count, _log)
+    tmp, bound, logit = quantize(args.model, args.calib_images, args.calib_count, _log)
     try:
         problems = check_onnx(onnx.load(str(tmp)))
         if problems:
             reject(args.model, "outside TensorRT's ONNX support: " + "; ".join(problems))
             _log("the Q/DQ model is outside TensorRT's ONNX support:\n  " + "\n  ".join(problems))
             return 1
-        result = gate(args.model, tmp, args.calib_images, args.calib_count, bound)
+        result = gate(args.model, tmp, args.calib_images, args.calib_count, bound, logit)
         print("\n".join(result.lines()))
         figures = speed(args.model, tmp, args.calib_images)
         why = verdict(result, figures)

@@ -6,16 +6,17 @@ field (its own plus its re-check share at FP32) beats the best gated tier on thi
 - Calibration and accuracy control on the first ``calib_count`` images' fields. The validation metric is the gate's
   own label check: the share of those fields whose INT8 label is FP32's; with a maximum drop of 0, NNCF keeps in
   floating point the layers that cost a label (symmetric activations and weights: TensorRT needs zero points of 0).
-- The bound: the largest |d probability| on the calibration fields, times MARGIN (a maximum measured on a few dozen
-  fields grows on unseen ones: BF16's grew 1.9x from 48 to 374 images), never below the table's INT8 tolerance.
-  It is also INT8's re-check band (recorded as ``bound`` in the variant's gate; ``ModelDir.band``).
-- The gate: every held-out field within the bound, every label outside the band FP32's (``compare``).
+- The bounds: the largest |d probability| and |d logit| on the calibration fields, times MARGIN (a maximum
+  measured on a few dozen fields grows on unseen ones: BF16's grew 1.9x from 48 to 374 images), the probability
+  bound never below the table's INT8 tolerance. Its re-check band is what the logit bound maps to at the threshold,
+  never below the probability bound (runtime/model/precisions.py; recorded as ``bound`` and ``logit_bound`` in the
+  variant's gate; ``ModelDir.band``).
+- The gate: every held-out field within both bounds, every label outside the band FP32's (``compare``).
 - The speed: INT8 and FP32 per field on ONNX Runtime CPU at batch 1 (and BF16's gate figures where this CPU runs
   it); INT8's effective time = its time + its held-out re-check share x FP32's.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,17 @@ from runtime.io.decode import decoder_messages
 from runtime.model.fidelity import Comparison, compare, effective_ms
 from runtime.model.manifest import Variant
 from runtime.model.model_dir import ModelDir
-from runtime.model.precisions import PRECISIONS
+from runtime.model.precisions import MARGIN, PRECISIONS, logit_bound_of, round_up
 from runtime.pipeline.preprocess import folder_fields
 
 QDQ_FILE = PRECISIONS["int8"].file
-MARGIN = 2.0
 TIMED = 4  # fields each tier is timed on (after one warm-up)
 
 
-def quantize(model_dir: Path, calib_images: Path, calib_count: int = 24, log: Any = print) -> tuple[Path, float]:
-    """Write model_dir/.model.int8.qdq.onnx.tmp (not yet part of the model); returns it and the derived bound."""
+def quantize(model_dir: Path, calib_images: Path, calib_count: int = 24,
+             log: Any = print) -> tuple[Path, float, float]:
+    """Write model_dir/.model.int8.qdq.onnx.tmp (not yet part of the model); returns it and the derived bounds on
+    the probability and on the logit."""
     import nncf
     import onnx
     import onnxruntime as ort
@@ -46,23 +48,25 @@ def quantize(model_dir: Path, calib_images: Path, calib_count: int = 24, log: An
     if not len(fields):
         raise ValueError(f"{calib_images}: no usable images for INT8 calibration")
     fp32, _ = model.file(model.variant("fp32").file)
-    want = ort_outputs(fp32, fields, input_name=manifest.input_name)["probability"]
+    reference = ort_outputs(fp32, fields, input_name=manifest.input_name)
     threshold = manifest.contract.threshold
     name = manifest.input_name
 
     items = list(fields)  # NNCF hands the validation function these very arrays (or a subset of them)
     where = {id(x): i for i, x in enumerate(items)}
 
-    def probabilities(m: onnx.ModelProto, data: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(probabilities, FP32's) of the fields in ``data``."""
+    def outputs(m: onnx.ModelProto, data: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(the logits and probabilities of ``m``, FP32's) on the fields in ``data``."""
         sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
         data = list(data)
-        got = np.concatenate([sess.run(["probability"], {name: x[None]})[0].reshape(-1) for x in data])
-        return got, want[[where[id(x)] for x in data]]
+        runs = [sess.run(["logit", "probability"], {name: x[None]}) for x in data]
+        at = [where[id(x)] for x in data]
+        return ({k: np.concatenate([r[i].reshape(-1) for r in runs]) for i, k in enumerate(("logit", "probability"))},
+                {k: reference[k][at] for k in ("logit", "probability")})
 
     def labels_kept(m: onnx.ModelProto, data: Any) -> tuple[float, list[float]]:
-        got, ref = probabilities(m, data)
-        kept = ((got > threshold) == (ref > threshold)).astype(float)
+        got, ref = outputs(m, data)
+        kept = ((got["probability"] > threshold) == (ref["probability"] > threshold)).astype(float)
         return float(kept.mean()), kept.tolist()
 
     dataset = nncf.Dataset(items, lambda x: {name: x[None]})
@@ -74,27 +78,21 @@ def quantize(model_dir: Path, calib_images: Path, calib_count: int = 24, log: An
     for line in said:
         if any(k in line for k in ("were reverted", "achieved required", "Total number of quantized")):
             log("  NNCF: " + line.split("nncf:", 1)[-1])
-    got, ref = probabilities(quantized, items)
-    measured = float(np.abs(got - ref).max())
+    got, ref = outputs(quantized, items)
+    measured, measured_logit = (float(np.abs(got[k] - ref[k]).max()) for k in ("probability", "logit"))
     floor = PRECISIONS["int8"].tolerance.probability or 0.0
-    bound = max(floor, _round_up(MARGIN * measured))
-    log(f"  calibration fields: max |d probability| {measured:.3g}; bound (x{MARGIN:g}) {bound:g}")
+    bound = max(floor, round_up(MARGIN * measured))
+    logit = logit_bound_of(measured_logit)
+    log(f"  calibration fields: max |d probability| {measured:.3g}, |d logit| {measured_logit:.3g}; bounds "
+        f"(x{MARGIN:g}) {bound:g} and {logit:g}")
     tmp = Path(model_dir) / f".{QDQ_FILE}.tmp"
     onnx.save(quantized, str(tmp))
-    return tmp, bound
+    return tmp, bound, logit
 
 
-def _round_up(x: float) -> float:
-    """Up to two significant digits."""
-    if x <= 0:
-        return 0.0
-    step = 10.0 ** (math.floor(math.log10(x)) - 1)
-    return round(math.ceil(x / step - 1e-9) * step, 12)
-
-
-def gate(model_dir: Path, candidate: Path, images: Path, skip: int, bound: float) -> Comparison:
+def gate(model_dir: Path, candidate: Path, images: Path, skip: int, bound: float, logit: float) -> Comparison:
     """The INT8 candidate vs the FP32 model on ONNX Runtime CPU, on every field of the folder's images after the
-    first ``skip`` (the calibration images), within its derived bound."""
+    first ``skip`` (the calibration images), within its derived bounds (probability ``bound``, ``logit``)."""
     model = ModelDir.open(model_dir)
     held = folder_fields(images, model.contract, start=skip)
     if not len(held):
@@ -102,7 +100,7 @@ def gate(model_dir: Path, candidate: Path, images: Path, skip: int, bound: float
     ref = ort_outputs(model.file(model.variant("fp32").file)[0], held)
     got = ort_outputs(candidate, held)
     return compare(ref, got, "int8", model.contract.threshold, f"onnxruntime-cpu {QDQ_FILE} (held-out images)",
-                   bound=bound)
+                   bound=bound, logit_bound=logit)
 
 
 def speed(model_dir: Path, candidate: Path, images: Path) -> dict[str, Any]:
@@ -144,7 +142,8 @@ def accept(model_dir: Path, tmp: Path, result: Comparison, figures: dict[str, An
     bound and its speed."""
     tmp.replace(Path(model_dir) / QDQ_FILE)
     model = ModelDir.open(model_dir)
-    extra = {"bound": result.band, "ms_per_field": figures["ms_per_field"]}
+    bound = next(o.tolerance for o in result.outputs if o.output == "probability")
+    extra = {"bound": bound, "ms_per_field": figures["ms_per_field"]}
     model.accept("int8", Variant(QDQ_FILE, result.summary() | extra), result.to_dict() | figures)
     return model
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.io.decode import FLAGS, ImageError, decode, probe, read_image, to_bgr8
+from runtime.io.decode import FLAGS, ImageError, decode, png_significant_bits, probe, read_image, to_bgr8
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,11 @@ def test_png_layouts_give_what_opencv_gives(kind):
         data = cv2.imencode(".png", cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))[1].tobytes()
     else:
         data = _pil_png(kind.split("+")[0], **({"transparency": 3} if kind == "P+tRNS" else {}))
-    expected = to_bgr8(cv2.imdecode(np.frombuffer(data, np.uint8), FLAGS), "x")
+    expected = to_bgr8(cv2.imdecode(np.frombuffer(data, np.uint8), FLAGS), "x", png_significant_bits(data))
     dec = decode(data, "x.png")
     np.testing.assert_array_equal(dec.bgr, expected.bgr)
-    assert dec.conversions == expected.conversions and dec.warnings == []
+    assert dec.conversions == expected.conversions and dec.warnings == expected.warnings
+    assert bool(dec.warnings) == (kind in ("P+tRNS", "I;16"))  # transparent pixels; 16 bits holding 8-bit values
 
 
 def test_png_decoder_messages_go_to_their_own_image_and_png_decodes_run_in_parallel(sample, capfd):
@@ -141,14 +142,36 @@ def test_grayscale_is_converted_and_reported(tmp_path, sample):
     assert np.array_equal(dec.bgr[:, :, 0], gray) and np.array_equal(dec.bgr[:, :, 2], gray)
 
 
-def test_rgba_drops_alpha_and_reports(tmp_path, sample):
+def test_rgba_transparent_pixels_are_composited_over_white_and_counted(tmp_path, sample):
+    """Transparent pixels show what lies behind them; on a slide that is glass, white (not the black or whatever
+    colour the transparent samples happen to hold): composited over white, and a warning says how many there were.
+    A fully opaque RGBA image only loses its alpha channel."""
     bgr = cv2.imread(str(sample))
     bgra = cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA)
-    bgra[0, 0, 3] = 0
+    cv2.imwrite(str(tmp_path / "opaque.png"), bgra)
+    dec = read_image(tmp_path / "opaque.png")
+    assert dec.conversions == ["RGBA -> RGB (alpha dropped, image was fully opaque)"] and dec.warnings == []
+    np.testing.assert_array_equal(dec.bgr, bgr)
+    bgra[:10, :, 3] = 0  # 10 rows fully transparent
+    bgra[10, :5, 3] = 128  # 5 pixels half transparent
     cv2.imwrite(str(tmp_path / "a.png"), bgra)
     dec = read_image(tmp_path / "a.png")
-    assert dec.conversions and "alpha dropped" in dec.conversions[0] and "transparent" in dec.conversions[0]
-    np.testing.assert_array_equal(dec.bgr, bgr)
+    n = 10 * bgr.shape[1]
+    assert dec.conversions == [f"RGBA -> RGB ({n + 5} transparent pixels composited over white, as glass)"]
+    assert dec.warnings == [(f"{n + 5} of {bgr.shape[0] * bgr.shape[1]} pixels were transparent ({n} fully, 5 "
+                             "partly): composited over white (glass); a microscope capture has no transparency, so "
+                             "check how this image was made")]
+    assert (dec.bgr[:10] == 255).all()
+    half = (bgr[10, :5].astype(np.uint32) * 128 + 255 * 127 + 127) // 255
+    np.testing.assert_array_equal(dec.bgr[10, :5], half)
+    np.testing.assert_array_equal(dec.bgr[11:], bgr[11:])
+    la = cv2.cvtColor(bgra, cv2.COLOR_BGRA2GRAY)  # grey + alpha (PNG colour type 4), through PIL
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.dstack([la, bgra[:, :, 3]]), "LA").save(buf, "PNG")
+    dec = decode(buf.getvalue(), "la.png")
+    assert (dec.bgr[:10] == 255).all() and f"{n + 5} of" in dec.warnings[0]
 
 
 def test_16bit_is_scaled_and_reported(tmp_path, sample):
@@ -157,6 +180,38 @@ def test_16bit_is_scaled_and_reported(tmp_path, sample):
     dec = read_image(tmp_path / "w.png")
     assert dec.conversions == ["16-bit -> 8-bit (value / 257, rounded)"]
     np.testing.assert_array_equal(dec.bgr, bgr)
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _with_sbit(png: bytes, *bits: int) -> bytes:
+    """The PNG with an sBIT chunk right after its header (where the standard puts it: before PLTE and IDAT)."""
+    return png[:33] + _chunk(b"sBIT", bytes(bits)) + png[33:]
+
+
+def test_16bit_png_of_12bit_data_is_scaled_by_its_sbit_or_its_used_range(sample):
+    """12-bit samples stored as they are in a 16-bit PNG (what many cameras write) came out 16 times too dark
+    (value / 257). With an sBIT chunk of 12 they are scaled by 255 / 4095, said in the conversion; without one, the
+    same where every sample fits in 12 bits, with a warning that this was assumed; samples scaled up to 16 bits as
+    the PNG standard asks (sBIT 12, values beyond 4095) stay value / 257. Each gives the original image's pixels."""
+    bgr = cv2.imread(str(sample))
+    twelve = (bgr.astype(np.uint32) * 4095 + 127) // 255  # the 8-bit image as 12-bit data, unscaled
+    raw = cv2.imencode(".png", twelve.astype(np.uint16))[1].tobytes()
+    assert png_significant_bits(raw) == (None, None) and png_significant_bits(_with_sbit(raw, 12, 12, 12)) == (12, None)
+    dec = decode(_with_sbit(raw, 12, 12, 12), "camera.png")
+    assert dec.conversions == [("16-bit -> 8-bit (12-bit data: value x 255 / 4095, rounded; its sBIT chunk says 12 "
+                                "significant bits, stored unscaled)")] and dec.warnings == []
+    assert np.abs(dec.bgr.astype(int) - bgr).max() <= 1 and abs(dec.bgr.mean() - bgr.mean()) < 0.5
+    guessed = decode(raw, "camera.png")
+    np.testing.assert_array_equal(guessed.bgr, dec.bgr)
+    assert len(guessed.warnings) == 1 and "without an sBIT chunk" in guessed.warnings[0]
+    assert "all fit in 12 bits" in guessed.warnings[0] and "16 times darker" in guessed.warnings[0]
+    scaled = (twelve << 4) | (twelve >> 8)  # the standard's way: scaled up to 16 bits by bit replication
+    dec = decode(_with_sbit(cv2.imencode(".png", scaled.astype(np.uint16))[1].tobytes(), 12, 12, 12), "std.png")
+    assert dec.conversions == ["16-bit -> 8-bit (value / 257, rounded)"] and dec.warnings == []
+    assert np.abs(dec.bgr.astype(int) - bgr).max() <= 1
 
 
 def _png_bomb(w: int, h: int) -> bytes:
@@ -302,3 +357,52 @@ def test_a_jpeg_with_a_harmless_warning_is_decoded_whole_with_the_warning_kept(s
     assert dec.warnings == ["Warning: unknown JFIF revision number 2.01"]
     assert capfd.readouterr().err == ""
     np.testing.assert_array_equal(dec.bgr, to_bgr8(cv2.imdecode(np.frombuffer(bytes(data), np.uint8), FLAGS), "x").bgr)
+
+
+def test_an_image_at_another_magnification_that_looks_out_of_focus_is_told_the_magnification(model_dir, shared_data,
+                                                                                           tmp_path):
+    """The shared 40X images, a region of each upsampled x2.5 to the model's 100X scale (as a region or slide at 40X
+    is read): the focus check flags them. Under the BreakHis name, which says 40X, the result warns of the
+    magnification and its advice names it instead of "re-focus"; the same pixels under a name that states no
+    magnification keep the focus advice; the original 40X images are not flagged at all."""
+    from dataclasses import replace
+
+    from runtime.io.scale import Scale, magnification_advice, resample_factor
+    from runtime.pipeline.classifier import Classifier
+
+    forty = sorted(p for p in (shared_data / "breakhis-other").glob("*.png") if "-40-" in p.name)
+    assert len(forty) == 2
+    named, plain = [], []
+    for i, p in enumerate(forty):
+        img = cv2.imread(str(p))
+        h, w = img.shape[:2]
+        up = cv2.resize(img[:h * 2 // 5, :w * 2 // 5], (w, h), interpolation=cv2.INTER_LINEAR)
+        (tmp_path / "named").mkdir(exist_ok=True)
+        named.append(tmp_path / "named" / p.name)
+        plain.append(tmp_path / f"field-{i}.png")
+        for out in (named[-1], plain[-1]):
+            cv2.imwrite(str(out), up)
+    with Classifier(model_dir, backend="cpu", precision="fp32") as clf:
+        results = clf.classify([*named, *plain, *forty])
+        contract = clf.contract
+    refocus = "out of focus: re-focus and capture again"
+    told = ("out of focus at the model's scale: this image is 40X (BreakHis file name) and the model reads 100X "
+            "fields: capture at 100X (re-focus only if it already is 100X)")
+    for r in results[:2]:
+        assert any("out_of_focus" in f.flags for f in r.fields) and any("says 40X" in w for w in r.warnings)
+        assert told in r.advice and refocus not in r.advice
+    for r in results[2:4]:
+        assert any("out_of_focus" in f.flags for f in r.fields) and refocus in r.advice and told not in r.advice
+    assert all(r.advice == [] and any("says 40X" in w for w in r.warnings) for r in results[4:])
+    assert magnification_advice(Scale(40.0, None, "OME-XML"), contract, resampled=True) == (
+        "out of focus at the model's scale: this image was upsampled x2.5 from 40X (OME-XML): capture at 100X "
+        "(re-focus only if it already is 100X)")
+    assert magnification_advice(Scale(100.0, None, "flag"), contract, resampled=True) is None
+    fine = replace(contract, mpp=0.25)  # a model that states microns per pixel: an input at 0.5 is upsampled x2
+    f, warn = resample_factor(Scale(None, 0.5, "OME-XML"), fine)
+    assert f == 0.5 and warn == [("input is 0.5 microns per pixel (OME-XML), the model was trained on 0.25: "
+                                  "upsampled 2x, with less detail than it was trained on")]
+    assert magnification_advice(Scale(None, 0.5, "OME-XML"), fine, resampled=True) == (
+        "out of focus at the model's scale: this image was upsampled x2 from 0.5 microns per pixel (OME-XML): capture "
+        "at 100X (re-focus only if it already is 100X)")
+    assert resample_factor(Scale(None, 0.25, "OME-XML"), fine) == (1.0, [])

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from runtime.backends.base import Backend, BackendUnavailable
 from runtime.errors import Unavailable
 from runtime.model.manifest import ModelError
-from runtime.model.model_dir import ModelDir
+from runtime.model.model_dir import ModelDir, recheck_band
 from runtime.model.precisions import CHOICES, GPU_BACKENDS, PRECISIONS, preferred, runs_on
 
 BACKENDS = ("auto", "cpu", "openvino", "onnxruntime-cuda", "tensorrt", "triton")  # "cpu": ONNX Runtime on the CPU;
@@ -33,12 +33,23 @@ def resolve_precision(requested: str, on_gpu: bool, model: ModelDir) -> tuple[st
         return "fp32", [f"precision auto chose fp32: {e}"]
 
 
-def open_backend(name: str, model: ModelDir, threads: int | None = None,
-                 precision: str = "auto", allow_build: bool = False, layout: str = "auto") -> tuple[Backend, list[str]]:
+def open_backend(name: str, model: ModelDir, threads: int | None = None, precision: str = "auto",
+                 allow_build: bool = False, layout: str = "auto", recheck: bool = True) -> tuple[Backend, list[str]]:
     """(backend, notes). "auto" tries TensorRT, then ONNX Runtime CUDA, then the CPU tier, noting why each one it
     skipped could not be used; a backend named explicitly fails loudly instead. ``precision`` picks the model
     variant (one meaning on every backend; see resolve_precision and cpu_tier); ``layout`` the memory layout ONNX
-    Runtime CUDA prefers (auto: NHWC where this model's variant passed its gate in it on a GPU)."""
+    Runtime CUDA prefers (auto: NHWC where this model's variant passed its gate in it on a GPU); ``recheck``: whether
+    a faster tier's in-band fields will be re-checked at FP32 (auto counts their cost only then). Where re-checks
+    are on and the band is an old export's probability bound, a note says so."""
+    backend, notes = _open_backend(name, model, threads, precision, allow_build, layout, recheck)
+    if recheck and backend.precision in model.manifest.variants:
+        note = recheck_band(model.manifest, backend.precision)[1]
+        notes += [note] if note else []
+    return backend, notes
+
+
+def _open_backend(name: str, model: ModelDir, threads: int | None, precision: str, allow_build: bool, layout: str,
+                  recheck: bool) -> tuple[Backend, list[str]]:
     from runtime.backends import ort
 
     if name not in BACKENDS:
@@ -86,20 +97,22 @@ def open_backend(name: str, model: ModelDir, threads: int | None = None,
         if name == "onnxruntime-cuda":
             raise BackendUnavailable(f"backend onnxruntime-cuda: {msg}")
         notes.append(f"onnxruntime-cuda skipped: {msg}")
-    backend, why = cpu_tier(name, precision, model, threads)
+    backend, why = cpu_tier(name, precision, model, threads, recheck)
     return backend, notes + why
 
 
-def cpu_tier(name: str, precision: str, model: ModelDir, threads: int | None) -> tuple[Backend, list[str]]:
+def cpu_tier(name: str, precision: str, model: ModelDir, threads: int | None,
+             recheck: bool = True) -> tuple[Backend, list[str]]:
     """The CPU backends. Precision auto: an INT8 variant the export kept (it passed its gate and, counting its
-    re-checks, beat every other tier where it was exported) on ONNX Runtime; else the table's CPU precision (BF16) on
-    OpenVINO where this CPU runs it natively and the model has a variant of it that passed its gate (said in a note),
+    re-checks where ``recheck``, beat every other tier where it was exported) on ONNX Runtime; else the table's CPU
+    precision (BF16) on OpenVINO where this CPU runs it natively, the model has a variant of it that passed its gate
+    and it is faster than FP32 by its gate's figures (counting its re-checks where ``recheck``) (said in a note),
     else FP32 (ONNX Runtime, or OpenVINO when named). An explicit precision runs exactly that variant, or is refused
     with the reason."""
     from runtime.backends import openvino, ort
 
     if precision == "auto" and name in ("auto", "cpu") and "int8" in model.manifest.variants:
-        speed = _speed("int8", model.variant("int8").gate)
+        speed = _speed("int8", model.variant("int8").gate, recheck)
         if speed and not speed.startswith("slower"):
             return ort.OrtBackend(model, "int8", cuda=False, threads=threads), [
                 f"precision auto chose int8 (ONNX Runtime): the model's INT8 variant passed its gate{speed}; "
@@ -116,7 +129,7 @@ def cpu_tier(name: str, precision: str, model: ModelDir, threads: int | None) ->
             gate = model.variant(best.name).gate if ok else {}
         except ModelError as e:
             ok, reason = False, str(e)
-        speed = _speed(best.name, gate) if ok else ""
+        speed = _speed(best.name, gate, recheck) if ok else ""
         if ok and speed.startswith("slower"):
             ok, reason = False, speed
         if ok:
@@ -140,14 +153,18 @@ def cpu_tier(name: str, precision: str, model: ModelDir, threads: int | None) ->
         return ort.OrtBackend(model, "fp32", cuda=False, threads=threads), why
 
 
-def _speed(precision: str, gate: dict) -> str:
-    """What the gate measured of a CPU tier's speed counting its re-checks: ", N ms per field with its re-checks
-    (...)", "slower ..." where the re-checks eat the gain, "" where the gate recorded no times."""
+def _speed(precision: str, gate: dict, recheck: bool = True) -> str:
+    """What the gate measured of a CPU tier's speed, counting its re-checks where they are on: ", N ms per field with
+    its re-checks (...)", "slower ..." where they (or its own time) eat the gain, "" where the gate recorded no
+    times."""
     from runtime.model.fidelity import effective_ms
 
     ms, fields = gate.get("ms_per_field"), gate.get("fields") or 0
     if not ms or not fields:
         return ""
+    if not recheck:  # --recheck off: no field runs at FP32 again, so none of their cost is counted
+        said = f"{ms[precision]:.0f} ms per field, its re-checks off (FP32 {ms['fp32']:.0f} ms, measured by its gate)"
+        return f", {said}" if ms[precision] < ms["fp32"] else f"slower than fp32 here: {said}"
     share = gate.get("in_band", 0) / fields
     eff = effective_ms(ms, share, precision)
     said = (f"{eff:.0f} ms per field with its re-checks ({ms[precision]:.0f} ms + {share:.1%} of fields at FP32's "
@@ -158,8 +175,15 @@ def _speed(precision: str, gate: dict) -> str:
 def reference_for(backend: Backend, model: ModelDir, threads: int | None) -> tuple[Callable[[], Backend], str]:
     """(how to open, what it is): the FP32 backend a faster tier's re-checks run on (runtime/pipeline/recheck.py):
     next to a GPU backend, a second ONNX Runtime CUDA session at FP32 (TF32 off) where onnxruntime-gpu is here, else
-    ONNX Runtime on the CPU at FP32, the runtime's own FP32 reference."""
+    ONNX Runtime on the CPU at FP32, the runtime's own FP32 reference. Its file is checked now (ModelError naming it,
+    with the ways out), not at the first in-band field."""
     from runtime.backends import ort
+
+    try:
+        model.file(model.variant("fp32").file)
+    except ModelError as e:
+        raise ModelError(f"{e}; the re-checks of {backend.precision} run on this FP32 file: export the model again, or "
+                         "give up the re-checks with --recheck off") from None
 
     def cpu() -> Backend:
         return ort.OrtBackend(model, "fp32", cuda=False, threads=threads)

@@ -26,6 +26,7 @@ import numpy as np
 
 from runtime.backends.base import Backend, BackendUnavailable
 from runtime.model.manifest import Manifest, ModelError
+from runtime.model.model_dir import recheck_band
 from runtime.model.precisions import PRECISIONS
 from runtime.model.served import DEFAULT_NAME, Served, served_name
 
@@ -263,9 +264,14 @@ class TritonBackend:
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         served = Served.from_parameters(params, where)
         if local is not None:
-            diffs = served.differences(local)
+            diffs = served.differences(local) + band_differences(served, local)
             if diffs:
                 raise ModelError(f"{where} is not the local model {local.name}: " + "; ".join(diffs))
+        if served.precision != "fp32" and not served.band > 0:  # NaN included: 0 would turn its re-checks off
+            raise ModelError(f"{where}: serves {served.precision} with a re-check band of {served.band!r}: every "
+                             f"{served.precision} label would go without FP32's re-check; serve it from a model "
+                             "directory whose gate recorded its band (python -m export triton, python -m "
+                             "runtime.triton_server)")
         inputs = {i["name"]: [int(d) for d in i["shape"]] for i in meta.get("inputs", [])}
         if config.get("max_batch_size", 0) and len(next(iter(inputs.values()), [])) == 4:
             inputs = {k: [-1, *v] for k, v in inputs.items()}  # a repository's config states dims without the batch
@@ -304,23 +310,35 @@ class TritonBackend:
 
     def reference(self) -> tuple[Callable[[], Backend], str]:
         """(how to open, what it is): the FP32 model on the same server that re-checks this precision's in-band
-        fields, checked to be the same model at FP32."""
+        fields, checked to be the same model at FP32; refused now (not at the first in-band field) where the server
+        names none."""
         model = self.served.recheck_model
+        if not model:
+            raise TritonUnavailable(f"Triton at {self.conn.url}, model {self.model}: {self.precision} with no FP32 "
+                                    "model named for its re-checks (breakhis_recheck_model): serve one, or give up the "
+                                    "re-checks with --recheck off")
 
         def open_reference() -> Backend:
-            if not model:
-                raise TritonUnavailable(f"Triton at {self.conn.url}, model {self.model}: {self.precision} with no FP32 "
-                                        "model named for its re-checks (breakhis_recheck_model)")
             ref = TritonBackend(Connection(self.target), self.target, model, self.manifest)
             if ref.precision != "fp32":
                 raise TritonUnavailable(f"Triton at {self.conn.url}: {model}, named for re-checks, runs "
                                         f"{ref.precision}")
             return ref
 
-        return open_reference, f"{model or 'no FP32 model'} on the same Triton server, opened on first need"
+        return open_reference, f"{model} on the same Triton server, opened on first need"
 
     def close(self) -> None:
         self.conn.close()
+
+
+def band_differences(served: Served, local: Manifest) -> list[str]:
+    """The re-check band the server declares against the local manifest's for that precision (the local gate's
+    figure is the one that counts: a server's band taken on trust could turn re-checks down or off)."""
+    if served.precision not in local.variants:
+        return [(f"precision {served.precision}: not a variant of the local model, whose gates give no re-check "
+                 f"band for it (it has {', '.join(sorted(local.variants))})")]
+    band = recheck_band(local, served.precision)[0]
+    return [] if served.band == band else [f"re-check band: server {served.band!r}, local {band!r}"]
 
 
 def open_triton(target: TritonTarget, precision: str, local: Manifest | None) -> tuple[TritonBackend, list[str]]:

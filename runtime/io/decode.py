@@ -248,7 +248,7 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, into: B
                          "classified: its pixels may not be what was captured)")
     if img is None or img.size == 0:
         raise ImageError(f"{name}: could not decode the image (truncated or corrupt file)")
-    out = to_bgr8(img, name)
+    out = to_bgr8(img, name, png_significant_bits(data) if info.format == "PNG" else None)
     if info.orientation != 1:
         what, ops = ORIENTATION[info.orientation]
         if info.format != "TIFF":  # OpenCV's TIFF reader (libtiff) orients the pixels itself
@@ -257,16 +257,81 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, into: B
             out.bgr = np.ascontiguousarray(out.bgr)
         conversions.append(f"orientation tag {info.orientation} ({what}) applied, as viewers show the image")
     out.conversions = conversions + out.conversions
-    out.warnings = messages
+    out.warnings = messages + out.warnings
     return out
 
 
-def to_bgr8(img: np.ndarray, name: str) -> Decoded:
-    """Convert a decoded OpenCV array (gray, BGR, BGRA; 8 or 16 bit) to BGR uint8, recording each conversion."""
+# 16-bit samples -> 8 bits. A 16-bit PNG holds 16 significant bits unless its sBIT chunk says fewer; by the PNG
+# standard a writer then scales its samples up to 16 bits, but many cameras and tools store 10-, 12- or 14-bit values
+# as they are, which value / 257 makes 16 to 64 times too dark. So, per group of samples (the colour, the alpha):
+# - with sBIT s < 16: where every sample fits in s bits (stored as they are), value x 255 / (2^s - 1); else (scaled
+#   up as the standard says) value / 257;
+# - without sBIT: where every sample fits in 8, 10, 12 or 14 bits (the smallest), it is taken as data of that depth,
+#   value x 255 / (2^k - 1), with a warning: a 16-bit brightfield capture whose brightest sample (glass) stays below
+#   a quarter of the range is not what a camera gives, but the file does not say so itself;
+# - otherwise value / 257.
+# Other 16-bit formats (TIFF) are divided by 257.
+SENSOR_DEPTHS = (8, 10, 12, 14)
+
+
+def png_significant_bits(data: bytes) -> tuple[int | None, int | None]:
+    """(colour bits, alpha bits) from a PNG's sBIT chunk, None where it has none (or none for alpha). Reads the
+    chunks before the image data only."""
+    pos, color_type = 8, data[25] if len(data) > 25 else 0
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if kind in (b"IDAT", b"IEND"):
+            break
+        if kind == b"sBIT":
+            body = data[pos + 8:pos + 8 + length]
+            colour = {0: 1, 2: 3, 3: 3, 4: 1, 6: 3}.get(color_type, 0)
+            if len(body) < colour or colour == 0:
+                return None, None
+            alpha = body[colour] if color_type in (4, 6) and len(body) > colour else None
+            return max(body[:colour]), alpha
+        pos += 12 + length
+    return None, None
+
+
+def _to_8bit(samples: np.ndarray, sbit: int | None, what: str) -> tuple[np.ndarray, str, str | None]:
+    """16-bit ``samples`` to uint8 by the rule above: (pixels, the conversion said, a warning or None)."""
+    top = int(samples.max()) if samples.size else 0
+    if sbit is not None and 0 < sbit < 16 and top < 1 << sbit:
+        depth, why, warn = sbit, f"its sBIT chunk says {sbit} significant bits, stored unscaled", None
+    elif sbit is None and top < 1 << SENSOR_DEPTHS[-1]:
+        depth = next(k for k in SENSOR_DEPTHS if top < 1 << k)
+        why = f"no sBIT chunk; every sample fits in {depth} bits (the largest is {top})"
+        warn = (f"16-bit PNG without an sBIT chunk whose {what} samples all fit in {depth} bits (the largest is "
+                f"{top}): taken as {depth}-bit data, not as a 16-bit image {1 << (16 - depth)} times darker (an "
+                "sBIT chunk would say which)")
+    else:
+        return ((samples.astype(np.uint32) + 128) // 257).astype(np.uint8), "value / 257, rounded", None
+    full = (1 << depth) - 1
+    scaled = (samples.astype(np.uint32) * 255 + full // 2) // full
+    return scaled.astype(np.uint8), f"{depth}-bit data: value x 255 / {full}, rounded; {why}", warn
+
+
+def to_bgr8(img: np.ndarray, name: str, sbit: tuple[int | None, int | None] | None = None) -> Decoded:
+    """Convert a decoded OpenCV array (gray, BGR, BGRA; 8 or 16 bit) to BGR uint8, recording each conversion (and
+    warning where it assumed something). ``sbit``: a 16-bit PNG's significant bits (colour, alpha) from its sBIT
+    chunk, where its samples are scaled by the rule above; None: not a PNG (value / 257). Transparent pixels are
+    composited over white, the colour of glass, with a warning saying how many there were."""
     conv: list[str] = []
+    warn: list[str] = []
     if img.dtype == np.uint16:
-        img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
-        conv.append("16-bit -> 8-bit (value / 257, rounded)")
+        if sbit is None:
+            img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+            conv.append("16-bit -> 8-bit (value / 257, rounded)")
+        else:
+            groups = [(img[:, :, :3], sbit[0], "colour"), (img[:, :, 3:], sbit[1], "alpha")] \
+                if img.ndim == 3 and img.shape[2] == 4 else [(img, sbit[0], "colour")]
+            parts = []
+            for samples, bits, what in groups:
+                eight, how, warning = _to_8bit(samples, bits, what)
+                parts.append(eight)
+                conv.append(f"16-bit -> 8-bit ({how})" + (f" for the {what}" if len(groups) > 1 else ""))
+                warn += [warning] if warning else []
+            img = np.concatenate(parts, axis=2) if len(parts) > 1 else parts[0]
     elif img.dtype != np.uint8:
         raise ImageError(f"{name}: unsupported sample type {img.dtype} (expected 8- or 16-bit integers)")
     if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
@@ -274,12 +339,21 @@ def to_bgr8(img: np.ndarray, name: str) -> Decoded:
         conv.append("grayscale -> BGR (channel replicated)")
     elif img.ndim == 3 and img.shape[2] == 4:
         alpha = img[:, :, 3]
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
-        conv.append("RGBA -> RGB (alpha dropped" + (", image was fully opaque)" if alpha.min() == 255 else
-                                                    "; image had transparent pixels)"))
+        seen = int(np.count_nonzero(alpha < 255))
+        if seen:  # over white: what a transparent part of a slide shows, glass; not the black of its zero colour
+            a = alpha[:, :, None].astype(np.uint32)
+            img = ((img[:, :, :3].astype(np.uint32) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+            clear = int(np.count_nonzero(alpha == 0))
+            conv.append(f"RGBA -> RGB ({seen} transparent pixels composited over white, as glass)")
+            warn.append(f"{seen} of {alpha.size} pixels were transparent ({clear} fully, {seen - clear} partly): "
+                        "composited over white (glass); a microscope capture has no transparency, so check how "
+                        "this image was made")
+        else:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+            conv.append("RGBA -> RGB (alpha dropped, image was fully opaque)")
     elif not (img.ndim == 3 and img.shape[2] == 3):
         raise ImageError(f"{name}: unsupported channel layout {img.shape}")
-    return Decoded(np.ascontiguousarray(img), conv)
+    return Decoded(np.ascontiguousarray(img), conv, warn)
 
 
 def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, into: Buffer | None = None) -> Decoded:

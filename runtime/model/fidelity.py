@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from runtime.model.precisions import PRECISIONS, in_band
+from runtime.model.precisions import PRECISIONS, band_from_logit, in_band, logit_bound_of
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Comparison:
     in_band: int = 0  # fields inside the precision's re-check band (re-checked at FP32 at run time)
     in_band_flips: int = 0  # of those, how many labels FP32's re-check changes
     band: float = 0.0  # the re-check band the labels were judged outside of
+    logit_bound: float | None = None  # the logit bound the band was derived from (None: no logits compared)
 
     @property
     def ok(self) -> bool:
@@ -67,7 +68,8 @@ class Comparison:
                    + (f" outside the re-check band 0.5 +- {band:g})" if band else ")"))
         if band:
             out.append(f"  re-check     {self.in_band} of {self.fields} fields in the band ({self.recheck_share:.1%}), "
-                       f"{self.in_band_flips} of their labels set by FP32")
+                       f"{self.in_band_flips} of their labels set by FP32"
+                       + (f"; the band from the logit bound {self.logit_bound:g}" if self.logit_bound else ""))
         if self.non_finite:
             out.append(f"  non-finite   {self.non_finite} fields gave NaN/inf")
         out.append(f"  {'PASS' if self.ok else 'FAIL: ' + self.reason()}")
@@ -83,14 +85,20 @@ class Comparison:
 
     def summary(self) -> dict:
         """The part the manifest's variant table keeps beside a variant that passed."""
+        bound = {} if self.logit_bound is None else {"logit_bound": self.logit_bound}
         return {"fields": self.fields, "label_agreement": self.label_agreement,
-                "max_abs": {o.output: o.max_abs for o in self.outputs}, "in_band": self.in_band}
+                "max_abs": {o.output: o.max_abs for o in self.outputs}, "in_band": self.in_band} | bound
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], precision: str,
-            threshold: float, name: str = "candidate", bound: float | None = None) -> Comparison:
+            threshold: float, name: str = "candidate", bound: float | None = None,
+            logit_bound: float | None = None) -> Comparison:
     """Compare every output the two have in common (``probability`` required), field by field. ``bound``: the
-    probability bound (and re-check band) where the precision's is derived per model (INT8), else the table's."""
+    probability bound where the precision's is derived per model (INT8), else the table's. The re-check band the
+    labels are judged outside of: what the logit bound maps to at the threshold (runtime/model/precisions.py), never
+    below the probability bound; ``logit_bound`` where it was derived elsewhere (INT8: on its calibration fields,
+    then checked here as a tolerance), else derived here from these fields' largest |d logit| (where both give
+    logits; without them the band is the probability bound)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     tol = PRECISIONS[precision].tolerance
@@ -101,6 +109,13 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
     got = {k: np.asarray(v, np.float64).reshape(-1) for k, v in candidate.items()}
     if ref["probability"].shape != got["probability"].shape:
         raise ValueError(f"reference has {ref['probability'].size} fields, candidate {got['probability'].size}")
+    if logit_bound is not None:
+        tol = replace(tol, logit=logit_bound)
+    elif precision != "fp32" and "logit" in ref and "logit" in got:
+        d = np.abs(ref["logit"] - got["logit"])
+        logit_bound = logit_bound_of(float(d.max())) if np.isfinite(d).all() else None  # NaN/inf: fails below
+    if logit_bound is not None:
+        band = max(band, band_from_logit(logit_bound, threshold))
     bad = np.zeros(ref["probability"].shape, bool)
     rows = []
     for out in sorted(set(ref) & set(got)):
@@ -117,7 +132,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
     inside = in_band(got["probability"], threshold, band) & ~bad
     outside = agree[~inside]
     return Comparison(name, precision, int(agree.size), rows, float(outside.mean()) if outside.size else 1.0,
-                      int((~outside).sum()), int(bad.sum()), int(inside.sum()), int((~agree[inside]).sum()), band)
+                      int((~outside).sum()), int(bad.sum()), int(inside.sum()), int((~agree[inside]).sum()), band,
+                      logit_bound)
 
 
 def effective_ms(ms_per_field: dict[str, float], recheck_share: float, precision: str = "bf16") -> float:

@@ -87,12 +87,9 @@ class ModelDir:
                          f"{', '.join(sorted(self.manifest.variants)) or 'none'}. {step}")
 
     def band(self, precision: str) -> float:
-        """A listed variant's re-check band: the probability bound its gate derived where the precision's bound is
-        derived per model (INT8: ``bound`` in its gate), else the precision table's."""
-        from runtime.model.precisions import PRECISIONS
-
-        derived = self.variant(precision).gate.get("bound")
-        return float(derived) if derived is not None else PRECISIONS[precision].band
+        """A listed variant's re-check band (``recheck_band``); ModelError saying why where it is not listed."""
+        self.variant(precision)
+        return recheck_band(self.manifest, precision)[0]
 
     def layout_passed(self, precision: str, layout: str) -> bool:
         """Whether this precision passed its gate on a GPU in this memory layout (``export verify --layout``)."""
@@ -136,6 +133,28 @@ class ModelDir:
             (self.path / remove).unlink(missing_ok=True)
             self.manifest.files.pop(remove, None)
         self.save()
+
+
+def recheck_band(manifest: Manifest, precision: str) -> tuple[float, str | None]:
+    """(band, note): a listed variant's re-check band, derived from the logit bound its gate recorded
+    (``logit_bound``: runtime/model/precisions.py says how), never below its probability bound (INT8's derived
+    ``bound``, else the table's). A gate from before logit bounds were recorded keeps its probability bound as the
+    band, and the note says so (None otherwise). ModelError where the precision is not listed."""
+    from runtime.model.precisions import PRECISIONS, band_from_logit
+
+    if precision not in manifest.variants:
+        raise ModelError(f"{manifest.name}: no {precision} variant; this model has "
+                         f"{', '.join(sorted(manifest.variants)) or 'none'}")
+    if precision == "fp32":
+        return 0.0, None
+    gate = manifest.variants[precision].gate
+    floor = float(gate.get("bound") or PRECISIONS[precision].band)
+    bound = gate.get("logit_bound")
+    if bound is None:
+        return floor, (f"{manifest.name}: its {precision} gate recorded no logit bound (an export from before they "
+                       f"were): the re-check band is its probability bound {floor:g}; export the model again to "
+                       "derive it from the logit")
+    return max(floor, band_from_logit(float(bound), manifest.contract.threshold)), None
 
 
 def verified_file(folder: Path, name: str, files: dict[str, str]) -> tuple[Path, str]:

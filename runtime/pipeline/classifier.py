@@ -81,7 +81,8 @@ class Classifier:
         else:
             model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
             self.manifest = model.manifest
-            self.backend, notes = open_backend(backend, model, threads, precision, allow_build, layout)
+            self.backend, notes = open_backend(backend, model, threads, precision, allow_build, layout,
+                                               recheck == "on")
             band = model.band(self.backend.precision)
             reference = partial(reference_for, self.backend, model, threads)
         self.contract = self.manifest.contract
@@ -93,7 +94,11 @@ class Classifier:
             min(16, max(1, cores - 1)) if self.backend.on_gpu else min(4, cores)
         self.batch_size = min(batch_size or self.backend.preferred_batch,
                               getattr(self.backend, "max_batch", None) or 1 << 30)
+        self.recheck: Recheck | None = None
         try:
+            if recheck == "on" and band > 0:  # its FP32 file checked now: refused at start, not at each field
+                opener, where = reference()
+                self.recheck = Recheck(band, self.contract, opener, where, self.batch_size)
             self.preprocessor = open_preprocessor(preprocess, self.backend, self.contract, self.batch_size, notes)
             try:
                 self.gpu_jpeg = open_gpu_jpeg(decode, self.preprocessor.name, notes)
@@ -103,10 +108,6 @@ class Classifier:
         except BaseException:
             self.backend.close()  # opened above: its session and device memory are not left behind
             raise
-        self.recheck: Recheck | None = None
-        if recheck == "on" and band > 0:
-            opener, where = reference()
-            self.recheck = Recheck(band, self.contract, opener, where, self.batch_size)
         self.model_info = ModelInfo.of(self.manifest, self.backend, self.preprocessor.name, notes,
                                        self.recheck.describe() if self.recheck else None)
         self.scheduler = FieldScheduler(self.preprocessor, self.batch_size, self.contract,

@@ -1,9 +1,10 @@
 """The borderline re-check: every field a faster precision (FP16, BF16, INT8) puts within its re-check band of the
-threshold (runtime/model/precisions.py: the band is the probability bound its gate verified) is classified again at
-FP32 and FP32's answer is its result, so every label is FP32's. The FP32 backend is opened on first need, on the
-device that runs the fast tier where that device runs FP32 (a second ONNX Runtime session), else on the CPU; the
-re-checked fields are cut again from the decoded image on the CPU (``preprocess_fields``: the reference path) and
-run together, one batch per batch of the fast tier."""
+threshold (runtime/model/precisions.py: the band is what its gate's logit bound maps to at the threshold) is
+classified again at FP32 and FP32's answer is its result, so every label is FP32's. The FP32 backend is opened on
+first need, on the device that runs the fast tier where that device runs FP32 (a second ONNX Runtime session), else
+on the CPU (its file is checked when the classifier starts); the re-checked fields are cut again from the decoded
+image on the CPU (``preprocess_fields``: the reference path) and run together, one batch per batch of the fast tier
+(in a thread of their own on the GPU paths: scheduler.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -34,13 +35,14 @@ class Recheck:
 
     def describe(self) -> str:
         return (f"fields with a probability within {self.band:.3g} of {self.contract.threshold:g} (this precision's "
-                f"bound) are classified again at fp32 ({self.where}) and fp32's answer is their result")
+                f"band, from its gate) are classified again at fp32 ({self.where}) and fp32's answer is their result")
 
     def select(self, probability: np.ndarray) -> np.ndarray:
         return in_band(probability, self.contract.threshold, self.band)
 
     def run(self, images: list[np.ndarray], plans: list[FieldPlan]) -> np.ndarray:
-        """FP32 probabilities of the fields of ``plans`` (each over the BGR image beside it), in order."""
+        """FP32 probabilities of the fields of ``plans`` (each over the BGR image beside it), in order; ValueError
+        where the reference answers a different number of them."""
         reference = self.reference = self.reference or self._open()
         n = sum(p.n_fields for p in plans)
         fields = np.empty((n, *self.contract.field_shape), np.float32)
@@ -48,10 +50,12 @@ class Recheck:
         for img, plan in zip(images, plans):
             preprocess_fields(img, plan, self.contract, out=fields[k:k + plan.n_fields])
             k += plan.n_fields
-        probs = np.concatenate([reference.run(fields[i:i + self.batch_size])["probability"]
+        probs = np.concatenate([np.asarray(reference.run(fields[i:i + self.batch_size])["probability"]).reshape(-1)
                                 for i in range(0, n, self.batch_size)])
+        if probs.size != n:
+            raise ValueError(f"the fp32 reference answered {n} fields with {probs.size} probabilities")
         self.fields += n
-        return np.asarray(probs, np.float32).reshape(-1)
+        return np.asarray(probs, np.float32)
 
     def close(self) -> None:
         if self.reference is not None:
