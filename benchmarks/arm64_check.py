@@ -59,7 +59,16 @@ def pytriton():
     from runtime.apps.triton_server import pytriton_or_move
     pytriton_or_move()
     print("installed")
-probes.update(openvino=openvino, ray=ray, dicom=dicom, pytriton=pytriton)
+def serve():
+    import contextlib, io, runpy
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module("runtime.serve")
+            print("installed")
+        except SystemExit:
+            print(err.getvalue().strip())
+probes.update(openvino=openvino, ray=ray, dicom=dicom, pytriton=pytriton, serve=serve)
 for name, probe in probes.items():
     try:
         print(f"  {name}: ", end="", flush=True)
@@ -149,6 +158,7 @@ def pip_env() -> dict[str, str]:
     root) and its index settings where they are URLs the root can reach (not local folders)."""
     env = {"PIP_CERT": "/etc/ssl/certs/host-ca.crt", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
            "PIP_DEFAULT_TIMEOUT": os.environ.get("PIP_DEFAULT_TIMEOUT", "180")}
+    env.update({k: v for k, v in os.environ.items() if k.lower() in ("http_proxy", "https_proxy", "no_proxy")})
     for key in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST"):
         urls = [u for u in os.environ.get(key, "").split() if key == "PIP_TRUSTED_HOST" or u.startswith("http")]
         if urls:
