@@ -25,10 +25,13 @@ if [ -n "$RUNTIME_ONLY" ]; then
   for dir in models/*/; do
     [ -f "$dir/manifest.json" ] || continue
     found=1
-    .venv/bin/python -c 'import sys; from runtime.model.model_dir import ModelDir
-m = ModelDir.open(sys.argv[1])
-names = sorted(m.manifest.variants)
-for name in names: m.file(m.manifest.variants[name].file)
+    .venv/bin/python -c 'import sys; from runtime.model.model_dir import ModelDir, ModelError
+try:
+    m = ModelDir.open(sys.argv[1])
+    names = sorted(m.manifest.variants)
+    for name in names: m.file(m.manifest.variants[name].file)
+except ModelError as e:
+    sys.exit(f"error: {e}")
 listed = ", ".join(names)
 print(f"{m.path}: the files of its variants ({listed}) match its manifest")' "$dir" ||
       { echo "error: $dir cannot be used (said above): copy it again from the workstation" >&2; exit 1; }
