@@ -205,7 +205,10 @@ def copy_project(root: Path, model: ModelDir, images: list[Path]) -> tuple[str, 
 
 
 class Mounts:
-    """/proc, /sys and /dev inside the root while the check runs (ONNX Runtime reads the CPU's topology there)."""
+    """/sys and /dev inside the root while the check runs, and the host's CA bundle and resolver. Not /proc: under
+    qemu-user (Debian 12's 7.2) the root would read the host's x86 /proc/cpuinfo, and ONNX Runtime's cpuinfo library
+    crashes parsing it as an ARM CPU's (`import onnxruntime` segfaults); without it ONNX Runtime warns that cpuinfo
+    found no CPU information, and runs. A real arm64 machine has its own /proc."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -214,8 +217,7 @@ class Mounts:
     def __enter__(self) -> Self:
         shutil.copy2(host_ca(), self.root / "etc/ssl/certs/host-ca.crt")
         shutil.copy2("/etc/resolv.conf", self.root / "etc/resolv.conf")
-        for args, where in ((["-t", "proc", "proc"], "proc"), (["-t", "sysfs", "sys"], "sys"),
-                            (["--bind", "/dev"], "dev")):
+        for args, where in ((["-t", "sysfs", "sys"], "sys"), (["--bind", "/dev"], "dev")):
             target = self.root / where
             if subprocess.run(["mountpoint", "-q", str(target)], check=False).returncode != 0:
                 subprocess.run(["mount", *args, str(target)], check=True)
