@@ -4,11 +4,43 @@
 # seeded UNTRAINED reference. Each export makes what this machine runs (FP16 only where an NVIDIA GPU is visible,
 # BF16 where the CPU has native BF16) and is kept in models/.export-cache for an identical export later (the
 # tests'). Safe to run again: a model whose manifest this code can read is kept.
+#
+# bash setup.sh --runtime-only: a device (an edge box, a Jetson's CPU side): only what runtime/ needs (no PyTorch, no
+# export tools, no test tools) and no export; the model directories are copied from a workstation into models/ and
+# their files are checked against their manifests here (and again by the runtime before each use).
+# docs/gpu-and-jetson.md says the steps.
 set -euo pipefail
 cd "$(dirname "$0")"
+case "${1:-}" in
+  "") RUNTIME_ONLY= ;;
+  --runtime-only) RUNTIME_ONLY=1 ;;
+  *) echo "usage: bash setup.sh [--runtime-only]" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+if [ -n "$RUNTIME_ONLY" ]; then
+  .venv/bin/python -m pip install -q -e .
+  found=
+  for dir in models/*/; do
+    [ -f "$dir/manifest.json" ] || continue
+    found=1
+    .venv/bin/python -c 'import sys; from runtime.model.model_dir import ModelDir, ModelError
+try:
+    m = ModelDir.open(sys.argv[1])
+    names = sorted(m.manifest.variants)
+    for name in names: m.file(m.manifest.variants[name].file)
+except ModelError as e:
+    sys.exit(f"error: {e}")
+listed = ", ".join(names)
+print(f"{m.path}: the files of its variants ({listed}) match its manifest")' "$dir" ||
+      { echo "error: $dir cannot be used (said above): copy it again from the workstation" >&2; exit 1; }
+  done
+  [ -n "$found" ] || echo "note: no model directory in models/: copy one exported on a workstation" \
+                          "(models/NAME with its manifest.json; docs/gpu-and-jetson.md)" >&2
+  echo "ready (runtime only): .venv/bin/python -m runtime.classify --model models/NAME IMAGE..." >&2
+  exit 0
+fi
 # torch==2.13.0 is the CPU build (a plain "torch" would pull a multi-GB CUDA build).
 .venv/bin/python -m pip install -q -e '.[export,serve,openvino,openslide,cluster,dicom,triton,dev]'
 # Test-only references installed without their dependency pins: patchify's metadata caps numpy < 2 (its code runs

@@ -26,7 +26,8 @@ def _core() -> Any:
     try:
         import openvino as ov
     except ImportError:
-        raise OpenVinoUnavailable("OpenVINO is not installed (pip install openvino; setup.sh installs it)") from None
+        raise OpenVinoUnavailable("OpenVINO is not installed (pip install -e '.[openvino]'; bash setup.sh installs "
+                                  "it, setup.sh --runtime-only does not)") from None
     return ov.Core()
 
 
