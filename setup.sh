@@ -52,7 +52,7 @@ assert ModelDir.open(sys.argv[1]).contract.magnification' "$1" 2>/dev/null; }
 if [ -f "$(.venv/bin/python -c 'from runtime.model.paths import trained_weights; print(trained_weights())')/weights.pt" ]; then
   usable models/breakhis-scratch-v1 || .venv/bin/python -m export trained
 else
-  echo "note: the shared trained model was not found: the untrained reference model is the default" >&2
+  untrained=1
   usable models/reference || .venv/bin/python -m export reference -o models/reference
 fi
 # python -m runtime.triton_server runs in its own environment: PyTriton 0.7.0 (Triton inside) pins numpy<2. The
@@ -65,3 +65,13 @@ if [ -z "${BREAKHIS_NO_TRITON:-}" ] && ! .venv-triton/bin/python -c 'import pytr
          "will say so" >&2
 fi
 echo "ready: .venv/bin/python -m runtime.classify IMAGE..." >&2
+if [ -n "${untrained:-}" ]; then
+  cat >&2 <<'WARN'
+################################################################################################################
+WARNING: the trained model was not found (../shared/models/breakhis-scratch-v1, or $BREAKHIS_SHARED): the default
+model is the UNTRAINED reference, with random weights. Its verdicts mean nothing; every result says so. Put the
+shared folder beside this checkout (or set BREAKHIS_SHARED) and run setup.sh again, or export your own weights
+(docs/models.md).
+################################################################################################################
+WARN
+fi
