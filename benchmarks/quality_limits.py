@@ -115,6 +115,16 @@ def vignetted(bgr: np.ndarray, corner: float = 0.6) -> np.ndarray:
     return np.clip(bgr * gain[..., None], 0, 255).astype(np.uint8)
 
 
+def pixelated(factor: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A lower resolution shown blown up: shrunk ``factor`` x (area) and enlarged back by nearest neighbour (a
+    camera's digital zoom, a low-resolution capture)."""
+    def apply(b: np.ndarray) -> np.ndarray:
+        h, w = b.shape[:2]
+        small = cv2.resize(b, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
+        return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+    return apply
+
+
 def jpeg(bgr: np.ndarray, quality: int = 50) -> np.ndarray:
     return np.asarray(cv2.imdecode(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_COLOR))
 
@@ -170,6 +180,10 @@ DEGRADATIONS: dict[str, Degradation] = {
     "ihc": Degradation("IHC: DAB brown with a haematoxylin counterstain", ihc, "ihc_stain", "brown"),
     "grey_od": Degradation("a neutral grey optical density", grey_od, "not_he", "stain"),
     "jpeg_50": Degradation("JPEG at quality 50", jpeg, None),
+    "pixelated_3": Degradation("a 3x lower resolution blown up by nearest neighbour", pixelated(3), "low_resolution",
+                               "blocky"),
+    "pixelated_4": Degradation("a 4x lower resolution blown up by nearest neighbour (digital zoom)", pixelated(4),
+                               "low_resolution", "blocky"),
 }
 
 

@@ -90,7 +90,7 @@ def test_csv_output_and_torn_last_line(model_dir, images_100x, tmp_path):
     rows = list(csv.DictReader(out.read_text().splitlines()))
     assert [r["path"] for r in rows if r["label"]] == [str(inbox / "a.png"), str(inbox / "b.png")]
     # every row names the model and precision that made it, and carries the image's warnings
-    assert text[0].endswith(",warnings,model") and all("@" in r["model"] for r in rows if r["finished_at"])
+    assert text[0].endswith(",warnings,model,withheld") and all("@" in r["model"] for r in rows if r["finished_at"])
 
 
 def _writer(path, data: bytes, pause: float, pieces: int = 2):

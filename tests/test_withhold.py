@@ -163,7 +163,7 @@ def test_slides_and_cohorts_withhold_only(trained_dir, mosaics, tmp_path, capsys
     assert result["aggregate"]["label"] is None and result["aggregate"]["withheld"] == 1
     assert result["aggregate"]["value"] is None and "no verdict" in result["aggregate"]["note"]
     feats = json.loads((out / f"{stem}.geojson").read_text())["features"]
-    assert [f["properties"]["classification"]["name"] for f in feats] == ["Benign"]  # the counted field only
+    assert [f["properties"]["classification"]["name"] for f in feats] == ["withheld", "Benign"]
     (kept_json,) = out.glob("kept-slide.tif.*[0-9a-f].json")
     assert json.loads(kept_json.read_text())["aggregate"]["label"] == "Malignant"
 
@@ -171,9 +171,9 @@ def test_slides_and_cohorts_withhold_only(trained_dir, mosaics, tmp_path, capsys
     proc = run_module("runtime.cohort", str(hidden), "--out", str(cohort), *common, "--qc", "withhold")
     assert proc.returncode == 1, proc.stderr
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(open(cohort / "cohort.csv"))}
-    assert rows["hidden-slide.tif"]["status"] == "withheld" and rows["hidden-slide.tif"]["verdict"] == ""
+    assert rows["hidden-slide.tif"]["status"] == "no verdict" and rows["hidden-slide.tif"]["verdict"] == ""
     assert "no verdict" in rows["hidden-slide.tif"]["error"]
-    assert json.loads((cohort / "run.json").read_text())["withheld"] == 1
+    assert json.loads((cohort / "run.json").read_text())["no_verdict"] == 1
 
 
 def test_min_tissue_is_the_quality_checks_tissue_limit_too(withholding, mosaics):
@@ -192,3 +192,22 @@ def test_min_tissue_is_the_quality_checks_tissue_limit_too(withholding, mosaics)
     assert [f.status for f in low.fields] == ["classified", "classified"]
     assert "mostly_glass" not in low.fields[0].flags and low.aggregate["label"] is not None
     assert "classified when tissue >= 0.1" in low.tissue_rule
+
+
+def test_a_field_left_out_never_lets_a_region_be_benign_whatever_the_rule():
+    """The region rule itself, by hand: fields withheld or unread (a damaged tile) take a verdict away, never give
+    one; the note says what the counted fields gave under the rule in use; a counted Malignant verdict stands."""
+    from runtime.apps.slide import SlideField, aggregate_verdict
+
+    labels = ("Benign", "Malignant")
+    held = [SlideField(0, 1, 0, 0, 672, 448, 1.0, "withheld", 0.9, flags=["out_of_focus"])]
+    for rule in ("max", "topk", "mean", "fraction"):
+        a = aggregate_verdict([0.2, 0.3], rule, 2, 0.5, labels, held)
+        assert a["label"] is None and a["value"] is None and a["withheld"] == 1
+        assert f"the counted fields give {rule} = " in a["note"] and "1 of 3 fields withheld" in a["note"]
+        u = aggregate_verdict([0.2, 0.3], rule, 2, 0.5, labels, unread=1)
+        assert u["label"] is None and "1 of 3 fields could not be read" in u["note"]
+        assert aggregate_verdict([0.2, 0.9], "max", 2, 0.5, labels, held, unread=1)["label"] == "Malignant"
+    assert aggregate_verdict([], "max", 2, 0.5, labels, unread=2)["note"].startswith(
+        "no verdict: 2 of 2 fields could not be read; no field was counted")
+    assert aggregate_verdict([0.2], "max", 2, 0.5, labels)["label"] == "Benign"  # nothing left out: as before

@@ -81,6 +81,8 @@ def table(results: list, model: ModelInfo) -> str:
                     f"field {i + 1} {f.fast_probability:.4f} -> {f.probability:.4f}"
                     for i, f in enumerate(r.fields) if f.rechecked))
             lines += [f"{'':40s}   QUALITY: {a}" for a in r.advice]
+            if r.withheld:
+                lines.append(f"{'':40s}   withheld: {r.withheld} of {len(r.fields)} fields, kept out of the verdict")
             lines += [f"{'':40s}   note: {c}" for c in r.conversions]
             lines += [f"{'':40s}   WARNING: {w}" for w in r.warnings]
     lines.append(summary(results, bool(model.recheck)))

@@ -138,10 +138,9 @@ def finish_slide(unit: Unit, parts: list[dict[str, Any]], options: dict[str, Any
     row |= {"magnification": s["magnification"], "mpp": s["mpp"], "scale_source": s["source"],
             "verdict": a["label"], "probability": a["value"], "rule": a["rule"], **n,
             "warnings": "; ".join(res.warnings), "model": res.model_tag(),
-            "error": "; ".join(([a["note"]] if res.withheld_verdict else []) + (res.warnings if n["errors"] else []))
-            or None,
-            # withheld: no verdict, the quality check withheld fields and the counted ones are not Malignant
-            "status": "withheld" if res.withheld_verdict else "classified with errors" if n["errors"] else "classified"}
+            "error": "; ".join(([a["note"]] if res.left_out else []) + (res.warnings if n["errors"] else [])) or None,
+            # no verdict: fields were left out (withheld or unread) and the counted ones do not make it Malignant
+            "status": "no verdict" if res.left_out else "classified with errors" if n["errors"] else "classified"}
     files = res.outputs() | {".overlay.png": overlay}
     if options.get("geojson_gz"):
         files[".geojson.gz"] = gzip.compress(files[".geojson"], mtime=0)
@@ -438,12 +437,13 @@ def main(argv: list[str] | None = None) -> int:
            "classified": slides_todo,
            "resumed": sum(bool(r.get("resumed")) for r in rows),
            "errors": sum(r.get("status") == "error" for r in rows),
-           "withheld": sum(r.get("status") == "withheld" for r in rows), "tables": tables, "argv": sys.argv[1:]} | info
+           "no_verdict": sum(r.get("status") == "no verdict" for r in rows), "tables": tables,
+           "argv": sys.argv[1:]} | info
     write_atomic(args.out / "run.json", (json.dumps(run, indent=1) + "\n").encode())
     print(f"{len(rows)} slides: {run['classified']} classified now, {run['resumed']} skipped (done before), "
-          f"{run['errors']} errors, {run['withheld']} without a verdict (fields withheld by the quality check); "
+          f"{run['errors']} errors, {run['no_verdict']} without a verdict (fields withheld or unread); "
           f"{args.out / 'cohort.csv'}", file=sys.stderr)
-    return 1 if run["errors"] or run["withheld"] else 0
+    return 1 if run["errors"] or run["no_verdict"] else 0
 
 
 def _scale(options: dict[str, Any]) -> Scale | None:

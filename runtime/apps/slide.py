@@ -32,7 +32,7 @@ from runtime.io.slide_source import Source, open_source, slide_identity
 from runtime.model.manifest import Contract
 from runtime.pipeline.classifier import Classifies
 from runtime.pipeline.quality import BACKGROUND_SATURATION, BACKGROUND_VALUE, MEASURES, MIN_TISSUE, background
-from runtime.pipeline.results import ModelInfo, withheld_reason
+from runtime.pipeline.results import ModelInfo, withheld_count
 
 AGGREGATES = ("max", "topk", "mean", "fraction")
 # Tissue rule: under brightfield, glass is bright and grey. A thumbnail pixel is background when its HSV value is
@@ -75,26 +75,29 @@ class SlideResult:
     sha256: str | None = None  # of the file classified, where it was hashed (its outputs are named by it)
 
     @property
-    def withheld_verdict(self) -> bool:
-        """No verdict because the quality check withheld fields (--qc withhold; the aggregate's note says why)."""
-        return "withheld" in self.aggregate
+    def left_out(self) -> bool:
+        """No verdict because fields were left out (withheld by the quality check, or unread) and the counted ones
+        do not give the positive label (the aggregate's note says why)."""
+        return "unread" in self.aggregate
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"model": self.model.to_dict() if self.model else {}}
 
     def geojson(self) -> dict[str, Any]:
-        """A FeatureCollection of the classified fields (QuPath: File > Import objects), level-0 pixel polygons; each
-        feature's ``id`` a UUID unique to the file (its sha256) and field, the same on every run."""
+        """A FeatureCollection of the classified fields and those the quality check withheld (class "withheld",
+        grey: the fields that can block the verdict are seen in QuPath too; File > Import objects), level-0 pixel
+        polygons; each feature's ``id`` a UUID unique to the file (its sha256) and field, the same on every run."""
         feats, ident = [], f"breakhis-edge:{self.sha256 or self.path}"
         for f in self.fields:
-            if f.status != "classified":
+            if f.status not in ("classified", "withheld"):
                 continue
             ring = [[f.x, f.y], [f.x + f.width, f.y], [f.x + f.width, f.y + f.height], [f.x, f.y + f.height],
                     [f.x, f.y]]
             feats.append({"type": "Feature", "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{ident}#r{f.row}c{f.col}")),
                           "geometry": {"type": "Polygon", "coordinates": [ring]},
                           "properties": {"objectType": "tile", "name": f"field r{f.row} c{f.col}",
-                                         "classification": {"name": f.label, "color": list(_rgb(f.probability))},
+                                         "classification": {"name": f.label or "withheld", "color": list(
+                                             _rgb(f.probability if f.status == "classified" else None))},
                                          "measurements": {"probability": f.probability, "tissue": f.tissue} | (
                                              {} if f.fast_probability is None else
                                              {"fast_probability": f.fast_probability}) | {
@@ -213,7 +216,7 @@ def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: S
         for f in todo[i:i + CHUNK]:
             try:
                 crops.append(ImageInput(f"{src.name} field r{f.row} c{f.col}", array=_crop(src, level, f, (fw, fh)),
-                                        min_tissue=min_tissue))
+                                        min_tissue=min_tissue if tissue_mask else 0.0))  # mask off: glass counts
                 chunk.append(f)
             except ImageError as e:  # a damaged tile costs the fields that touch it, not the slide
                 f.status, f.error = "error", str(e)
@@ -344,10 +347,12 @@ def _crop(src: Source, level: int, f: SlideField, size: tuple[int, int]) -> np.n
 
 
 def aggregate_verdict(probs: list[float | None], rule: str, top_k: int, threshold: float,
-                      labels: tuple[str, str], withheld: list[SlideField] | None = None) -> dict[str, Any]:
-    """The region's verdict from its classified fields, by a named rule (max = the screening default). Fields the
-    quality check ``withheld`` can only withhold: a region the counted fields call the positive label keeps it;
-    otherwise, with any field withheld, it gets no verdict (a note that says why)."""
+                      labels: tuple[str, str], withheld: list[SlideField] | None = None,
+                      unread: int = 0) -> dict[str, Any]:
+    """The region's verdict from its classified fields, by a named rule (max = the screening default). Fields left
+    out, ``withheld`` by the quality check or ``unread`` (a damaged tile), can only take a verdict away: a region
+    the counted fields call the positive label keeps it; otherwise, with any field left out, it gets no verdict (a
+    note that says why: a field left out could be the positive one)."""
     p = np.asarray([v for v in probs if v is not None], np.float64)
     held = withheld or []
     meaning = {"max": "highest field probability: one malignant field makes the region Malignant (screening)",
@@ -360,9 +365,15 @@ def aggregate_verdict(probs: list[float | None], rule: str, top_k: int, threshol
     value = None if not p.size else float({"max": lambda: p.max(), "topk": lambda: np.sort(p)[-top_k:].mean(),
                                            "mean": lambda: p.mean(),
                                            "fraction": lambda: (p > threshold).mean()}[rule]())
-    if held and (value is None or value <= threshold):
-        return out | {"value": None, "label": None, "withheld": len(held),
-                      "note": f"no verdict: {withheld_reason(held, p.size + len(held), labels)}"}
+    if (held or unread) and (value is None or value <= threshold):
+        total = p.size + len(held) + unread
+        left = ([withheld_count(held, total)] if held else []) + \
+            ([f"{unread} of {total} fields could not be read"] if unread else [])
+        counted = "no field was counted" if value is None else \
+            f"the counted fields give {rule} = {value:.4f}, not above {threshold:g}"
+        return out | {"value": None, "label": None, "withheld": len(held), "unread": unread,
+                      "note": f"no verdict: {'; '.join(left)}; {counted}, and a field left out could be {labels[1]}, "
+                              f"so the region is not called {labels[0]}"}
     if value is None:
         return out | {"value": None, "label": None, "note": "no tissue field to classify"}
     return out | {"value": value, "label": labels[1] if value > threshold else labels[0]}
@@ -370,9 +381,10 @@ def aggregate_verdict(probs: list[float | None], rule: str, top_k: int, threshol
 
 def region_verdict(fields: list[SlideField], rule: str, top_k: int, threshold: float,
                    labels: tuple[str, str]) -> dict[str, Any]:
-    """``aggregate_verdict`` of a slide's fields: the classified ones counted, the withheld ones withheld."""
+    """``aggregate_verdict`` of a slide's fields: the classified ones counted, the withheld and unread left out."""
     return aggregate_verdict([f.probability for f in fields if f.status == "classified"], rule, top_k, threshold,
-                             labels, [f for f in fields if f.status == "withheld"])
+                             labels, [f for f in fields if f.status == "withheld"],
+                             sum(f.status == "error" for f in fields))
 
 
 def _rgb(p: float | None) -> tuple[int, int, int]:
@@ -403,8 +415,12 @@ def with_legend(overlay: np.ndarray, aggregate: dict[str, Any]) -> np.ndarray:
     cv2.putText(out, "p(malignant) 0 .. 1; amber outline: quality flag", (176, h + 18), text, 0.4, (0, 0, 0), 1,
                 cv2.LINE_AA)
     verdict = (f"{aggregate['label']} ({aggregate['rule']} = {aggregate['value']:.3f})" if aggregate["label"]
-               else aggregate.get("note", "no verdict")[:90])
-    cv2.putText(out, verdict, (8, h + 37), text, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+               else aggregate.get("note", "no verdict"))
+    chars = max(40, (width - 16) // 8)  # about 8 pixels a character at this size: the note wrapped, never cut
+    lines = [verdict[i:i + chars] for i in range(0, len(verdict), chars)]
+    out = np.vstack([out, np.full((16 * (len(lines) - 1), width, 3), 255, np.uint8)])
+    for k, line in enumerate(lines):
+        cv2.putText(out, line, (8, h + 37 + 16 * k), text, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     return out
 
 
@@ -498,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             res.save(stem)
             if args.jsonl:
                 print(json.dumps(res.to_dict()), flush=True)
-            failed += res.counts["errors"] > 0 or res.withheld_verdict  # no verdict: like an error, exit 1
+            failed += res.counts["errors"] > 0 or res.left_out  # no verdict: like an error, exit 1
             if not args.jsonl:  # streamed: nothing held
                 results.append(res)
     if args.json:

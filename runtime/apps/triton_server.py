@@ -250,16 +250,23 @@ def serve(args: argparse.Namespace, token: str | None) -> int:
         code = 2
     except Exception:  # noqa: BLE001 (a bug: said, and everything is still stopped and removed)
         traceback.print_exc()
-    finally:
-        if made["triton"] is not None:
-            finish(made["triton"], args.exit_timeout + STOP_GRACE_S)
-        run.remove()
-        for backend in made["backends"]:
-            backend.close()
-        print("stopped", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    finally:  # whatever happens here (stderr a closed pipe included), the run's folder goes and the process exits
+        try:
+            if made["triton"] is not None:
+                finish(made["triton"], args.exit_timeout + STOP_GRACE_S)
+        except OSError:
+            pass
+        finally:
+            run.remove()
+            for backend in made["backends"]:
+                backend.close()
+            try:
+                print("stopped", file=sys.stderr)
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except OSError:
+                pass
+            os._exit(code)
 
 
 def serve_in(run: triton_workspace.RunFolder, args: argparse.Namespace, token: str | None, stop: threading.Event,

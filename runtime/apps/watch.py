@@ -33,10 +33,10 @@ from runtime.io.formats import SLIDE_SUFFIXES, is_image, is_slide
 from runtime.io.inputs import ImageInput
 
 # advice: what the quality check says to do; rechecked: fields re-checked at FP32; warnings: the decoder's and the
-# scale's; model: name@sha256 (first 12) and the precision that ran. A CSV begun by an older version keeps its own
-# header (its rows go on without the columns it lacks).
+# scale's; model: name@sha256 (first 12) and the precision that ran; withheld: fields --qc withhold kept out of the
+# verdict. A CSV begun by an older version keeps its own header (its rows go on without the columns it lacks).
 CSV_FIELDS = ("path", "label", "probability", "fields", "rechecked", "advice", "error", "size", "mtime_ns", "sha256",
-              "supersedes", "finished_at", "warnings", "model")
+              "supersedes", "finished_at", "warnings", "model", "withheld")
 ENCODING = ("utf-8", "surrogateescape")  # file names are bytes: undecodable ones round-trip exactly
 
 
@@ -220,7 +220,8 @@ class Watcher:
         res.save(stem)
         return rec | {"label": res.aggregate["label"], "probability": res.aggregate["value"],
                       "model": res.model.to_dict() if res.model else {},
-                      "error": res.aggregate["note"] if res.withheld_verdict else None,
+                      "error": res.aggregate["note"] if res.left_out else
+                      f"{res.counts['errors']} fields could not be read" if res.counts["errors"] else None,
                       "fields": [asdict(f) for f in res.fields if f.status in ("classified", "withheld")],
                       "rechecked": res.counts["rechecked"],
                       "warnings": res.warnings, "slide": {"aggregate": res.aggregate, "counts": res.counts,

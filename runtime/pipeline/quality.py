@@ -80,6 +80,9 @@ LIMITS = (
     Limit("tissue", MIN_TISSUE, True, "mostly_glass", "mostly glass: move the stage onto tissue and capture again"),
     Limit("colour", 12.2, True, "no_stain_colour", "no stain colour (a grey-scale capture?): capture in colour"),
     Limit("stain", 0.356, True, "not_he", NOT_HE),
+    Limit("blocky", 0.182, False, "low_resolution",
+          "blocky pixels (digital zoom, or a lower-resolution capture blown up?): capture at the camera's full "
+          "resolution at 100X"),
     Limit("brown", 0.705, False, "ihc_stain",
           "brown DAB stain (an immunohistochemistry slide?): this model reads H&E slides only"),
 )
@@ -166,6 +169,10 @@ def measure(field_px: np.ndarray) -> dict[str, float]:
     tissue = cv2.bitwise_not(glass)
     n, n_tissue = grey.size, cv2.countNonZero(tissue)
     focus, blurred = _focus(grey, tissue > 0)
+    # Blocky: the share of tissue pixels equal, in every channel, to their right-hand neighbour (of the pixels read):
+    # a camera's noise makes that rare; a lower resolution blown up by nearest neighbour repeats pixels.
+    same = (field_px[:, 1:] == field_px[:, :-1]).all(axis=2) & (tissue[:, 1:] > 0)
+    blocky = float(same.sum()) / max(1, int((tissue[:, 1:] > 0).sum()))
     # Exposure: the tissue's mean grey level; the share of the field white in every channel (>= CLIPPED), glass
     # included: clipping counted on tissue alone did not hold on the held-out patients (docs/quality.md); the
     # field's white (its 99th percentile grey level: glass, lumen or the lightest tissue), the lamp's.
@@ -197,7 +204,7 @@ def measure(field_px: np.ndarray) -> dict[str, float]:
     return {"focus": focus, "blurred": blurred, "saturated": saturated, "brightness": brightness,
             "white": float(_percentile(cv2.calcHist([grey], [0], None, [256], [0, 256]).ravel(), 99)),
             "tissue": 1.0 - (n - n_tissue) / n,
-            "colour": colour, "stain": stain, "brown": brown}
+            "colour": colour, "stain": stain, "brown": brown, "blocky": blocky}
 
 
 def assess(sparse: np.ndarray, plan: FieldPlan, field_size: tuple[int, int],

@@ -131,10 +131,14 @@ class Result:
         self.label = verdict
 
 
-def withheld_reason(held: list[Any], total: int, labels: tuple[str, str]) -> str:
-    """Why fields withheld by the quality check (``held``, each with its ``flags``) leave no verdict: how many of
-    ``total``, what their flags say to do, and that the counted fields alone cannot give the negative label."""
+def withheld_count(held: list[Any], total: int) -> str:
+    """How many of ``total`` fields the quality check withheld (``held``, each with its ``flags``), and why."""
     return (f"{len(held)} of {total} field{'s' if total > 1 else ''} withheld by the quality check "
-            f"({'; '.join(advice([x for f in held for x in f.flags]))}); no counted field is {labels[1]} and a "
-            f"withheld one could be, so it is not called {labels[0]}: capture those fields again, or use --qc flag "
-            "for a marked verdict")
+            f"({'; '.join(advice([x for f in held for x in f.flags]))})")
+
+
+def withheld_reason(held: list[Any], total: int, labels: tuple[str, str]) -> str:
+    """Why an image whose fields the quality check withheld has no verdict: how many, what their flags say to do, and
+    that its counted fields alone cannot give the negative label."""
+    return (f"{withheld_count(held, total)}; no counted field is {labels[1]} and a withheld one could be, so it is "
+            f"not called {labels[0]}: capture those fields again, or use --qc flag for a marked verdict")

@@ -193,16 +193,19 @@ function drawImage(out) {
       c.width = img.width; c.height = img.height; ctx.drawImage(img, 0, 0);
       ctx.save(); ctx.scale(s, s);
       for (const f of out.fields) {
-        ctx.fillStyle = f.label === "Malignant" ? "rgba(220,53,69,0.18)" : "rgba(25,135,84,0.18)";
+        // a withheld field (label null) is grey: neither verdict
+        const [fill, line] = f.label === null ? ["rgba(108,117,125,0.30)", "#6c757d"] :
+          f.label === "Malignant" ? ["rgba(220,53,69,0.18)", "#dc3545"] : ["rgba(25,135,84,0.18)", "#198754"];
+        ctx.fillStyle = fill;
         ctx.fillRect(f.x, f.y, f.width, f.height);
         ctx.strokeStyle = "rgba(255,255,255,0.9)"; ctx.lineWidth = 1;
         const [rows, cols] = contract.grid;
         for (let r = 0; r < rows; r++) for (let k = 0; k < cols; k++)
           ctx.strokeRect(f.x + k * contract.stride, f.y + r * contract.stride, contract.patch, contract.patch);
-        ctx.strokeStyle = f.label === "Malignant" ? "#dc3545" : "#198754"; ctx.lineWidth = 3;
+        ctx.strokeStyle = line; ctx.lineWidth = 3;
         ctx.strokeRect(f.x, f.y, f.width, f.height);
         ctx.font = "bold 20px system-ui"; ctx.fillStyle = "#fff";
-        ctx.fillText(f.probability.toFixed(3), f.x + 8, f.y + 26);
+        ctx.fillText(f.probability.toFixed(3) + (f.label === null ? " withheld" : ""), f.x + 8, f.y + 26);
       }
       ctx.restore();
       resolve();
