@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     other = {p.name: flags(field_measures(read(p))) for p in image_files(args.data / "breakhis-other")}
-    result: dict[str, Any] = {"split": "by patient: within each class, patients in id order alternately to derivation and held-out",
-              "derivation": derivation, "held_out": held_out, "step": STEP, "limits": rows,
+    split_rule = "by patient: within each class, patients in id order alternately to derivation and held-out"
+    result: dict[str, Any] = {"split": split_rule, "derivation": derivation, "held_out": held_out, "step": STEP, "limits": rows,
               "derivation_set": judged(derivation), "held_out_set": judged(held_out),
               "other_magnifications_flagged": {n: f for n, f in other.items() if f}}
     print(f"{len(derivation)} derivation images, {len(held_out)} held-out (by patient); measures on every {STEP}nd "

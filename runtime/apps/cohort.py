@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="split each slide into bands of N field rows, classified as separate units (so one large "
                          "slide uses several Ray actors; the results are the same); default 0: whole slides")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    add_model_options(ap, max_pixels=100_000_000, max_pixels_why="tiled slides are read tile by tile whatever their size; this bounds images without tiles, decoded whole")
+    add_model_options(ap, max_pixels=100_000_000, max_pixels_why="tiled slides are read tile by tile "
+                      "whatever their size; this bounds images without tiles, decoded whole")
     args = ap.parse_args(argv)
     if args.top_k < 1 or not 0 <= args.min_tissue <= 1 or (args.actors is not None and args.actors < 1) \
             or args.cpus_per_actor < 1 or args.band_rows < 0:

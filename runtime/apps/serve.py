@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--insecure-no-auth", action="store_true",
                    help="allow binding to a network address without --token-file: anyone who can reach it can use "
                         "the service")
-    add_model_options(ap, max_pixels=SERVE_MAX_PIXELS, max_pixels_why="lower than the CLI's: several uploads are decoded at once, and the server's memory bound counts them")
+    add_model_options(ap, max_pixels=SERVE_MAX_PIXELS, max_pixels_why="lower than the CLI's: several uploads are "
+                      "decoded at once, and the server's memory bound counts them")
     args = ap.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         ap.error("--tls-cert and --tls-key go together")

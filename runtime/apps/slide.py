@@ -479,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     fmt.add_argument("--jsonl", action="store_true",
                      help="print one JSON object per line, as each slide is done (as runtime.classify --jsonl)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    add_model_options(ap, max_pixels=100_000_000, max_pixels_why="tiled slides are read tile by tile whatever their size; this bounds images without tiles, decoded whole")
+    add_model_options(ap, max_pixels=100_000_000, max_pixels_why="tiled slides are read tile by tile "
+                      "whatever their size; this bounds images without tiles, decoded whole")
     args = ap.parse_args(argv)
     if args.top_k < 1 or not 0 <= args.min_tissue <= 1:
         ap.error("--top-k must be at least 1 and --min-tissue between 0 and 1")
