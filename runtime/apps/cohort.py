@@ -27,23 +27,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from runtime.apps.slide import (
-    AGGREGATES,
-    MIN_TISSUE,
-    classify_slide,
-    field_bar,
-    field_rows,
-    merge_bands,
-    merge_overlays,
-    output_stem,
-    write_atomic,
-)
+from runtime.apps.slide import field_bar
 from runtime.errors import BreakhisError
 from runtime.io.inputs import expand_inputs
 from runtime.io.scale import Scale
 from runtime.io.slide_source import slide_identity
 from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir
+from runtime.pipeline.quality import MIN_TISSUE
+from runtime.slides.aggregate import AGGREGATES
+from runtime.slides.bands import field_rows, merge_bands, merge_overlays
+from runtime.slides.classify import classify_slide
+from runtime.slides.files import output_stem, write_atomic
 
 COLUMNS = ("path", "size_bytes", "sha256", "magnification", "mpp", "scale_source", "verdict", "probability", "rule",
            "fields", "classified", "background", "errors", "rechecked", "flagged", "withheld", "seconds", "status",

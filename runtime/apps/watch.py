@@ -198,9 +198,10 @@ class Watcher:
     def _slide(self, key: str) -> dict[str, Any]:
         """A slide: hashed while streamed (never whole in memory), classified lazily from the file; its GeoJSON,
         CSV, overlay and JSON written to the slides folder; the record holds the region verdict and its rule."""
-        from runtime.apps.slide import classify_slide, output_stem
         from runtime.errors import BreakhisError
         from runtime.model.manifest import sha256_file
+        from runtime.slides.classify import classify_slide
+        from runtime.slides.files import output_stem
 
         assert self.slides is not None
         rec: dict[str, Any] = {"path": key, "label": None, "probability": None, "fields": [], "error": None}
