@@ -8,8 +8,8 @@ import numpy as np
 
 from runtime.io.decode import ImageError, read_image
 from runtime.io.inputs import image_files
+from runtime.model.geometry import FieldPlan, TilingError, plan_image
 from runtime.model.manifest import Contract
-from runtime.pipeline.tiling import FieldPlan, TilingError, plan_image
 
 
 def preprocess_fields(bgr: np.ndarray, plan: FieldPlan, contract: Contract,
