@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from runtime.model.geometry import plan_image
-from runtime.pipeline.preprocess import preprocess_fields
+from runtime.model.preprocess import preprocess_fields
 
 DISPLAY_WIDTH = 1600  # wider images are scaled down for the page; field coordinates scale with them
 

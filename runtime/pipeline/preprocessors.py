@@ -12,7 +12,7 @@ from runtime.backends.choose import PREPROCESSORS
 from runtime.errors import Unavailable
 from runtime.model.geometry import FieldPlan
 from runtime.model.manifest import Contract
-from runtime.pipeline.preprocess import preprocess_fields
+from runtime.model.preprocess import preprocess_fields
 
 if TYPE_CHECKING:
     from runtime.gpu.jpeg import DeviceImage

@@ -15,7 +15,7 @@ from runtime.backends.base import Backend
 from runtime.model.geometry import FieldPlan
 from runtime.model.manifest import Contract
 from runtime.model.precisions import in_band
-from runtime.pipeline.preprocess import preprocess_fields
+from runtime.model.preprocess import preprocess_fields
 
 RECHECK = ("on", "off")  # --recheck
 
