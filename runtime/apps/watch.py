@@ -10,7 +10,7 @@ half a record. Names of any bytes are kept exactly: JSONL escapes undecodable by
 surrogateescape), CSV holds the file system's bytes as they are. Bad files get a record with their error.
 (Polling, not inotify: it works the same on network shares, where change events are not delivered.)
 With --slides DIR, TIFF-family files (slides, mosaics, large regions) are read lazily through the slide path
-instead (runtime/apps/slide.py) and their GeoJSON, CSV, overlay and JSON land in DIR.
+instead (runtime/slides/) and their GeoJSON, CSV, overlay and JSON land in DIR.
 """
 from __future__ import annotations
 
