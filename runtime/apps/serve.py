@@ -44,6 +44,7 @@ from runtime.apps.guard import LOCAL_NAMES, WILDCARDS, Guard, allowed_hosts
 from runtime.apps.request_queue import Batcher
 from runtime.apps.routes import routes
 from runtime.apps.service import (
+    DEFAULT_LIMITS,
     MAX_CONNECTIONS,
     MAX_PENDING_FIELDS,
     MAX_UPLOAD_BYTES,
@@ -58,7 +59,7 @@ from runtime.apps.slide_jobs import SlideJobs
 from runtime.pipeline.classifier import Classifier
 
 
-def create_app(clf: Classifier, limits: Limits = Limits(), hosts: set[str] | None = None,
+def create_app(clf: Classifier, limits: Limits = DEFAULT_LIMITS, hosts: set[str] | None = None,
                tokens: tuple[bytes, ...] = (), wildcard: bool = False) -> FastAPI:
     """The app around an open Classifier (which it owns from now on, through one worker thread); ``hosts``: the
     Host names it answers to (guard.allowed_hosts; default: loopback), ``wildcard``: bound to every interface;

@@ -62,6 +62,9 @@ class Limits:
     body_timeout_s: float = BODY_CHUNK_TIMEOUT_S  # the longest wait for the next piece of an upload: beyond, 408
 
 
+DEFAULT_LIMITS = Limits()  # frozen: the one default every app without its own limits shares
+
+
 @dataclass
 class Service:
     """What the routes share: the classifier behind its queue, the slide jobs, the limits, the page's token."""
