@@ -49,7 +49,7 @@ def openvino():
     ok, why = native("bf16")
     print("native BF16" if ok else why)
 def ray():
-    from runtime.apps.cohort import import_ray
+    from runtime.cohorts.pools import import_ray
     import_ray()
     print("installed")
 def dicom():

@@ -16,10 +16,10 @@ import numpy as np
 
 from benchmarks import write_json
 from runtime.io.decode import read_image
+from runtime.model.geometry import plan_image
 from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir
-from runtime.pipeline.preprocess import preprocess_fields
-from runtime.pipeline.tiling import plan_image
+from runtime.model.preprocess import preprocess_fields
 
 
 def main(argv: list[str] | None = None) -> int:

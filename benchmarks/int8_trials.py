@@ -28,11 +28,11 @@ from export import range_safe as rs
 from export.model import CONTRACT, BreakHisNet
 from export.verify import ort_outputs
 from export.weights import load_checkpoint
+from runtime.io.fields import folder_fields
 from runtime.model.fidelity import compare
 from runtime.model.manifest import Provenance, sha256_file
 from runtime.model.model_dir import ModelDir
 from runtime.model.paths import sample_images, trained_weights
-from runtime.pipeline.preprocess import folder_fields
 
 
 @torch.no_grad()

@@ -223,9 +223,9 @@ def derive(real: list[dict[str, float]], degraded: dict[str, list[dict[str, floa
 def cost(model: Path, paths: list[Path], repeats: int = 5) -> dict:
     """The check's time per image (``assess`` on the image's every STEP-th pixel and row, as the decode workers run
     it) against a whole ``Classifier(model, backend="cpu").classify`` of the same image, medians."""
+    from runtime.model.geometry import plan_fields
     from runtime.pipeline.classifier import Classifier
     from runtime.pipeline.quality import assess
-    from runtime.pipeline.tiling import plan_fields
 
     images = [read(p) for p in paths]
     with Classifier(model, backend="cpu") as clf:

@@ -20,7 +20,7 @@ from benchmarks.synthetic_slide import write_mosaic
 
 def main(argv: list[str] | None = None) -> int:
     from runtime.apps.options import add_model_options, open_classifier
-    from runtime.apps.slide import classify_slide
+    from runtime.slides.classify import classify_slide
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.slide", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

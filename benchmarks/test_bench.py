@@ -6,10 +6,10 @@ from __future__ import annotations
 import cv2
 import pytest
 
+from runtime.model.geometry import plan_image
 from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir, sample_images
-from runtime.pipeline.preprocess import preprocess_fields
-from runtime.pipeline.tiling import plan_image
+from runtime.model.preprocess import preprocess_fields
 
 MODEL = default_model_dir()
 IMAGE = sample_images() / "SOB_M_DC-14-10926-100-003.png"

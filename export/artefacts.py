@@ -15,12 +15,12 @@ from export.model import CONTRACT, BreakHisNet
 from export.verify import ort_outputs
 from runtime.backends.openvino import native
 from runtime.errors import CheckFailed
+from runtime.io.fields import folder_fields
 from runtime.model.fidelity import compare
 from runtime.model.manifest import Manifest, Provenance, Variant, sha256_file
 from runtime.model.model_dir import REPORT_NAME, ModelDir
 from runtime.model.paths import sample_images
 from runtime.model.precisions import OPTIONAL_VARIANTS, PRECISIONS
-from runtime.pipeline.preprocess import folder_fields
 
 
 class ExportError(CheckFailed):

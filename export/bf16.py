@@ -12,10 +12,10 @@ import numpy as np
 from export.verify import OUTPUTS, ort_ms_per_field, ort_outputs
 from runtime.backends.openvino import compile_onnx, infer
 from runtime.errors import BreakhisError, Unavailable
+from runtime.io.fields import folder_fields
 from runtime.model.fidelity import Comparison, compare, effective_ms
 from runtime.model.manifest import Variant
 from runtime.model.model_dir import ModelDir
-from runtime.pipeline.preprocess import folder_fields
 
 RUNTIME = "openvino-cpu"
 FP32_TIMED = 4  # fields the FP32 tier is timed on for the comparison (its time varies little between fields)

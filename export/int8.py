@@ -24,11 +24,11 @@ import numpy as np
 
 from export.verify import ort_ms_per_field, ort_outputs
 from runtime.io.decode import decoder_messages
+from runtime.io.fields import folder_fields
 from runtime.model.fidelity import Comparison, compare, effective_ms
 from runtime.model.manifest import Variant
 from runtime.model.model_dir import ModelDir
 from runtime.model.precisions import MARGIN, PRECISIONS, logit_bound_of, round_up
-from runtime.pipeline.preprocess import folder_fields
 
 QDQ_FILE = PRECISIONS["int8"].file
 TIMED = 4  # fields each tier is timed on (after one warm-up)

@@ -1,4 +1,4 @@
-"""`python -m runtime.cohort`: the entry point; the code is runtime/apps/cohort.py."""
+"""`python -m runtime.cohort`: the entry point; the CLI is runtime/apps/cohort.py, the runner runtime/cohorts/."""
 from runtime.apps.cohort import main
 
 if __name__ == "__main__":

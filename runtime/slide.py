@@ -1,4 +1,4 @@
-"""`python -m runtime.slide`: the entry point; the code is runtime/apps/slide.py."""
+"""`python -m runtime.slide`: the entry point; the CLI is runtime/apps/slide.py, the slide pipeline runtime/slides/."""
 from runtime.apps.slide import main
 
 if __name__ == "__main__":

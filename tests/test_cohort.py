@@ -1,4 +1,4 @@
-"""Cohorts (runtime/apps/cohort.py) on the real engine: a local Ray cluster (2 CPUs, no dashboard) against the
+"""Cohorts (runtime/cohorts/) on the real engine: a local Ray cluster (2 CPUs, no dashboard) against the
 single-process run, an actor killed mid-run, a run killed with SIGKILL and started again, the resume keys, and the
 outputs pathology tools read (GeoJSON ids, the OME-TIFF probability map, the table as CSV and Parquet)."""
 from __future__ import annotations

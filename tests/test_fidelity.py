@@ -14,7 +14,7 @@ from export.model import CONTRACT
 from runtime.io.decode import read_image
 from runtime.model.fidelity import compare
 from runtime.model.precisions import PRECISIONS
-from runtime.pipeline.preprocess import preprocess_image
+from runtime.model.preprocess import preprocess_image
 
 
 def _outputs(logit):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from export.model import CONTRACT
-from runtime.pipeline.preprocess import preprocess_image
-from runtime.pipeline.tiling import plan_image
+from runtime.model.geometry import plan_image
+from runtime.model.preprocess import preprocess_image
 from tests.test_kernels import assert_matches  # same FP32 bit-exact / FP16 rounding rule
 
 

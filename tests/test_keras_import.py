@@ -14,8 +14,8 @@ from export.model import CONTRACT
 from export.reference import reference_model
 from runtime.io.decode import read_image
 from runtime.model.model_dir import ModelDir
+from runtime.model.preprocess import preprocess_image
 from runtime.pipeline.classifier import Classifier
-from runtime.pipeline.preprocess import preprocess_image
 from tests.conftest import run_module
 
 km = pytest.importorskip("tests.keras_models")

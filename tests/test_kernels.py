@@ -12,9 +12,9 @@ import pytest
 from export.model import CONTRACT
 from runtime.gpu import abi
 from runtime.gpu.build import build_cubin, build_harness
+from runtime.model.geometry import plan_fields
 from runtime.model.manifest import Contract
-from runtime.pipeline.preprocess import preprocess_image
-from runtime.pipeline.tiling import plan_fields
+from runtime.model.preprocess import preprocess_image
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
 

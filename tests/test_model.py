@@ -8,7 +8,7 @@ import torch
 from export.model import CONTRACT, build_model
 from export.reference import reference_model
 from runtime.io.decode import read_image
-from runtime.pipeline.preprocess import preprocess_image
+from runtime.model.preprocess import preprocess_image
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from export.model import CONTRACT
+from runtime.model.geometry import TilingError, plan_fields, plan_image
 from runtime.model.manifest import Contract
-from runtime.pipeline.preprocess import preprocess_fields
-from runtime.pipeline.tiling import TilingError, plan_fields, plan_image
+from runtime.model.preprocess import preprocess_fields
 
 
 def seed_path(rgb: np.ndarray) -> np.ndarray:

@@ -21,8 +21,8 @@ from runtime.io.decode import read_image
 from runtime.model import paths
 from runtime.model.manifest import ModelError, sha256_file
 from runtime.model.model_dir import ModelDir
+from runtime.model.preprocess import preprocess_image
 from runtime.pipeline.classifier import Classifier
-from runtime.pipeline.preprocess import preprocess_image
 from tests.conftest import run_module
 
 

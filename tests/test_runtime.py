@@ -110,6 +110,33 @@ def test_import_graph_has_no_circle_and_runtime_never_imports_export():
             visit(m, [m])
 
 
+# runtime's floors, lowest first: a module imports only from its own package or from a lower floor (docs/design.md)
+FLOORS = (("runtime.errors",), ("runtime.model",), ("runtime.io",), ("runtime.gpu",), ("runtime.backends",),
+          ("runtime.pipeline",), ("runtime.slides",), ("runtime.cohorts",), ("runtime.apps",),
+          ("runtime.classify", "runtime.serve", "runtime.triton_server", "runtime.watch", "runtime.slide",
+           "runtime.cohort"))
+
+
+def _floor(module):
+    """The floor of a runtime module (None: the ``runtime`` package itself)."""
+    return next((i for i, names in enumerate(FLOORS) for n in names if module == n or module.startswith(n + ".")),
+                None)
+
+
+def test_no_runtime_import_climbs_to_a_higher_floor():
+    """gpu, backends, io and model never import pipeline, slides, cohorts or apps; slides and cohorts never import
+    apps; only the entry points import apps. Each arrow that climbs is named."""
+    from tests.conftest import REPO
+
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (REPO / "runtime").rglob("*.py")}
+    unplaced = sorted(m for m in modules if m != "runtime" and _floor(m) is None)
+    assert unplaced == [], f"modules on no floor (add them to FLOORS): {unplaced}"
+    climbing = sorted(f"{m} -> {i}" for m, p in modules.items() if m != "runtime" for i in _imports(p)
+                      if i in modules and i != "runtime" and _floor(i) > _floor(m))
+    assert climbing == []
+
+
 def test_auto_preprocessing_falls_back_to_the_cpu_with_a_note_when_the_kernel_cannot_run():
     """A runtime-only box: a GPU backend, but no nvcc to build the kernel (or no pycuda): the CPU path, said so."""
     from export.model import CONTRACT

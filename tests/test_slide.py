@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 from benchmarks.synthetic_slide import FIELD, write_mosaic
-from runtime.apps.slide import AGGREGATES, LEGEND, aggregate_verdict, classify_slide
 from runtime.io.scale import Scale, resample_factor
 from runtime.io.slide_source import open_source
 from runtime.model.manifest import Contract, sha256_file
 from runtime.pipeline.classifier import Classifier
+from runtime.slides.aggregate import AGGREGATES, aggregate_verdict
+from runtime.slides.classify import classify_slide
+from runtime.slides.overlay import LEGEND
 from tests.conftest import run_module
 
 FH, FW = FIELD

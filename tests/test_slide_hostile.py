@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from benchmarks.synthetic_slide import write_mosaic
-from runtime.apps.slide import classify_slide, output_stem
 from runtime.io.decode import ImageError
 from runtime.io.slide_source import MAX_SLIDE_PIXELS, MAX_THUMBNAIL_SOURCE_PIXELS, open_source
 from runtime.model.manifest import sha256_file
 from runtime.pipeline.classifier import Classifier
+from runtime.slides.classify import classify_slide
+from runtime.slides.files import output_stem
 from tests.conftest import run_module
 
 TILE = 256  # 2 x 3 fields of 672 x 448: 6 x 8 tiles at level 0

@@ -179,7 +179,7 @@ def test_slides_and_cohorts_withhold_only(trained_dir, mosaics, tmp_path, capsys
 def test_min_tissue_is_the_quality_checks_tissue_limit_too(withholding, mosaics):
     """A field with about 18 % tissue: background at the default --min-tissue (0.25); classified with
     --min-tissue 0.1, and then not flagged mostly glass (the old check flagged it against its own 0.25)."""
-    from runtime.apps.slide import classify_slide
+    from runtime.slides.classify import classify_slide
 
     sparse = cv2.imread(str(mosaics["folder"] / "b.png"))
     sparse[:, int(FIELD[1] * 0.18):] = 242  # clean glass beyond the left 18 %

@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 
-from runtime.apps.slide import AGGREGATES
 from runtime.apps.slide_jobs import MAX_FACTOR, MIN_FACTOR
 from runtime.model.manifest import Contract
+from runtime.slides.aggregate import AGGREGATES
 
 Aggregate = Literal["max", "topk", "mean", "fraction"]
 assert set(get_args(Aggregate)) == set(AGGREGATES), "the slide path's rules and the API's differ"

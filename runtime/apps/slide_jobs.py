@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from runtime.apps.request_queue import Batcher, Busy
-from runtime.apps.slide import classify_slide
 from runtime.errors import BreakhisError
 from runtime.io.decode import ImageError
 from runtime.io.scale import Scale, resample_factor
@@ -33,6 +32,7 @@ from runtime.model.manifest import Contract
 from runtime.pipeline.classifier import Classifies
 from runtime.pipeline.decoding import Input
 from runtime.pipeline.results import Result
+from runtime.slides.classify import classify_slide
 
 ROOM_WAIT_S = 600.0  # how long a slide's next field may wait for room in the queue before the job fails
 # Input pixels per model pixel. BreakHis itself spans 40X..400X, 0.4x..4x a 100X model's scale: beyond 4x a field

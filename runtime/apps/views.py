@@ -9,8 +9,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from runtime.pipeline.preprocess import preprocess_fields
-from runtime.pipeline.tiling import plan_image
+from runtime.model.geometry import plan_image
+from runtime.model.preprocess import preprocess_fields
 
 DISPLAY_WIDTH = 1600  # wider images are scaled down for the page; field coordinates scale with them
 

@@ -10,7 +10,7 @@ half a record. Names of any bytes are kept exactly: JSONL escapes undecodable by
 surrogateescape), CSV holds the file system's bytes as they are. Bad files get a record with their error.
 (Polling, not inotify: it works the same on network shares, where change events are not delivered.)
 With --slides DIR, TIFF-family files (slides, mosaics, large regions) are read lazily through the slide path
-instead (runtime/apps/slide.py) and their GeoJSON, CSV, overlay and JSON land in DIR.
+instead (runtime/slides/) and their GeoJSON, CSV, overlay and JSON land in DIR.
 """
 from __future__ import annotations
 
@@ -198,9 +198,10 @@ class Watcher:
     def _slide(self, key: str) -> dict[str, Any]:
         """A slide: hashed while streamed (never whole in memory), classified lazily from the file; its GeoJSON,
         CSV, overlay and JSON written to the slides folder; the record holds the region verdict and its rule."""
-        from runtime.apps.slide import classify_slide, output_stem
         from runtime.errors import BreakhisError
         from runtime.model.manifest import sha256_file
+        from runtime.slides.classify import classify_slide
+        from runtime.slides.files import output_stem
 
         assert self.slides is not None
         rec: dict[str, Any] = {"path": key, "label": None, "probability": None, "fields": [], "error": None}

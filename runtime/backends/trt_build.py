@@ -164,7 +164,7 @@ def make_calibrator(trt: Any, manifest: Manifest, folder: Path, n_images: int, b
     calibration cache is saved so a rebuild does not calibrate again."""
     import pycuda.driver as cuda
 
-    from runtime.pipeline.preprocess import folder_fields
+    from runtime.io.fields import folder_fields
 
     data = folder_fields(folder, manifest.contract, n_images)
     if not len(data):

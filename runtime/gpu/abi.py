@@ -1,7 +1,7 @@
 """The preprocessing kernel's ABI in numpy: its structs, its job table, and the packed source buffer layout.
 
 Pure numpy (no CUDA): shared by the pycuda path (runtime/gpu/preprocessor.py) and the CPU-side host harness tests, so
-both feed the kernel exactly the same bytes. Field positions come from runtime/pipeline/tiling.py, like the CPU path.
+both feed the kernel exactly the same bytes. Field positions come from runtime/model/geometry.py, like the CPU path.
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.model.geometry import FieldPlan
 from runtime.model.manifest import Contract
-from runtime.pipeline.tiling import FieldPlan
 
 # struct bhx::FieldJob and struct bhx::Params in runtime/gpu/kernels/preprocess.cuh (checked against sizeof in tests)
 FIELDJOB = np.dtype([("src_offset", "<i8"), ("pitch", "<i4"), ("channels", "<i4"), ("origin_y", "<i4"),

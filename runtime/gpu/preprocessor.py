@@ -18,8 +18,8 @@ from runtime.gpu import abi
 from runtime.gpu.context import Context
 from runtime.gpu.jpeg import DeviceImage
 from runtime.gpu.pinned import HostPool
+from runtime.model.geometry import FieldPlan
 from runtime.model.manifest import Contract
-from runtime.pipeline.tiling import FieldPlan
 
 
 class GpuPreprocessor:

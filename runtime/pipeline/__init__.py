@@ -1,1 +1,2 @@
-"""From decoded pixels to verdicts: field tiling, CPU preprocessing, and the classifier's stages."""
+"""From decoded pixels to verdicts: the classifier's stages (decode-and-plan, quality, preprocessors, scheduler,
+re-check, results)."""

@@ -15,10 +15,10 @@ import numpy as np
 from runtime.io.decode import Buffer, Decoded, ImageError, decode, read_bytes, to_bgr8
 from runtime.io.inputs import ImageInput
 from runtime.io.scale import name_warning
+from runtime.model.geometry import FieldPlan, TilingError, plan_fields
 from runtime.model.manifest import Contract
 from runtime.pipeline.quality import STEP, FieldQuality, assess
 from runtime.pipeline.results import ModelInfo, Result
-from runtime.pipeline.tiling import FieldPlan, TilingError, plan_fields
 
 if TYPE_CHECKING:
     from runtime.gpu.jpeg import DeviceImage, GpuJpegDecoder

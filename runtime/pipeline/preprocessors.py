@@ -10,9 +10,9 @@ import numpy as np
 from runtime.backends.base import Backend, DeviceInputBackend
 from runtime.backends.choose import PREPROCESSORS
 from runtime.errors import Unavailable
+from runtime.model.geometry import FieldPlan
 from runtime.model.manifest import Contract
-from runtime.pipeline.preprocess import preprocess_fields
-from runtime.pipeline.tiling import FieldPlan
+from runtime.model.preprocess import preprocess_fields
 
 if TYPE_CHECKING:
     from runtime.gpu.jpeg import DeviceImage

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from runtime.pipeline.tiling import FieldPlan
+from runtime.model.geometry import FieldPlan
 
 QC_MODES = ("flag", "withhold", "off")  # --qc
 STEP = 2  # the measures read every STEP-th pixel of every STEP-th row: the limits below were derived so

@@ -12,10 +12,10 @@ from collections.abc import Callable
 import numpy as np
 
 from runtime.backends.base import Backend
+from runtime.model.geometry import FieldPlan
 from runtime.model.manifest import Contract
 from runtime.model.precisions import in_band
-from runtime.pipeline.preprocess import preprocess_fields
-from runtime.pipeline.tiling import FieldPlan
+from runtime.model.preprocess import preprocess_fields
 
 RECHECK = ("on", "off")  # --recheck
 

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from runtime.backends.base import Backend
+from runtime.model.geometry import FieldPlan
 from runtime.model.manifest import Contract, Manifest
 from runtime.pipeline.quality import FieldQuality, advice
-from runtime.pipeline.tiling import FieldPlan
 
 UNTRAINED_WARNING = "UNTRAINED reference weights: this verdict is NOT a diagnosis (demo/test model)."
 STANDING = "research model: not a medical device, its verdict is not a diagnosis"  # every result's model block says it

@@ -1,15 +1,11 @@
-"""CPU preprocessing: BGR uint8 image -> the model's float32 (F, T, 3, P, P) input, vectorised with numpy views;
-and every field of a folder's images, for calibration and the fidelity gates."""
+"""CPU preprocessing: BGR uint8 image -> the model's float32 (F, T, 3, P, P) input, vectorised with numpy views (the
+contract's arithmetic; every field of a folder's images is runtime/io/fields.py)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
-from runtime.io.decode import ImageError, read_image
-from runtime.io.inputs import image_files
+from runtime.model.geometry import FieldPlan, plan_image
 from runtime.model.manifest import Contract
-from runtime.pipeline.tiling import FieldPlan, TilingError, plan_image
 
 
 def preprocess_fields(bgr: np.ndarray, plan: FieldPlan, contract: Contract,
@@ -42,15 +38,3 @@ def preprocess_fields(bgr: np.ndarray, plan: FieldPlan, contract: Contract,
 def preprocess_image(bgr: np.ndarray, contract: Contract) -> np.ndarray:
     """All fields of a BGR image, default (non-overlapping) tiling."""
     return preprocess_fields(bgr, plan_image(bgr, contract), contract)
-
-
-def folder_fields(folder: Path, contract: Contract, n_images: int | None = None, start: int = 0) -> np.ndarray:
-    """Every preprocessed field of images ``start .. start + n_images`` of ``folder`` (sorted by name), for
-    calibration and fidelity gates. Unreadable or too-small images are skipped. (N, T, 3, P, P); N may be 0."""
-    out: list[np.ndarray] = []
-    for path in image_files(folder)[start:][:n_images]:
-        try:
-            out.extend(preprocess_image(read_image(path).bgr, contract))
-        except (ImageError, TilingError):
-            continue
-    return np.stack(out) if out else np.empty((0, *contract.field_shape), np.float32)

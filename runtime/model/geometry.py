@@ -1,4 +1,5 @@
-"""Where the fields and patches of an image lie: pure arithmetic shared by the CPU path and the GPU offset table."""
+"""Where the fields and patches of an image lie, a contract of the model's input: pure arithmetic shared by the CPU
+path and the GPU offset table."""
 from __future__ import annotations
 
 from dataclasses import dataclass
