@@ -197,7 +197,8 @@ def test_min_tissue_is_the_quality_checks_tissue_limit_too(withholding, mosaics)
 def test_a_field_left_out_never_lets_a_region_be_benign_whatever_the_rule():
     """The region rule itself, by hand: fields withheld or unread (a damaged tile) take a verdict away, never give
     one; the note says what the counted fields gave under the rule in use; a counted Malignant verdict stands."""
-    from runtime.apps.slide import SlideField, aggregate_verdict
+    from runtime.slides.aggregate import aggregate_verdict
+    from runtime.slides.fields import SlideField
 
     labels = ("Benign", "Malignant")
     held = [SlideField(0, 1, 0, 0, 672, 448, 1.0, "withheld", 0.9, flags=["out_of_focus"])]
