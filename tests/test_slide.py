@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from runtime.io.slide_source import open_source
 from runtime.model.manifest import Contract, sha256_file
 from runtime.pipeline.classifier import Classifier
 from runtime.slides.aggregate import AGGREGATES, aggregate_verdict
-from runtime.slides.classify import classify_slide
+from runtime.slides.classify import Cancelled, classify_slide
 from runtime.slides.overlay import LEGEND
 from tests.conftest import run_module
 
@@ -244,3 +245,16 @@ def test_two_inputs_of_one_name_from_two_folders_keep_their_own_outputs(model_di
                       "--out", str(out), str(a / "scan.tif"), str(b / "scan.tif"))
     assert proc.returncode == 0 and [json.loads(line)["fields"] for line in proc.stdout.splitlines()] == \
         [first["fields"], second["fields"]]  # one line per slide, as runtime.classify --jsonl
+
+
+def test_a_cancelled_slide_stops_while_planning(clf, mosaic, monkeypatch):
+    """The server's DELETE sets the job's event: planning checks it (before the thumbnail, and row by row), so a
+    cancelled job classifies no field, however many its slide plans."""
+    path, _ = mosaic
+    calls = []
+    monkeypatch.setattr(clf, "classify", lambda items: calls.append(items) or [])
+    cancelled = threading.Event()
+    cancelled.set()
+    with pytest.raises(Cancelled):
+        classify_slide(clf, path, cancelled=cancelled)
+    assert calls == []

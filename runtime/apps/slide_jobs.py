@@ -32,7 +32,7 @@ from runtime.model.manifest import Contract
 from runtime.pipeline.classifier import Classifies
 from runtime.pipeline.decoding import Input
 from runtime.pipeline.results import Result
-from runtime.slides.classify import classify_slide
+from runtime.slides.classify import Cancelled, classify_slide
 
 ROOM_WAIT_S = 600.0  # how long a slide's next field may wait for room in the queue before the job fails
 # Input pixels per model pixel. BreakHis itself spans 40X..400X, 0.4x..4x a 100X model's scale: beyond 4x a field
@@ -114,10 +114,6 @@ def _running(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-class Cancelled(Exception):
-    """The job was cancelled (DELETE /v1/slide/ID, or the server stopping)."""
 
 
 class BatchedClassifier:
@@ -253,7 +249,7 @@ class SlideJobs:
         result, error, state = None, None, "done"
         try:
             res = classify_slide(proxy, path, overlay=overlay, progress=progress, name=job.name,  # type: ignore[arg-type]
-                                 **options)
+                                 cancelled=job.cancel, **options)
             result = res.to_dict() | {"geojson": res.geojson(), "csv": res.csv(),
                                       "overlay_png": base64.b64encode(overlay.read_bytes()).decode()}
             job.total = job.done = res.counts["classified"]

@@ -7,6 +7,7 @@ formats without tiles are decoded whole, within --max-pixels.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,15 +32,20 @@ from runtime.slides.result import SlideResult
 CHUNK = 32  # fields cut and handed to the classifier at a time
 
 
+class Cancelled(Exception):
+    """The work was cancelled (the server's DELETE /v1/slide/ID, or the server stopping)."""
+
+
 def classify_slide(clf: Classifies, path: Path | str, aggregate: str = "max", top_k: int = 3,
                    scale: Scale | None = None, tissue_mask: bool = True, min_tissue: float = MIN_TISSUE,
                    max_pixels: int | None = None, overlay: Path | None = None,
                    progress: Callable[[int, int], None] | None = None, name: str | None = None,
-                   rows: tuple[int, int] | None = None) -> SlideResult:
+                   rows: tuple[int, int] | None = None, cancelled: threading.Event | None = None) -> SlideResult:
     """Tile ``path`` into fields at the model's scale, skip background, classify the rest in chunks and aggregate.
     ``scale`` overrides what the file states; ``name`` is what results and messages call it (default: the path);
     ``rows`` (start, stop): only that band of field rows (``bands.merge_bands`` joins the bands of a slide).
-    Raises ImageError for an unreadable file."""
+    ``cancelled``: set, the work stops (Cancelled) at the next step, planning included. Raises ImageError for an
+    unreadable file."""
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, not {aggregate!r}")
     t0 = time.perf_counter()
@@ -47,14 +53,19 @@ def classify_slide(clf: Classifies, path: Path | str, aggregate: str = "max", to
     src.name = name or src.name
     try:
         return _classify(clf, src, aggregate, top_k, scale or src.scale, tissue_mask, min_tissue, overlay, progress,
-                         t0, rows)
+                         t0, rows, cancelled)
     finally:
         src.close()
 
 
 def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: Scale, tissue_mask: bool,
               min_tissue: float, overlay: Path | None, progress: Callable[[int, int], None] | None,
-              t0: float, band: tuple[int, int] | None = None) -> SlideResult:
+              t0: float, band: tuple[int, int] | None = None,
+              cancelled: threading.Event | None = None) -> SlideResult:
+    def check() -> None:
+        if cancelled is not None and cancelled.is_set():
+            raise Cancelled("cancelled")
+
     c = clf.contract
     factor, warnings = resample_factor(scale, c)
     fh, fw = c.field_size
@@ -62,11 +73,13 @@ def _classify(clf: Classifies, src: Source, aggregate: str, top_k: int, scale: S
     cols, rows = int(W // (fw * factor)), int(H // (fh * factor))
     # The level read: the coarsest one that still has at least the model's resolution.
     level = max((i for i, d in enumerate(src.downsamples) if d <= factor * (1 + 1e-6)), default=0)
+    check()
     thumb, t_down = src.thumbnail()
     glass = background(thumb)
     fields = []
     r0, r1 = band or (0, rows)
     for r in range(r0, min(r1, rows)):
+        check()  # a cancelled job stops while planning, row by row
         for col in range(cols):
             x, y = round(col * fw * factor), round(r * fh * factor)
             w, h = round((col + 1) * fw * factor) - x, round((r + 1) * fh * factor) - y
