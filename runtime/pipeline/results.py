@@ -8,10 +8,12 @@ from typing import Any
 import numpy as np
 
 from runtime.backends.base import Backend
+from runtime.io.scale import from_name, magnification_advice
 from runtime.model.geometry import FieldPlan
 from runtime.model.manifest import Contract, Manifest
 from runtime.pipeline.quality import FieldQuality, advice
 
+FOCUS = "out_of_focus"  # the focus check's flag (runtime/pipeline/quality.py)
 UNTRAINED_WARNING = "UNTRAINED reference weights: this verdict is NOT a diagnosis (demo/test model)."
 STANDING = "research model: not a medical device, its verdict is not a diagnosis"  # every result's model block says it
 
@@ -120,6 +122,10 @@ class Result:
             if withhold and q.flags:
                 f.label = None
         self.advice = advice([flag for f in self.fields for flag in f.flags])
+        # an image whose file name states another magnification: its focus flag's advice names the magnification
+        said = magnification_advice(from_name(self.path), contract, resampled=False)
+        if said and any(FOCUS in f.flags for f in self.fields):
+            self.advice = [said if a in advice([FOCUS]) else a for a in self.advice]
         counted = [f.probability for f in self.fields if f.label is not None]
         verdict = contract.label(max(counted)) if counted else None
         if self.withheld and verdict != contract.labels[1]:

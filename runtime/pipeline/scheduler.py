@@ -10,8 +10,9 @@ gets its verdict.
 With a preprocessor of two slots (double-buffered, the GPU paths) batch k+1 is preprocessed into one slot while
 batch k runs from the other in a runner thread, and a batch's re-checks run in a thread of their own, so that FP32
 on the side does not hold up the GPU's batches: the loop waits for an image's re-check only at the end of the input
-or once 4 batches' images wait behind it (memory stays bounded). With one slot (the CPU path, where FP32 would compete for the same cores) the three take turns in this
-thread. Each image is charged its share of the re-check's time (``timings_ms["recheck"]``) wherever it had one."""
+or once 4 batches' images wait behind it (memory stays bounded). With one slot (the CPU path, where FP32 would
+compete for the same cores) the three take turns in this thread. Each image is charged its share of the re-check's
+time (``timings_ms["recheck"]``) wherever it had one."""
 from __future__ import annotations
 
 import time
@@ -23,15 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from runtime.io.scale import from_name, magnification_advice
 from runtime.model.manifest import Contract
 from runtime.pipeline.decoding import Prepared
 from runtime.pipeline.preprocessors import Outputs, Preprocessor
-from runtime.pipeline.quality import advice
 from runtime.pipeline.recheck import Recheck
 from runtime.pipeline.results import Result
-
-FOCUS = "out_of_focus"  # the focus check's flag (runtime/pipeline/quality.py)
 
 
 @dataclass
@@ -264,7 +261,6 @@ class FieldScheduler:
                 assert j.item.plan is not None
                 res.finish(j.item.plan, np.concatenate(j.probs), self.contract, j.fast, j.item.quality,
                            self.withhold)
-                _name_the_magnification(res, self.contract)
                 res.timings_ms["preprocess"] = j.t_pre * 1e3
                 res.timings_ms["inference"] = j.t_infer * 1e3
                 if j.rechecks:
@@ -274,15 +270,6 @@ class FieldScheduler:
                 self.preprocessor.release(j.item.bgr)  # its fields are inferred: the buffer may take the next image
             j.item.bgr = j.item.gpu = None  # release the pixels as soon as the image is done
             yield res
-
-
-def _name_the_magnification(res: Result, contract: Contract) -> None:
-    """Where the focus check flagged an image whose file name states another magnification than the model's, its
-    advice says so instead of only "re-focus" (runtime/io/scale.py: magnification_advice)."""
-    said = magnification_advice(from_name(res.path), contract, resampled=False)
-    if said and any(FOCUS in f.flags for f in res.fields):
-        focus = advice([FOCUS])
-        res.advice = [said if a in focus else a for a in res.advice]
 
 
 def _settle(future: Future, fn: Callable[..., Any], *args: Any) -> None:
