@@ -22,7 +22,10 @@ from tests.conftest import REPO, run_module
 HELD_OUT = ("blur_2", "blur_2_noise", "blur_3", "half_blur", "over", "dark_gain", "glass", "grey", "not_he", "grey_od",
             "ihc", "pixelated_3", "pixelated_4")
 FIT = ("noise", "jpeg_50")
-HELD_OUT_ALL = HELD_OUT + FIT
+# a tilted slide under camera noise: its criterion, stated before it was judged (docs/quality.md): flagged on at least
+# 90 % of the held-out fields (noise lifts some blurred tiles' fine band; before 2026-12-07's change, 1 of 22)
+MOSTLY = {"half_blur_noise": 0.9}
+HELD_OUT_ALL = HELD_OUT + FIT + tuple(MOSTLY)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +96,9 @@ def test_on_held_out_patients_no_real_field_is_flagged_and_every_degradation_is(
             assert flag in q.flags and advice(q.flags), f"{n} {kind}: {q.measures}"
     for kind in FIT:
         assert [n for n in held_out if FieldQuality.judge(degraded[kind][n]).flags] == [], kind
+    for kind, share in MOSTLY.items():
+        flagged = [n for n in held_out if DEGRADATIONS[kind].flag in FieldQuality.judge(degraded[kind][n]).flags]
+        assert len(flagged) >= share * len(held_out), (kind, len(flagged))
 
 
 def test_a_whole_field_out_of_focus_is_told_from_a_tilted_one(measured):

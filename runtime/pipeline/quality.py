@@ -22,7 +22,7 @@ STEP = 2  # the measures read every STEP-th pixel of every STEP-th row: the limi
 BACKGROUND_VALUE, BACKGROUND_SATURATION, MIN_TISSUE = 220, 15, 0.25
 
 # Focus, tile by tile (HistoQC's blur module in spirit): the field's grey level in TILE x TILE tiles (of the pixels
-# read: 56 x 56 pixels of the image, 8 x 12 tiles in the model's field); a tile is judged where at least half of it
+# read: 56 x 56 pixels of the image, 8 x 12 tiles in the model's field); a tile counts where at least half of it
 # is tissue and it has structure above the noise. Its sharpness is the energy of the finest band (the grey level
 # less its Gaussian blur of sigma 0.7: the detail the model's first 3 x 3 convolutions see) over the energy of the
 # next band (blur 0.7 less blur 1.4), each less the camera noise's share: a blur takes far more from the first than
@@ -31,7 +31,10 @@ BACKGROUND_VALUE, BACKGROUND_SATURATION, MIN_TISSUE = 220, 15, 0.25
 TILE = 28
 BANDS = (0.7, 1.4)
 FLAT = 2.0  # a tile's coarse-band energy (grey levels squared) below which it has no structure to judge
-NOISE_MARGIN = 4.0  # ... or below this many times the noise's energy in the fine band
+# ... or below NOISE_MARGIN times the noise's energy: the field's sharpest tiles (its focus) are those above it in the
+# fine band (where a blur leaves little but noise); the blurred share counts every tile above it in the coarse band
+# itself, so that a tilted slide's blurred half still counts under camera noise (docs/quality.md).
+NOISE_MARGIN = 4.0
 RELATIVE = 0.5  # a tile is blurred where its sharpness is below this share of the field's sharpest (90th pct)
 
 # H&E optical-density vectors (RGB), Ruifrok & Johnston, Anal. Quant. Cytol. Histol. 23(4), 2001; their cross
@@ -72,7 +75,7 @@ NOT_HE = "not H&E colours: check the stain, the camera's white balance and that 
 # mildest degradation that must be flagged (the midpoint; geometric for the focus ratio).
 LIMITS = (
     Limit("focus", 0.519, True, "out_of_focus", "out of focus: re-focus and capture again"),
-    Limit("blurred", 0.198, False, "part_out_of_focus",
+    Limit("blurred", 0.197, False, "part_out_of_focus",
           "part of the field is out of focus (a tilted slide?): level the slide, re-focus and capture again"),
     Limit("saturated", 0.274, False, "over_exposed", "over-exposed: lower the lamp or the exposure and capture again"),
     Limit("brightness", 134.0, True, "under_exposed", UNDER_EXPOSED),
@@ -143,7 +146,8 @@ _IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 
 
 def _focus(grey: np.ndarray, tissue: np.ndarray) -> tuple[float, float]:
-    """(the sharpness of the field's sharpest tissue tiles, the share of its judged tissue tiles blurred)."""
+    """(the sharpness of the field's sharpest tissue tiles, the share of its tissue tiles with structure that are
+    blurred)."""
     t = min(TILE, *grey.shape)
     g = grey.astype(np.float32)
     fine, coarse = (cv2.GaussianBlur(g, (0, 0), s) for s in BANDS)
@@ -151,12 +155,13 @@ def _focus(grey: np.ndarray, tissue: np.ndarray) -> tuple[float, float]:
     noise_var = float(np.percentile(noise, 10) * np.sqrt(np.pi / 2) / 6) ** 2
     e_fine = _tiles(cv2.multiply(g - fine, g - fine), t) - _GAINS[0] * noise_var
     e_coarse = _tiles(cv2.multiply(fine - coarse, fine - coarse), t) - _GAINS[1] * noise_var
-    judged = (_tiles(tissue.astype(np.float32), t) >= 0.5) & (e_coarse >= max(FLAT, NOISE_MARGIN * _GAINS[0] *
-                                                                              noise_var))
+    on_tissue = _tiles(tissue.astype(np.float32), t) >= 0.5
+    structured = on_tissue & (e_coarse >= max(FLAT, NOISE_MARGIN * _GAINS[1] * noise_var))
+    judged = on_tissue & (e_coarse >= max(FLAT, NOISE_MARGIN * _GAINS[0] * noise_var))
     if not judged.any():  # no structure on tissue anywhere: nothing in focus
         return 0.0, 0.0
-    sharp = np.maximum(e_fine[judged], 0.0) / e_coarse[judged]
-    top = float(np.percentile(sharp, 90))
+    top = float(np.percentile(np.maximum(e_fine[judged], 0.0) / e_coarse[judged], 90))
+    sharp = np.maximum(e_fine[structured], 0.0) / e_coarse[structured]
     return top, float((sharp < RELATIVE * top).mean())
 
 
