@@ -80,7 +80,9 @@ LIMITS = (
     Limit("saturated", 0.274, False, "over_exposed", "over-exposed: lower the lamp or the exposure and capture again"),
     Limit("brightness", 134.0, True, "under_exposed", UNDER_EXPOSED),
     Limit("white", 196.0, True, "under_exposed", UNDER_EXPOSED),
-    Limit("tissue", MIN_TISSUE, True, "mostly_glass", "mostly glass: move the stage onto tissue and capture again"),
+    Limit("tissue", MIN_TISSUE, True, "mostly_glass",
+          "mostly white (glass, or fat or lumen, which the check cannot tell from glass): move the stage onto tissue "
+          "and capture again"),
     Limit("colour", 12.2, True, "no_stain_colour", "no stain colour (a grey-scale capture?): capture in colour"),
     Limit("stain", 0.356, True, "not_he", NOT_HE),
     Limit("blocky", 0.182, False, "low_resolution",
