@@ -19,7 +19,7 @@ from benchmarks.synthetic_slide import write_mosaic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.apps.cohort import main as cohort
+    from runtime.cohort import main as cohort
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cohort", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -62,6 +62,12 @@ def peak_rss_mb(pid: int) -> float | None:
     return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), None)
 
 
+def cpu_s(pid: int) -> float:
+    """The CPU time (user + system, all threads) a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def intervals(start: float, done: list[float]) -> list[float]:
     """The time from one result to the next, the first from ``start``: their sum is the pass's wall time."""
     done = sorted(done)
@@ -81,15 +87,17 @@ def folder(ctx: Context) -> Rows:
     v = _runtime(ctx.model, ctx.threads)
     v.run_all(ctx.images[: ctx.warmup])
     samples = []
+    cpu0 = time.process_time()
     for _ in range(ctx.repeats):
         done, t0 = [], time.perf_counter()
         for _ in v.stream(ctx.images):
             done.append(time.perf_counter())
         samples += intervals(t0, done)
+    cpu = (time.process_time() - cpu0) / len(samples)
     clf = v.keep
     how = (f"in its own process: Classifier defaults ({clf.decode_workers} decode threads, batch {clf.batch_size}), "
            f"{ctx.warmup} warm-up images, {ctx.repeats} passes; sample: result to result")
-    out = {"folder": row(how, v.tier, summarise(samples, len(ctx.images) * ctx.repeats))}
+    out = {"folder": row(how, v.tier, summarise(samples, len(ctx.images) * ctx.repeats), cpu_ms=cpu * 1e3)}
     clf.close()
     return out
 
@@ -138,6 +146,7 @@ def watch(ctx: Context) -> Rows:
         expected = min(ctx.warmup, len(ctx.images))
         _wait_records(out, expected, proc)
         samples, first = [], []
+        cpu0 = cpu_s(proc.pid)
         for rep in range(ctx.repeats):
             t0 = time.time()
             for i, p in enumerate(ctx.images):
@@ -150,7 +159,7 @@ def watch(ctx: Context) -> Rows:
             done = sorted(r["finished_at"] for r in recs)
             first.append(done[0] - t0)
             samples += intervals(done[0], done[1:])
-        rss = peak_rss_mb(proc.pid)
+        rss, cpu = peak_rss_mb(proc.pid), (cpu_s(proc.pid) - cpu0) / (len(ctx.images) * ctx.repeats)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -158,7 +167,7 @@ def watch(ctx: Context) -> Rows:
            f"{ctx.warmup} warm-up images, {ctx.repeats} bursts of {len(ctx.images)} images; sample: record to record "
            "(finished_at), from each burst's first record")
     return {"watch burst": row(how, tier_of_record(recs[-1].get("model", {})), summarise(samples),
-                               first_result_s=first, peak_rss_mb=rss)}
+                               first_result_s=first, peak_rss_mb=rss, cpu_ms=cpu * 1e3)}
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -179,9 +188,10 @@ def slide(ctx: Context) -> Rows:
     mosaic, warm = ctx.tmp / "mosaic.tif", ctx.tmp / "warm.tif"
     write_mosaic(mosaic, [[next(it) for _ in range(cols)] for _ in range(rows)], levels=3)
     write_mosaic(warm, [[ctx.images[0]]], levels=1)
-    samples = []
+    samples, stages = [], {"plan_and_mask": 0.0, "classify": 0.0}
     with Classifier(ctx.model, threads=ctx.threads) as clf:
         classify_slide(clf, warm)
+        cpu0 = time.process_time()
         for _ in range(ctx.repeats):
             t0 = time.perf_counter()
             res = classify_slide(clf, mosaic)
@@ -189,11 +199,15 @@ def slide(ctx: Context) -> Rows:
             if res.counts["classified"] != len(ctx.images):
                 raise RuntimeError(f"the mosaic's {len(ctx.images)} fields: {res.counts}")
             samples.append(s / len(ctx.images))
+            for k in stages:  # the slide's own timings: planning and the tissue mask, then reading and classifying
+                stages[k] += res.timings_ms[k] / (len(ctx.images) * ctx.repeats)
         tier = tier_of(clf)
+        cpu = (time.process_time() - cpu0) / (len(ctx.images) * ctx.repeats)
     how = (f"in its own process: classify_slide on a {rows}x{cols}-field all-tissue mosaic (tissue mask on), a "
            f"one-field warm-up, {ctx.repeats} passes; sample: a pass, per field")
     return {"slide": row(how, tier, summarise(samples, len(ctx.images) * ctx.repeats),
-                         fields_per_s=1 / (sum(samples) / len(samples)))}
+                         fields_per_s=1 / (sum(samples) / len(samples)), cpu_ms=cpu * 1e3,
+                         stages_ms_per_field=stages)}
 
 
 def _cohort_run(inputs: Path, out: Path, extra: list[str], ctx: Context) -> tuple[float, list[dict[str, str]], dict]:
@@ -298,7 +312,9 @@ def serve(ctx: Context) -> Rows:
         total = len(ctx.images) * ctx.repeats
         for clients in CLIENTS:
             per = max(1, total // clients)
+            cpu0 = cpu_s(proc.pid)
             samples, answers = _http_load(url, ctx.images, clients, per)
+            cpu = (cpu_s(proc.pid) - cpu0) / (clients * per)
             bad = [a for a in answers if a.get("error") or a.get("probability") is None]
             if bad:
                 raise RuntimeError(f"runtime.serve: {len(bad)} answers without a verdict: {bad[0].get('error')}")
@@ -306,7 +322,8 @@ def serve(ctx: Context) -> Rows:
                    f"x {per} requests (image uploads), after {ctx.warmup} warm-up requests; sample: answer to "
                    "answer")
             out[f"server, {clients} client{'s' * (clients > 1)}"] = row(
-                how, tier_of_record(answers[-1].get("model", {})), summarise(samples), peak_rss_mb=peak_rss_mb(proc.pid))
+                how, tier_of_record(answers[-1].get("model", {})), summarise(samples), peak_rss_mb=peak_rss_mb(proc.pid),
+                cpu_ms=cpu * 1e3)
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -43,18 +43,19 @@ def table(result: dict) -> str:
     head = (f"{m['gpu'] or m['cpu']}, {m['cores']} cores; {result['images']} images x {result['repeats']} passes, "
             f"{result['threads']} threads; load {result['load_average_1min']['start']:.2f} at the start, "
             f"{result['load_average_1min']['end']:.2f} at the end")
-    columns = (f"{'row':40s} {'kind':9s} {'mean ms':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'spread':>7s} {'RSS MB':>7s} "
-               f"{'vs base':>8s} {'vs 1by1':>8s} {'max|d|p':>8s} {'labels':>7s} {'rechk':>6s}")
+    columns = (f"{'row':40s} {'kind':9s} {'mean ms':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'spread':>7s} {'CPU ms':>7s} "
+               f"{'RSS MB':>7s} {'vs base':>8s} {'vs 1by1':>8s} {'max|d|p':>8s} {'labels':>7s} {'rechk':>6s}")
     lines = [head, columns]
     for name, r in result["rows"].items():
         fid = r.get("fidelity", {})
         lines.append(f"{name:40s} {r['kind']:9s} {r['mean_ms']:8.1f} {_f(r['p50_ms'], '8.1f'):>8s} "
-                     f"{_f(r['p95_ms'], '8.1f'):>8s} {_f(r['spread'], '7.1%'):>7s} "
+                     f"{_f(r['p95_ms'], '8.1f'):>8s} {_f(r['spread'], '7.1%'):>7s} {_f(r.get('cpu_ms'), '7.1f'):>7s} "
                      f"{_f(r.get('peak_rss_mb'), '7.0f'):>7s} {_f(r['vs_baseline'], '7.2f', 'x'):>8s} "
                      f"{_f(r['vs_image_by_image'], '7.2f', 'x'):>8s} "
                      f"{_f(fid.get('probability_max_abs'), '8.1e'):>8s} {_f(fid.get('label_agreement'), '7.1%'):>7s} "
                      f"{_f(r.get('recheck_share'), '6.1%'):>6s}")
     lines += [f"{v:40s} skipped: {why}" for v, why in result["skipped"].items()]
+    lines.append("CPU ms: CPU time (all threads) of the process running the product, per image")
     lines.append(f"vs base: the baseline's mean per image / the row's; vs 1by1: the runtime's mean image by image at "
                  f"the row's tier ({result.get('image_by_image')} for the paths) / the row's (>1: faster)")
     return "\n".join(lines)
@@ -69,17 +70,18 @@ def markdown(result: dict) -> str:
             f"{result['warmup_images']} warm-up images, {result['threads']} threads; load average "
             f"{result['load_average_1min']['start']:.2f} at the start, {result['load_average_1min']['end']:.2f} at "
             f"the end; {result['wall_s'] / 60:.1f} min. Command: `{result['command']}`.")
-    columns = ("| row | kind | tier | mean ms/image | p50 | p95 | spread | vs baseline | vs image by image "
-               "| peak RSS MB | probability max \\|d\\| | labels | re-checked |")
-    out = [what, "", columns, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ("| row | kind | tier | mean ms/image | p50 | p95 | spread | CPU ms/image | vs baseline "
+               "| vs image by image | peak RSS MB | probability max \\|d\\| | labels | re-checked |")
+    out = [what, "", columns, "|---" * 14 + "|"]
     for name, r in result["rows"].items():
         fid = r.get("fidelity", {})
         out.append(f"| {name} | {r['kind']} | {_tier(r['tier'])} | {r['mean_ms']:.1f} | {_f(r['p50_ms'], '.1f')} | "
-                   f"{_f(r['p95_ms'], '.1f')} | {_f(r['spread'], '.1%')} | {_f(r['vs_baseline'], '.2f', 'x')} | "
+                   f"{_f(r['p95_ms'], '.1f')} | {_f(r['spread'], '.1%')} | {_f(r.get('cpu_ms'), '.1f')} | "
+                   f"{_f(r['vs_baseline'], '.2f', 'x')} | "
                    f"{_f(r['vs_image_by_image'], '.2f', 'x')} | {_f(r.get('peak_rss_mb'), '.0f')} | "
                    f"{_f(fid.get('probability_max_abs'), '.1e')} | {_f(fid.get('label_agreement'), '.0%')} | "
                    f"{_f(r.get('recheck_share'), '.1%')} |")
-    out += [f"| {v} | skipped: {why} | | | | | | | | | | | |" for v, why in result["skipped"].items()]
+    out += [f"| {v} | skipped: {why} |" + " |" * 12 for v, why in result["skipped"].items()]
     out += ["", "How each row was taken (the JSON's `how`):", ""]
     out += [f"- **{name}**: {r['how']['method']}." for name, r in result["rows"].items()]
     return "\n".join(out)
