@@ -28,14 +28,13 @@ import numpy as np
 from benchmarks import write_json
 from benchmarks.report import compare_text, second_path, table
 from benchmarks.report import main as report_main
-from benchmarks.stats import ratio
+from benchmarks.stats import merge, ratio
 from benchmarks.variants import RUNTIME_AUTO, SUITES
 
-RUN = ("python -m benchmarks --images ../shared/data/breakhis-100x --limit 12 --repeats 2 "
-       "--json benchmarks/results/cpu-paths.json")
+RUN = "python -m benchmarks --images ../shared/data/breakhis-100x --limit 12 --json benchmarks/results/cpu-paths.json"
 EPILOG = f"""examples:
   {RUN}   # the full run (about 5-8 min on 2 cores)
-  python -m benchmarks --images DIR --limit 2 --repeats 1 --paths folder   # a quick look
+  python -m benchmarks --images DIR --limit 2 --rounds 1 --paths folder    # a quick look
   python -m benchmarks.report --compare A.json B.json                       # do two runs agree?
   python -m benchmarks --suite gpu --images DIR --json benchmarks/results/gpu.json --fp16-tflops 989
 """
@@ -105,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", choices=sorted(SUITES), default="cpu", help="cpu (default) or gpu variants")
     ap.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N images")
-    ap.add_argument("--repeats", type=int, default=2, help="timed passes over the images (default: 2)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed images per phase first (default: 2)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds (default 2): every phase runs once per round, in a fresh process, round after round")
+    ap.add_argument("--repeats", type=int, default=1, help="timed passes over the images per round (default: 1)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed images per phase first (default: 1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every variant and path")
     ap.add_argument("--paths", default=None,
                     help=f"comma-separated product paths to run ({', '.join(PATH_NAMES)}; default: all with the cpu "
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path], paths: list[str],
             m: dict) -> dict:
-    """Every phase once, one after another, each in its own process; the run's result."""
+    """Every phase once per round, one after another, each in its own process; the run's result."""
     baseline, wanted_per_image, wanted_folder = SUITES[args.suite]
     if args.variants:
         chosen = args.variants.split(",")
@@ -168,14 +169,18 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
     common = {"model": str(args.model), "images": [str(p) for p in images], "threads": args.threads,
               "repeats": args.repeats, "warmup": args.warmup, "suite": args.suite, "gpu": m["gpu"],
               "fp16_tflops": args.fp16_tflops}
+    # one table of phases: the suite's variants image by image, as folders, then the product's paths
     phases = [("per-image", v) for v in wanted_per_image] + [("folder", v) for v in wanted_folder] + \
         [("path", p) for p in paths]
-    rows: dict[str, dict[str, Any]] = {}
+    raw: dict[str, list[dict[str, Any]]] = {}
+    kinds: dict[str, str] = {}
     skipped: dict[str, str] = {}
     load = [os.getloadavg()[0]]
     started = time.time()
 
     def run(kind: str, name: str) -> None:
+        if name in skipped:
+            return
         t0 = time.perf_counter()
         print(f"  {kind} {name} ...", end="", flush=True, file=sys.stderr)
         try:
@@ -184,18 +189,27 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
             skipped[name] = f"{type(e).__name__}: {e}"
             print(f" skipped: {skipped[name]}", file=sys.stderr)
             return
-        for r in got.values():
-            r["kind"] = kind
-            r["how"] |= {"process": "its own child process (python -m benchmarks.phase), nothing else running",
-                         "threads": args.threads, "warmup": args.warmup, "samples": r["samples"],
-                         "images": r["images"]}
-        rows.update(got)
+        for row_name, r in got.items():
+            raw.setdefault(row_name, []).append(r)
+            kinds[row_name] = kind
         print(f" {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
-    print(f"{len(phases)} phases on {len(images)} images x {args.repeats} passes ({args.threads} threads), each in "
-          "its own process:", file=sys.stderr)
-    for kind, name in phases:
-        run(kind, name)
+    print(f"{len(phases)} phases on {len(images)} images, {args.rounds} rounds of {args.repeats} pass(es) each "
+          f"({args.threads} threads), each phase in its own process:", file=sys.stderr)
+    for k in range(args.rounds):  # round by round: a drift of the machine's speed hits every phase alike
+        print(f" round {k + 1} of {args.rounds}", file=sys.stderr)
+        for kind, name in phases:
+            run(kind, name)
+
+    def finished(n: str) -> dict[str, Any]:
+        r = merge(raw[n]) | {"kind": kinds[n]}
+        r["how"] |= {"process": "its own child process (python -m benchmarks.phase) per round, nothing else running",
+                     "threads": args.threads, "warmup": args.warmup, "passes_per_round": args.repeats,
+                     "samples": r["samples"], "images": r["images"]}
+        return r
+
+    # a row that failed in a later round is not a row (its rounds would not be comparable)
+    rows = {n: finished(n) for n, rs in raw.items() if len(rs) == args.rounds and n not in skipped}
     if baseline not in rows:
         print(f"error: the baseline {baseline} cannot run here: {skipped.get(baseline)}", file=sys.stderr)
         return {"baseline": baseline, "rows": rows, "skipped": skipped}
@@ -206,8 +220,11 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
         want = json.loads(min(tiers))
         reference = next((n for n, r in rows.items() if r["kind"] == "per-image" and r["tier"] == want), None)
         if reference is None:
-            run("per-image", RUNTIME_AUTO)
-            reference = RUNTIME_AUTO if RUNTIME_AUTO in rows else None
+            for _ in range(args.rounds):
+                run("per-image", RUNTIME_AUTO)
+            if RUNTIME_AUTO in raw and RUNTIME_AUTO not in skipped:  # its rounds back to back, after the others
+                rows[RUNTIME_AUTO] = finished(RUNTIME_AUTO)
+                reference = RUNTIME_AUTO
     load.append(os.getloadavg()[0])
     for name, r in rows.items():
         same_tier = reference if r["kind"] == "path" else \
@@ -225,8 +242,8 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
               "load_average_1min": {"start": load[0], "end": load[1]}, "wall_s": time.time() - started,
               "suite": args.suite, "model": str(args.model), "images": len(images),
               "format": f"JPEG quality {args.as_jpeg} copies" if args.as_jpeg is not None else "as given",
-              "repeats": args.repeats, "warmup_images": args.warmup, "threads": args.threads, "baseline": baseline,
-              "image_by_image": reference, "rows": rows, "skipped": skipped}
+              "repeats": args.repeats, "rounds": args.rounds, "warmup_images": args.warmup, "threads": args.threads,
+              "baseline": baseline, "image_by_image": reference, "rows": rows, "skipped": skipped}
     if any(tiers) and len(tiers) > 1:
         result["note"] = f"the paths ran different tiers: {sorted(tiers)}"
     return result

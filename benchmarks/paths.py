@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.stats import summarise
 from benchmarks.synthetic_slide import write_mosaic
 from runtime.model.paths import REPO
 
@@ -49,8 +48,13 @@ class Context:
 Rows = dict[str, dict[str, Any]]
 
 
-def row(how: str, tier: dict[str, Any], stats: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"kind": "path", "how": how, "tier": tier, **stats, **extra}
+def row(how: str, tier: dict[str, Any], images: int, samples: list[float] | None = None, net_s: float | None = None,
+        cpu_s: float | None = None, peak_rss_mb: float | None = None, **extra: Any) -> dict[str, Any]:
+    """A path's raw row for one round (the runner merges the rounds and summarises, benchmarks/stats.py): per-image
+    ``samples`` in seconds, or ``net_s`` for the images where the path is timed whole; ``cpu_s``: the CPU time of
+    the process running the product over those images; anything else is kept per round."""
+    return {"how": how, "tier": tier, "images": images, "samples_s": samples or [], "net_s": net_s, "cpu_s": cpu_s,
+            "peak_rss_mb": peak_rss_mb, "round": extra}
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -93,11 +97,11 @@ def folder(ctx: Context) -> Rows:
         for _ in v.stream(ctx.images):
             done.append(time.perf_counter())
         samples += intervals(t0, done)
-    cpu = (time.process_time() - cpu0) / len(samples)
+    cpu = time.process_time() - cpu0
     clf = v.keep
     how = (f"in its own process: Classifier defaults ({clf.decode_workers} decode threads, batch {clf.batch_size}), "
            f"{ctx.warmup} warm-up images, {ctx.repeats} passes; sample: result to result")
-    out = {"folder": row(how, v.tier, summarise(samples, len(ctx.images) * ctx.repeats), cpu_ms=cpu * 1e3)}
+    out = {"folder": row(how, v.tier, len(ctx.images) * ctx.repeats, samples, cpu_s=cpu)}
     clf.close()
     return out
 
@@ -159,15 +163,15 @@ def watch(ctx: Context) -> Rows:
             done = sorted(r["finished_at"] for r in recs)
             first.append(done[0] - t0)
             samples += intervals(done[0], done[1:])
-        rss, cpu = peak_rss_mb(proc.pid), (cpu_s(proc.pid) - cpu0) / (len(ctx.images) * ctx.repeats)
+        rss, cpu = peak_rss_mb(proc.pid), cpu_s(proc.pid) - cpu0
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     how = (f"python -m runtime.watch in its own process (--settle {WATCH_SETTLE_S}, --interval {WATCH_INTERVAL_S}), "
            f"{ctx.warmup} warm-up images, {ctx.repeats} bursts of {len(ctx.images)} images; sample: record to record "
            "(finished_at), from each burst's first record")
-    return {"watch burst": row(how, tier_of_record(recs[-1].get("model", {})), summarise(samples),
-                               first_result_s=first, peak_rss_mb=rss, cpu_ms=cpu * 1e3)}
+    return {"watch burst": row(how, tier_of_record(recs[-1].get("model", {})), len(ctx.images) * ctx.repeats,
+                               samples, cpu_s=cpu, peak_rss_mb=rss, first_result_s=first)}
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -202,27 +206,26 @@ def slide(ctx: Context) -> Rows:
             for k in stages:  # the slide's own timings: planning and the tissue mask, then reading and classifying
                 stages[k] += res.timings_ms[k] / (len(ctx.images) * ctx.repeats)
         tier = tier_of(clf)
-        cpu = (time.process_time() - cpu0) / (len(ctx.images) * ctx.repeats)
+        cpu = time.process_time() - cpu0
     how = (f"in its own process: classify_slide on a {rows}x{cols}-field all-tissue mosaic (tissue mask on), a "
            f"one-field warm-up, {ctx.repeats} passes; sample: a pass, per field")
-    return {"slide": row(how, tier, summarise(samples, len(ctx.images) * ctx.repeats),
-                         fields_per_s=1 / (sum(samples) / len(samples)), cpu_ms=cpu * 1e3,
-                         stages_ms_per_field=stages)}
+    return {"slide": row(how, tier, len(ctx.images) * ctx.repeats, samples, cpu_s=cpu, stages_ms_per_field=stages)}
 
 
-def _cohort_run(inputs: Path, out: Path, extra: list[str], ctx: Context) -> tuple[float, list[dict[str, str]], dict]:
+def _cohort_run(inputs: Path, out: Path, extra: list[str], ctx: Context) -> tuple[float, float, list[dict], dict]:
+    """(wall s, this process's CPU s, the cohort's table, the model block of its run.json) of one cohort run."""
     import csv
 
     from runtime.cohort import main as cohort
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     rc = cohort([str(inputs), "--out", str(out), "--model", str(ctx.model), "--no-progress", *extra])
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     with open(out / "cohort.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     if rc not in (0, 1):  # 1: a slide without a verdict, which the glass-only cohort is
         raise RuntimeError(f"runtime.cohort exited {rc}")
-    return seconds, rows, json.loads((out / "run.json").read_text())["model"]
+    return seconds, cpu, rows, json.loads((out / "run.json").read_text())["model"]
 
 
 def cohort(ctx: Context) -> Rows:
@@ -248,16 +251,15 @@ def cohort(ctx: Context) -> Rows:
     for name, extra in runs.items():
         tag = name.replace(" ", "-").replace(",", "")
         _cohort_run(glass, ctx.tmp / f"{tag}-warm", extra, ctx)
-        fixed, _, _ = _cohort_run(glass, ctx.tmp / f"{tag}-fixed", extra, ctx)
-        wall, rows, model = _cohort_run(full, ctx.tmp / f"{tag}-full", extra, ctx)
+        fixed, cpu_fixed, _, _ = _cohort_run(glass, ctx.tmp / f"{tag}-fixed", extra, ctx)
+        wall, cpu_full, rows, model = _cohort_run(full, ctx.tmp / f"{tag}-full", extra, ctx)
         classified = sum(int(r["classified"] or 0) for r in rows)
         if classified != fields or any(r["status"] == "error" for r in rows):
             raise RuntimeError(f"{name}: {classified} of {fields} fields classified")
         how = (f"runtime.cohort's main in its own process {' '.join(extra)}: {len(rows)} slides, {fields} fields; "
-               f"wall {wall:.1f} s less the fixed cost {fixed:.1f} s (a one-slide glass cohort after a warm one)")
-        out[name] = row(how, tier_of_record(model),
-                        summarise([], fields, wall - fixed), wall_s=wall, fixed_s=fixed,
-                        **({"peak_rss_mb": None} if "ray" in name else {}))  # Ray's actors: other processes
+               "the wall time less the fixed cost (a one-slide glass cohort after a warm one), both per round")
+        out[name] = row(how, tier_of_record(model), fields, net_s=wall - fixed, wall_s=wall, fixed_s=fixed,
+                        cpu_s=None if "ray" in name else cpu_full - cpu_fixed)  # Ray's actors: other processes
         if "ray" in name:
             import ray
 
@@ -314,7 +316,7 @@ def serve(ctx: Context) -> Rows:
             per = max(1, total // clients)
             cpu0 = cpu_s(proc.pid)
             samples, answers = _http_load(url, ctx.images, clients, per)
-            cpu = (cpu_s(proc.pid) - cpu0) / (clients * per)
+            cpu = cpu_s(proc.pid) - cpu0
             bad = [a for a in answers if a.get("error") or a.get("probability") is None]
             if bad:
                 raise RuntimeError(f"runtime.serve: {len(bad)} answers without a verdict: {bad[0].get('error')}")
@@ -322,8 +324,8 @@ def serve(ctx: Context) -> Rows:
                    f"x {per} requests (image uploads), after {ctx.warmup} warm-up requests; sample: answer to "
                    "answer")
             out[f"server, {clients} client{'s' * (clients > 1)}"] = row(
-                how, tier_of_record(answers[-1].get("model", {})), summarise(samples), peak_rss_mb=peak_rss_mb(proc.pid),
-                cpu_ms=cpu * 1e3)
+                how, tier_of_record(answers[-1].get("model", {})), clients * per, samples, cpu_s=cpu,
+                peak_rss_mb=peak_rss_mb(proc.pid))
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -14,10 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from benchmarks.stats import summarise
-
 
 def peak_rss_mb() -> float:
     # VmHWM, not getrusage: Linux carries ru_maxrss across exec, so a child would report its parent's peak.
@@ -47,21 +43,18 @@ def per_image(spec: dict[str, Any], images: list[Path]) -> dict[str, Any]:
                 probs.append(prob)
             for k, sec in st.items():
                 stages.setdefault(k, []).append(sec)
-    out = summarise(samples) | {
-        "cpu_ms": (time.process_time() - cpu0) / len(samples) * 1e3,
-        "how": {"method": f"image by image: {spec['warmup']} warm-up images, then {spec['repeats']} passes over the "
-                          "images; sample: an image"},
-        "tier": v.tier, "precision": v.precision, "probabilities": probs,
-        "stages_ms": {k: {f"p{q}": float(np.percentile(np.asarray(x) * 1e3, q)) for q in (50, 95, 99)}
-                      for k, x in stages.items()}}
+    out: dict[str, Any] = {
+        "how": f"image by image: {spec['warmup']} warm-up images, then {spec['repeats']} passes over the images; "
+               "sample: an image",
+        "tier": v.tier, "images": len(samples), "samples_s": samples, "net_s": None,
+        "cpu_s": time.process_time() - cpu0, "peak_rss_mb": None, "round": {},
+        "precision": v.precision, "probabilities": probs, "stage_s": stages, "fields": dict(v.fields)}
     if hasattr(v.keep, "contract"):
         out["threshold"] = v.keep.contract.threshold
-    if v.fields.get("classified"):
-        out["recheck_share"] = v.fields["rechecked"] / v.fields["classified"]
     if spec["name"] == RUNTIME_TRT_FP16:
         from benchmarks.gpu_floor import tensor_core_floor
 
-        out["tensor_core_floor"] = tensor_core_floor(v, spec.get("gpu"), spec.get("fp16_tflops"))
+        out["round"]["tensor_core_floor"] = tensor_core_floor(v, spec.get("gpu"), spec.get("fp16_tflops"))
     return {spec["name"]: out}
 
 
@@ -82,13 +75,11 @@ def folder(spec: dict[str, Any], images: list[Path]) -> dict[str, Any]:
         for _ in v.stream(images):
             done.append(time.perf_counter())
         samples += intervals(t0, done)
-    out = summarise(samples) | {
-        "cpu_ms": (time.process_time() - cpu0) / len(samples) * 1e3,
-        "how": {"method": f"a folder, batch {batch}: warm-up, then {spec['repeats']} passes over the images; sample: "
-                          "result to result"},
-        "tier": v.tier}
-    if v.fields.get("classified"):
-        out["recheck_share"] = v.fields["rechecked"] / v.fields["classified"]
+    out = {"how": f"a folder, batch {batch}: warm-up, then {spec['repeats']} passes over the images; sample: "
+                  "result to result",
+           "tier": v.tier, "images": len(samples), "samples_s": samples, "net_s": None,
+           "cpu_s": time.process_time() - cpu0, "peak_rss_mb": None, "round": {},
+           "fields": dict(v.fields)}
     return {spec["name"]: out}
 
 
@@ -97,8 +88,7 @@ def path(spec: dict[str, Any], images: list[Path]) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix=f"bench-{spec['name']}-") as tmp:
         ctx = Context(Path(spec["model"]), images, spec["threads"], spec["repeats"], spec["warmup"], Path(tmp))
-        rows = PATHS[spec["name"]](ctx)
-    return {name: {**r, "how": {"method": r.pop("how")}} for name, r in rows.items()}
+        return PATHS[spec["name"]](ctx)
 
 
 KINDS = {"per-image": per_image, "folder": folder, "path": path}
@@ -109,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     images = [Path(p) for p in spec["images"]]
     rows = KINDS[spec["kind"]](spec, images)
     rss = peak_rss_mb()
-    for r in rows.values():  # where the product ran in another process, the path measured that one's
-        r.setdefault("peak_rss_mb", rss)
+    for name, r in rows.items():  # where the product ran in another process, the path measured that one's
+        if r["peak_rss_mb"] is None and "ray" not in name:  # Ray's actors are processes of their own
+            r["peak_rss_mb"] = rss
     print(json.dumps(rows))
     return 0
 

@@ -31,3 +31,29 @@ def ratio(reference: dict | None, row: dict) -> float | None:
     if reference is None or not row.get("mean_ms"):
         return None
     return reference["mean_ms"] / row["mean_ms"]
+
+
+def merge(rounds: list[dict]) -> dict:
+    """One row from a phase's raw rows, one per round (each round a fresh process): the samples of every round
+    summarised together, the CPU time per image over all of them, the largest peak RSS; per-round extras kept."""
+    first = rounds[0]
+    images = sum(r["images"] for r in rounds)
+    samples = [s for r in rounds for s in r["samples_s"]]
+    stats = summarise(samples, images) if samples else summarise([], images, sum(r["net_s"] for r in rounds))
+    cpu = [r["cpu_s"] for r in rounds]
+    rss = [r["peak_rss_mb"] for r in rounds]
+    out = {"how": {"method": first["how"], "rounds": len(rounds)}, "tier": first["tier"], **stats,
+           "cpu_ms": sum(cpu) / images * 1e3 if None not in cpu else None,
+           "peak_rss_mb": max(rss) if None not in rss else None}
+    if "stage_s" in first:
+        out["stages_ms"] = {k: {f"p{q}": float(np.percentile(np.concatenate([r["stage_s"][k] for r in rounds]) * 1e3,
+                                                             q)) for q in (50, 95, 99)} for k in first["stage_s"]}
+    classified = sum(r.get("fields", {}).get("classified", 0) for r in rounds)
+    if classified:
+        out["recheck_share"] = sum(r["fields"]["rechecked"] for r in rounds) / classified
+    for k in ("precision", "probabilities", "threshold"):  # the first round's, for the fidelity columns
+        if k in first:
+            out[k] = first[k]
+    if any(r["round"] for r in rounds):
+        out["rounds"] = [r["round"] for r in rounds]
+    return out
