@@ -58,7 +58,8 @@ def row(how: str, tier: dict[str, Any], images: int, samples: list[float] | None
 
 
 def peak_rss_mb(pid: int) -> float | None:
-    """The peak RSS of a running process of the product (VmHWM), read before it is stopped."""
+    """The peak RSS of a running process (VmHWM; not getrusage: Linux carries ru_maxrss across exec, so a child
+    would report its parent's peak), read before it is stopped."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:

@@ -8,18 +8,12 @@ peak RSS is the phase's own. Prints its rows as one JSON line on stdout, the las
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-
-def peak_rss_mb() -> float:
-    # VmHWM, not getrusage: Linux carries ru_maxrss across exec, so a child would report its parent's peak.
-    kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-              if line.startswith("VmHWM:"))
-    return kb / 1024
 
 
 def per_image(spec: dict[str, Any], images: list[Path]) -> dict[str, Any]:
@@ -97,8 +91,10 @@ KINDS = {"per-image": per_image, "folder": folder, "path": path}
 def main(argv: list[str] | None = None) -> int:
     spec = json.loads((argv or sys.argv[1:])[0])
     images = [Path(p) for p in spec["images"]]
+    from benchmarks.paths import peak_rss_mb
+
     rows = KINDS[spec["kind"]](spec, images)
-    rss = peak_rss_mb()
+    rss = peak_rss_mb(os.getpid())
     for name, r in rows.items():  # where the product ran in another process, the path measured that one's
         if r["peak_rss_mb"] is None and "ray" not in name:  # Ray's actors are processes of their own
             r["peak_rss_mb"] = rss

@@ -88,6 +88,12 @@ def markdown(result: dict) -> str:
                    f"{_f(fid.get('probability_max_abs'), '.1e')} | {_f(fid.get('label_agreement'), '.0%')} | "
                    f"{_f(r.get('recheck_share'), '.1%')} |")
     out += [f"| {v} | skipped: {why} |" + " |" * 12 for v, why in result["skipped"].items()]
+    ref = result["rows"].get(result.get("image_by_image") or "", {})
+    cpu = [r["cpu_ms"] / ref["cpu_ms"] - 1 for r in result["rows"].values()
+           if r["kind"] == "path" and r.get("cpu_ms") and ref.get("cpu_ms")]
+    if cpu:
+        out += ["", (f"The paths' CPU time per image against image by image at the same tier "
+                    f"({result['image_by_image']}): from {min(cpu):+.1%} to {max(cpu):+.1%}.")]
     out += ["", "How each row was taken (the JSON's `how`):", ""]
     out += [f"- **{name}**: {r['how']['method']}." for name, r in result["rows"].items()]
     return "\n".join(out)
