@@ -196,9 +196,9 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
 
     print(f"{len(phases)} phases on {len(images)} images, {args.rounds} rounds of {args.repeats} pass(es) each "
           f"({args.threads} threads), each phase in its own process:", file=sys.stderr)
-    for k in range(args.rounds):  # round by round: a drift of the machine's speed hits every phase alike
-        print(f" round {k + 1} of {args.rounds}", file=sys.stderr)
-        for kind, name in phases:
+    for k in range(args.rounds):  # round by round, every other round backwards (A B C, C B A, ...): a steady drift
+        print(f" round {k + 1} of {args.rounds}", file=sys.stderr)  # of the machine's speed hits every phase alike
+        for kind, name in phases if k % 2 == 0 else phases[::-1]:
             run(kind, name)
 
     def finished(n: str) -> dict[str, Any]:
