@@ -79,7 +79,7 @@ def test_report_compares_two_runs_ratio_by_ratio(tmp_path):
                       check=True)
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(name) and "vs_image_by_image" in ln)
     assert line.split()[-1] == "10.0%"
-    assert "largest difference 10.0%" in proc.stdout
+    assert "largest difference of a ratio 10.0%" in proc.stdout
 
 
 def test_summaries_refuse_nan_and_empty_samples():
