@@ -35,6 +35,11 @@ def _f(x: float | None, fmt: str, unit: str = "") -> str:
     return "-" if x is None else f"{format(x, fmt)}{unit}"
 
 
+def _rel(path: Path) -> Path:
+    """A path as the doc names it: from the repository's root where it is inside it."""
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
 def _passes(result: dict) -> str:
     rounds = result.get("rounds", 1)
     return f"{rounds * result['repeats']} passes ({rounds} rounds of {result['repeats']}, a fresh process each)"
@@ -141,10 +146,10 @@ def generated(first: Path = FIRST, second: Path | None = None) -> str:
         b = json.loads(second.read_text())
         again = (f"**The same command again** ({b['date']}, load average {b['load_average_1min']['start']:.2f} "
                  f"to {b['load_average_1min']['end']:.2f}), its ratios against the first run's "
-                 f"(`python -m benchmarks.report --compare {first.relative_to(REPO)} {second.relative_to(REPO)}`):")
+                 f"(`python -m benchmarks.report --compare {_rel(first)} {_rel(second)}`):")
         parts += [again, "", compare_markdown(a, b), ""]
     else:
-        parts += [f"Second run: not committed yet ({second.relative_to(REPO)}: `--runs 2` writes it).", ""]
+        parts += [f"Second run: not committed yet ({_rel(second)}: `--runs 2` writes it).", ""]
     if INTERFERENCE.is_file():
         parts += [interference_markdown(json.loads(INTERFERENCE.read_text())), ""]
     return "\n".join([*parts, END])
