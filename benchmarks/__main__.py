@@ -1,8 +1,14 @@
-"""python -m benchmarks: the runtime against the PyTorch FP32 eager baseline, interleaved on the same images.
+"""python -m benchmarks: the runtime against the PyTorch FP32 eager baseline, and every path the product runs
+against the image-by-image time of the same images, in one run.
 
-Per-image variants run one after another on each image (baseline, runtime, baseline, ...) so that machine noise
-hits all alike; throughput variants run the whole list per repeat. Warm-up passes are excluded. Peak RSS is
-measured per variant in a fresh child process. A variant that cannot run here is reported with the reason.
+Each phase runs alone in its own child process (python -m benchmarks.phase), one after another: a variant image
+by image (the baseline, each runtime precision), a variant as a folder, then the product's paths
+(benchmarks/paths.py: folder, watch-folder burst, slide, cohort in one process and on Ray, the server under 1 and 8
+clients). No phase shares a process with another, so the baseline's OpenMP threads, which keep spinning after each
+image, slow nothing else; each phase's peak RSS is its own. Every row is summarised the same way (mean, p50, p95,
+spread of per-image samples; benchmarks/stats.py) and every ratio is a ratio of means: ``vs_baseline`` against the
+baseline image by image, ``vs_image_by_image`` against the runtime image by image at the same tier. The JSON says
+how each row was taken. docs/performance.md is made from the JSON: python -m benchmarks.report.
 """
 from __future__ import annotations
 
@@ -15,21 +21,25 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from benchmarks import write_json
-from benchmarks.variants import RUNTIME_TRT_FP16, SUITES, open_variant
-from runtime.model.fidelity import compare
+from benchmarks.report import compare_text, second_path, table
+from benchmarks.report import main as report_main
+from benchmarks.stats import merge, ratio
+from benchmarks.variants import RUNTIME_AUTO, SUITES
 
-EPILOG = """examples:
-  python -m benchmarks --images ../shared/data/breakhis-100x --json benchmarks/results/cpu.json
-  python -m benchmarks --images DIR --limit 8 --repeats 1                   # quick look
+RUN = "python -m benchmarks --images ../shared/data/breakhis-100x --limit 12 --json benchmarks/results/cpu-paths.json"
+EPILOG = f"""examples:
+  {RUN}   # the full run (about 5-8 min on 2 cores)
+  python -m benchmarks --images DIR --limit 2 --rounds 1 --paths folder    # a quick look
+  python -m benchmarks.report --compare A.json B.json                       # do two runs agree?
   python -m benchmarks --suite gpu --images DIR --json benchmarks/results/gpu.json --fp16-tflops 989
 """
-GFLOP_PER_FIELD = 184.0  # 6 VGG16 passes at 224x224 (2 x 15.4 GMAC each) plus the head
-# datasheet dense FP16 tensor rates, matched as substrings of the device name ("NVIDIA H200", ...); PCIe first
-FP16_DENSE_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0}
+PATH_NAMES = ("folder", "watch", "slide", "cohort", "serve")
+PHASE_TIMEOUT_S = 900  # a phase that has not finished in this long has hung: reported as skipped, the run goes on
 
 
 def machine() -> dict:
@@ -55,48 +65,34 @@ def jpeg_copies(images: list[Path], folder: Path, quality: int) -> list[Path]:
     out = []
     for p in images:
         out.append(folder / f"{p.stem}.jpg")
-        cv2.imwrite(str(out[-1]), cv2.imread(str(p)), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        bgr = cv2.imread(str(p))
+        if bgr is None:
+            raise ValueError(f"{p}: cannot read the image to make its JPEG copy")
+        cv2.imwrite(str(out[-1]), bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
     return out
 
 
-def summarise(total_s: list[float], stages: dict[str, list[float]]) -> dict:
-    """p50/p95 of the total, images/s, and p50/p95/p99 of every stage (ms)."""
-    ms = np.asarray(total_s) * 1e3
-    return {"p50_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
-            "images_per_s": float(1e3 / np.median(ms)), "samples": len(ms),
-            "stages_ms": {k: {f"p{q}": float(np.percentile(np.asarray(v) * 1e3, q)) for q in (50, 95, 99)}
-                          for k, v in stages.items()}}
-
-
-def peak_rss(variant: str, model: Path, threads: int, images: list[Path]) -> float | None:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.memprobe", variant, "--model", str(model),
-                           "--threads", str(threads), *map(str, images)], capture_output=True, text=True)
+def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
+    """One phase in its own process; its rows, or raises with the reason it could not run."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.phase", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=PHASE_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"did not finish in {PHASE_TIMEOUT_S} s") from None
     if proc.returncode != 0:
-        print(f"  peak RSS of {variant} not measured: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+        last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
+        raise RuntimeError(last[0])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def tensor_core_floor(variant, gpu_name: str | None, tflops: float | None, batch: int = 32) -> dict:
-    """TensorRT FP16 at a full batch against the tensor-core floor: GFLOP per field / the GPU's dense FP16 rate."""
-    backend = variant.keep.backend
-    n = min(batch, backend.max_batch)
-    times = []
-    for _ in range(3):
-        backend.run_device(n)
-    for _ in range(20):
-        t0 = time.perf_counter()
-        backend.run_device(n)
-        times.append(time.perf_counter() - t0)
-    ms_per_field = float(np.median(times)) * 1e3 / n
-    rate = tflops or next((v for k, v in FP16_DENSE_TFLOPS.items() if k in (gpu_name or "")), None)
-    out = {"batch": n, "ms_per_field": ms_per_field}
-    if rate:
-        floor = GFLOP_PER_FIELD / (rate * 1e3) * 1e3  # ms per field
-        out |= {"fp16_dense_tflops": rate, "floor_ms_per_field": floor, "vs_floor": ms_per_field / floor}
-    else:
-        out["note"] = "pass --fp16-tflops (the GPU's dense FP16 tensor rate) for the floor"
-    return out
+def fidelity(base: dict, row: dict, name: str) -> dict:
+    from runtime.model.fidelity import compare
+
+    fid = compare({"probability": np.asarray(base["probabilities"])}, {"probability": np.asarray(row["probabilities"])},
+                  row["precision"], base["threshold"], name)
+    return {"precision": fid.precision, "probability_max_abs": fid.outputs[0].max_abs,
+            "label_agreement": fid.label_agreement, "flips": fid.flips,
+            "label_differences": fid.flips + fid.in_band_flips, "within_tolerance": fid.ok}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,10 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", choices=sorted(SUITES), default="cpu", help="cpu (default) or gpu variants")
     ap.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N images")
-    ap.add_argument("--repeats", type=int, default=2, help="timed passes over the images (default: 2)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed images per variant first (default: 2)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every variant")
-    ap.add_argument("--no-memory", action="store_true", help="skip the per-variant peak RSS children")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds (default 2): every phase runs once per round, in a fresh process, round after round")
+    ap.add_argument("--repeats", type=int, default=1, help="timed passes over the images per round (default: 1)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed images per phase first (default: 1)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every variant and path")
+    ap.add_argument("--paths", default=None,
+                    help=f"comma-separated product paths to run ({', '.join(PATH_NAMES)}; default: all with the cpu "
+                         "suite, none with the gpu suite; 'none' for none)")
+    ap.add_argument("--variants", default=None, help="comma-separated variants to run (default: the suite's)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="the whole run this many times, one after another (default 1); run 2 is written beside "
+                         "--json as NAME.run2.json and the ratios of runs 1 and 2 are compared")
+    ap.add_argument("--doc", action="store_true",
+                    help="then regenerate docs/performance.md from --json (python -m benchmarks.report --write)")
+    ap.add_argument("--no-memory", action="store_true",
+                    help="kept for older commands: peak RSS now comes from each phase's own process, at no cost")
     ap.add_argument("--fp16-tflops", type=float, default=None, help="GPU dense FP16 rate for the floor (gpu suite)")
     ap.add_argument("--as-jpeg", type=int, default=None, metavar="QUALITY",
                     help="time JPEG copies of the images at this quality instead (as a camera writes them)")
@@ -120,114 +128,125 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.model.paths import default_model_dir
 
     args.model = args.model or default_model_dir()
-
     images = image_files(args.images)[: args.limit]
     if not images:
         ap.error(f"--images {args.images}: no images found")
     if args.as_jpeg is not None:
         images = jpeg_copies(images, Path(tempfile.mkdtemp(prefix="bench-jpeg-")), args.as_jpeg)
-    baseline, wanted_per_image, wanted_throughput = SUITES[args.suite]
-    variants, skipped = {}, {}
-    for v in (*wanted_per_image, *wanted_throughput):
-        try:
-            variants[v] = open_variant(v, args.model, args.threads)
-        except Exception as e:  # each backend fails in its own way where it cannot run; report, don't crash
-            skipped[v] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            print(f"  {v} skipped: {skipped[v]}", file=sys.stderr)
-    if baseline not in variants:
-        print(f"error: the baseline {baseline} cannot run here: {skipped[baseline]}", file=sys.stderr)
-        return 1
-    per_image = [v for v in wanted_per_image if v in variants]
-    throughput = [v for v in wanted_throughput if v in variants]
-    for v in per_image:
-        for p in images[: args.warmup]:
-            variants[v].run(p)
-    probs: dict[str, list[float]] = {v: [] for v in per_image}  # first pass: fidelity against the baseline
-    for v in throughput:  # the whole list once: every batch shape (and a GPU's per-shape tuning) is seen
-        variants[v].run_all(images)
-
-    times: dict[str, tuple[list[float], dict[str, list[float]]]] = {v: ([], {}) for v in variants}
-    n = len(images) * args.repeats
-    print(f"timing {len(per_image)} per-image variants on {len(images)} images x {args.repeats} repeats "
-          f"({args.threads} threads) ...", file=sys.stderr)
-    for rep in range(args.repeats):
-        for i, p in enumerate(images):
-            order = per_image if (i + rep) % 2 == 0 else per_image[::-1]  # alternate who goes first
-            for v in order:
-                t0 = time.perf_counter()
-                stages, prob = variants[v].run(p)
-                times[v][0].append(time.perf_counter() - t0)
-                if rep == 0:
-                    probs[v].append(prob)
-                for k, sec in stages.items():
-                    times[v][1].setdefault(k, []).append(sec)
-            print(f"\r  {rep * len(images) + i + 1}/{n} images", end="", file=sys.stderr)
-        for v in throughput:
-            t0 = time.perf_counter()
-            variants[v].run_all(images)
-            times[v][0].append((time.perf_counter() - t0) / len(images))
-    print(file=sys.stderr)
-
+    paths = [p for p in (args.paths or ("none" if args.suite == "gpu" else ",".join(PATH_NAMES))).split(",")
+             if p and p != "none"]
+    if unknown := set(paths) - set(PATH_NAMES):
+        ap.error(f"--paths: unknown {', '.join(sorted(unknown))}; known: {', '.join(PATH_NAMES)}")
     m = machine()
-    result = {"machine": m, "suite": args.suite, "model": str(args.model), "images": len(images),
-              "format": f"JPEG quality {args.as_jpeg} copies" if args.as_jpeg is not None else "as given",
-              "repeats": args.repeats, "warmup_images": args.warmup, "threads": args.threads, "baseline": baseline,
-              "variants": {v: summarise(*times[v]) for v in variants}, "skipped": skipped}
-    for v in per_image:
-        fid = compare({"probability": np.asarray(probs[baseline])}, {"probability": np.asarray(probs[v])},
-                      variants[v].precision, variants[baseline].keep.contract.threshold, v)
-        result["variants"][v]["fidelity"] = {"precision": fid.precision, "probability_max_abs": fid.outputs[0].max_abs,
-                                             "label_agreement": fid.label_agreement, "flips": fid.flips,
-                                             "label_differences": fid.flips + fid.in_band_flips,
-                                             "within_tolerance": fid.ok}
-    for v in variants:  # the share of fields re-checked at FP32 (a faster tier's borderline fields)
-        n = variants[v].fields
-        if n.get("classified"):
-            result["variants"][v]["recheck_share"] = n["rechecked"] / n["classified"]
-    for v in throughput:
-        result["variants"][v]["note"] = "folder throughput: the whole list per call; ms are per image, amortised"
-    base_p50 = result["variants"][baseline]["p50_ms"]
-    folder_p50 = result["variants"].get(f"{baseline}_folder", {}).get("p50_ms", base_p50)
-    for v, r in result["variants"].items():  # folder variants against the baseline's own folder time
-        r["speedup_vs_baseline"] = (folder_p50 if v in throughput else base_p50) / r["p50_ms"]
-    if RUNTIME_TRT_FP16 in variants:
-        result["tensor_core_floor"] = tensor_core_floor(variants[RUNTIME_TRT_FP16], m["gpu"], args.fp16_tflops)
-    if not args.no_memory:
-        print("measuring peak RSS per variant (one child process each) ...", file=sys.stderr)
-        for v in variants:
-            result["variants"][v]["peak_rss_mb"] = peak_rss(v, args.model, args.threads, images[:8])
-    print(table(result))
-    write_json(args.json, result)
-    if args.json:
-        print(f"wrote {args.json}", file=sys.stderr)
+    results = []
+    for k in range(args.runs):
+        if args.runs > 1:
+            print(f"run {k + 1} of {args.runs}", file=sys.stderr)
+        results.append(one_run(args, argv, images, paths, m))
+        if results[-1]["baseline"] not in results[-1]["rows"]:
+            return 1
+        print(table(results[-1]))
+        out = args.json if k == 0 or args.json is None else second_path(args.json) if k == 1 else \
+            args.json.with_suffix(f".run{k + 1}.json")
+        write_json(out, results[-1])
+        if out:
+            print(f"wrote {out}", file=sys.stderr)
+    if len(results) > 1:
+        print(compare_text(results[0], results[1]))
+    if args.doc:
+        return report_main(["--write", *(["--first", str(args.json)] if args.json else [])])
     return 0
 
 
-def table(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"{m['gpu'] or m['cpu']}, {m['cores']} cores; {result['images']} images x {result['repeats']} "
-             f"repeats, {result['threads']} threads",
-             f"{'variant':40s} {'p50 ms':>8s} {'p95 ms':>8s} {'img/s':>7s} {'pre ms':>7s} {'inf ms':>7s} "
-             f"{'RSS MB':>7s} {'speedup':>8s} {'max|d|p':>8s} {'labels':>7s} {'rechk':>6s}"]
+def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path], paths: list[str],
+            m: dict) -> dict:
+    """Every phase once per round, one after another, each in its own process; the run's result."""
+    baseline, wanted_per_image, wanted_folder = SUITES[args.suite]
+    if args.variants:
+        chosen = args.variants.split(",")
+        wanted_per_image = tuple(v for v in wanted_per_image if v in chosen or v == baseline)
+        wanted_folder = tuple(v for v in wanted_folder if v in chosen)
+    common = {"model": str(args.model), "images": [str(p) for p in images], "threads": args.threads,
+              "repeats": args.repeats, "warmup": args.warmup, "suite": args.suite, "gpu": m["gpu"],
+              "fp16_tflops": args.fp16_tflops}
+    # one table of phases: the suite's variants image by image, as folders, then the product's paths
+    phases = [("per-image", v) for v in wanted_per_image] + [("folder", v) for v in wanted_folder] + \
+        [("path", p) for p in paths]
+    raw: dict[str, list[dict[str, Any]]] = {}
+    kinds: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    load = [os.getloadavg()[0]]
+    started = time.time()
 
-    def f(x: float | None, fmt: str) -> str:
-        return format(x, fmt) if x is not None else "-"
+    def run(kind: str, name: str) -> None:
+        if name in skipped:
+            return
+        t0 = time.perf_counter()
+        print(f"  {kind} {name} ...", end="", flush=True, file=sys.stderr)
+        try:
+            got = run_phase(common | {"kind": kind, "name": name})
+        except Exception as e:  # noqa: BLE001 (a phase that cannot run here is reported, and the run goes on)
+            skipped[name] = f"{type(e).__name__}: {e}"
+            print(f" skipped: {skipped[name]}", file=sys.stderr)
+            return
+        for row_name, r in got.items():
+            raw.setdefault(row_name, []).append(r)
+            kinds[row_name] = kind
+        print(f" {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
-    for v, r in result["variants"].items():
-        st = {k: x["p50"] for k, x in r["stages_ms"].items()}
-        pre = sum(x for k, x in st.items() if k != "inference") if st else None
-        lines.append(f"{v:40s} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['images_per_s']:7.2f} "
-                     f"{f(pre, '7.1f'):>7s} {f(st.get('inference'), '7.1f'):>7s} "
-                     f"{f(r.get('peak_rss_mb'), '7.0f'):>7s} {r['speedup_vs_baseline']:7.2f}x "
-                     f"{f(r.get('fidelity', {}).get('probability_max_abs'), '8.1e'):>8s} "
-                     f"{f(r.get('fidelity', {}).get('label_agreement'), '7.1%'):>7s} "
-                     f"{f(r.get('recheck_share'), '6.1%'):>6s}")
-    lines += [f"{v:40s} skipped: {why}" for v, why in result["skipped"].items()]
-    lines.append("max|d|p, labels: per-image variants' probabilities against the baseline's on the same images; "
-                 "rechk: share of fields re-checked at fp32")
-    if "tensor_core_floor" in result:
-        lines.append(f"tensor-core floor: {json.dumps(result['tensor_core_floor'])}")
-    return "\n".join(lines)
+    print(f"{len(phases)} phases on {len(images)} images, {args.rounds} rounds of {args.repeats} pass(es) each "
+          f"({args.threads} threads), each phase in its own process:", file=sys.stderr)
+    for k in range(args.rounds):  # round by round, every other round backwards (A B C, C B A, ...): a steady drift
+        print(f" round {k + 1} of {args.rounds}", file=sys.stderr)  # of the machine's speed hits every phase alike
+        for kind, name in phases if k % 2 == 0 else phases[::-1]:
+            run(kind, name)
+
+    def finished(n: str) -> dict[str, Any]:
+        r = merge(raw[n]) | {"kind": kinds[n]}
+        r["how"] |= {"process": "its own child process (python -m benchmarks.phase) per round, nothing else running",
+                     "threads": args.threads, "warmup": args.warmup, "passes_per_round": args.repeats,
+                     "samples": r["samples"], "images": r["images"]}
+        return r
+
+    # a row that failed in a later round is not a row (its rounds would not be comparable)
+    rows = {n: finished(n) for n, rs in raw.items() if len(rs) == args.rounds and n not in skipped}
+    if baseline not in rows:
+        print(f"error: the baseline {baseline} cannot run here: {skipped.get(baseline)}", file=sys.stderr)
+        return {"baseline": baseline, "rows": rows, "skipped": skipped}
+    # the image-by-image row at the tier the paths ran (`auto`'s), run now if the suite has none
+    tiers = {json.dumps(r["tier"], sort_keys=True) for r in rows.values() if r["kind"] == "path"}
+    reference = None
+    if tiers:
+        want = json.loads(min(tiers))
+        reference = next((n for n, r in rows.items() if r["kind"] == "per-image" and r["tier"] == want), None)
+        if reference is None:
+            for _ in range(args.rounds):
+                run("per-image", RUNTIME_AUTO)
+            if RUNTIME_AUTO in raw and RUNTIME_AUTO not in skipped:  # its rounds back to back, after the others
+                rows[RUNTIME_AUTO] = finished(RUNTIME_AUTO)
+                reference = RUNTIME_AUTO
+    load.append(os.getloadavg()[0])
+    for name, r in rows.items():
+        same_tier = reference if r["kind"] == "path" else \
+            next((n for n, x in rows.items() if x["kind"] == "per-image" and x["tier"] == r["tier"]), None)
+        r["vs_baseline"] = ratio(rows[baseline], r)
+        r["vs_image_by_image"] = ratio(rows[same_tier], r) if same_tier and r["kind"] != "per-image" else None
+        r["image_by_image_row"] = same_tier if r["kind"] != "per-image" else None
+        if r["kind"] == "per-image" and name != baseline and "probabilities" in r:
+            r["fidelity"] = fidelity(rows[baseline], r, name)
+    for r in rows.values():
+        r.pop("probabilities", None)
+        r.pop("threshold", None)
+    result = {"date": time.strftime("%Y-%m-%d", time.gmtime(started)), "command": "python -m benchmarks " +
+              " ".join(argv if argv is not None else sys.argv[1:]), "machine": m,
+              "load_average_1min": {"start": load[0], "end": load[1]}, "wall_s": time.time() - started,
+              "suite": args.suite, "model": str(args.model), "images": len(images),
+              "format": f"JPEG quality {args.as_jpeg} copies" if args.as_jpeg is not None else "as given",
+              "repeats": args.repeats, "rounds": args.rounds, "warmup_images": args.warmup, "threads": args.threads,
+              "baseline": baseline, "image_by_image": reference, "rows": rows, "skipped": skipped}
+    if any(tiers) and len(tiers) > 1:
+        result["note"] = f"the paths ran different tiers: {sorted(tiers)}"
+    return result
 
 
 if __name__ == "__main__":

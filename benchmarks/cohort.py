@@ -11,6 +11,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from benchmarks.synthetic_slide import write_mosaic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.apps.cohort import main as cohort
+    from runtime.cohort import main as cohort
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cohort", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,13 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             write_mosaic(root / "in" / f"s{i}.tif", layout, levels=2)
         common = [str(root / "in"), "--backend", args.backend, "--no-progress", "--threads",
                   str(args.cpus_per_actor)] + (["--model", str(args.model)] if args.model else [])
-        runs = {"one process": []}
+        runs: dict[str, list[str]] = {"one process": []}
         ray.init(num_cpus=2 * args.cpus_per_actor, include_dashboard=False, log_to_driver=False)
         try:
             for actors in (1, 2):
                 runs[f"ray, {actors} actor{'s' * (actors > 1)}"] = ["--ray", "local", "--actors", str(actors),
                                                                    "--cpus-per-actor", str(args.cpus_per_actor)]
-            results = {}
+            results: dict[str, dict[str, Any]] = {}
             for name, extra in runs.items():
                 out = root / name.replace(" ", "-").replace(",", "")
                 t0 = time.perf_counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -35,7 +36,7 @@ def write_mosaic(path: Path, layout: Sequence[Sequence[Path | None]], levels: in
             scaled = {p: cv2.resize(c, (cw, ch), interpolation=cv2.INTER_AREA) if d > 1 else c
                       for p, c in cells.items()}
             shape = (rows * ch, cols * cw, 3)
-            kw = {"subifds": levels - 1, "description": desc} if lv == 0 else {"subfiletype": 1}
+            kw: dict[str, Any] = {"subifds": levels - 1, "description": desc} if lv == 0 else {"subfiletype": 1}
             if mpp:
                 kw |= {"resolution": (1e4 / (mpp * d), 1e4 / (mpp * d)), "resolutionunit": "CENTIMETER"}
             tw.write(_tiles(layout, scaled, ch, cw, shape, tile), shape=shape, dtype=np.uint8, tile=(tile, tile),

@@ -3,32 +3,108 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from benchmarks.stats import merge, summarise
 from tests.conftest import run_module
 
 
-def test_benchmark_json_schema(model_dir, shared_data, tmp_path):
+def test_benchmark_runs_every_path_each_phase_alone_against_the_same_images(model_dir, shared_data, tmp_path):
+    """One small run of the runner (2 images, 1 pass): a row for every path the product runs and for each variant,
+    each taken in its own process and saying how, every ratio a ratio of means against the right row."""
+    import importlib.util
+
     out = tmp_path / "bench.json"
     proc = run_module("benchmarks", "--images", str(shared_data / "breakhis-100x"), "--model", str(model_dir),
-                      "--limit", "2", "--repeats", "1", "--warmup", "1", "--json", str(out))
+                      "--limit", "2", "--rounds", "1", "--repeats", "1", "--warmup", "1", "--variants",
+                      "runtime_onnxruntime_cpu,runtime_onnxruntime_cpu_batch4,runtime_onnxruntime_cpu_int8",
+                      "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
-    bf16 = {"runtime_openvino_cpu_bf16", "runtime_openvino_cpu_bf16_folder",  # where the model has the variant
-            "runtime_openvino_cpu_bf16_recheck_off"}
-    assert set(res["variants"]) - bf16 == {"baseline_pytorch_fp32_eager", "runtime_onnxruntime_cpu",
-                                           "baseline_pytorch_fp32_eager_folder", "runtime_onnxruntime_cpu_folder",
-                                           "runtime_onnxruntime_cpu_batch4"}
+    rows = res["rows"]
+    paths = {"folder", "watch burst", "slide", "server, 1 client", "server, 8 clients", "cohort, one process"}
+    if importlib.util.find_spec("ray") is not None:
+        paths.add("cohort, ray 2 actors")
+    assert paths <= set(rows), sorted(rows)
+    assert {"baseline_pytorch_fp32_eager", "runtime_onnxruntime_cpu", "runtime_onnxruntime_cpu_batch4"} <= set(rows)
     assert "no int8 variant" in res["skipped"]["runtime_onnxruntime_cpu_int8"]
-    fid = res["variants"]["runtime_onnxruntime_cpu"]["fidelity"]
+    ref = res["image_by_image"]  # the paths' image-by-image row: the per-image row at the tier they ran
+    assert rows[ref]["kind"] == "per-image"
+    for name, r in rows.items():
+        how = r["how"]
+        assert "own child process" in how["process"] and how["threads"] > 0 and how["warmup"] == 1, name
+        assert r["mean_ms"] > 0 and r["vs_baseline"] > 0, name
+        assert r["peak_rss_mb"] is None if "ray" in name else r["peak_rss_mb"] > 40, name  # Ray's actors: elsewhere
+        assert abs(r["vs_baseline"] - rows["baseline_pytorch_fp32_eager"]["mean_ms"] / r["mean_ms"]) < 1e-9, name
+        if r["kind"] == "path":
+            assert r["tier"] == rows[ref]["tier"] and r["image_by_image_row"] == ref, name
+            assert abs(r["vs_image_by_image"] - rows[ref]["mean_ms"] / r["mean_ms"]) < 1e-9, name
+        if r["samples"]:  # summarised the same way wherever there are per-image samples
+            assert r["p95_ms"] >= r["p50_ms"] > 0 and r["spread"] is not None, name
+    assert rows["slide"]["images"] == 2 and rows["watch burst"]["samples"] == 1  # result to result, one burst of 2
+    assert rows["server, 8 clients"]["samples"] == 8  # at least one request per client
+    assert rows["runtime_onnxruntime_cpu_batch4"]["image_by_image_row"] == "runtime_onnxruntime_cpu"
+    fid = rows["runtime_onnxruntime_cpu"]["fidelity"]
     assert fid["precision"] == "fp32" and fid["label_agreement"] == 1.0 and fid["probability_max_abs"] <= 1e-5
-    assert fid["label_differences"] == 0 and res["variants"]["runtime_onnxruntime_cpu"]["recheck_share"] == 0.0
-    for v in res["variants"].values():
-        assert v["p50_ms"] > 0 and v["p95_ms"] >= v["p50_ms"] and v["speedup_vs_baseline"] > 0
-        assert v["peak_rss_mb"] > 50
-    stages = res["variants"]["runtime_onnxruntime_cpu"]["stages_ms"]
+    assert fid["label_differences"] == 0 and rows["runtime_onnxruntime_cpu"]["recheck_share"] == 0.0
+    stages = rows["runtime_onnxruntime_cpu"]["stages_ms"]
     assert set(stages) == {"decode", "quality", "preprocess", "inference"}  # the quality check's cost reported
-    assert stages["decode"]["p99"] >= stages["decode"]["p50"]
-    assert res["variants"]["baseline_pytorch_fp32_eager"]["speedup_vs_baseline"] == 1.0
-    assert "speedup" in proc.stdout
+    assert rows["baseline_pytorch_fp32_eager"]["vs_baseline"] == 1.0
+    assert "vs 1by1" in proc.stdout
+
+
+def test_performance_doc_tables_are_what_the_committed_json_makes():
+    """docs/performance.md's generated section equals what benchmarks.report makes from the committed JSON."""
+    from benchmarks import report
+
+    doc = report.DOC.read_text()
+    assert report.BEGIN in doc and report.END in doc
+    assert report.render(doc, report.generated()) == doc, "run: python -m benchmarks.report --write"
+    first = json.loads(report.FIRST.read_text())
+    for name, r in first["rows"].items():  # every row of the committed run is in the doc, with its mean
+        assert f"| {name} | {r['kind']} |" in doc and f"| {r['mean_ms']:.1f} |" in doc
+
+
+def test_report_compares_two_runs_ratio_by_ratio(tmp_path):
+    """--compare prints each ratio in both runs and how much they differ (a run 10 % faster on one row shows 10 %)."""
+    from benchmarks import report
+
+    a = json.loads(report.FIRST.read_text())
+    b = json.loads(report.FIRST.read_text())
+    name = next(n for n, r in b["rows"].items() if r["vs_image_by_image"])
+    b["rows"][name]["vs_image_by_image"] *= 1.1
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    proc = run_module("benchmarks.report", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                      check=True)
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(name) and "vs_image_by_image" in ln)
+    assert line.split()[-1] == "10.0%"
+    assert "largest difference of a ratio 10.0%" in proc.stdout
+
+
+def test_summaries_refuse_nan_and_empty_samples():
+    """A NaN or inf time is an error, never a figure."""
+    for bad in ([0.1, float("nan")], [float("inf")], []):
+        with pytest.raises(ValueError):
+            summarise(bad)
+    with pytest.raises(ValueError):
+        summarise([], 4, float("nan"))
+    assert summarise([0.1, 0.3])["mean_ms"] == 200.0
+
+
+def test_rounds_merge_into_one_row_summarised_over_all_samples():
+    """Each round is a fresh process; a row is every round's samples together, its CPU time over all its images."""
+    def raw(samples, cpu, rss, **kw):
+        return {"how": "h", "tier": {"backend": "b"}, "images": len(samples), "samples_s": samples, "net_s": None,
+                "cpu_s": cpu, "peak_rss_mb": rss, "round": kw}
+
+    r = merge([raw([0.1, 0.2], 0.4, 300.0, first=1), raw([0.3, 0.4], 0.8, 350.0, first=2)])
+    assert r["samples"] == 4 and r["images"] == 4 and abs(r["mean_ms"] - 250.0) < 1e-9
+    assert abs(r["cpu_ms"] - 300.0) < 1e-9 and r["peak_rss_mb"] == 350.0 and r["how"]["rounds"] == 2
+    assert r["rounds"] == [{"first": 1}, {"first": 2}]
+    whole = merge([{**raw([], 0.5, None), "images": 4, "net_s": 2.0}, {**raw([], None, None), "images": 4,
+                                                                       "net_s": 6.0}])
+    assert whole["mean_ms"] == 1000.0 and whole["p50_ms"] is None and whole["cpu_ms"] is None
 
 
 def test_device_check_dry_run_plans_every_gpu_step(tmp_path):

@@ -1,0 +1,59 @@
+"""One way to summarise every row of the benchmark, per-image or folder or server alike: samples are seconds per
+image (an image's own time where images run one by one, the time from one result to the next where a pipeline
+overlaps them), summarised as mean, p50, p95 and the spread (standard deviation / mean). Ratios between rows are
+always ratios of the mean, the statistic that adds up to the wall time of the images."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def summarise(samples_s: Sequence[float], images: int | None = None, wall_s: float | None = None) -> dict:
+    """mean/p50/p95/std in ms and spread of per-image samples. ``wall_s`` and ``images``, where the row has no
+    per-image samples (a slide or a cohort timed whole), give the mean alone."""
+    if wall_s is not None:
+        if not images or not np.isfinite(wall_s) or wall_s <= 0:
+            raise ValueError(f"a timed row needs images > 0 and a finite wall time, not {images} and {wall_s}")
+        return {"mean_ms": wall_s / images * 1e3, "p50_ms": None, "p95_ms": None, "std_ms": None, "spread": None,
+                "samples": 0, "images": images}
+    ms = np.asarray(samples_s, dtype=float) * 1e3
+    if ms.size == 0 or not np.isfinite(ms).all():
+        raise ValueError("a timed row needs finite samples")
+    mean = float(ms.mean())
+    std = float(ms.std(ddof=1)) if ms.size > 1 else 0.0
+    return {"mean_ms": mean, "p50_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)), "std_ms": std,
+            "spread": std / mean if mean > 0 else None, "samples": int(ms.size), "images": images or int(ms.size)}
+
+
+def ratio(reference: dict | None, row: dict) -> float | None:
+    """How many times faster ``row`` is than ``reference`` per image: the ratio of their means (>1: faster)."""
+    if reference is None or not row.get("mean_ms"):
+        return None
+    return reference["mean_ms"] / row["mean_ms"]
+
+
+def merge(rounds: list[dict]) -> dict:
+    """One row from a phase's raw rows, one per round (each round a fresh process): the samples of every round
+    summarised together, the CPU time per image over all of them, the largest peak RSS; per-round extras kept."""
+    first = rounds[0]
+    images = sum(r["images"] for r in rounds)
+    samples = [s for r in rounds for s in r["samples_s"]]
+    stats = summarise(samples, images) if samples else summarise([], images, sum(r["net_s"] for r in rounds))
+    cpu = [r["cpu_s"] for r in rounds]
+    rss = [r["peak_rss_mb"] for r in rounds]
+    out = {"how": {"method": first["how"], "rounds": len(rounds)}, "tier": first["tier"], **stats,
+           "cpu_ms": sum(cpu) / images * 1e3 if None not in cpu else None,
+           "peak_rss_mb": max(rss) if None not in rss else None}
+    if "stage_s" in first:
+        out["stages_ms"] = {k: {f"p{q}": float(np.percentile(np.concatenate([r["stage_s"][k] for r in rounds]) * 1e3,
+                                                             q)) for q in (50, 95, 99)} for k in first["stage_s"]}
+    classified = sum(r.get("fields", {}).get("classified", 0) for r in rounds)
+    if classified:
+        out["recheck_share"] = sum(r["fields"]["rechecked"] for r in rounds) / classified
+    for k in ("precision", "probabilities", "threshold"):  # the first round's, for the fidelity columns
+        if k in first:
+            out[k] = first[k]
+    if any(r["round"] for r in rounds):
+        out["rounds"] = [r["round"] for r in rounds]
+    return out
