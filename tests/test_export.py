@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -121,6 +122,29 @@ def test_the_export_key_changes_with_every_input_it_names(model_dir, shared_data
                export_key(prov, few, opts),  # other gate images
                export_key(prov, images, opts | {"gate_count": 8}), export_key(prov, images, opts | {"variants": []})]
     assert len({key, *changed}) == 5
+
+
+def test_the_export_key_covers_every_module_an_export_imports():
+    """The key's code is export/ and the runtime/ modules an export can import (export/cache.py: ``code_files``,
+    which reads the imports inside functions too from the source): every module that importing each of export/'s
+    modules loads is in it, none of them imports by a computed name, and what only people run (apps, slides,
+    cohorts) is not, so moving those re-exports nothing."""
+    from export.cache import code_files
+
+    files = {p.relative_to(REPO).as_posix() for p in code_files()}
+    script = ("import importlib, pathlib, sys\n"
+              "for f in sorted(pathlib.Path('export').glob('*.py')): importlib.import_module(f'export.{f.stem}')\n"
+              "print(*(getattr(m, '__file__', None) for n, m in list(sys.modules.items()) if n.split('.')[0] in "
+              "('export', 'runtime')))")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                            check=True).stdout.split()
+    loaded_rel = {Path(f).resolve().relative_to(REPO).as_posix() for f in loaded}
+    assert "runtime/pipeline/classifier.py" in loaded_rel and loaded_rel <= files, loaded_rel - files
+    for f in files:
+        text = (REPO / f).read_text()
+        assert "import_module(" not in text and "__import__(" not in text, f
+    assert not any(f.startswith(("runtime/apps/", "runtime/slides/", "runtime/cohorts/")) for f in files), files
+    assert {"runtime/pipeline/quality.py", "runtime/backends/trt_build.py", "export/cache.py"} <= files
 
 
 def test_the_exported_graph_has_no_shape_arithmetic(model_dir):
