@@ -12,7 +12,7 @@ PyTriton 0.7.0 pins numpy<2: it runs in its own environment, .venv-triton, which
 project's .venv, this command moves itself there).
 
 Locked by default, with the rules of runtime.serve: the token comes from --access-token-file, read by the same
-reader (runtime/apps/auth.py: one token of at least 16 printable characters without spaces), else a random one
+reader (runtime/serving/auth.py: one token of at least 16 printable characters without spaces), else a random one
 written to a file only this user can read (its path is printed, never the token); PyTriton guards Triton's
 model-repository, shared-memory, statistics, trace and logging APIs with it, and --restrict-inference its
 inference, metadata and model-config APIs too. Binding to anything but loopback is refused unless
@@ -41,13 +41,13 @@ from typing import Any
 # Runs in .venv-triton, which has the model's runtimes but not the image libraries: nothing here may import
 # runtime.io or runtime.apps.options (tests/test_triton.py starts it there).
 from runtime.apps import triton_workspace
-from runtime.apps.auth import AuthError, check_binding, read_tokens, readable_warning
 from runtime.backends.choose import BACKENDS, open_backend, reference_for
 from runtime.errors import BreakhisError, Unavailable, report
 from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir
 from runtime.model.precisions import CHOICES
 from runtime.model.served import DEFAULT_NAME, Served, served_name
+from runtime.serving.auth import AuthError, check_binding, read_tokens, readable_warning
 
 REPO = Path(__file__).resolve().parents[2]
 # made by setup.sh: nvidia-pytriton with numpy<2, onnxruntime, openvino ($BREAKHIS_TRITON_VENV: another one)
@@ -188,7 +188,7 @@ def access_token(path: Path | None) -> str | None:
     if path is None:
         return None
     tokens = read_tokens(path)
-    warning = readable_warning(path)  # the token files' one rule (runtime/apps/auth.py)
+    warning = readable_warning(path)  # the token files' one rule (runtime/serving/auth.py)
     if warning:
         print(warning, file=sys.stderr)
     if len(tokens) != 1:
@@ -204,7 +204,7 @@ def is_loopback(host: str) -> bool:
 
 
 def check_host(args: argparse.Namespace) -> str | None:
-    """runtime.serve's rule for binding (runtime/apps/auth.py): beyond loopback only where the inference API needs
+    """runtime.serve's rule for binding (runtime/serving/auth.py): beyond loopback only where the inference API needs
     the token (--restrict-inference with --access-token-file), or with --insecure-no-auth (a warning); a warning
     too where the token would cross a network in clear text."""
     local, locked = is_loopback(args.host), args.restrict_inference and args.access_token_file is not None
