@@ -112,8 +112,8 @@ def test_import_graph_has_no_circle_and_runtime_never_imports_export():
 
 # runtime's floors, lowest first: a module imports only from its own package or from a lower floor (docs/design.md)
 FLOORS = (("runtime.errors",), ("runtime.model",), ("runtime.io",), ("runtime.gpu",), ("runtime.backends",),
-          ("runtime.pipeline",), ("runtime.slides",), ("runtime.cohorts",), ("runtime.serving", "runtime.triton"),
-          ("runtime.apps",),
+          ("runtime.pipeline",), ("runtime.slides",), ("runtime.cohorts",), ("runtime.serving", "runtime.triton",
+          "runtime.watchfolder"), ("runtime.apps",),
           ("runtime.classify", "runtime.serve", "runtime.triton_server", "runtime.watch", "runtime.slide",
            "runtime.cohort"))
 

@@ -200,7 +200,7 @@ class _Answers:
 
 
 def test_a_touched_unchanged_file_and_a_vanished_one_leave_nothing_pending(images_100x, tmp_path):
-    from runtime.apps.watch import Watcher
+    from runtime.watchfolder.watcher import Watcher
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()
