@@ -138,6 +138,21 @@ def test_no_runtime_import_climbs_to_a_higher_floor():
     assert climbing == []
 
 
+def test_apps_holds_only_entry_points():
+    """runtime/apps/ keeps argument parsing, progress, exit codes and the HTTP routes (issue 38): no module over 300
+    lines, the folder at most 1,700, and no class defined there (what a class would hold, a slide, a pool, a queue,
+    a watcher, belongs to the package whose job it is)."""
+    import ast
+
+    from tests.conftest import REPO
+
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (REPO / "runtime" / "apps").glob("*.py")}
+    assert max(sizes.values()) <= 300 and sum(sizes.values()) <= 1700, sizes
+    classes = [f"{p.name}: {n.name}" for p in (REPO / "runtime" / "apps").glob("*.py")
+               for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ClassDef)]
+    assert classes == []
+
+
 def test_auto_preprocessing_falls_back_to_the_cpu_with_a_note_when_the_kernel_cannot_run():
     """A runtime-only box: a GPU backend, but no nvcc to build the kernel (or no pycuda): the CPU path, said so."""
     from export.model import CONTRACT
