@@ -174,14 +174,14 @@ def _borderline(clf: Classifier, images: list, want: list) -> tuple[list[np.ndar
     raise AssertionError("no blend of the shared images lies on the threshold")
 
 
-def test_trained_model_labels_equal_fp32_on_every_shared_image_with_the_recheck(trained_dir, images_100x,
-                                                                             trained_fp32):
+def test_trained_model_labels_equal_fp32_on_every_shared_image_with_the_recheck(trained_dir, images_100x, request):
     """The trained model's faster tier here (auto: FP16 on a GPU, BF16 on OpenVINO where this CPU has native BF16):
     with the re-check on, every field's and image's label is FP32's on the 48 shared images and on fields made to
     sit on the threshold, each of which is re-checked; a re-checked field's probability is FP32's."""
     with Classifier(trained_dir) as clf:
         if clf.backend.precision == "fp32":
             pytest.skip(f"no faster tier on this machine ({'; '.join(clf.model_info.backend_notes)})")
+        trained_fp32 = request.getfixturevalue("trained_fp32")  # made only where the test runs (45 s on 2 cores)
         want = list(trained_fp32.results)
         edge, at_edge = _borderline(trained_fp32.clf, images_100x, [r.probability for r in want])
         want.append(at_edge)
