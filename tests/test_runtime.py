@@ -126,7 +126,8 @@ def _floor(module):
 
 def test_no_runtime_import_climbs_to_a_higher_floor():
     """gpu, backends, io and model never import pipeline, slides, cohorts or apps; slides and cohorts never import
-    apps; only the entry points import apps. Each arrow that climbs is named."""
+    the servers' machinery (serving, triton), the watch folder or apps; those never import apps; only the entry points
+    import apps. Each arrow that climbs is named."""
     from tests.conftest import REPO
 
     modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
