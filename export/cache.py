@@ -8,6 +8,7 @@ fresh clone starts without one); at most ``KEEP`` entries (~200 MB each), oldest
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -118,11 +119,50 @@ def store(key: str, out_dir: Path, log: Any = print) -> None:
 
 
 def _code_sha256() -> str:
+    """sha256 of the code an export can run: every module of export/ and every runtime/ module they can import,
+    directly or through each other (``code_files``)."""
     h = hashlib.sha256()
-    for pkg in ("export", "runtime"):
-        for p in sorted((REPO / pkg).rglob("*.py")):
-            h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
+    for p in code_files():
+        h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def code_files() -> list[Path]:
+    """export/*.py and the closure of runtime/ modules named by any import statement in them (at module level or
+    inside a function: every import that could run), with each package's ``__init__.py`` on the way. A runtime/
+    module outside it (the apps, slides, cohorts) is never imported by an export, so it cannot change one; nothing
+    in export/ or runtime/ imports by a computed name, which ``test_the_export_key_covers_every_module_an_export_
+    imports`` checks."""
+    todo = sorted((REPO / "export").rglob("*.py"))
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in _imported_names(path):
+            parts = name.split(".")
+            if parts[0] not in ("export", "runtime"):
+                continue
+            for i in range(1, len(parts) + 1):  # each package on the way, and the module itself
+                base = REPO.joinpath(*parts[:i])
+                for candidate in (base / "__init__.py", base.with_suffix(".py")):
+                    if candidate.is_file() and candidate not in seen:
+                        todo.append(candidate)
+    return sorted(seen)
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Every module an import statement in ``path`` names; for ``from a.b import c`` both a.b and a.b.c (c may be
+    a module)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
 
 
 def _version(dist: str) -> str | None:

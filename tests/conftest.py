@@ -76,6 +76,21 @@ def trained_dir(tmp_path_factory: pytest.TempPathFactory, trained_checkpoint: Pa
     return out
 
 
+@pytest.fixture(scope="session")
+def trained_fp32(trained_dir: Path, images_100x: list[Path]):
+    """The trained model at FP32 on the CPU, the reference every faster path is judged against, open for the session
+    (``.clf``), and its results on the 48 shared images (``.results``, in ``images_100x``'s order): computed once
+    (about 45 s on a 2-core CPU) for every test that compares against them."""
+    from types import SimpleNamespace
+
+    from runtime.pipeline.classifier import Classifier
+
+    with Classifier(trained_dir, backend="cpu", precision="fp32") as clf:
+        results = clf.classify(images_100x)
+        assert all(r.error is None for r in results), [r.error for r in results if r.error]
+        yield SimpleNamespace(clf=clf, results=results)
+
+
 def run_module(module: str, *args: str, check: bool = False, env: dict | None = None,
                cwd: Path = REPO, cache: bool = False) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` as a user would; output captured as text. Exports use the export cache

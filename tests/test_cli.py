@@ -229,8 +229,8 @@ def test_a_backend_is_closed_when_the_gpu_preprocessor_then_fails(model_dir, mon
 
 
 def test_the_camera_overlay_uses_the_contracts_label(images_100x):
-    from runtime.apps.stream import GREEN, RED, annotate
     from runtime.pipeline.results import FieldResult, Result
+    from runtime.pipeline.stream import GREEN, RED, annotate
 
     frame = np.full((460, 700, 3), 255, np.uint8)
     field = FieldResult(0, 0, 0, 0, 460, 700, 6, 0.9, "Carcinoma")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,19 +47,6 @@ def test_fp16_structure_check_catches_fp32_conv(model_dir):
     assert any("not float16" in p for p in fp16_structure(onnx.load(str(model_dir / "model.onnx"))))
 
 
-def test_same_checkpoint_gives_byte_identical_onnx(model_dir, tmp_path, shared_data):
-    outs = []
-    for name in ("a", "b"):
-        out = tmp_path / name
-        run_module("export", "onnx", "--checkpoint", str(model_dir / "weights.pt"), "-o", str(out),
-                   "--parity-count", "1", "--gate-count", "1", "--parity-images", str(shared_data / "breakhis-100x"),
-                   "--variants", "fp16", "--no-cache", check=True)  # made twice, not reused
-        outs.append(out)
-    for f in ("model.onnx", "model.fp16.onnx"):
-        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
-    assert ModelDir.open(outs[0]).manifest.provenance.trained is True
-
-
 def test_mismatched_checkpoint_is_refused_with_every_problem(model_dir, tmp_path):
     sd = torch.load(model_dir / "weights.pt", weights_only=True)["state_dict"]
     del sd["head.dense.bias"]
@@ -81,6 +69,9 @@ def test_corrupt_checkpoint(tmp_path, content):
 
 
 def test_an_identical_export_is_reused_and_a_changed_or_damaged_one_is_made_again(model_dir, tmp_path, shared_data):
+    """The cache (export/cache.py) on the narrow model's checkpoint: made, reused under another description, made
+    anew where its entry is damaged; the two exports made without reuse are byte-identical (the export is
+    deterministic: the same checkpoint gives the same ONNX files)."""
     cache = tmp_path / "cache"
     env = {"BREAKHIS_EXPORT_CACHE": str(cache)}
     base = ["export", "onnx", "--checkpoint", str(model_dir / "weights.pt"), "--parity-count", "1", "--gate-count",
@@ -102,6 +93,9 @@ def test_an_identical_export_is_reused_and_a_changed_or_damaged_one_is_made_agai
     again = run_module(*args, "-o", str(tmp_path / "d"), env=env, check=True)
     assert "is damaged" in again.stderr and "reused" not in again.stderr
     assert ModelDir.open(tmp_path / "d").manifest.files == a.files  # made anew, the same bytes
+    for f in ("model.onnx", "model.fp16.onnx"):  # the same checkpoint, exported twice without reuse: byte-identical
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "d" / f).read_bytes(), f
+    assert a.provenance.trained is True  # a checkpoint given by path is taken as trained
 
 
 def test_the_export_key_changes_with_every_input_it_names(model_dir, shared_data, tmp_path):
@@ -121,6 +115,29 @@ def test_the_export_key_changes_with_every_input_it_names(model_dir, shared_data
                export_key(prov, few, opts),  # other gate images
                export_key(prov, images, opts | {"gate_count": 8}), export_key(prov, images, opts | {"variants": []})]
     assert len({key, *changed}) == 5
+
+
+def test_the_export_key_covers_every_module_an_export_imports():
+    """The key's code is export/ and the runtime/ modules an export can import (export/cache.py: ``code_files``,
+    which reads the imports inside functions too from the source): every module that importing each of export/'s
+    modules loads is in it, none of them imports by a computed name, and what only people run (apps, slides,
+    cohorts) is not, so moving those re-exports nothing."""
+    from export.cache import code_files
+
+    files = {p.relative_to(REPO).as_posix() for p in code_files()}
+    script = ("import importlib, pathlib, sys\n"
+              "for f in sorted(pathlib.Path('export').glob('*.py')): importlib.import_module(f'export.{f.stem}')\n"
+              "print(*(getattr(m, '__file__', None) for n, m in list(sys.modules.items()) if n.split('.')[0] in "
+              "('export', 'runtime')))")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                            check=True).stdout.split()
+    loaded_rel = {Path(f).resolve().relative_to(REPO).as_posix() for f in loaded}
+    assert "runtime/pipeline/classifier.py" in loaded_rel and loaded_rel <= files, loaded_rel - files
+    for f in files:
+        text = (REPO / f).read_text()
+        assert "import_module(" not in text and "__import__(" not in text, f
+    assert not any(f.startswith(("runtime/apps/", "runtime/slides/", "runtime/cohorts/")) for f in files), files
+    assert {"runtime/pipeline/quality.py", "runtime/backends/trt_build.py", "export/cache.py"} <= files
 
 
 def test_the_exported_graph_has_no_shape_arithmetic(model_dir):

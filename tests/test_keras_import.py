@@ -2,6 +2,7 @@
 imports without TensorFlow and the resulting ONNX model gives Keras `predict`'s probabilities on real images."""
 from __future__ import annotations
 
+import copy
 import shutil
 
 import h5py
@@ -11,7 +12,6 @@ import torch
 
 from export.keras_h5 import KerasImportError, import_pair
 from export.model import CONTRACT
-from export.reference import reference_model
 from runtime.io.decode import read_image
 from runtime.model.model_dir import ModelDir
 from runtime.model.preprocess import preprocess_image
@@ -22,10 +22,11 @@ km = pytest.importorskip("tests.keras_models")
 
 
 @pytest.fixture(scope="module")
-def keras_pair(tmp_path_factory):
-    """Keras models with random (seeded) weights and BatchNorm statistics unlike the identity, saved as .h5."""
+def keras_pair(tmp_path_factory, full_reference):
+    """Keras models with the seeded reference's weights (the session's, copied) and BatchNorm statistics unlike the
+    identity, saved as .h5."""
     fe, cls = km.feature_extractor(), km.sequence_classifier()
-    ref = reference_model(seed=7)
+    ref = copy.deepcopy(full_reference)
     with torch.no_grad():  # make the statistics clearly non-trivial and different per channel
         g = torch.Generator().manual_seed(3)
         for bn in (ref.encoder.bn, ref.head.bn):

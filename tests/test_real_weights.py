@@ -184,7 +184,7 @@ def test_default_model_is_the_trained_one_where_setup_exported_it(tmp_path, monk
     assert str(paths.default_model_dir()) == "/elsewhere"
 
 
-def test_trained_model_on_a_gpu_backend_keeps_every_label(trained_dir, images_100x):
+def test_trained_model_on_a_gpu_backend_keeps_every_label(trained_dir, images_100x, request):
     """Where onnxruntime-gpu and a GPU exist: the path that once printed NaN as "Benign" (ONNX Runtime CUDA, FP16,
     GPU preprocessing) against the CPU FP32 answers, through the one comparison."""
     from runtime.backends import ort
@@ -192,9 +192,9 @@ def test_trained_model_on_a_gpu_backend_keeps_every_label(trained_dir, images_10
 
     if not ort.cuda_available():
         pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
-    with Classifier(trained_dir, backend="onnxruntime-cuda") as g, \
-            Classifier(trained_dir, backend="cpu", precision="fp32") as c:
-        got, want = g.classify(images_100x), c.classify(images_100x)
+    trained_fp32 = request.getfixturevalue("trained_fp32")  # the session's FP32 answers, made only where needed
+    with Classifier(trained_dir, backend="onnxruntime-cuda") as g:
+        got, want = g.classify(images_100x), trained_fp32.results
         assert g.backend.precision == "fp16"
     assert all(r.error is None for r in got), [r.error for r in got if r.error]
     result = compare({"probability": np.array([r.probability for r in want])},

@@ -17,7 +17,7 @@ from runtime.model.manifest import ModelError, Variant
 from runtime.model.model_dir import ModelDir
 from runtime.model.precisions import PRECISIONS, band_from_logit, logit_bound_of, round_up
 from runtime.model.served import Served
-from runtime.pipeline.classifier import Classifier
+from runtime.pipeline.classifier import Classifier, Result
 from runtime.pipeline.preprocessors import CpuPreprocessor
 from runtime.pipeline.recheck import Recheck
 from runtime.pipeline.scheduler import FieldScheduler
@@ -145,10 +145,10 @@ def test_gate_judges_labels_outside_the_band_and_counts_the_fields_inside():
     assert not exact.ok and exact.in_band == 0 and exact.flips == 1
 
 
-def _borderline(clf: Classifier, images: list, want: list) -> list[np.ndarray]:
-    """A field made to sit on the threshold: a blend of the most benign-looking and the most malignant-looking
-    shared image (each one field: ``want`` holds their FP32 probabilities), the blend weight found at FP32 by regula
-    falsi on the logit (Illinois variant) until |p - threshold| < 0.002."""
+def _borderline(clf: Classifier, images: list, want: list) -> tuple[list[np.ndarray], Result]:
+    """A field made to sit on the threshold, and its FP32 result: a blend of the most benign-looking and the most
+    malignant-looking shared image (each one field: ``want`` holds their FP32 probabilities), the blend weight found
+    at FP32 by regula falsi on the logit (Illinois variant) until |p - threshold| < 0.002."""
     order, t = np.argsort(want), clf.contract.threshold
 
     def excess(p: float) -> float:  # logit(p) - logit(threshold), clipped away from 0 and 1
@@ -161,9 +161,10 @@ def _borderline(clf: Classifier, images: list, want: list) -> list[np.ndarray]:
     for _ in range(24):
         w = min(max(a - fa * (b - a) / (fb - fa), a + 1e-4), b - 1e-4)
         img = cv2.addWeighted(lo, 1 - w, hi, w, 0)
-        p = clf.classify([img])[0].probability
+        (result,) = clf.classify([img])
+        p = result.probability
         if abs(p - t) < 0.002:
-            return [img]
+            return [img], result
         if excess(p) < 0:
             a, fa = w, excess(p)
             fb, last = (fb / 2 if last < 0 else fb), -1
@@ -173,17 +174,17 @@ def _borderline(clf: Classifier, images: list, want: list) -> list[np.ndarray]:
     raise AssertionError("no blend of the shared images lies on the threshold")
 
 
-def test_trained_model_labels_equal_fp32_on_every_shared_image_with_the_recheck(trained_dir, images_100x):
+def test_trained_model_labels_equal_fp32_on_every_shared_image_with_the_recheck(trained_dir, images_100x, request):
     """The trained model's faster tier here (auto: FP16 on a GPU, BF16 on OpenVINO where this CPU has native BF16):
     with the re-check on, every field's and image's label is FP32's on the 48 shared images and on fields made to
     sit on the threshold, each of which is re-checked; a re-checked field's probability is FP32's."""
     with Classifier(trained_dir) as clf:
         if clf.backend.precision == "fp32":
             pytest.skip(f"no faster tier on this machine ({'; '.join(clf.model_info.backend_notes)})")
-        with Classifier(trained_dir, backend="cpu", precision="fp32") as ref:
-            want = ref.classify(images_100x)
-            edge = _borderline(ref, images_100x, [r.probability for r in want])
-            want += ref.classify(edge)
+        trained_fp32 = request.getfixturevalue("trained_fp32")  # made only where the test runs (45 s on 2 cores)
+        want = list(trained_fp32.results)
+        edge, at_edge = _borderline(trained_fp32.clf, images_100x, [r.probability for r in want])
+        want.append(at_edge)
         got = clf.classify([*images_100x, *edge])
         assert clf.recheck is not None and f"within {clf.recheck.band:.3g} of" in str(clf.model_info.recheck)
     for a, b in zip(got, want):

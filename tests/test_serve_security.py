@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from runtime.apps import auth
+from runtime.serving import auth
 from tests.test_serve import chromium_driver, multipart, start_server
 
 pytest.importorskip("fastapi", reason="fastapi not installed (setup.sh installs the serve extra)")
@@ -35,7 +35,7 @@ def get(url: str, token: str | None = None, context=None, data: bytes | None = N
 def token_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("auth") / "tokens"
     path.write_text(f"# the lab's microscopes\n{TOKEN}\nanother-token-for-bench-4-xyz\n")
-    path.chmod(0o644)  # readable by every local user: warned about, not refused (runtime/apps/auth.py says why)
+    path.chmod(0o644)  # readable by every local user: warned about, not refused (runtime/serving/auth.py says why)
     return path
 
 
@@ -170,7 +170,7 @@ def test_plain_http_beyond_loopback_with_tokens_is_warned_about():
 
 
 def test_allowed_host_is_enforced_on_wildcard_binds():
-    from runtime.apps.guard import allowed_hosts, host_allowed
+    from runtime.serving.guard import allowed_hosts, host_allowed
 
     for bind in ("0.0.0.0", "::"):
         hosts = allowed_hosts(bind, ["Microscope-3.lab"])
@@ -211,7 +211,7 @@ def test_malformed_host_or_origin_is_400_and_websockets_are_not_served(secured, 
 def test_the_guard_refuses_websockets_and_other_scopes():
     import asyncio
 
-    from runtime.apps.guard import Guard
+    from runtime.serving.guard import Guard
 
     reached = []
 

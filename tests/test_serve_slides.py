@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from benchmarks.synthetic_slide import write_mosaic
-from runtime.apps.slide_jobs import PREFIX, STALE_AGE_S
+from runtime.serving.slide_jobs import PREFIX, STALE_AGE_S
 from tests.test_serve import multipart, post, start_server
 from tests.test_serve_limits import SLOW_SERVER
 

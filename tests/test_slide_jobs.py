@@ -9,9 +9,9 @@ import time
 import pytest
 
 from benchmarks.synthetic_slide import write_mosaic
-from runtime.apps.request_queue import Batcher
-from runtime.apps.slide_jobs import SlideJobs
 from runtime.pipeline.classifier import Classifier
+from runtime.serving.request_queue import Batcher
+from runtime.serving.slide_jobs import SlideJobs
 
 OPTIONS = {"aggregate": "max", "top_k": 3, "tissue_mask": True, "scale": None}
 

@@ -111,7 +111,9 @@ def test_a_writer_pausing_beyond_settle_and_a_reused_name_are_classified_again(m
     inbox, out = tmp_path / "inbox", tmp_path / "results.jsonl"
     inbox.mkdir()
     proc = start(model_dir, inbox, out)
-    try:
+    try:  # the writer starts once the watch does (a start-up slower than its pause would see only the whole file)
+        said = iter(proc.stderr.readline, "")
+        assert any(line.startswith("watching") for line in said)
         w = _writer(inbox / "slow.png", images_100x[0].read_bytes(), pause=2.5)  # --settle is 0.6
         assert wait_for(lambda: len(lines(out)) >= 1)  # the half-written file, seen as settled
         w.wait()
@@ -200,7 +202,7 @@ class _Answers:
 
 
 def test_a_touched_unchanged_file_and_a_vanished_one_leave_nothing_pending(images_100x, tmp_path):
-    from runtime.apps.watch import Watcher
+    from runtime.watchfolder.watcher import Watcher
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()

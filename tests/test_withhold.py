@@ -112,7 +112,7 @@ def test_the_api_keeps_measures_and_flags_in_its_422(trained_dir, mosaics):
 
 
 def test_watch_records_say_no_verdict(withholding, mosaics, tmp_path):
-    from runtime.apps.watch import Watcher
+    from runtime.watchfolder.watcher import Watcher
 
     folder = tmp_path / "captures"
     folder.mkdir()

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except BreakhisError as e:
         return report(e)
     if args.camera is not None or args.video is not None:
-        from runtime.apps.stream import run_stream
+        from runtime.pipeline.stream import run_stream
 
         try:
             stats = run_stream(clf, args.camera if args.camera is not None else str(args.video), args.rate,

@@ -128,8 +128,8 @@ def triton_target(args: argparse.Namespace) -> TritonTarget:
 def read_secret(path: Path) -> str:
     """The text of a file of secrets (headers), read as a token file is: SystemExit naming the file where it cannot
     be read; a warning, not a refusal, where every local user may read it (the token files' rule and reasons,
-    runtime/apps/auth.py)."""
-    from runtime.apps.auth import readable_by_others
+    runtime/serving/auth.py)."""
+    from runtime.serving.auth import readable_by_others
 
     try:
         text = path.read_text("utf-8")

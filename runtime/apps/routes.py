@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
-from runtime.apps.api_contract import Aggregate, responses, upload
-from runtime.apps.connection import next_chunk
-from runtime.apps.guard import CLOSED
-from runtime.apps.request_queue import Busy
-from runtime.apps.service import NO_JOB, STATIC, UPLOAD_WAIT_S, Limits, Service
-from runtime.apps.slide_jobs import MAX_FACTOR, MIN_FACTOR, SlideRefused
-from runtime.apps.views import patch_views
 from runtime.io.decode import ImageTooLarge
 from runtime.io.inputs import ImageInput
 from runtime.io.scale import Scale
+from runtime.serving.api_contract import Aggregate, responses, upload
+from runtime.serving.connection import next_chunk
+from runtime.serving.guard import CLOSED
+from runtime.serving.request_queue import Busy
+from runtime.serving.service import NO_JOB, UPLOAD_WAIT_S, Limits, Service
+from runtime.serving.slide_jobs import MAX_FACTOR, MIN_FACTOR, SlideRefused
+from runtime.serving.views import patch_views
 
 routes = APIRouter()
+STATIC = Path(__file__).resolve().parent / "static"  # the page, its script and style
+
+
+def page_html(token: str) -> str:
+    """The page, with the token its script sends (another site's page cannot read it)."""
+    return (STATIC / "index.html").read_text().replace("{{TOKEN}}", token)
 
 
 def _service(request: Request) -> Service:
@@ -40,7 +47,7 @@ def busy(svc: Service, e: Exception | None = None) -> JSONResponse:
 
 @routes.get("/", response_class=HTMLResponse, responses=responses(page=True))
 def page(request: Request) -> str:
-    return _service(request).page
+    return page_html(_service(request).token)
 
 
 @routes.get("/static/{name}", include_in_schema=False)

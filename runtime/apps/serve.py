@@ -13,15 +13,15 @@
   GET  /v1/model      manifest: contract, provenance, trained, backend in use
   GET  /healthz       liveness
   GET  /metrics       request counts and latency percentiles
-  GET  /openapi.json  the API's contract (runtime.apps.api_contract)
+  GET  /openapi.json  the API's contract (runtime.serving.api_contract)
 
-This module does HTTP only: the classifier is owned by runtime.apps.request_queue's worker, the page's images come from
-runtime.apps.views. Limits: uploads above --max-upload-mb are refused while they stream in (413); images above
---max-pixels or --max-fields get 413; a full queue gets 503 with Retry-After; work whose client has gone is
+This module does HTTP only: the classifier is owned by runtime.serving.request_queue's worker, the page's images
+come from runtime.serving.views. Limits: uploads above --max-upload-mb are refused while they stream in (413); images
+above --max-pixels or --max-fields get 413; a full queue gets 503 with Retry-After; work whose client has gone is
 dropped; at most --max-uploads uploads are held at once (the memory bound), --max-connections connections are
-served, slow clients are cut off (runtime.apps.connection); a slide is refused (413) before any work when its scale
-or its field count is beyond the limits (runtime.apps.slide_jobs). Which requests get in, and the headers every
-answer carries (Content-Security-Policy, nosniff), is runtime.apps.guard's: Host names (DNS rebinding), bearer
+served, slow clients are cut off (runtime.serving.connection); a slide is refused (413) before any work when its
+scale or its field count is beyond the limits (runtime.serving.slide_jobs). Which requests get in, and the headers every
+answer carries (Content-Security-Policy, nosniff), is runtime.serving.guard's: Host names (DNS rebinding), bearer
 tokens (--token-file; the page asks for one once per tab), cross-origin POSTs. Binding to anything but loopback
 without a token is refused unless --insecure-no-auth says so; --tls-cert/--tls-key serve HTTPS.
 SIGTERM: stop accepting, finish the batch in progress, cancel what waits, remove slide uploads, exit 0.
@@ -38,12 +38,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from runtime.apps import api_contract, auth
-from runtime.apps.connection import BODY_CHUNK_TIMEOUT_S, HEADER_TIMEOUT_S, HeaderTimeoutProtocol
-from runtime.apps.guard import LOCAL_NAMES, WILDCARDS, Guard, allowed_hosts
-from runtime.apps.request_queue import Batcher
-from runtime.apps.routes import routes
-from runtime.apps.service import (
+from runtime.apps.routes import page_html, routes
+from runtime.pipeline.classifier import Classifier
+from runtime.serving import api_contract, auth
+from runtime.serving.connection import BODY_CHUNK_TIMEOUT_S, HEADER_TIMEOUT_S, HeaderTimeoutProtocol
+from runtime.serving.guard import LOCAL_NAMES, WILDCARDS, Guard, allowed_hosts
+from runtime.serving.request_queue import Batcher
+from runtime.serving.service import (
     DEFAULT_LIMITS,
     MAX_CONNECTIONS,
     MAX_PENDING_FIELDS,
@@ -55,8 +56,7 @@ from runtime.apps.service import (
     Limits,
     Service,
 )
-from runtime.apps.slide_jobs import SlideJobs
-from runtime.pipeline.classifier import Classifier
+from runtime.serving.slide_jobs import SlideJobs
 
 
 def create_app(clf: Classifier, limits: Limits = DEFAULT_LIMITS, hosts: set[str] | None = None,
@@ -83,7 +83,8 @@ def create_app(clf: Classifier, limits: Limits = DEFAULT_LIMITS, hosts: set[str]
     app.include_router(routes)
     app.state.service = svc
     app.add_middleware(Guard, hosts=allowed_hosts("127.0.0.1", []) if hosts is None else hosts,  # type: ignore
-                       wildcard=wildcard, token=svc.token, page=svc.page, record=record, bearer_tokens=tokens)
+                       wildcard=wildcard, token=svc.token, page=page_html(svc.token), record=record,
+                       bearer_tokens=tokens)
     return app
 
 

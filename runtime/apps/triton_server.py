@@ -12,7 +12,7 @@ PyTriton 0.7.0 pins numpy<2: it runs in its own environment, .venv-triton, which
 project's .venv, this command moves itself there).
 
 Locked by default, with the rules of runtime.serve: the token comes from --access-token-file, read by the same
-reader (runtime/apps/auth.py: one token of at least 16 printable characters without spaces), else a random one
+reader (runtime/serving/auth.py: one token of at least 16 printable characters without spaces), else a random one
 written to a file only this user can read (its path is printed, never the token); PyTriton guards Triton's
 model-repository, shared-memory, statistics, trace and logging APIs with it, and --restrict-inference its
 inference, metadata and model-config APIs too. Binding to anything but loopback is refused unless
@@ -20,7 +20,7 @@ inference, metadata and model-config APIs too. Binding to anything but loopback 
 0.7.0 hands the token to tritonserver on its command line only (other local users can read it with ps:
 docs/deploy.md says what to do). SIGTERM or Ctrl-C, to this process or its whole process group (as systemd and
 `timeout` send it), stops Triton within --exit-timeout and a few seconds: then what is left of its processes is
-killed and its shared memory, model folders and workspace are removed (runtime/apps/triton_workspace.py), as are
+killed and its shared memory, model folders and workspace are removed (runtime/triton/workspace.py), as are
 those of runs that were killed, at start.
 """
 from __future__ import annotations
@@ -30,9 +30,7 @@ import ipaddress
 import os
 import secrets
 import signal
-import socket
 import sys
-import sysconfig
 import threading
 import traceback
 from pathlib import Path
@@ -40,14 +38,15 @@ from typing import Any
 
 # Runs in .venv-triton, which has the model's runtimes but not the image libraries: nothing here may import
 # runtime.io or runtime.apps.options (tests/test_triton.py starts it there).
-from runtime.apps import triton_workspace
-from runtime.apps.auth import AuthError, check_binding, read_tokens, readable_warning
 from runtime.backends.choose import BACKENDS, open_backend, reference_for
-from runtime.errors import BreakhisError, Unavailable, report
+from runtime.errors import BreakhisError, report
 from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir
 from runtime.model.precisions import CHOICES
 from runtime.model.served import DEFAULT_NAME, Served, served_name
+from runtime.serving.auth import AuthError, check_binding, read_tokens, readable_warning
+from runtime.triton import workspace
+from runtime.triton.server import TritonServerUnavailable, bind_model, check_ports, finish, library_path, start
 
 REPO = Path(__file__).resolve().parents[2]
 # made by setup.sh: nvidia-pytriton with numpy<2, onnxruntime, openvino ($BREAKHIS_TRITON_VENV: another one)
@@ -55,10 +54,6 @@ TRITON_VENV = Path(os.environ.get("BREAKHIS_TRITON_VENV") or REPO / ".venv-trito
 PYTRITON = "nvidia-pytriton==0.7.0"
 MOVED = "BREAKHIS_TRITON_MOVED"  # set in the environment of the command started again in .venv-triton
 STOP_GRACE_S = 5  # after Triton's --exit-timeout, the time left for unloading and PyTriton's cleanup; then killed
-
-
-class TritonServerUnavailable(Unavailable):
-    """PyTriton cannot run here, or a port it needs is taken; the message says which and what to do."""
 
 
 def pytriton_or_move() -> None:
@@ -76,54 +71,6 @@ def pytriton_or_move() -> None:
     raise TritonServerUnavailable(f"PyTriton is not installed here and {TRITON_VENV} has no Python: make it with "
                                   f"`bash setup.sh` (or: python3 -m venv {TRITON_VENV} && {TRITON_VENV}/bin/pip "
                                   f"install '{PYTRITON}' onnxruntime openvino)")
-
-
-def library_path() -> None:
-    """Point Triton's python-backend stub at this interpreter's libpython before Triton starts: without it, the stub
-    started from a pyenv or other non-system Python maps the system's libpython3.11 against another standard
-    library, and no model loads (``_thread.RLock`` has no ``_recursion_count``)."""
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if libdir and Path(libdir).is_dir():
-        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, (libdir, os.environ.get("LD_LIBRARY_PATH"))))
-
-
-def check_ports(host: str, ports: dict[str, int]) -> None:
-    """Refuse at once a port that is taken (PyTriton would wait for its whole start timeout and then say little)."""
-    for what, port in ports.items():
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            try:
-                s.bind((host, port))
-            except OSError as e:
-                raise TritonServerUnavailable(f"{what} port {host}:{port} cannot be used ({e.strerror}): choose "
-                                              f"another with --{what}-port") from None
-
-
-def bind_model(triton: Any, name: str, backend: Any, served: Served, args: argparse.Namespace) -> None:
-    """One Triton model running ``backend``: dynamic batching up to --max-batch, a queue bounded at --max-queue
-    requests (beyond it Triton rejects), ``served`` as its config parameters."""
-    import numpy as np
-    from pytriton.decorators import batch
-    from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
-
-    manifest = served.manifest
-    outputs = list(manifest.output_names)
-
-    @batch
-    def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
-        got = backend.run(np.ascontiguousarray(inputs[manifest.input_name], np.float32))
-        return {k: np.asarray(got[k], np.float32).reshape(-1, 1) for k in outputs}
-
-    preferred = sorted({b for b in (1, 2, 4, 8, 16, 32) if b <= args.max_batch} | {args.max_batch})
-    config = ModelConfig(max_batch_size=args.max_batch, batcher=DynamicBatcher(
-        max_queue_delay_microseconds=args.max_queue_delay_us, preferred_batch_size=preferred,
-        default_queue_policy=QueuePolicy(max_queue_size=args.max_queue)))
-    triton.bind(model_name=name, infer_func=infer,
-                inputs=[Tensor(name=manifest.input_name, dtype=np.float32, shape=manifest.contract.field_shape)],
-                outputs=[Tensor(name=k, dtype=np.float32, shape=(1,)) for k in outputs], config=config, strict=True)
-    # PyTriton 0.7.0 has no option for a model's config parameters; they are added to the config it generates, before
-    # Triton is started (pinned version; tests/test_triton.py reads them back from the running server).
-    model = next(m for m in triton._model_manager.models if m.model_name == name)
-    model._get_triton_model_config().backend_parameters.update(served.parameters())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +135,7 @@ def access_token(path: Path | None) -> str | None:
     if path is None:
         return None
     tokens = read_tokens(path)
-    warning = readable_warning(path)  # the token files' one rule (runtime/apps/auth.py)
+    warning = readable_warning(path)  # the token files' one rule (runtime/serving/auth.py)
     if warning:
         print(warning, file=sys.stderr)
     if len(tokens) != 1:
@@ -204,7 +151,7 @@ def is_loopback(host: str) -> bool:
 
 
 def check_host(args: argparse.Namespace) -> str | None:
-    """runtime.serve's rule for binding (runtime/apps/auth.py): beyond loopback only where the inference API needs
+    """runtime.serve's rule for binding (runtime/serving/auth.py): beyond loopback only where the inference API needs
     the token (--restrict-inference with --access-token-file), or with --insecure-no-auth (a warning); a warning
     too where the token would cross a network in clear text."""
     local, locked = is_loopback(args.host), args.restrict_inference and args.access_token_file is not None
@@ -227,15 +174,15 @@ def serve(args: argparse.Namespace, token: str | None) -> int:
     server alive: issue 37)."""
     from pytriton.constants import PYTRITON_HOME
 
-    removed = triton_workspace.remove_stale(PYTRITON_HOME)
+    removed = workspace.remove_stale(PYTRITON_HOME)
     if removed:
         print(f"note: removed what killed runs left: {', '.join(removed)}", file=sys.stderr)
-    run = triton_workspace.RunFolder(PYTRITON_HOME)
+    run = workspace.RunFolder(PYTRITON_HOME)
     stop = threading.Event()
 
     def stopping(*_: object) -> None:  # Triton's model folders noted while its stubs still run (a process group's
         stop.set()                     # SIGTERM ends them with Triton, which then leaves the folders)
-        run.note(folders=triton_workspace.triton_folders(os.getpid()))
+        run.note(folders=workspace.triton_folders(os.getpid()))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stopping)
@@ -269,7 +216,7 @@ def serve(args: argparse.Namespace, token: str | None) -> int:
             os._exit(code)
 
 
-def serve_in(run: triton_workspace.RunFolder, args: argparse.Namespace, token: str | None, stop: threading.Event,
+def serve_in(run: workspace.RunFolder, args: argparse.Namespace, token: str | None, stop: threading.Event,
              made: dict[str, Any]) -> int:
     """The model on Triton, in ``run``'s folder, until ``stop``: 0 when stopped so, 1 when Triton failed."""
     from pytriton.triton import DEFAULT_PROTECTED_ENDPOINTS, Triton, TritonConfig, TritonSecurityConfig
@@ -306,7 +253,7 @@ def serve_in(run: triton_workspace.RunFolder, args: argparse.Namespace, token: s
     made["triton"] = triton
     if not start(triton, stop):
         return 0 if stop.is_set() else 1
-    run.note(folders=triton_workspace.triton_folders(os.getpid()))
+    run.note(folders=workspace.triton_folders(os.getpid()))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     names = ", ".join(f"{name} ({runs.name})" for name, runs, _ in models)
@@ -318,37 +265,3 @@ def serve_in(run: triton_workspace.RunFolder, args: argparse.Namespace, token: s
             print("error: Triton stopped", file=sys.stderr)
             return 1
     return 0
-
-
-def start(triton: Any, stop: threading.Event) -> bool:
-    """Start Triton and load the models (in a thread: a SIGTERM meanwhile is not kept waiting); whether it started
-    before ``stop`` was set. A start that failed is said. The thread never ends: PyTriton starts tritonserver with
-    PR_SET_PDEATHSIG, which sends it SIGTERM when the thread that started it ends (the process ends it)."""
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            triton.run()
-        except BaseException as e:  # noqa: BLE001 (PyTriton raises its own types, OSError and TimeoutError)
-            failed.append(e)
-        finally:
-            stop_or_started.set()
-        threading.Event().wait()
-
-    stop_or_started = threading.Event()
-    threading.Thread(target=run, daemon=True, name="triton-start").start()
-    while not stop_or_started.wait(0.2):
-        if stop.is_set():
-            return False
-    if failed and not stop.is_set():
-        print(f"error: Triton did not start: {type(failed[0]).__name__}: {failed[0]}", file=sys.stderr)
-    return not failed and not stop.is_set()
-
-
-def finish(triton: Any, timeout_s: float) -> None:
-    """PyTriton's orderly stop (SIGINT to tritonserver, models unloaded, workspace removed), given ``timeout_s``."""
-    done = threading.Thread(target=triton.stop, daemon=True, name="triton-stop")
-    done.start()
-    done.join(timeout_s)
-    if done.is_alive():
-        print(f"note: Triton did not stop in {timeout_s:g} s: killed", file=sys.stderr)

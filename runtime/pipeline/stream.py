@@ -1,4 +1,5 @@
-"""Classify a camera or video stream at a target rate and write an annotated stream (verdict, per-field boxes)."""
+"""A camera or video stream classified at a target rate, written back annotated (verdict, per-field boxes): the
+capture loop below `python -m runtime.classify --camera` and `--video` (runtime/apps/classify.py)."""
 from __future__ import annotations
 
 import os

@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 
-from runtime.apps.slide_jobs import MAX_FACTOR, MIN_FACTOR
 from runtime.model.manifest import Contract
+from runtime.serving.slide_jobs import MAX_FACTOR, MIN_FACTOR
 from runtime.slides.aggregate import AGGREGATES
 
 Aggregate = Literal["max", "topk", "mean", "fraction"]

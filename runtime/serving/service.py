@@ -7,16 +7,15 @@ import secrets
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from runtime.apps.connection import BODY_CHUNK_TIMEOUT_S
-from runtime.apps.guard import CLOSED
-from runtime.apps.request_queue import Batcher
-from runtime.apps.slide_jobs import SlideJobs
 from runtime.pipeline.classifier import Classifier
+from runtime.serving.connection import BODY_CHUNK_TIMEOUT_S
+from runtime.serving.guard import CLOSED
+from runtime.serving.request_queue import Batcher
+from runtime.serving.slide_jobs import SlideJobs
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 SERVE_MAX_PIXELS = 16_000_000  # per request: 4x a 2048x2048 camera frame (the CLI allows 64 MP)
@@ -25,7 +24,6 @@ MAX_PENDING_FIELDS = 128  # waiting in the queue, all requests together: beyond 
 MAX_UPLOADS = 4  # uploads held in memory at once (docs/user-guide.md: the memory bound); more wait for a turn
 UPLOAD_WAIT_S = 30.0  # how long an upload waits for its turn before 503
 MAX_CONNECTIONS = 64  # uvicorn's limit_concurrency: connections and requests at once; beyond it, 503
-STATIC = Path(__file__).resolve().parent / "static"
 NO_JOB = "no such slide job (finished jobs are kept for a while)"
 
 
@@ -76,7 +74,3 @@ class Service:
     metrics: Metrics = field(default_factory=Metrics)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(16))  # another site's page cannot read it
     uploads: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_UPLOADS))
-
-    @property
-    def page(self) -> str:
-        return (STATIC / "index.html").read_text().replace("{{TOKEN}}", self.token)

@@ -1,6 +1,6 @@
 """Who may use the server and how it is reached: bearer tokens from a file, compared in constant time, the rule for
 binding to a network, and the TLS files checked before the server starts. The server's guard
-(runtime/apps/guard.py) asks ``allows`` of every request but ``/healthz``.
+(runtime/serving/guard.py) asks ``allows`` of every request but ``/healthz``.
 
 Files readable by other local users: a TLS private key is refused (``check_tls``): whoever reads it can pose as the
 server to every client until the certificate expires, and nothing in the server's answers would show it. A token

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from runtime.apps.request_queue import Batcher, Busy
 from runtime.errors import BreakhisError
 from runtime.io.decode import ImageError
 from runtime.io.scale import Scale, resample_factor
@@ -32,6 +31,7 @@ from runtime.model.manifest import Contract
 from runtime.pipeline.classifier import Classifies
 from runtime.pipeline.decoding import Input
 from runtime.pipeline.results import Result
+from runtime.serving.request_queue import Batcher, Busy
 from runtime.slides.classify import Cancelled, classify_slide
 
 ROOM_WAIT_S = 600.0  # how long a slide's next field may wait for room in the queue before the job fails

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.requests import ClientDisconnect
 
-from runtime.apps import auth
+from runtime.serving import auth
 
 CLOSED = 499  # the client went away before its answer (nginx's code); not a server error
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
