@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 
 def start(model_dir, folder, out, idle=None):
-    args = [sys.executable, "-m", "runtime.watch", str(folder), "--out", str(out), "--model", str(model_dir),
+    args = [sys.executable, "-m", "runtime.watch", str(folder), "--results", str(out), "--model", str(model_dir),
             "--backend", "cpu", "--interval", "0.1", "--settle", "0.6"]
     if idle is not None:
         args += ["--exit-when-idle", str(idle)]

@@ -1,4 +1,4 @@
-"""python -m runtime.watch DIR --out results.jsonl|results.csv: classify images as capture software writes them.
+"""python -m runtime.watch DIR --results results.jsonl|results.csv: classify images as capture software writes them.
 
 A file is taken once its size and modification time have stayed the same for --settle seconds. Its bytes are read
 once, hashed, and classified from those bytes. Every record carries what was classified: the canonical path (the
@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.watch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path, help="the folder the microscope camera writes into")
-    ap.add_argument("--out", type=Path, required=True, help="results file: .jsonl (full results) or .csv")
+    ap.add_argument("--results", "--out", dest="out", type=Path, required=True,
+                    help="results FILE: .jsonl (full results) or .csv (--out, the older name, still works; in "
+                         "runtime.slide and runtime.cohort --out is a folder, since they write several files)")
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between folder scans (default 0.5)")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds a file must stay unchanged (default 1)")
     ap.add_argument("--exit-when-idle", type=float, default=None, metavar="S",
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.folder.is_dir():
         ap.error(f"{args.folder}: not a directory")
     if args.out.suffix not in (".jsonl", ".csv"):
-        ap.error("--out must end in .jsonl or .csv")
+        ap.error("--results must end in .jsonl or .csv")
     from runtime.apps.options import open_classifier
     from runtime.errors import BreakhisError, report
 
