@@ -82,7 +82,7 @@ LIMITS = (
           "resolution at 100X"),
     Limit("brown", 0.705, False, "ihc_stain",
           "brown DAB stain (an immunohistochemistry slide?): this model reads H&E slides only"),
-    Limit("stain_drift", 1.0, False, "stain_drift",
+    Limit("stain_drift", 1.1, False, "stain_drift",
           "stain differs from the model's training images: its verdict may be unreliable here"),
 )
 MEASURES = tuple(dict.fromkeys(lim.measure for lim in LIMITS))
