@@ -109,8 +109,8 @@ def evaluate(probs: dict[Path, float], labels: dict[Path, tuple[int, str]], thre
 
 
 def table(report: dict) -> str:
-    lines = [f"model: {report['model']['name']} ({'trained' if report['model']['trained'] else 'UNTRAINED'}), "
-             f"{report['images']} labelled images, threshold {report['threshold']}"]
+    lines = [(f"model: {report['model']['name']} ({'trained' if report['model']['trained'] else 'UNTRAINED'}), "
+              f"{report['images']} labelled images, threshold {report['threshold']}")]
     head = f"{'run':28s} {'group':9s} {'level':7s} {'n':>4s} {'acc':>6s} {'prec':>6s} {'recall':>6s} {'spec':>6s} " \
            f"{'AUC':>6s}  TP  FP  TN  FN"
     lines.append(head)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             report["runs"][run] = {"error": str(e)}
             report_error(e)
             continue
-        probs = {p: r.probability for p, r in zip(paths, results) if r.error is None}
+        probs = {p: r.probability for p, r in zip(paths, results) if r.error is None and r.probability is not None}
         groups = evaluate(probs, labels, threshold, held_out)
         report["runs"][name] = {"groups": {g: {lv: asdict(m) for lv, m in v.items()} for g, v in groups.items()},
                                 "failed": [r.error for r in results if r.error]}
