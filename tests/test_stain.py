@@ -20,7 +20,7 @@ from runtime.model.stain_reference import STAIN_REFERENCE_NAME
 from runtime.pipeline.classifier import Classifier
 from runtime.pipeline.quality import LIMITS, STAIN_DRIFT, STEP, FieldQuality, measure
 from runtime.pipeline.stain import DRIFT_MEASURES
-from tests.conftest import REPO
+from tests.conftest import REPO, run_module
 
 STAIN_ADVICE = "stain differs from the model's training images: its verdict may be unreliable here"
 COMMITTED = REPO / "benchmarks" / "results" / "stain-limits.json"
@@ -112,3 +112,23 @@ def test_held_out_real_fields_pass_and_an_h06_copy_whose_label_changes_is_flagge
                if STAIN_DRIFT in FieldQuality.judge(measure(read_image(p).bgr[:448, :672][::STEP, ::STEP],
                                                             reference)).flags]
     assert flagged == []
+
+
+def test_the_cli_flags_and_withholds_a_field_stained_unlike_the_training_images(model_dir, images_100x, tmp_path):
+    """The shared mechanism on a user's path: a field with 0.4 x the haematoxylin of a real image (outside the
+    reference's range) gets the stain advice in the CLI's table with --qc flag, and no verdict with --qc withhold
+    (exit 1, said why), while the real image passes."""
+    import cv2
+
+    path = tmp_path / "pale.png"
+    cv2.imwrite(str(path), restain(read_image(images_100x[1]).bgr, h=0.4))
+    proc = run_module("runtime.classify", str(path), str(images_100x[1]), "--model", str(model_dir), "--backend",
+                      "cpu", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(f"QUALITY: {STAIN_ADVICE}") == 1
+    proc = run_module("runtime.classify", str(path), "--model", str(model_dir), "--backend", "cpu", "--json",
+                      "--qc", "withhold", "--no-progress")
+    assert proc.returncode == 1
+    (res,) = json.loads(proc.stdout)
+    assert res["label"] is None and res["fields"][0]["flags"] == [STAIN_DRIFT] and STAIN_ADVICE in res["error"]
+    assert res["fields"][0]["quality"][STAIN_DRIFT] > 1.1

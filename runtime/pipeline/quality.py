@@ -86,6 +86,7 @@ LIMITS = (
           "stain differs from the model's training images: its verdict may be unreliable here"),
 )
 MEASURES = tuple(dict.fromkeys(lim.measure for lim in LIMITS))
+OUT_OF_FOCUS = "out_of_focus"
 STAIN_DRIFT = "stain_drift"  # the one measure taken only against a model's stain reference (runtime/pipeline/stain.py)
 FIELD_MEASURES = tuple(m for m in MEASURES if m != STAIN_DRIFT)  # what every field has
 
@@ -104,6 +105,8 @@ class FieldQuality:
         also its mask's rule)."""
         flags = [lim.flag for lim in LIMITS if lim.measure in measures and
                  lim.crossed(measures[lim.measure], min_tissue if lim.measure == "tissue" else None)]
+        if OUT_OF_FOCUS in flags:  # blur lowers the densest stain amounts: the drift is the blur's, not the stain's
+            flags = [f for f in flags if f != STAIN_DRIFT]
         return cls({k: round(v, 4) for k, v in measures.items()}, list(dict.fromkeys(flags)))
 
     def to_dict(self) -> dict:
