@@ -53,8 +53,8 @@ def _common(p: argparse.ArgumentParser, default_out: str | None) -> None:
                         "fp16,bf16)")
     p.add_argument("--stain-reference", type=Path, default=None, metavar="DIR",
                    help="folder of the model's own training images whose stains the model directory records for the "
-                        "runtime's stain-drift check (default: the gate images (--parity-images, --gate-count) of "
-                        "the patients not listed as held out; docs/quality.md)")
+                        "runtime's stain-drift check (default: the --parity-images folder's images, all of them, less "
+                        "those of the patients the manifest lists as held out; docs/quality.md)")
     p.add_argument("--no-cache", action="store_true",
                    help="make the export even if an identical one (same weights, images, options, code, libraries "
                         "and CPU) passed its gates before (default: reuse it; export/cache.py)")

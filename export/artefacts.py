@@ -197,7 +197,8 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
         written.add_stain_reference(stain)
     else:
         (out_dir / STAIN_REFERENCE_NAME).unlink(missing_ok=True)  # never an older export's reference beside this one
-    log(f"wrote {out_dir}: {', '.join(sorted(written.manifest.files))}, manifest.json ({', '.join(variants)}), {REPORT_NAME}")
+    log(f"wrote {out_dir}: {', '.join(sorted(written.manifest.files))}, manifest.json ({', '.join(variants)}), "
+        f"{REPORT_NAME}")
     return manifest
 
 

@@ -86,8 +86,8 @@ class ModelDir:
             return (f"stain check off: {self.path} records no stain reference (exported before 2026-12-07): export it "
                     "again to have each field's stain compared with its training images'")
         if not (self.path / STAIN_REFERENCE_NAME).is_file():
-            return (f"stain check off: {self.path / STAIN_REFERENCE_NAME}, listed in its manifest, is not there (a copy "
-                    "of the model directory without it?)")
+            return (f"stain check off: {self.path / STAIN_REFERENCE_NAME}, listed in its manifest, is not there (a "
+                    "copy of the model directory without it?)")
         return None
 
     def add_stain_reference(self, reference: StainReference) -> None:
