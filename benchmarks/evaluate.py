@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     if "model" not in report:
         return 2
     print(table(report))
+    if "held_out" in report:
+        print(f"\nheld-out patients' images ({len(report['held_out']['images'])}): "
+              f"{', '.join(report['held_out']['images'])}")
     for name, res in report["runs"].items():
         if "stain" in res:
             print(f"\n{name} under another lab's stain (labels changed from the original's; images flagged by any "
