@@ -5,9 +5,16 @@ patient level (a patient's probability is the mean of its images'; the patient i
 name), for every backend:precision asked for, side by side. Where the model's manifest lists the patients it was
 never trained on, their images are reported separately from the training images.
 
+``--stain``: the same again under another lab's stain (benchmarks/stain_shift.py): every image re-stained (Ruifrok and
+Johnston's deconvolution: haematoxylin x0.6, eosin x0.7, eosin x1.5, haematoxylin x1.3, +-20 % random per stain with
+a fixed seed) and colour-normalised to the model's stain reference (Reinhard's LAB statistics): accuracy and AUC, how
+many labels changed from the original image's, and how many images the quality check flagged (any flag, and the
+stain-drift flag), per group; every image's probability and flags are in the JSON.
+
 examples:
   python -m benchmarks.evaluate --images ../shared/data/breakhis-100x
   python -m benchmarks.evaluate --images DIR --labels labels.csv --run cpu:fp32 --run cpu:fp16 --json out.json
+  python -m benchmarks.evaluate --images ../shared/data/breakhis-100x --stain --json benchmarks/results/stain-cpu.json
 """
 from __future__ import annotations
 
@@ -102,8 +109,8 @@ def evaluate(probs: dict[Path, float], labels: dict[Path, tuple[int, str]], thre
 
 
 def table(report: dict) -> str:
-    lines = [f"model: {report['model']['name']} ({'trained' if report['model']['trained'] else 'UNTRAINED'}), "
-             f"{report['images']} labelled images, threshold {report['threshold']}"]
+    lines = [(f"model: {report['model']['name']} ({'trained' if report['model']['trained'] else 'UNTRAINED'}), "
+              f"{report['images']} labelled images, threshold {report['threshold']}")]
     head = f"{'run':28s} {'group':9s} {'level':7s} {'n':>4s} {'acc':>6s} {'prec':>6s} {'recall':>6s} {'spec':>6s} " \
            f"{'AUC':>6s}  TP  FP  TN  FN"
     lines.append(head)
@@ -121,6 +128,58 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def stain_runs(clf, paths: list[Path], labels: dict[Path, tuple[int, str]], base: dict[Path, float],
+               held_out: set[str]) -> dict[str, dict]:
+    """Every image under each re-staining and under colour normalisation (benchmarks/stain_shift.py), classified
+    by ``clf``: metrics per group, labels changed from ``base``'s (the originals'), images flagged (by any quality
+    flag, and by stain drift), and every image's probability and flags."""
+    from benchmarks.stain_shift import RESTAININGS, reinhard
+    from runtime.io.decode import read_image
+    from runtime.io.inputs import ImageInput
+
+    made = {k: (what, fn) for k, (what, fn) in RESTAININGS.items()}
+    if clf.stain_reference is not None:
+        made["reinhard"] = ("colour normalised to the model's stain reference (Reinhard, LAB)",
+                            lambda b, i: reinhard(b, clf.stain_reference))
+    groups = {"all": list(paths)}
+    if held_out:
+        groups["held-out"] = [p for p in paths if labels[p][1] in held_out]
+        groups["training"] = [p for p in paths if labels[p][1] not in held_out]
+    out: dict[str, dict] = {}
+    threshold = clf.contract.threshold
+    for name, (what, fn) in {"none": ("the images as they are", None), **made}.items():
+        items = (ImageInput(f"{p.name}:{name}", array=fn(read_image(p).bgr, i) if fn else read_image(p).bgr)
+                 for i, p in enumerate(paths))
+        res = {p: r for p, r in zip(paths, clf.classify_iter(items))}
+        ok = {p: r for p, r in res.items() if r.error is None and r.probability is not None}
+        probs = {p: float(r.probability) for p, r in ok.items()}
+        flags = {p: sorted({f for fr in r.fields for f in fr.flags}) for p, r in res.items()}
+        entry: dict = {"what": what, "groups": {}, "images": {p.name: {"probability": probs.get(p), "flags": flags[p],
+                                                                       "error": res[p].error} for p in paths}}
+        for g, members in groups.items():
+            have = [p for p in members if p in probs]
+            y, sc = np.array([labels[p][0] for p in have]), np.array([probs[p] for p in have])
+            changed = [p.name for p in have if p in base and (probs[p] > threshold) != (base[p] > threshold)]
+            entry["groups"][g] = {"image": asdict(metrics(y, sc, threshold)), "changed": changed,
+                                  "flagged": sum(bool(flags[p]) for p in members),
+                                  "flagged_stain": sum("stain_drift" in flags[p] for p in members),
+                                  "changed_flagged_stain": sum("stain_drift" in flags[p] for p in paths
+                                                               if p.name in changed)}
+        out[name] = entry
+    return out
+
+
+def stain_table(stain: dict[str, dict]) -> str:
+    lines = [(f"{'stain':10s} {'group':9s} {'n':>4s} {'acc':>6s} {'AUC':>6s} {'changed':>8s} {'flagged':>8s} "
+              f"{'stain':>6s} {'changed+stain':>14s}")]
+    for name, entry in stain.items():
+        for g, r in entry["groups"].items():
+            m = r["image"]
+            lines.append(f"{name:10s} {g:9s} {m['n']:4d} {m['accuracy']:6.3f} {m['auc']:6.3f} {len(r['changed']):8d} "
+                         f"{r['flagged']:8d} {r['flagged_stain']:6d} {r['changed_flagged_stain']:14d}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="model directory (default: as runtime.classify)")
     ap.add_argument("--run", action="append", default=None, metavar="BACKEND:PRECISION",
                     help="a backend and precision to evaluate, repeatable (default: cpu:fp32)")
+    ap.add_argument("--stain", action="store_true",
+                    help="also under re-staining and colour normalisation (benchmarks/stain_shift.py), with the "
+                         "quality check's flags")
     ap.add_argument("--json", type=Path, default=None, help="also write the report here as JSON")
     args = ap.parse_args(argv)
     from runtime.errors import BreakhisError
@@ -163,17 +225,32 @@ def main(argv: list[str] | None = None) -> int:
                 report["threshold"] = threshold = clf.contract.threshold
                 held_out = set(clf.manifest.provenance.held_out_patients)
                 name = f"{clf.backend.name}"
+                if args.stain:
+                    base = {p: float(r.probability) for p, r in zip(paths, results) if r.probability is not None}
+                    stain = stain_runs(clf, paths, labels, base, held_out)
         except BreakhisError as e:
             report["runs"][run] = {"error": str(e)}
             report_error(e)
             continue
-        probs = {p: r.probability for p, r in zip(paths, results) if r.error is None}
+        probs = {p: r.probability for p, r in zip(paths, results) if r.error is None and r.probability is not None}
         groups = evaluate(probs, labels, threshold, held_out)
         report["runs"][name] = {"groups": {g: {lv: asdict(m) for lv, m in v.items()} for g, v in groups.items()},
                                 "failed": [r.error for r in results if r.error]}
+        if args.stain:
+            report["runs"][name]["stain"] = stain
+            report["held_out"] = {"patients": sorted(held_out),
+                                  "images": [p.name for p in paths if labels[p][1] in held_out]}
     if "model" not in report:
         return 2
     print(table(report))
+    if "held_out" in report:
+        print(f"\nheld-out patients' images ({len(report['held_out']['images'])}): "
+              f"{', '.join(report['held_out']['images'])}")
+    for name, res in report["runs"].items():
+        if "stain" in res:
+            print(f"\n{name} under another lab's stain (labels changed from the original's; images flagged by any "
+                  "quality flag, by stain drift, and changed ones by stain drift):")
+            print(stain_table(res["stain"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 1 if any("error" in r or r["failed"] for r in report["runs"].values()) else 0

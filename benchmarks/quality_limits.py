@@ -24,7 +24,7 @@ import numpy as np
 from benchmarks import write_json
 from runtime.io.inputs import image_files
 from runtime.model.paths import shared_dir
-from runtime.pipeline.quality import _HE, LIMITS, STEP, FieldQuality, measure
+from runtime.pipeline.quality import _HE, FIELD_MEASURES, LIMITS, STEP, FieldQuality, measure
 
 FIELD = (448, 672)  # the model's field (2 x 3 patches of 224)
 DAB = np.array([0.268, 0.570, 0.776])  # Ruifrok & Johnston's DAB optical-density vector (RGB)
@@ -199,9 +199,10 @@ def flags(m: dict[str, float]) -> list[str]:
 def derive(real: list[dict[str, float]], degraded: dict[str, list[dict[str, float]]]) -> list[dict]:
     """Each limit between the worst real value and the mildest value of the degradations that derive it: their
     midpoint (geometric for the focus ratio), 3 significant digits. Where no degradation lies beyond every real
-    field, 0.9 x the worst real value (below) or 1.1 x (above). The tissue limit is the slides' rule, not derived."""
+    field, 0.9 x the worst real value (below) or 1.1 x (above). The tissue limit is the slides' rule, not derived;
+    stain drift's, against a model's stain reference, is benchmarks/stain_limits.py's."""
     rows = []
-    for lim in LIMITS:
+    for lim in (lim for lim in LIMITS if lim.measure in FIELD_MEASURES):
         worst = min(r[lim.measure] for r in real) if lim.below else max(r[lim.measure] for r in real)
         sources = [n for n, d in DEGRADATIONS.items() if d.derives == lim.measure]
         mild = {n: (max if lim.below else min)(m[lim.measure] for m in degraded[n]) for n in sources}
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     real = {n: field_measures(b) for n, b in images.items()}
     degraded = {k: {n: field_measures(d.apply(b)) for n, b in images.items()} for k, d in DEGRADATIONS.items()}
     rows = derive([real[n] for n in derivation], {k: [v[n] for n in derivation] for k, v in degraded.items()})
-    code = {(lim.measure, lim.flag): lim.bound for lim in LIMITS}
+    code = {(lim.measure, lim.flag): lim.bound for lim in LIMITS if lim.measure in FIELD_MEASURES}
     stale = [r for r in rows if code[(r["measure"], r["flag"])] != r["bound"]]
 
     def judged(names: list[str]) -> dict:

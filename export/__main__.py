@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +51,10 @@ def _common(p: argparse.ArgumentParser, default_out: str | None) -> None:
                    help="variants besides FP32 to make and gate (default: auto = what this machine runs: fp16 "
                         "where an NVIDIA GPU is visible, bf16 where the CPU has native BF16; all; none; or a list: "
                         "fp16,bf16)")
+    p.add_argument("--stain-reference", type=Path, default=None, metavar="DIR",
+                   help="folder of the model's own training images whose stains the model directory records for the "
+                        "runtime's stain-drift check (default: the --parity-images folder's images, all of them, less "
+                        "those of the patients the manifest lists as held out; docs/quality.md)")
     p.add_argument("--no-cache", action="store_true",
                    help="make the export even if an identical one (same weights, images, options, code, libraries "
                         "and CPU) passed its gates before (default: reuse it; export/cache.py)")
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after argument parsing so that --help is instant.
     from export import cache
     from export.artefacts import default_parity_images, resolve_variants, write_model_dir
+    from export.stain_reference import stain_reference
     from export.weights import load_checkpoint
     from runtime.errors import BreakhisError, report
     from runtime.model.manifest import Provenance, sha256_file
@@ -217,14 +223,18 @@ def main(argv: list[str] | None = None) -> int:
         images = args.parity_images or default_parity_images()
         if args.parity_images is not None and not args.parity_images.is_dir():
             ap.error(f"--parity-images {args.parity_images}: not a directory")
+        if args.stain_reference is not None and not args.stain_reference.is_dir():
+            ap.error(f"--stain-reference {args.stain_reference}: not a directory")
+        stain = stain_reference(args.stain_reference, images, prov.held_out_patients, _log)
         options = {"parity_count": args.parity_count, "gate_count": args.gate_count,
                    "range_safe": not args.no_range_safe, "variants": list(variants_made),
-                   "allow_synthetic": args.allow_synthetic}
+                   "allow_synthetic": args.allow_synthetic, "stain_reference": None if stain is None else
+                   hashlib.sha256(stain.to_json().encode()).hexdigest()}
         key = cache.export_key(prov, images, options)
         if args.no_cache or cache.reuse(key, args.out, name, prov, log=_log) is None:
             write_model_dir(model, args.out, name, prov, images, args.parity_count, args.gate_count,
                             range_safe=not args.no_range_safe, log=_log, variants_made=variants_made,
-                            allow_synthetic=args.allow_synthetic)
+                            allow_synthetic=args.allow_synthetic, stain=stain)
             cache.store(key, args.out, log=_log)
     except BreakhisError as e:
         return report(e)

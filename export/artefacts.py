@@ -21,6 +21,7 @@ from runtime.model.manifest import Manifest, Provenance, Variant, sha256_file
 from runtime.model.model_dir import REPORT_NAME, ModelDir
 from runtime.model.paths import sample_images
 from runtime.model.precisions import OPTIONAL_VARIANTS, PRECISIONS
+from runtime.model.stain_reference import STAIN_REFERENCE_NAME, StainReference
 
 
 class ExportError(CheckFailed):
@@ -82,11 +83,13 @@ def gate_fields(folder: Path | None, n_images: int | None, seed: int = 0) -> tup
 
 def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Provenance, images: Path | None,
                     n_parity: int = 6, n_gate: int | None = None, range_safe: bool = True, log=print,
-                    variants_made: tuple[str, ...] = OPTIONAL_VARIANTS, allow_synthetic: bool = False) -> Manifest:
+                    variants_made: tuple[str, ...] = OPTIONAL_VARIANTS, allow_synthetic: bool = False,
+                    stain: StainReference | None = None) -> Manifest:
     """Export, gate and write every artefact; a variant that fails its gate is reported and not written, and one
     not in ``variants_made`` is not made (the report says why). Without real images, variants are gated on
     synthetic fields only with ``allow_synthetic`` (a gate on random fields says nothing of real ones): else none
-    is made, and the report says how to make them.
+    is made, and the report says how to make them. ``stain``: the stain reference recorded beside the files
+    (export/stain_reference.py), hashed into the manifest like them.
 
     model.onnx is the range-safe (rescaled) FP32 model, identical in output to ``model``; model.fp16.onnx runs its
     convolution chain in float16. Files are written under temporary names and renamed only when the FP32 model
@@ -189,8 +192,13 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
     files = {f: sha256_file(out_dir / f) for f in tmp}
     manifest = Manifest(name=name, contract=CONTRACT, provenance=provenance, files=files,
                         input_name=ox.INPUT, output_names=ox.OUTPUTS, variants=variants)
-    ModelDir.create(out_dir, manifest, report)
-    log(f"wrote {out_dir}: {', '.join(sorted(files))}, manifest.json ({', '.join(variants)}), {REPORT_NAME}")
+    written = ModelDir.create(out_dir, manifest, report)
+    if stain is not None:
+        written.add_stain_reference(stain)
+    else:
+        (out_dir / STAIN_REFERENCE_NAME).unlink(missing_ok=True)  # never an older export's reference beside this one
+    log(f"wrote {out_dir}: {', '.join(sorted(written.manifest.files))}, manifest.json ({', '.join(variants)}), "
+        f"{REPORT_NAME}")
     return manifest
 
 

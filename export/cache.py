@@ -24,6 +24,7 @@ from runtime.model.manifest import Manifest, ModelError, Provenance, sha256_file
 from runtime.model.model_dir import MANIFEST_NAME, REPORT_NAME, ModelDir
 from runtime.model.paths import MODELS, REPO
 from runtime.model.precisions import PRECISIONS
+from runtime.model.stain_reference import STAIN_REFERENCE_NAME
 
 KEEP = 4
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "numpy", "opencv-python-headless", "imagecodecs",
@@ -82,7 +83,7 @@ def reuse(key: str, out_dir: Path, name: str, provenance: Provenance, log: Any =
     finally:
         for t in tmp.values():
             t.unlink(missing_ok=True)
-    for f in {p.file for p in PRECISIONS.values()} - set(stored.files):  # no older export's variant file is left
+    for f in ({p.file for p in PRECISIONS.values()} | {STAIN_REFERENCE_NAME}) - set(stored.files):  # none older left
         (out_dir / f).unlink(missing_ok=True)
     manifest = replace(stored, name=name, provenance=provenance)
     ModelDir.create(out_dir, manifest, report)

@@ -20,7 +20,7 @@ def test_reference_artefacts(model_dir):
     m = ModelDir.open(model_dir).manifest
     assert m.provenance.trained is False and "UNTRAINED" in m.provenance.notes
     assert m.contract.grid == (2, 3) and m.contract.patch == 224 and m.contract.channel_order == "BGR"
-    assert set(m.files) == {"model.onnx", "model.fp16.onnx", "weights.pt"}
+    assert set(m.files) == {"model.onnx", "model.fp16.onnx", "weights.pt", "stain_reference.json"}
     files = {k: v.file for k, v in m.variants.items()}
     assert files.pop("bf16", "model.onnx") == "model.onnx"  # where this CPU gated BF16: tests/test_cpu_tier.py
     assert files == {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
@@ -83,7 +83,7 @@ def test_an_identical_export_is_reused_and_a_changed_or_damaged_one_is_made_agai
     assert "its files were reused" in second.stderr
     a, b = ModelDir.open(tmp_path / "a").manifest, ModelDir.open(tmp_path / "b").manifest
     assert a.files == b.files and a.variants == b.variants and set(a.files) == {"model.onnx", "model.fp16.onnx",
-                                                                                "weights.pt"}
+                                                                                "weights.pt", "stain_reference.json"}
     assert b.provenance.source == "another description" and a.provenance.source != b.provenance.source
     assert json.loads((tmp_path / "b" / "export_report.json").read_text())["export_cache"]["reused"] is True
     (entry,) = cache.iterdir()

@@ -47,6 +47,8 @@ def test_imported_onnx_matches_keras_predict_on_real_images(keras_pair, images_1
                "--variants", "none", check=True)
     m = ModelDir.open(out).manifest
     assert m.provenance.trained is True
+    reference = ModelDir.open(out).stain_reference()  # the Keras import records the stains too (its gate folder's)
+    assert "stain_reference.json" in m.files and reference is not None and reference.fields == 48
     assert set(m.provenance.source_files) == {"fe.h5", "cls.h5"} and all(len(v) == 64 for v in
                                                                         m.provenance.source_files.values())
     paths = images_100x[::16]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.model.manifest import Contract, Manifest, ModelError, Variant, sha256_file
+from runtime.model.stain_reference import STAIN_REFERENCE_NAME, StainReference
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "export_report.json"
@@ -69,6 +70,33 @@ class ModelDir:
 
     def write_report(self, report: dict[str, Any]) -> None:
         (self.path / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+
+    def stain_reference(self) -> StainReference | None:
+        """The stains the model was trained on (runtime/model/stain_reference.py), its file checked against the
+        manifest (ModelError where it differs); None where the export recorded none (a model directory from before)
+        or its file is not there (a copy without it): no stain check then, said by the caller (``stain_check_off``)."""
+        if self.stain_check_off() is not None:
+            return None
+        path, _ = self.file(STAIN_REFERENCE_NAME)
+        return StainReference.from_json(path.read_text(), str(path))
+
+    def stain_check_off(self) -> str | None:
+        """Why this model directory has no stain check (None where it has one)."""
+        if STAIN_REFERENCE_NAME not in self.manifest.files:
+            return (f"stain check off: {self.path} records no stain reference (exported before 2026-12-07): export it "
+                    "again to have each field's stain compared with its training images'")
+        if not (self.path / STAIN_REFERENCE_NAME).is_file():
+            return (f"stain check off: {self.path / STAIN_REFERENCE_NAME}, listed in its manifest, is not there (a "
+                    "copy of the model directory without it?)")
+        return None
+
+    def add_stain_reference(self, reference: StainReference) -> None:
+        """Write the stain reference and hash it into the manifest (an export; or an older model directory given
+        one)."""
+        file = self.path / STAIN_REFERENCE_NAME
+        file.write_text(reference.to_json())
+        self.manifest.files[STAIN_REFERENCE_NAME] = sha256_file(file)
+        self.save()
 
     def variant(self, precision: str) -> Variant:
         """The listed variant of this precision, or ModelError saying why there is none (its gate result)."""

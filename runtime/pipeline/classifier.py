@@ -18,6 +18,7 @@ from runtime.io.inputs import ImageInput
 from runtime.model.manifest import Contract, Manifest
 from runtime.model.model_dir import ModelDir
 from runtime.model.paths import default_model_dir
+from runtime.model.stain_reference import StainReference
 from runtime.pipeline.decoding import Input, Prepared, open_gpu_jpeg, prefetch, prepare
 from runtime.pipeline.preprocessors import open_preprocessor
 from runtime.pipeline.quality import QC_MODES
@@ -67,17 +68,21 @@ class Classifier:
         if qc not in QC_MODES:
             raise ValueError(f"qc must be one of {', '.join(QC_MODES)}, not {qc!r}")
         self.qc = qc
+        self.stain_reference: StainReference | None  # the model's stains (runtime/pipeline/stain.py), where recorded
         reference: Callable[[], tuple[Callable[[], Backend], str]]
         if backend == "triton":  # the server's model; a local one, where named, must be the same
             if triton is None:
                 raise ValueError("backend triton needs triton=TritonTarget(url)")
             from runtime.backends.triton import open_triton
 
-            local = ModelDir.open(model_dir).manifest if model_dir is not None else None
-            remote, notes = open_triton(triton, precision, local)
+            local = ModelDir.open(model_dir) if model_dir is not None else None
+            stain_off = local.stain_check_off() if local is not None else \
+                "stain check off: the Triton server's model has no stain reference here (name its model directory)"
+            remote, notes = open_triton(triton, precision, local.manifest if local is not None else None)
             self.backend: Backend = remote
             self.manifest: Manifest = remote.manifest
             band, reference = remote.band, remote.reference
+            self.stain_reference = local.stain_reference() if local is not None else None
         else:
             model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
             self.manifest = model.manifest
@@ -85,6 +90,9 @@ class Classifier:
                                                recheck == "on")
             band = model.band(self.backend.precision)
             reference = partial(reference_for, self.backend, model, threads)
+            self.stain_reference, stain_off = model.stain_reference(), model.stain_check_off()
+        if stain_off is not None and qc != "off":
+            notes.append(stain_off)
         self.contract = self.manifest.contract
         self.max_pixels = max_pixels
         # Images are decoded ahead of inference by a pool of threads. With inference on a GPU the host's cores are
@@ -131,11 +139,12 @@ class Classifier:
         """As ``prepare``, the pixels decoded into the preprocessor's buffers: the scheduler hands them back when
         the image is done (inputs prepared outside, like the server's, keep their own memory)."""
         return prepare(item, self.contract, self.max_pixels, self.model_info, self.preprocessor.host_buffer,
-                       self.gpu_jpeg, self.qc != "off")
+                       self.gpu_jpeg, self.qc != "off", self.stain_reference)
 
     def prepare(self, item: Input) -> Prepared:
         """The decode-and-plan step for one input, as classify runs it (the server runs it before queueing)."""
-        return prepare(item, self.contract, self.max_pixels, self.model_info, quality=self.qc != "off")
+        return prepare(item, self.contract, self.max_pixels, self.model_info, quality=self.qc != "off",
+                       stain=self.stain_reference)
 
     def close(self) -> None:
         self.backend.close()

@@ -17,6 +17,7 @@ from runtime.io.inputs import ImageInput
 from runtime.io.scale import name_warning
 from runtime.model.geometry import FieldPlan, TilingError, plan_fields
 from runtime.model.manifest import Contract
+from runtime.model.stain_reference import StainReference
 from runtime.pipeline.quality import STEP, FieldQuality, assess
 from runtime.pipeline.results import ModelInfo, Result
 
@@ -44,9 +45,11 @@ Input = str | Path | np.ndarray | ImageInput | Prepared
 
 
 def prepare(item: Input, contract: Contract, max_pixels: int, model: ModelInfo | None = None,
-            into: Buffer | None = None, gpu_jpeg: GpuJpegDecoder | None = None, quality: bool = True) -> Prepared:
-    """Read (paths), decode (bytes, arrays) and tile one input, and measure its fields' quality (``quality``); a
-    failure becomes its result's error. ``into``: where its pixels are decoded (the GPU paths' page-locked buffers),
+            into: Buffer | None = None, gpu_jpeg: GpuJpegDecoder | None = None, quality: bool = True,
+            stain: StainReference | None = None) -> Prepared:
+    """Read (paths), decode (bytes, arrays) and tile one input, and measure its fields' quality (``quality``; their
+    stain drift against ``stain``, the model's stain reference, where it has one); a failure becomes its result's
+    error. ``into``: where its pixels are decoded (the GPU paths' page-locked buffers),
     only for a caller that releases them; ``gpu_jpeg``: a JPEG decoded on the GPU where that decoder takes it (its
     quality read from every second row brought back, never the whole image)."""
     if isinstance(item, Prepared):
@@ -90,7 +93,7 @@ def prepare(item: Input, contract: Contract, max_pixels: int, model: ModelInfo |
         else:
             assert gpu_jpeg is not None and on_gpu is not None
             sparse = gpu_jpeg.sparse(on_gpu, STEP)
-        fields = assess(sparse, plan, contract.field_size, item.min_tissue)
+        fields = assess(sparse, plan, contract.field_size, item.min_tissue, stain)
         res.timings_ms["quality"] = (time.perf_counter() - t1) * 1e3
     return Prepared(res, plan, None if dec is None else dec.bgr, on_gpu, quality=fields)
 

@@ -13,6 +13,9 @@ import cv2
 import numpy as np
 
 from runtime.model.geometry import FieldPlan
+from runtime.model.stain_reference import StainReference
+from runtime.pipeline.stain import HE as _HE  # noqa: F401  (benchmarks/quality_limits.py's DAB test uses it)
+from runtime.pipeline.stain import TO_STAINS, drift, percentile_u8, profile, stained_density
 
 QC_MODES = ("flag", "withhold", "off")  # --qc
 STEP = 2  # the measures read every STEP-th pixel of every STEP-th row: the limits below were derived so
@@ -37,15 +40,9 @@ FLAT = 2.0  # a tile's coarse-band energy (grey levels squared) below which it h
 NOISE_MARGIN = 4.0
 RELATIVE = 0.5  # a tile is blurred where its sharpness is below this share of the field's sharpest (90th pct)
 
-# H&E optical-density vectors (RGB), Ruifrok & Johnston, Anal. Quant. Cytol. Histol. 23(4), 2001; their cross
-# product completes the basis (the residual axis: no mixture of H and E has any of it). A stained pixel's optical
-# density, in that basis, has non-negative haematoxylin and eosin amounts where its colour is a mixture of the two
-# stains; a neutral grey density has an eosin amount of -0.15 x its density, outside the slack below.
-_HE = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]])
-_HE = _HE / np.linalg.norm(_HE, axis=1, keepdims=True)
-_RESIDUAL = np.cross(_HE[0], _HE[1]) / np.linalg.norm(np.cross(_HE[0], _HE[1]))
-_TO_STAINS = np.linalg.inv(np.stack([_HE[0], _HE[1], _RESIDUAL])).astype(np.float32)
-STAINED_OD = 0.15  # optical density (norm, after the white point) above which a pixel counts as stained
+# Stain (runtime/pipeline/stain.py): a stained pixel's optical density, in Ruifrok and Johnston's H&E basis, has
+# non-negative haematoxylin and eosin amounts where its colour is a mixture of the two stains; a neutral grey density
+# has an eosin amount of -0.15 x its density, outside the slack below.
 CONE_SLACK = 0.1  # a stain amount down to -0.1 x the pixel's density still counts as non-negative (stain variation)
 CLIPPED = 250  # a channel at or above this is clipped
 BROWN_RATIO, BROWN_RED = 0.8, 1.05  # blue density above these x the green and x the red: a brown (DAB-like) pixel
@@ -90,8 +87,13 @@ LIMITS = (
           "resolution at 100X"),
     Limit("brown", 0.705, False, "ihc_stain",
           "brown DAB stain (an immunohistochemistry slide?): this model reads H&E slides only"),
+    Limit("stain_drift", 1.1, False, "stain_drift",
+          "stain differs from the model's training images: its verdict may be unreliable here"),
 )
 MEASURES = tuple(dict.fromkeys(lim.measure for lim in LIMITS))
+OUT_OF_FOCUS = "out_of_focus"
+STAIN_DRIFT = "stain_drift"  # the one measure taken only against a model's stain reference (runtime/pipeline/stain.py)
+FIELD_MEASURES = tuple(m for m in MEASURES if m != STAIN_DRIFT)  # what every field has
 
 
 @dataclass
@@ -103,10 +105,13 @@ class FieldQuality:
 
     @classmethod
     def judge(cls, measures: dict[str, float], min_tissue: float | None = None) -> FieldQuality:
-        """The flags of the LIMITS ``measures`` cross; ``min_tissue``, where given, is the tissue limit (a slide's
-        --min-tissue, which is also its mask's rule)."""
-        flags = [lim.flag for lim in LIMITS
-                 if lim.crossed(measures[lim.measure], min_tissue if lim.measure == "tissue" else None)]
+        """The flags of the LIMITS ``measures`` cross (a measure not taken, like ``stain_drift`` without a stain
+        reference, is not judged); ``min_tissue``, where given, is the tissue limit (a slide's --min-tissue, which is
+        also its mask's rule)."""
+        flags = [lim.flag for lim in LIMITS if lim.measure in measures and
+                 lim.crossed(measures[lim.measure], min_tissue if lim.measure == "tissue" else None)]
+        if OUT_OF_FOCUS in flags:  # blur lowers the densest stain amounts: the drift is the blur's, not the stain's
+            flags = [f for f in flags if f != STAIN_DRIFT]
         return cls({k: round(v, 4) for k, v in measures.items()}, list(dict.fromkeys(flags)))
 
     def to_dict(self) -> dict:
@@ -122,11 +127,6 @@ def background(bgr: np.ndarray) -> np.ndarray:
     """Glass: the slides' tissue mask and the field tissue measure."""
     hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
     return (hsv[..., 2] >= BACKGROUND_VALUE) & (hsv[..., 1] <= BACKGROUND_SATURATION)
-
-
-def _percentile(counts: np.ndarray, q: float) -> int:
-    """The q-th percentile of uint8 values from their histogram (exact for integers, without a sort)."""
-    return int(np.searchsorted(np.cumsum(counts), q / 100 * counts.sum()))
 
 
 def _tiles(a: np.ndarray, t: int) -> np.ndarray:
@@ -167,9 +167,10 @@ def _focus(grey: np.ndarray, tissue: np.ndarray) -> tuple[float, float]:
     return top, float((sharp < RELATIVE * top).mean())
 
 
-def measure(field_px: np.ndarray) -> dict[str, float]:
+def measure(field_px: np.ndarray, reference: StainReference | None = None) -> dict[str, float]:
     """The measures of one field's pixels, BGR uint8, every STEP-th pixel of every STEP-th row of it (the stain
-    measures on every second of those). Finite for every input."""
+    measures on every second of those); ``stain_drift`` only against a model's stain ``reference``. Finite for every
+    input."""
     grey = cv2.cvtColor(field_px, cv2.COLOR_BGR2GRAY)
     hsv = cv2.cvtColor(field_px, cv2.COLOR_BGR2HSV)
     glass = cv2.inRange(hsv, (0, 0, BACKGROUND_VALUE), (180, BACKGROUND_SATURATION, 255))
@@ -185,39 +186,31 @@ def measure(field_px: np.ndarray) -> dict[str, float]:
     # field's white (its 99th percentile grey level: glass, lumen or the lightest tissue), the lamp's.
     saturated = cv2.countNonZero(cv2.inRange(field_px, (CLIPPED,) * 3, (255,) * 3)) / n
     brightness = float(cv2.mean(grey, mask=tissue)[0]) if n_tissue else float(cv2.mean(grey)[0])
-    # Stain: optical density against the field's own white (its 99th percentile per channel: glass, or the
-    # lightest tissue), so that a tinted white balance is not taken for a stain; a table per channel.
-    px = np.ascontiguousarray(field_px[::2, ::2])
-    tables = np.empty((256, 1, 3), np.float32)
-    for c in range(3):
-        white = max(_percentile(cv2.calcHist([px], [c], None, [256], [0, 256]).ravel(), 99), 1)
-        tables[:, 0, c] = -np.log10(np.clip((np.arange(256) + 1) / (white + 1), 1e-3, 1.0))
-    od = cv2.LUT(px, tables).reshape(-1, 3)[:, ::-1]  # BGR in, the stain vectors' RGB order out
-    density = np.sqrt(np.einsum("ij,ij->i", od, od))
-    stained = density > STAINED_OD
-    if stained.any():
-        amounts = od[stained] @ _TO_STAINS
-        d = density[stained]
+    # Stain: optical density against the field's own white (runtime/pipeline/stain.py).
+    s_od, d, stained = stained_density(np.ascontiguousarray(field_px[::2, ::2]))
+    amounts = s_od @ TO_STAINS
+    stain_drift = {} if reference is None else {"stain_drift": drift(profile(amounts), reference)}
+    if len(s_od):
         stain = float(((amounts[:, 0] > -CONE_SLACK * d) & (amounts[:, 1] > -CONE_SLACK * d)).mean())
         colour = float(hsv[::2, ::2, 1].reshape(-1)[stained].mean())
         # Brown: the share of stained pixels that absorb blue most: blue density above BROWN_RATIO x the green and
         # above the red. DAB, the brown of immunohistochemistry, does (blue : green : red 0.78 : 0.57 : 0.27); no
         # mixture of Ruifrok and Johnston's H and E does (blue/green 0.41 and 0.11), though BreakHis's real
         # haematoxylin often reaches 0.8; a neutral grey (equal densities) is not brown.
-        s_od = od[stained]
         brown = float(((s_od[:, 2] > BROWN_RATIO * s_od[:, 1]) & (s_od[:, 2] > BROWN_RED * s_od[:, 0])).mean())
     else:  # nothing stained: no stain colour, and nothing to judge the stains by (tissue flags such a field)
         stain, colour, brown = 1.0, 0.0, 0.0
     return {"focus": focus, "blurred": blurred, "saturated": saturated, "brightness": brightness,
-            "white": float(_percentile(cv2.calcHist([grey], [0], None, [256], [0, 256]).ravel(), 99)),
+            "white": float(percentile_u8(cv2.calcHist([grey], [0], None, [256], [0, 256]).ravel(), 99)),
             "tissue": 1.0 - (n - n_tissue) / n,
-            "colour": colour, "stain": stain, "brown": brown, "blocky": blocky}
+            "colour": colour, "stain": stain, "brown": brown, "blocky": blocky} | stain_drift
 
 
-def assess(sparse: np.ndarray, plan: FieldPlan, field_size: tuple[int, int],
-           min_tissue: float | None = None) -> list[FieldQuality]:
+def assess(sparse: np.ndarray, plan: FieldPlan, field_size: tuple[int, int], min_tissue: float | None = None,
+           reference: StainReference | None = None) -> list[FieldQuality]:
     """Every field of an image, from ``sparse``: the decoded image's every STEP-th pixel of every STEP-th row
-    (``min_tissue``: the tissue limit, where the caller has its own)."""
+    (``min_tissue``: the tissue limit, where the caller has its own; ``reference``: the model's stains, where its
+    directory records them: without, no stain drift is measured)."""
     fh, fw = (s // STEP for s in field_size)
-    return [FieldQuality.judge(measure(sparse[y // STEP:y // STEP + fh, x // STEP:x // STEP + fw]), min_tissue)
-            for y, x in plan.field_origins]
+    return [FieldQuality.judge(measure(sparse[y // STEP:y // STEP + fh, x // STEP:x // STEP + fw], reference),
+                               min_tissue) for y, x in plan.field_origins]

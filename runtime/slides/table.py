@@ -19,5 +19,6 @@ def field_csv(fields: list[SlideField], model_tag: str) -> str:
         w.writerow([f.row, f.col, f.x, f.y, f.width, f.height, f"{f.tissue:.3f}", f.status,
                     "" if f.probability is None else f"{f.probability:.6f}", f.label or "", f.error or "",
                     "" if f.fast_probability is None else f"{f.fast_probability:.6f}", " ".join(f.flags),
-                    *("" if f.quality is None else f"{f.quality[m]:.4g}" for m in MEASURES), model_tag])
+                    *("" if f.quality is None or m not in f.quality else f"{f.quality[m]:.4g}" for m in MEASURES),
+                    model_tag])
     return out.getvalue()
