@@ -64,14 +64,71 @@ def test_an_older_model_directory_loads_with_the_stain_check_off(model_dir, tmp_
     (d / STAIN_REFERENCE_NAME).unlink()
     with Classifier(d, backend="cpu", precision="fp32") as clf:
         (res,) = clf.classify([images_100x[0]])
-    notes = [n for n in res.model.backend_notes if "stain check off" in n]
-    assert len(notes) == 1 and "export it again" in notes[0]
+    note = res.model.stain_check
+    assert note is not None and "stain check off" in note and "export it again" in note
+    assert res.model.to_dict()["stain_check"] == note
     assert res.error is None and res.label is not None
     assert STAIN_DRIFT not in res.fields[0].quality and "focus" in res.fields[0].quality
     with Classifier(model_dir, backend="cpu", precision="fp32") as clf:
         (res,) = clf.classify([images_100x[0]])
-    assert not [n for n in res.model.backend_notes if "stain check off" in n]
+    assert res.model.stain_check is None and "stain_check" not in res.model.to_dict()
     assert STAIN_DRIFT in res.fields[0].quality
+    # the CLI says it without -v (stderr; the table on stdout unchanged)
+    proc = run_module("runtime.classify", str(images_100x[0]), "--model", str(d), "--backend", "cpu",
+                      "--precision", "fp32", "--no-progress")
+    assert proc.returncode == 0 and "note: stain check off" in proc.stderr and "stain check" not in proc.stdout
+
+
+def _rehash(d):
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"][STAIN_REFERENCE_NAME] = sha256_file(d / STAIN_REFERENCE_NAME)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def _tampered(ref: dict, case: str) -> str:
+    h99 = ref["measures"]["h99"]
+    if case == "drift measure missing":
+        del ref["measures"]["h99"]
+    elif case == "an integer beyond a float":
+        return json.dumps(ref).replace(f'"median": {json.dumps(h99["median"])}', '"median": 1' + "0" * 400, 1)
+    elif case == "nested too deep":
+        return json.dumps(ref)[:-1] + ', "notes": ' + "[" * 100000 + "]" * 100000 + "}"
+    elif case == "zero":
+        ref["measures"]["h99"] = {k: 0.0 for k in h99}
+    elif case == "negative":
+        ref["measures"]["h99"] = {k: -v for k, v in h99.items()}
+    elif case == "range beyond density":
+        h99.update(low=1e-300, p05=1e-300, high=1e300, p95=1e300)
+    elif case == "median above high":
+        h99["median"] = h99["high"] * 2
+    elif case == "a bool for the version":
+        ref["version"] = True
+    elif case == "a string for the LAB mean":
+        ref["lab_mean"] = "123"
+    elif case == "a string for the images":
+        ref["images"] = "abc"
+    return json.dumps(ref)
+
+
+@pytest.mark.parametrize("case", ["drift measure missing", "an integer beyond a float", "nested too deep", "zero",
+                                  "negative", "range beyond density", "median above high", "a bool for the version",
+                                  "a string for the LAB mean", "a string for the images"])
+def test_a_stain_reference_hashed_to_match_but_unusable_is_refused_naming_it(model_dir, tmp_path, case):
+    """Someone who can write the model directory, hash included: a reference the drift cannot use, or whose values
+    are impossible (which would flag every field, or none), is refused as an unusable model, naming the file; never
+    a crash in the decode workers, never a check silently off."""
+    d = _copy(model_dir, tmp_path)
+    (d / STAIN_REFERENCE_NAME).write_text(_tampered(json.loads((d / STAIN_REFERENCE_NAME).read_text()), case))
+    _rehash(d)
+    with pytest.raises(ModelError, match=STAIN_REFERENCE_NAME):
+        ModelDir.open(d).stain_reference()
+
+
+def test_a_listed_stain_reference_that_is_gone_is_refused_like_any_model_file(model_dir, tmp_path):
+    d = _copy(model_dir, tmp_path)
+    (d / STAIN_REFERENCE_NAME).unlink()
+    with pytest.raises(ModelError, match="not found"):
+        Classifier(d, backend="cpu", precision="fp32")
 
 
 def test_the_committed_limit_is_the_code_s_and_derives_from_the_committed_measures():

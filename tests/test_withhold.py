@@ -198,10 +198,28 @@ def test_a_field_left_out_never_lets_a_region_be_benign_whatever_the_rule():
     for rule in ("max", "topk", "mean", "fraction"):
         a = aggregate_verdict([0.2, 0.3], rule, 2, 0.5, labels, held)
         assert a["label"] is None and a["value"] is None and a["withheld"] == 1
-        assert f"the counted fields give {rule} = " in a["note"] and "1 of 3 fields withheld" in a["note"]
+        assert f"with the fields left out at their lowest, {rule} = " in a["note"]
+        assert "1 of 3 fields withheld" in a["note"]
         u = aggregate_verdict([0.2, 0.3], rule, 2, 0.5, labels, unread=1)
         assert u["label"] is None and "1 of 3 fields could not be read" in u["note"]
         assert aggregate_verdict([0.2, 0.9], "max", 2, 0.5, labels, held, unread=1)["label"] == "Malignant"
     assert aggregate_verdict([], "max", 2, 0.5, labels, unread=2)["note"].startswith(
         "no verdict: 2 of 2 fields could not be read; no field was counted")
     assert aggregate_verdict([0.2], "max", 2, 0.5, labels)["label"] == "Benign"  # nothing left out: as before
+
+
+def test_leaving_benign_fields_out_never_makes_a_region_malignant():
+    """Withholding only takes a verdict away under every rule: [0.9, 0.1, 0.1, 0.1] counted is Benign by mean, top-2
+    and fraction; with the three 0.1 fields withheld, the counted field alone would say Malignant, so the region gets
+    no verdict; where the positive label holds with the left-out fields at 0, it stands (and says so)."""
+    from runtime.slides.aggregate import aggregate_verdict
+    from runtime.slides.fields import SlideField
+
+    labels = ("Benign", "Malignant")
+    held = [SlideField(0, c, 0, 0, 672, 448, 1.0, "withheld", 0.1, flags=["out_of_focus"]) for c in (1, 2, 3)]
+    for rule in ("topk", "mean", "fraction"):
+        assert aggregate_verdict([0.9, 0.1, 0.1, 0.1], rule, 2, 0.5, labels)["label"] == "Benign"
+        a = aggregate_verdict([0.9], rule, 2, 0.5, labels, held)
+        assert a["label"] is None and "no verdict" in a["note"], (rule, a)
+    kept = aggregate_verdict([0.9, 0.95, 0.99], "mean", 2, 0.5, labels, held[:1])  # (0.9+0.95+0.99+0)/4 > 0.5
+    assert kept["label"] == "Malignant" and "counted at 0" in kept["note"]

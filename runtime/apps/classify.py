@@ -103,7 +103,10 @@ def summary(results: list, recheck: bool) -> str:
 
 
 def problems(results: list, model: ModelInfo, verbose: bool) -> None:
-    """stderr: why each image without a verdict has none; with ``verbose``, how the backend was chosen."""
+    """stderr: why each image without a verdict has none, and why the stain check is off where it is; with
+    ``verbose``, how the backend was chosen."""
+    if model.stain_check:
+        print(f"note: {model.stain_check}", file=sys.stderr)
     if verbose:
         for n in model.backend_notes:
             print(f"note: {n}", file=sys.stderr)

@@ -3,6 +3,7 @@ a model file, and the engines folder. Nothing else opens those JSON files."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -72,22 +73,23 @@ class ModelDir:
         (self.path / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
 
     def stain_reference(self) -> StainReference | None:
-        """The stains the model was trained on (runtime/model/stain_reference.py), its file checked against the
-        manifest (ModelError where it differs); None where the export recorded none (a model directory from before)
-        or its file is not there (a copy without it): no stain check then, said by the caller (``stain_check_off``)."""
+        """The stains the model was trained on (runtime/model/stain_reference.py), its bytes checked against the
+        manifest (ModelError where they differ, or where the manifest lists the file and it is gone: damage, like any
+        listed file); None where the export recorded none (a model directory from before): no stain check then, said
+        by the caller (``stain_check_off``)."""
         if self.stain_check_off() is not None:
             return None
         path, _ = self.file(STAIN_REFERENCE_NAME)
-        return StainReference.from_json(path.read_text(), str(path))
+        data = path.read_bytes()  # parsed as hashed: the bytes read are the bytes checked
+        if hashlib.sha256(data).hexdigest() != self.manifest.files[STAIN_REFERENCE_NAME]:
+            raise ModelError(f"{path}: changed while it was read: export the model again")
+        return StainReference.from_json(data, str(path))
 
     def stain_check_off(self) -> str | None:
         """Why this model directory has no stain check (None where it has one)."""
         if STAIN_REFERENCE_NAME not in self.manifest.files:
             return (f"stain check off: {self.path} records no stain reference (exported before 2026-12-07): export it "
                     "again to have each field's stain compared with its training images'")
-        if not (self.path / STAIN_REFERENCE_NAME).is_file():
-            return (f"stain check off: {self.path / STAIN_REFERENCE_NAME}, listed in its manifest, is not there (a "
-                    "copy of the model directory without it?)")
         return None
 
     def add_stain_reference(self, reference: StainReference) -> None:

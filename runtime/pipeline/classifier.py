@@ -91,8 +91,7 @@ class Classifier:
             band = model.band(self.backend.precision)
             reference = partial(reference_for, self.backend, model, threads)
             self.stain_reference, stain_off = model.stain_reference(), model.stain_check_off()
-        if stain_off is not None and qc != "off":
-            notes.append(stain_off)
+        self.stain_off = stain_off if qc != "off" else None  # said in every result's model block and by the CLIs
         self.contract = self.manifest.contract
         self.max_pixels = max_pixels
         # Images are decoded ahead of inference by a pool of threads. With inference on a GPU the host's cores are
@@ -117,7 +116,7 @@ class Classifier:
             self.backend.close()  # opened above: its session and device memory are not left behind
             raise
         self.model_info = ModelInfo.of(self.manifest, self.backend, self.preprocessor.name, notes,
-                                       self.recheck.describe() if self.recheck else None)
+                                       self.recheck.describe() if self.recheck else None, self.stain_off)
         self.scheduler = FieldScheduler(self.preprocessor, self.batch_size, self.contract,
                                         f"backend {self.backend.name}, precision {self.backend.precision}",
                                         self.recheck, qc == "withhold")

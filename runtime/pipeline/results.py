@@ -34,13 +34,14 @@ class ModelInfo:
     backend_notes: tuple[str, ...] = ()
     recheck: str | None = None  # what is re-checked at FP32 and where (None: FP32 itself, or --recheck off)
     warning: str | None = None  # set for untrained weights
+    stain_check: str | None = None  # why the quality check's stain drift is off, where it is (with --qc on)
 
     @classmethod
     def of(cls, manifest: Manifest, backend: Backend, preprocess: str, notes: list[str],
-           recheck: str | None = None) -> ModelInfo:
+           recheck: str | None = None, stain_check: str | None = None) -> ModelInfo:
         return cls(**manifest.model_info(), backend=backend.name, precision=backend.precision,
                    file=backend.model_file, file_sha256=backend.file_sha256, preprocess=preprocess,
-                   backend_notes=tuple(notes), recheck=recheck,
+                   backend_notes=tuple(notes), recheck=recheck, stain_check=stain_check,
                    warning=None if manifest.provenance.trained else UNTRAINED_WARNING)
 
     @property
@@ -49,9 +50,11 @@ class ModelInfo:
         return self.warning or STANDING
 
     def to_dict(self) -> dict[str, Any]:
-        """As results' JSON has it: notes, warning and re-check only where there are any; always its standing."""
+        """As results' JSON has it: notes, warning, re-check and stain check only where there are any; always its
+        standing."""
         d = asdict(self) | {"backend_notes": list(self.backend_notes), "standing": self.standing}
-        return {k: v for k, v in d.items() if not (k in ("backend_notes", "warning", "recheck") and not v)}
+        return {k: v for k, v in d.items()
+                if not (k in ("backend_notes", "warning", "recheck", "stain_check") and not v)}
 
 
 @dataclass

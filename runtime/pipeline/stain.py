@@ -8,7 +8,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from runtime.model.stain_reference import StainReference
+from runtime.model.stain_reference import DRIFT_MEASURES, StainReference
 
 # H&E optical-density vectors (RGB), Ruifrok & Johnston; their cross product completes the basis (the residual axis:
 # no mixture of H and E has any of it). A stained pixel's optical density, in that basis, has non-negative
@@ -61,7 +61,8 @@ def field_profile(px: np.ndarray) -> dict[str, float]:
     return profile(od @ TO_STAINS)
 
 
-DRIFT_MEASURES = ("h99", "e99")  # the densest haematoxylin (nuclei) and eosin of the field (docs/quality.md: why)
+# DRIFT_MEASURES (runtime/model/stain_reference.py): the densest haematoxylin (nuclei) and eosin of the field
+# (docs/quality.md: why)
 FLOOR = 1e-3  # an amount below this (no stain of that kind at all) counts as this, so that every ratio is finite
 MIN_SPREAD = 0.1  # a reference's half-range counts as at least this (natural log: +-10 %), for one of a few fields
 
