@@ -22,10 +22,12 @@ def test_benchmark_runs_every_path_each_phase_alone_against_the_same_images(mode
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
     rows = res["rows"]
-    paths = {"folder", "watch burst", "slide", "server, 1 client", "server, 8 clients", "cohort, one process"}
-    if importlib.util.find_spec("ray") is not None:
-        paths.add("cohort, ray 2 actors")
+    paths = {"folder", "watch burst", "slide", "server, 1 client", "server, 8 clients"}
+    cohorts = {"cohort, one process"} | ({"cohort, ray 2 actors"} if importlib.util.find_spec("ray") else set())
     assert paths <= set(rows), sorted(rows)
+    for name in cohorts:  # timed whole: the narrow model's 2 fields can take less than the noise of Ray's fixed
+        # cost, and a net time that is not positive is reported as not measured, never averaged in
+        assert name in rows or "not measured: net time" in res["skipped"].get(name, ""), (name, res["skipped"])
     assert {"baseline_pytorch_fp32_eager", "runtime_onnxruntime_cpu", "runtime_onnxruntime_cpu_batch4"} <= set(rows)
     assert "no int8 variant" in res["skipped"]["runtime_onnxruntime_cpu_int8"]
     ref = res["image_by_image"]  # the paths' image-by-image row: the per-image row at the tier they ran
