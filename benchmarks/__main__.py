@@ -28,7 +28,7 @@ import numpy as np
 from benchmarks import write_json
 from benchmarks.report import compare_text, second_path, table
 from benchmarks.report import main as report_main
-from benchmarks.stats import merge, ratio
+from benchmarks.stats import NotMeasured, merge, ratio
 from benchmarks.variants import RUNTIME_AUTO, SUITES
 
 RUN = "python -m benchmarks --images ../shared/data/breakhis-100x --limit 12 --json benchmarks/results/cpu-paths.json"
@@ -117,13 +117,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="the whole run this many times, one after another (default 1); run 2 is written beside "
                          "--json as NAME.run2.json and the ratios of runs 1 and 2 are compared")
     ap.add_argument("--doc", action="store_true",
-                    help="then regenerate docs/performance.md from --json (python -m benchmarks.report --write)")
+                    help="then regenerate docs/performance.md from this run's --json (and its run 2 where --runs 2)")
     ap.add_argument("--no-memory", action="store_true",
                     help="kept for older commands: peak RSS now comes from each phase's own process, at no cost")
     ap.add_argument("--fp16-tflops", type=float, default=None, help="GPU dense FP16 rate for the floor (gpu suite)")
     ap.add_argument("--as-jpeg", type=int, default=None, metavar="QUALITY",
                     help="time JPEG copies of the images at this quality instead (as a camera writes them)")
     args = ap.parse_args(argv)
+    if args.doc and args.json is None:
+        ap.error("--doc needs --json: the doc is made from the run just made, which --json writes")
     from runtime.io.inputs import image_files
     from runtime.model.paths import default_model_dir
 
@@ -153,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}", file=sys.stderr)
     if len(results) > 1:
         print(compare_text(results[0], results[1]))
-    if args.doc:
-        return report_main(["--write", *(["--first", str(args.json)] if args.json else [])])
+    if args.doc:  # from the run(s) just made: run 2 where there is one, else run 1 alone (never an older run 2)
+        again = ["--second", str(second_path(args.json))] if len(results) > 1 else ["--single"]
+        return report_main(["--write", "--first", str(args.json), *again])
     return 0
 
 
@@ -208,30 +211,36 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
                      "samples": r["samples"], "images": r["images"]}
         return r
 
-    # a row that failed in a later round is not a row (its rounds would not be comparable)
-    rows = {n: finished(n) for n, rs in raw.items() if len(rs) == args.rounds and n not in skipped}
+    # a row that failed in a later round is not a row (its rounds would not be comparable); one with nothing to
+    # summarise (no samples, a net time that is not positive) is skipped with its reason, the other rows kept
+    rows: dict[str, dict[str, Any]] = {}
+    for n, rs in raw.items():
+        if len(rs) == args.rounds and n not in skipped:
+            try:
+                rows[n] = finished(n)
+            except NotMeasured as e:
+                skipped[n] = f"not measured: {e}"
     if baseline not in rows:
         print(f"error: the baseline {baseline} cannot run here: {skipped.get(baseline)}", file=sys.stderr)
         return {"baseline": baseline, "rows": rows, "skipped": skipped}
-    # the image-by-image row at the tier the paths ran (`auto`'s), run now if the suite has none
-    tiers = {json.dumps(r["tier"], sort_keys=True) for r in rows.values() if r["kind"] == "path"}
-    reference = None
-    if tiers:
-        want = json.loads(min(tiers))
-        reference = next((n for n, r in rows.items() if r["kind"] == "per-image" and r["tier"] == want), None)
-        if reference is None:
-            for _ in range(args.rounds):
-                run("per-image", RUNTIME_AUTO)
-            if RUNTIME_AUTO in raw and RUNTIME_AUTO not in skipped:  # its rounds back to back, after the others
+    # each path and folder row against the image-by-image row of its own tier; where a path's tier has none in the
+    # suite, the runtime image by image at the tier `auto` picks (the paths' tier) is run now, its rounds back to back
+    refs = same_tier_rows(rows)
+    if any(ref is None and rows[n]["kind"] == "path" for n, ref in refs.items()) and RUNTIME_AUTO not in rows:
+        for _ in range(args.rounds):
+            run("per-image", RUNTIME_AUTO)
+        if RUNTIME_AUTO in raw and RUNTIME_AUTO not in skipped:
+            try:
                 rows[RUNTIME_AUTO] = finished(RUNTIME_AUTO)
-                reference = RUNTIME_AUTO
+            except NotMeasured as e:
+                skipped[RUNTIME_AUTO] = f"not measured: {e}"
+        refs = same_tier_rows(rows)
     load.append(os.getloadavg()[0])
     for name, r in rows.items():
-        same_tier = reference if r["kind"] == "path" else \
-            next((n for n, x in rows.items() if x["kind"] == "per-image" and x["tier"] == r["tier"]), None)
+        same_tier = refs.get(name)
         r["vs_baseline"] = ratio(rows[baseline], r)
-        r["vs_image_by_image"] = ratio(rows[same_tier], r) if same_tier and r["kind"] != "per-image" else None
-        r["image_by_image_row"] = same_tier if r["kind"] != "per-image" else None
+        r["vs_image_by_image"] = ratio(rows[same_tier], r) if same_tier else None
+        r["image_by_image_row"] = same_tier
         if r["kind"] == "per-image" and name != baseline and "probabilities" in r:
             r["fidelity"] = fidelity(rows[baseline], r, name)
     for r in rows.values():
@@ -243,10 +252,23 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
               "suite": args.suite, "model": str(args.model), "images": len(images),
               "format": f"JPEG quality {args.as_jpeg} copies" if args.as_jpeg is not None else "as given",
               "repeats": args.repeats, "rounds": args.rounds, "warmup_images": args.warmup, "threads": args.threads,
-              "baseline": baseline, "image_by_image": reference, "rows": rows, "skipped": skipped}
-    if any(tiers) and len(tiers) > 1:
-        result["note"] = f"the paths ran different tiers: {sorted(tiers)}"
+              "baseline": baseline, "rows": rows, "skipped": skipped}
+    path_refs = {refs.get(n) for n, r in rows.items() if r["kind"] == "path"}
+    result["image_by_image"] = next(iter(path_refs)) if len(path_refs) == 1 else None  # the paths' one reference
+    if alone := [n for n, r in rows.items() if r["kind"] != "per-image" and refs.get(n) is None]:
+        result["note"] = f"no image-by-image row at the tier of {', '.join(alone)}: no 'vs image by image' for them"
+    elif len(path_refs) > 1:
+        result["note"] = ("the paths ran different tiers; each is compared with the image-by-image row of its own: "
+                          + ", ".join(f"{n} with {refs[n]}" for n, r in rows.items() if r["kind"] == "path"))
     return result
+
+
+def same_tier_rows(rows: dict[str, dict[str, Any]]) -> dict[str, str | None]:
+    """For each folder and path row, the per-image row of the same tier (the first, in the run's order), or None
+    where the run has none at its tier."""
+    per_image = [(n, r["tier"]) for n, r in rows.items() if r["kind"] == "per-image"]
+    return {n: next((p for p, tier in per_image if tier == r["tier"]), None) for n, r in rows.items()
+            if r["kind"] != "per-image"}
 
 
 if __name__ == "__main__":

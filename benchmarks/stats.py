@@ -9,6 +9,11 @@ from collections.abc import Sequence
 import numpy as np
 
 
+class NotMeasured(ValueError):
+    """A row with nothing to summarise (no samples, or a net time that is not positive): the runner reports it as
+    skipped, with this reason, and keeps the other rows."""
+
+
 def summarise(samples_s: Sequence[float], images: int | None = None, wall_s: float | None = None) -> dict:
     """mean/p50/p95/std in ms and spread of per-image samples. ``wall_s`` and ``images``, where the row has no
     per-image samples (a slide or a cohort timed whole), give the mean alone."""
@@ -39,7 +44,15 @@ def merge(rounds: list[dict]) -> dict:
     first = rounds[0]
     images = sum(r["images"] for r in rounds)
     samples = [s for r in rounds for s in r["samples_s"]]
-    stats = summarise(samples, images) if samples else summarise([], images, sum(r["net_s"] for r in rounds))
+    if samples:
+        stats = summarise(samples, images)
+    else:  # timed whole: every round's net time must be a measurement, none averaged in where it is not
+        net = [r["net_s"] for r in rounds]
+        if None in net:
+            raise NotMeasured(f"no samples: {images} images gave no per-image sample and no net time")
+        if bad := [f"round {k + 1}: {x:.3f} s" for k, x in enumerate(net) if not (np.isfinite(x) and x > 0)]:
+            raise NotMeasured(f"net time (wall less the fixed cost) not positive, not a measurement: {', '.join(bad)}")
+        stats = summarise([], images, sum(net))
     cpu = [r["cpu_s"] for r in rounds]
     rss = [r["peak_rss_mb"] for r in rounds]
     out = {"how": {"method": first["how"], "rounds": len(rounds)}, "tier": first["tier"], **stats,
