@@ -122,7 +122,7 @@ def test_missing_model(tmp_path, images_100x):
 def model_copy(model_dir, tmp_path):
     d = tmp_path / "m"
     d.mkdir()
-    for f in ("manifest.json", "model.onnx"):
+    for f in ("manifest.json", "model.onnx", "stain_reference.json"):  # what an fp32 run reads
         shutil.copy(model_dir / f, d)
     return d
 

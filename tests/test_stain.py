@@ -127,7 +127,7 @@ def test_a_stain_reference_hashed_to_match_but_unusable_is_refused_naming_it(mod
 def test_a_listed_stain_reference_that_is_gone_is_refused_like_any_model_file(model_dir, tmp_path):
     d = _copy(model_dir, tmp_path)
     (d / STAIN_REFERENCE_NAME).unlink()
-    with pytest.raises(ModelError, match="not found"):
+    with pytest.raises(ModelError, match="listed in manifest.json but not there: copy the whole model directory"):
         Classifier(d, backend="cpu", precision="fp32")
 
 

@@ -79,6 +79,9 @@ class ModelDir:
         by the caller (``stain_check_off``)."""
         if self.stain_check_off() is not None:
             return None
+        if not (self.path / STAIN_REFERENCE_NAME).is_file():
+            raise ModelError(f"{self.path / STAIN_REFERENCE_NAME}: listed in manifest.json but not there: copy the "
+                             "whole model directory, or export it again")
         path, _ = self.file(STAIN_REFERENCE_NAME)
         data = path.read_bytes()  # parsed as hashed: the bytes read are the bytes checked
         if hashlib.sha256(data).hexdigest() != self.manifest.files[STAIN_REFERENCE_NAME]:
