@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.serve_compare import run_clients
 from benchmarks.synthetic_slide import write_mosaic
 from runtime.model.paths import REPO
 
@@ -290,13 +291,7 @@ def _http_load(url: str, images: list[Path], clients: int, requests: int) -> tup
                 done.append(time.perf_counter())
                 answers.append(answer)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
+    t0 = run_clients(clients, client, start)
     if len(done) != clients * requests:
         raise RuntimeError(f"the server answered {len(done)} of {clients * requests} requests")
     return intervals(t0, done), answers

@@ -71,6 +71,19 @@ def _wait(ready: Callable[[], bool], proc: subprocess.Popen, what: str) -> None:
     raise RuntimeError(f"{what} did not start in 2 minutes")
 
 
+def run_clients(clients: int, client: Callable[[int], None], start: threading.Barrier) -> float:
+    """``client(k)`` on ``clients`` threads, released together through ``start`` (a barrier of clients + 1), all
+    waited for; the time they were released at."""
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return t0
+
+
 def load(clients: int, requests: int, images: list[Path], open_client: Callable[[], Callable[[Path], None]]) -> dict:
     """``clients`` threads, each its own client, sending ``requests`` images one after another."""
     latencies: list[float] = []
@@ -86,13 +99,7 @@ def load(clients: int, requests: int, images: list[Path], open_client: Callable[
             with lock:
                 latencies.append(time.perf_counter() - t0)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
+    t0 = run_clients(clients, client, start)
     wall = time.perf_counter() - t0
     ms = np.array(latencies) * 1e3
     return {"clients": clients, "fields": len(latencies), "fields_per_s": round(len(latencies) / wall, 2),
