@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.io.decode import read_image
 from runtime.model.manifest import Contract, ModelError, sha256_file
 from runtime.model.model_dir import ModelDir
 from runtime.model.precisions import PRECISIONS
@@ -215,11 +216,19 @@ def test_concurrent_clients_are_batched_by_triton(served, model_dir, images_100x
         stats = served.stats("breakhis_fp32")["model_stats"][0]["batch_stats"]
         return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats}
 
-    before = batches()
-    results = _at_once(4, model_dir, served.url, images_100x)
-    assert len(results) == 4 and all(r.error is None for r in results), [r.error for r in results]
-    after = batches()  # Triton ran fields of several clients together: a run of more than 1 field since before
-    assert any(size > 1 and n > before.get(size, 0) for size, n in after.items()), (before, after)
+    # the clients send decoded images, so that little but the request lies between the barrier and Triton's queue;
+    # where a loaded machine still spreads their arrivals beyond the 100 ms window, the 4 are sent again (3 tries)
+    decoded = [read_image(p).bgr for p in images_100x[:4]]
+    seen = []
+    for _ in range(3):
+        before = batches()
+        results = _at_once(4, model_dir, served.url, decoded)
+        assert len(results) == 4 and all(r.error is None for r in results), [r.error for r in results]
+        after = batches()  # Triton ran fields of several clients together: a run of more than 1 field since before
+        seen.append((before, after))
+        if any(size > 1 and n > before.get(size, 0) for size, n in after.items()):
+            return
+    raise AssertionError(f"Triton never ran two clients' fields together in 3 tries: {seen}")
 
 
 def test_a_full_queue_is_a_clear_per_item_error_and_retries_get_through(served, model_dir, images_100x):
