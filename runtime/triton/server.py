@@ -76,6 +76,7 @@ def start(triton: Any, stop: threading.Event) -> bool:
     before ``stop`` was set. A start that failed is said. The thread never ends: PyTriton starts tritonserver with
     PR_SET_PDEATHSIG, which sends it SIGTERM when the thread that started it ends (the process ends it)."""
     failed: list[BaseException] = []
+    adopt_orphans()
 
     def run() -> None:
         try:
@@ -107,6 +108,19 @@ def finish(triton: Any, timeout_s: float) -> None:
 
 
 KILL_AFTER_S = 3.0  # after the orderly stop, the time Triton's processes are given to end by themselves
+
+
+def adopt_orphans() -> None:
+    """Make this process the reaper of every process it starts, at any depth (Linux PR_SET_CHILD_SUBREAPER): a
+    process whose parent ends first (Triton's python-backend stubs, when a process group's SIGTERM ends tritonserver
+    before them) is then re-parented to this process instead of init, so ``end_descendants`` still finds it. Called
+    by ``start``; where the call is not available (not Linux), descendants are found as before."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
 
 
 def descendants(pid: int) -> list[int]:
