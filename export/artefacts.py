@@ -15,7 +15,7 @@ from export.model import CONTRACT, BreakHisNet
 from export.verify import ort_outputs
 from runtime.backends.openvino import native
 from runtime.errors import CheckFailed
-from runtime.io.fields import folder_fields
+from runtime.io.fields import image_fields
 from runtime.model.fidelity import compare
 from runtime.model.manifest import Manifest, Provenance, Variant, sha256_file
 from runtime.model.model_dir import REPORT_NAME, ModelDir
@@ -68,17 +68,36 @@ def _why_not(variant: str) -> str | None:
                            f"{row.cpu_capability}"
 
 
-def gate_fields(folder: Path | None, n_images: int | None, seed: int = 0) -> tuple[np.ndarray, str]:
-    """Every field of the first ``n_images`` real images (all when None), and where they came from; seeded
-    synthetic fields only when no image folder is available."""
+def gate_fields(folder: Path | None, n_images: int | None,
+                seed: int = 0) -> tuple[np.ndarray, str, list[tuple[Path, int]]]:
+    """Every field of the first ``n_images`` real images (all when None), where they came from in words, and each
+    image with its number of fields (in order; none for synthetic fields); seeded synthetic fields only when no
+    image folder is available."""
     if folder is not None:
-        fields = folder_fields(folder, CONTRACT, n_images)
+        fields, sources = image_fields(folder, CONTRACT, n_images)
         if len(fields):
-            return fields, f"{len(fields)} fields of real images from {folder}"
+            return fields, f"{len(fields)} fields of real images from {folder}", sources
     p, t = CONTRACT.patch, CONTRACT.seq_len
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (6, t, 3, p, p)).astype(np.float32) - np.asarray(CONTRACT.mean, np.float32)[:, None, None]
-    return x, "6 synthetic random fields (no image folder found: pass --parity-images)"
+    return x, "6 synthetic random fields (no image folder found: pass --parity-images)", []
+
+
+def fp32_reference(sources: list[tuple[Path, int]], n_fields: int, ref: dict[str, np.ndarray]) -> dict:
+    """The gate's FP32 answers (the unscaled FP32 model on ONNX Runtime CPU, what every variant was judged against)
+    for each whole image among the first ``n_fields`` gate fields: its file name, sha256 and fields' probabilities
+    and logits. Kept in the export report, so that the runtime's answers on those images can be compared with
+    the gate's later without running FP32 again (tests/test_recheck.py)."""
+    images, k = [], 0
+    for path, n in sources:
+        if k + n > n_fields:
+            break
+        images.append({"file": path.name, "sha256": sha256_file(path),
+                       "probability": [float(v) for v in ref["probability"][k:k + n]],
+                       "logit": [float(v) for v in ref["logit"][k:k + n]]})
+        k += n
+    return {"what": "FP32 (ONNX Runtime CPU, the model before range-safe rescaling) on the gate's images",
+            "images": images}
 
 
 def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Provenance, images: Path | None,
@@ -99,7 +118,7 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
     unscaled = out_dir / ".model.unscaled.onnx.tmp"
     threshold = CONTRACT.threshold
     try:
-        fields, where = gate_fields(images, n_gate)
+        fields, where, sources = gate_fields(images, n_gate)
         no_real = bool("synthetic" in where and not allow_synthetic and variants_made)
         if no_real:
             log(f"no variant besides FP32 is made: no real images to gate them on ({images or 'no folder'}); "
@@ -118,6 +137,8 @@ def write_model_dir(model: BreakHisNet, out_dir: Path, name: str, provenance: Pr
         ox.export_onnx(deployed, tmp["model.onnx"], CONTRACT, provenance)
         report: dict = {"gate_inputs": where, "opset": ox.OPSET, "range_safe": range_safe, "gates": {},
                         "rejected": {}, "not_made": {}}
+        if sources:
+            report["fp32_reference"] = fp32_reference(sources, len(fields), ref)
 
         p = fields[:n_parity]
         want = ox.torch_outputs(model, p)

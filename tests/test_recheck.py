@@ -13,7 +13,7 @@ import pytest
 
 from runtime.backends.ort import OrtBackend
 from runtime.model.fidelity import compare
-from runtime.model.manifest import ModelError, Variant
+from runtime.model.manifest import ModelError, Variant, sha256_file
 from runtime.model.model_dir import ModelDir
 from runtime.model.precisions import PRECISIONS, band_from_logit, logit_bound_of, round_up
 from runtime.model.served import Served
@@ -174,26 +174,37 @@ def _borderline(clf: Classifier, images: list, want: list) -> tuple[list[np.ndar
     raise AssertionError("no blend of the shared images lies on the threshold")
 
 
-def test_trained_model_labels_equal_fp32_on_every_shared_image_with_the_recheck(trained_dir, images_100x, request):
+def test_trained_model_labels_equal_fp32_on_every_shared_image_with_the_recheck(trained_dir, images_100x):
     """The trained model's faster tier here (auto: FP16 on a GPU, BF16 on OpenVINO where this CPU has native BF16):
     with the re-check on, every field's and image's label is FP32's on the 48 shared images and on fields made to
-    sit on the threshold, each of which is re-checked; a re-checked field's probability is FP32's."""
+    sit on the threshold, each of which is re-checked; a re-checked field's probability is FP32's. FP32's answers on
+    the 48 images are the export's own (export_report.json's ``fp32_reference``: what its gates judged every
+    variant against), tied to the runtime's FP32 on two of them here."""
+    reference = {r["file"]: r for r in ModelDir.open(trained_dir).report()["fp32_reference"]["images"]}
+    assert sorted(reference) == sorted(p.name for p in images_100x)  # every shared image, none left out
+    assert all(reference[p.name]["sha256"] == sha256_file(p) for p in images_100x)  # these very files
+    want = [reference[p.name]["probability"] for p in images_100x]  # each image's fields' FP32 probabilities
+    assert all(len(w) == 1 for w in want)  # the shared images are one field each
+    tol = PRECISIONS["fp32"].tolerance
     with Classifier(trained_dir) as clf:
         if clf.backend.precision == "fp32":
             pytest.skip(f"no faster tier on this machine ({'; '.join(clf.model_info.backend_notes)})")
-        trained_fp32 = request.getfixturevalue("trained_fp32")  # made only where the test runs (45 s on 2 cores)
-        want = list(trained_fp32.results)
-        edge, at_edge = _borderline(trained_fp32.clf, images_100x, [r.probability for r in want])
-        want.append(at_edge)
+        with Classifier(trained_dir, backend="cpu", precision="fp32") as fp32:
+            for r, w in zip(fp32.classify(images_100x[:2]), want):  # the runtime's FP32 is the export's reference
+                assert r.probability == pytest.approx(w[0], abs=tol.probability + tol.rtol * w[0])
+            edge, at_edge = _borderline(fp32, images_100x, [w[0] for w in want])
         got = clf.classify([*images_100x, *edge])
         assert clf.recheck is not None and f"within {clf.recheck.band:.3g} of" in str(clf.model_info.recheck)
-    for a, b in zip(got, want):
-        assert a.error is None and a.label == b.label
-        for fa, fb in zip(a.fields, b.fields):
-            assert fa.label == fb.label
-            if fa.rechecked:
-                assert fa.probability == pytest.approx(fb.probability, abs=1e-4)
-    assert all(r.rechecked == len(r.fields) for r in got[len(images_100x):])  # on the threshold: always re-checked
+    for a, w in zip(got, want):
+        assert a.error is None and [f.label for f in a.fields] == [clf.contract.label(p) for p in w]
+        assert a.label == clf.contract.label(w[0])
+        for f, p in zip(a.fields, w):
+            if f.rechecked:
+                assert f.probability == pytest.approx(p, abs=1e-4)
+    (b,) = got[len(images_100x):]  # on the threshold: always re-checked, and FP32's answer
+    assert b.rechecked == len(b.fields) and b.label == at_edge.label
+    assert [f.label for f in b.fields] == [f.label for f in at_edge.fields]
+    assert b.fields[0].probability == pytest.approx(at_edge.fields[0].probability, abs=1e-4)
 
 
 def test_the_trained_models_band_comes_from_its_gates_logit_bound(trained_dir, images_100x):

@@ -16,10 +16,19 @@ from runtime.model.preprocess import preprocess_image
 def folder_fields(folder: Path, contract: Contract, n_images: int | None = None, start: int = 0) -> np.ndarray:
     """Every preprocessed field of images ``start .. start + n_images`` of ``folder`` (sorted by name), for
     calibration and fidelity gates. Unreadable or too-small images are skipped. (N, T, 3, P, P); N may be 0."""
+    return image_fields(folder, contract, n_images, start)[0]
+
+
+def image_fields(folder: Path, contract: Contract, n_images: int | None = None,
+                 start: int = 0) -> tuple[np.ndarray, list[tuple[Path, int]]]:
+    """``folder_fields`` and where they came from: each image used and its number of fields, in order."""
     out: list[np.ndarray] = []
+    sources: list[tuple[Path, int]] = []
     for path in image_files(folder)[start:][:n_images]:
         try:
-            out.extend(preprocess_image(read_image(path).bgr, contract))
+            fields = preprocess_image(read_image(path).bgr, contract)
         except (ImageError, TilingError):
             continue
-    return np.stack(out) if out else np.empty((0, *contract.field_shape), np.float32)
+        out.extend(fields)
+        sources.append((path, len(fields)))
+    return (np.stack(out) if out else np.empty((0, *contract.field_shape), np.float32)), sources
