@@ -50,12 +50,24 @@ Rows = dict[str, dict[str, Any]]
 
 
 def row(how: str, tier: dict[str, Any], images: int, samples: list[float] | None = None, net_s: float | None = None,
-        cpu_s: float | None = None, peak_rss_mb: float | None = None, **extra: Any) -> dict[str, Any]:
+        cpu_s: float | None = None, peak_rss_mb: float | None = None, fields: dict[str, int] | None = None,
+        **extra: Any) -> dict[str, Any]:
     """A path's raw row for one round (the runner merges the rounds and summarises, benchmarks/stats.py): per-image
     ``samples`` in seconds, or ``net_s`` for the images where the path is timed whole; ``cpu_s``: the CPU time of
-    the process running the product over those images; anything else is kept per round."""
+    the process running the product over those images; ``fields``: how many fields the timed images had
+    ("classified") and how many of them were re-checked at FP32 ("rechecked"); anything else is kept per round."""
     return {"how": how, "tier": tier, "images": images, "samples_s": samples or [], "net_s": net_s, "cpu_s": cpu_s,
-            "peak_rss_mb": peak_rss_mb, "round": extra}
+            "peak_rss_mb": peak_rss_mb, "fields": fields or {}, "round": extra}
+
+
+def counted(results: list[dict[str, Any]]) -> dict[str, int]:
+    """The fields of results as the product writes them (a record, an answer): classified, and re-checked."""
+    return {"classified": sum(len(r.get("fields") or []) for r in results),
+            "rechecked": sum(int(r.get("rechecked") or 0) for r in results)}
+
+
+# what the paths that run the product in a process of its own do at start (Classifier.open_recheck)
+OPENS_AT_START = "its re-checks' FP32 reference opened and run on one field at start, as the product does"
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -88,10 +100,11 @@ def tier_of_record(model: dict[str, Any]) -> dict[str, Any]:
 def folder(ctx: Context) -> Rows:
     """The folder pipeline as `runtime.classify DIR` runs it: the Classifier's defaults (decode threads ahead of
     inference, the backend's batch)."""
-    from benchmarks.variants import _runtime
+    from benchmarks.variants import _runtime, warm_recheck
 
     v = _runtime(ctx.model, ctx.threads)
     v.run_all(ctx.images[: ctx.warmup])
+    warmed = warm_recheck(v)
     samples = []
     cpu0 = time.process_time()
     for _ in range(ctx.repeats):
@@ -102,8 +115,8 @@ def folder(ctx: Context) -> Rows:
     cpu = time.process_time() - cpu0
     clf = v.keep
     how = (f"in its own process: Classifier defaults ({clf.decode_workers} decode threads, batch {clf.batch_size}), "
-           f"{ctx.warmup} warm-up images, {ctx.repeats} passes; sample: result to result")
-    out = {"folder": row(how, v.tier, len(ctx.images) * ctx.repeats, samples, cpu_s=cpu)}
+           f"{ctx.warmup} warm-up images{warmed}, {ctx.repeats} passes; sample: result to result")
+    out = {"folder": row(how, v.tier, len(ctx.images) * ctx.repeats, samples, cpu_s=cpu, fields=dict(v.fields))}
     clf.close()
     return out
 
@@ -152,7 +165,7 @@ def watch(ctx: Context) -> Rows:
             _stage(p, f"warm{i}-{p.name}", staging, folder)
         expected = min(ctx.warmup, len(ctx.images))
         _wait_records(out, expected, proc)
-        samples, first = [], []
+        samples, first, timed = [], [], []
         cpu0 = cpu_s(proc.pid)
         for rep in range(ctx.repeats):
             for i, p in enumerate(ctx.images):
@@ -168,15 +181,17 @@ def watch(ctx: Context) -> Rows:
                 raise RuntimeError(f"runtime.watch finished an image {t0 - done[0]:.3f} s before the burst was in place")
             first.append(done[0] - t0)
             samples += intervals(t0, done)
+            timed += recs
         rss, cpu = peak_rss_mb(proc.pid), cpu_s(proc.pid) - cpu0
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    how = (f"python -m runtime.watch in its own process (--settle {WATCH_SETTLE_S}, --interval {WATCH_INTERVAL_S}), "
-           f"{ctx.warmup} warm-up images, {ctx.repeats} bursts of {len(ctx.images)} images; sample: record to record "
-           "(finished_at), the first from the moment the burst's files are in place (it includes --settle)")
+    how = (f"python -m runtime.watch in its own process (--settle {WATCH_SETTLE_S}, --interval {WATCH_INTERVAL_S}; "
+           f"{OPENS_AT_START}), {ctx.warmup} warm-up images, {ctx.repeats} bursts of {len(ctx.images)} images; "
+           "sample: record to record (finished_at), the first from the moment the burst's files are in place (it "
+           "includes --settle)")
     return {"watch burst": row(how, tier_of_record(recs[-1].get("model", {})), len(ctx.images) * ctx.repeats,
-                               samples, cpu_s=cpu, peak_rss_mb=rss, first_result_s=first)}
+                               samples, cpu_s=cpu, peak_rss_mb=rss, fields=counted(timed), first_result_s=first)}
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -198,8 +213,10 @@ def slide(ctx: Context) -> Rows:
     write_mosaic(mosaic, [[next(it) for _ in range(cols)] for _ in range(rows)], levels=3)
     write_mosaic(warm, [[ctx.images[0]]], levels=1)
     samples, stages = [], {"plan_and_mask": 0.0, "classify": 0.0}
+    fields = {"classified": 0, "rechecked": 0}
     with Classifier(ctx.model, threads=ctx.threads) as clf:
         classify_slide(clf, warm)
+        clf.open_recheck()
         cpu0 = time.process_time()
         for _ in range(ctx.repeats):
             t0 = time.perf_counter()
@@ -208,13 +225,18 @@ def slide(ctx: Context) -> Rows:
             if res.counts["classified"] != len(ctx.images):
                 raise RuntimeError(f"the mosaic's {len(ctx.images)} fields: {res.counts}")
             samples.append(s / len(ctx.images))
+            for k in fields:
+                fields[k] += res.counts[k]
             for k in stages:  # the slide's own timings: planning and the tissue mask, then reading and classifying
                 stages[k] += res.timings_ms[k] / (len(ctx.images) * ctx.repeats)
         tier = tier_of(clf)
         cpu = time.process_time() - cpu0
+    warmed = "; then the re-checks' FP32 reference opened and run on one field (Classifier.open_recheck)" \
+        if tier["recheck"] else ""
     how = (f"in its own process: classify_slide on a {rows}x{cols}-field all-tissue mosaic (tissue mask on), a "
-           f"one-field warm-up, {ctx.repeats} passes; sample: a pass, per field")
-    return {"slide": row(how, tier, len(ctx.images) * ctx.repeats, samples, cpu_s=cpu, stages_ms_per_field=stages)}
+           f"one-field warm-up{warmed}, {ctx.repeats} passes; sample: a pass, per field")
+    return {"slide": row(how, tier, len(ctx.images) * ctx.repeats, samples, cpu_s=cpu, fields=fields,
+                         stages_ms_per_field=stages)}
 
 
 def _cohort_run(inputs: Path, out: Path, extra: list[str], ctx: Context) -> tuple[float, float, list[dict], dict]:
@@ -261,10 +283,12 @@ def cohort(ctx: Context) -> Rows:
         classified = sum(int(r["classified"] or 0) for r in rows)
         if classified != fields or any(r["status"] == "error" for r in rows):
             raise RuntimeError(f"{name}: {classified} of {fields} fields classified")
-        how = (f"runtime.cohort's main in its own process {' '.join(extra)}: {len(rows)} slides, {fields} fields; "
-               "the wall time less the fixed cost (a one-slide glass cohort after a warm one), both per round")
+        how = (f"runtime.cohort's main in its own process {' '.join(extra)} ({OPENS_AT_START}, in the fixed cost): "
+               f"{len(rows)} slides, {fields} fields; the wall time less the fixed cost (a one-slide glass cohort "
+               "after a warm one), both per round")
         out[name] = row(how, tier_of_record(model), fields, net_s=wall - fixed, wall_s=wall, fixed_s=fixed,
-                        cpu_s=None if "ray" in name else cpu_full - cpu_fixed)  # Ray's actors: other processes
+                        cpu_s=None if "ray" in name else cpu_full - cpu_fixed,  # Ray's actors: other processes
+                        fields={"classified": classified, "rechecked": sum(int(r["rechecked"] or 0) for r in rows)})
         if "ray" in name:
             import ray
 
@@ -319,12 +343,12 @@ def serve(ctx: Context) -> Rows:
             bad = [a for a in answers if a.get("error") or a.get("probability") is None]
             if bad:
                 raise RuntimeError(f"runtime.serve: {len(bad)} answers without a verdict: {bad[0].get('error')}")
-            how = (f"python -m runtime.serve in its own process, {clients} client thread{'s' * (clients > 1)} here "
-                   f"x {per} requests (image uploads), after {ctx.warmup} warm-up requests; sample: answer to "
-                   "answer")
+            how = (f"python -m runtime.serve in its own process ({OPENS_AT_START}), {clients} client "
+                   f"thread{'s' * (clients > 1)} here x {per} requests (image uploads), after {ctx.warmup} warm-up "
+                   "requests; sample: answer to answer")
             out[f"server, {clients} client{'s' * (clients > 1)}"] = row(
                 how, tier_of_record(answers[-1].get("model", {})), clients * per, samples, cpu_s=cpu,
-                peak_rss_mb=peak_rss_mb(proc.pid))
+                peak_rss_mb=peak_rss_mb(proc.pid), fields=counted(answers))
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -19,11 +19,12 @@ from typing import Any
 def per_image(spec: dict[str, Any], images: list[Path]) -> dict[str, Any]:
     """Each image on its own (decode, preprocess, infer, one image at a time), ``repeats`` passes after the warm-up
     images; sample: an image. The first pass's probabilities come back for the fidelity columns."""
-    from benchmarks.variants import RUNTIME_TRT_FP16, open_variant
+    from benchmarks.variants import RUNTIME_TRT_FP16, open_variant, warm_recheck
 
     v = open_variant(spec["name"], Path(spec["model"]), spec["threads"])
     for p in images[: spec["warmup"]]:
         v.run(p)
+    warmed = warm_recheck(v)
     samples: list[float] = []
     stages: dict[str, list[float]] = {}
     probs: list[float] = []
@@ -38,8 +39,8 @@ def per_image(spec: dict[str, Any], images: list[Path]) -> dict[str, Any]:
             for k, sec in st.items():
                 stages.setdefault(k, []).append(sec)
     out: dict[str, Any] = {
-        "how": f"image by image: {spec['warmup']} warm-up images, then {spec['repeats']} passes over the images; "
-               "sample: an image",
+        "how": f"image by image: {spec['warmup']} warm-up images{warmed}, then {spec['repeats']} passes over the "
+               "images; sample: an image",
         "tier": v.tier, "images": len(samples), "samples_s": samples, "net_s": None,
         "cpu_s": time.process_time() - cpu0, "peak_rss_mb": None, "round": {},
         "precision": v.precision, "probabilities": probs, "stage_s": stages, "fields": dict(v.fields)}
@@ -57,11 +58,12 @@ def folder(spec: dict[str, Any], images: list[Path]) -> dict[str, Any]:
     GPU, where each batch shape is tuned once; else the warm-up images, at least one batch); sample: the time
     from one result to the next, the first from the pass's start."""
     from benchmarks.paths import intervals
-    from benchmarks.variants import open_variant
+    from benchmarks.variants import open_variant, warm_recheck
 
     v = open_variant(spec["name"], Path(spec["model"]), spec["threads"])
     batch = getattr(v.keep, "batch_size", 1)
     v.run_all(images if spec["suite"] == "gpu" else images[: max(spec["warmup"], batch)])
+    warmed = warm_recheck(v)
     samples: list[float] = []
     cpu0 = time.process_time()
     for _ in range(spec["repeats"]):
@@ -69,8 +71,8 @@ def folder(spec: dict[str, Any], images: list[Path]) -> dict[str, Any]:
         for _ in v.stream(images):
             done.append(time.perf_counter())
         samples += intervals(t0, done)
-    out = {"how": f"a folder, batch {batch}: warm-up, then {spec['repeats']} passes over the images; sample: "
-                  "result to result",
+    out = {"how": f"a folder, batch {batch}: warm-up{warmed}, then {spec['repeats']} passes over the images; "
+                  "sample: result to result",
            "tier": v.tier, "images": len(samples), "samples_s": samples, "net_s": None,
            "cpu_s": time.process_time() - cpu0, "peak_rss_mb": None, "round": {},
            "fields": dict(v.fields)}

@@ -46,6 +46,14 @@ def _passes(result: dict) -> str:
     return f"{rounds * result['repeats']} passes ({rounds} rounds of {result['repeats']}, a fresh process each)"
 
 
+def _rechecked(r: dict[str, Any]) -> str:
+    """The re-checked share of a row's timed fields, and how many of how many (where the row counted them)."""
+    if r.get("recheck_share") is None:
+        return "-"
+    count = f" ({r['fields_rechecked']} of {r['fields_classified']})" if "fields_rechecked" in r else ""
+    return f"{r['recheck_share']:.1%}{count}"
+
+
 def _tier(t: dict[str, Any]) -> str:
     return f"{t.get('backend')} {t.get('precision')}" + (" +recheck" if t.get("recheck") else "")
 
@@ -66,7 +74,7 @@ def table(result: dict) -> str:
                      f"{_f(r.get('peak_rss_mb'), '7.0f'):>7s} {_f(r['vs_baseline'], '7.2f', 'x'):>8s} "
                      f"{_f(r['vs_image_by_image'], '7.2f', 'x'):>8s} "
                      f"{_f(fid.get('probability_max_abs'), '8.1e'):>8s} {_f(fid.get('label_agreement'), '7.1%'):>7s} "
-                     f"{_f(r.get('recheck_share'), '6.1%'):>6s}")
+                     f"{_rechecked(r):>6s}")
     lines += [f"{v:40s} skipped: {why}" for v, why in result["skipped"].items()]
     lines.append("CPU ms: CPU time (all threads) of the process running the product, per image")
     lines.append("vs base: the baseline's mean per image / the row's; vs 1by1: the runtime's mean image by image at "
@@ -95,7 +103,7 @@ def markdown(result: dict) -> str:
                    f"{_f(r['vs_baseline'], '.2f', 'x')} | "
                    f"{_f(r['vs_image_by_image'], '.2f', 'x')} | {_f(r.get('peak_rss_mb'), '.0f')} | "
                    f"{_f(fid.get('probability_max_abs'), '.1e')} | {_f(fid.get('label_agreement'), '.0%')} | "
-                   f"{_f(r.get('recheck_share'), '.1%')} |")
+                   f"{_rechecked(r)} |")
     out += [f"| {v} | skipped: {why} |" + " |" * 12 for v, why in result["skipped"].items()]
     if result.get("note"):
         out += ["", f"**Note**: {result['note']}."]

@@ -62,8 +62,10 @@ def merge(rounds: list[dict]) -> dict:
         out["stages_ms"] = {k: {f"p{q}": float(np.percentile(np.concatenate([r["stage_s"][k] for r in rounds]) * 1e3,
                                                              q)) for q in (50, 95, 99)} for k in first["stage_s"]}
     classified = sum(r.get("fields", {}).get("classified", 0) for r in rounds)
-    if classified:
-        out["recheck_share"] = sum(r["fields"]["rechecked"] for r in rounds) / classified
+    if classified:  # the timed fields of every round, and how many of them were re-checked at FP32
+        out["fields_classified"] = classified
+        out["fields_rechecked"] = sum(r["fields"]["rechecked"] for r in rounds)
+        out["recheck_share"] = out["fields_rechecked"] / classified
     for k in ("precision", "probabilities", "threshold"):  # the first round's, for the fidelity columns
         if k in first:
             out[k] = first[k]

@@ -44,6 +44,8 @@ def test_benchmark_runs_every_path_each_phase_alone_against_the_same_images(mode
         if r["samples"]:  # summarised the same way wherever there are per-image samples
             assert r["p95_ms"] >= r["p50_ms"] > 0 and r["spread"] is not None, name
     assert rows["slide"]["images"] == 2 and rows["watch burst"]["samples"] == 2  # from the burst in place, 2 images
+    for name in ("runtime_onnxruntime_cpu", "folder", "watch burst", "slide", "server, 1 client"):  # timed fields only,
+        assert rows[name]["fields_classified"] == 2 and rows[name]["fields_rechecked"] == 0, name  # no warm-up's
     assert rows["server, 8 clients"]["samples"] == 8  # at least one request per client
     assert rows["runtime_onnxruntime_cpu_batch4"]["image_by_image_row"] == "runtime_onnxruntime_cpu"
     fid = rows["runtime_onnxruntime_cpu"]["fidelity"]
@@ -53,6 +55,38 @@ def test_benchmark_runs_every_path_each_phase_alone_against_the_same_images(mode
     assert set(stages) == {"decode", "quality", "preprocess", "inference"}  # the quality check's cost reported
     assert rows["baseline_pytorch_fp32_eager"]["vs_baseline"] == 1.0
     assert "vs 1by1" in proc.stdout
+
+
+def test_a_rechecking_row_warms_its_recheck_up_before_timing_and_counts_its_timed_fields(model_dir, images_100x):
+    """At a tier that re-checks (FP16 here), the runner's warm-up ends with the product's own (Classifier.open_recheck:
+    the FP32 reference opened and run on one field), so that no timed image pays for opening it; the fields the
+    warm-up counted are forgotten; the row's how says what was done. At FP32 there is nothing to warm."""
+    from benchmarks.variants import _runtime, warm_recheck
+
+    fast = _runtime(model_dir, 1, backend="cpu", precision="fp16", batch_size=1, decode_workers=1)
+    fp32 = _runtime(model_dir, 1, backend="cpu", precision="fp32", batch_size=1, decode_workers=1)
+    try:
+        for v in (fast, fp32):
+            v.run(images_100x[0])
+            assert v.fields["classified"] == 1
+        assert fast.keep.recheck.reference is None
+        assert "FP32 reference opened and run on one field" in warm_recheck(fast)
+        assert fast.keep.recheck.reference is not None and fast.fields == {"classified": 0, "rechecked": 0}
+        assert warm_recheck(fp32) == "" and fp32.fields == {"classified": 0, "rechecked": 0}
+    finally:
+        fast.keep.close()
+        fp32.keep.close()
+
+
+def test_the_report_says_how_many_fields_were_rechecked():
+    """The re-checked column: the share and how many of how many timed fields, where the row counted them."""
+    from benchmarks.report import _rechecked
+
+    assert _rechecked({"recheck_share": 3 / 64, "fields_rechecked": 3, "fields_classified": 64}) == "4.7% (3 of 64)"
+    assert _rechecked({"recheck_share": None}) == "-" and _rechecked({"recheck_share": 0.5}) == "50.0%"
+    r = merge([{**_raw([0.1, 0.2]), "fields": {"classified": 2, "rechecked": 1}},
+               {**_raw([0.1, 0.2]), "fields": {"classified": 2, "rechecked": 0}}])
+    assert (r["fields_classified"], r["fields_rechecked"], r["recheck_share"]) == (4, 1, 0.25)
 
 
 def test_performance_doc_tables_are_what_the_committed_json_makes():

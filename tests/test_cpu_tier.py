@@ -194,3 +194,21 @@ def test_auto_runs_an_int8_variant_the_export_kept_and_not_one_its_re_checks_wou
             if want.endswith("int8"):
                 assert "precision auto chose int8" in clf.model_info.backend_notes[0]
                 assert clf.recheck is not None and clf.recheck.band == 0.05  # its derived bound is its band
+
+
+def test_a_process_with_fewer_threads_than_cores_leaves_thread_placement_to_the_os(model_dir):
+    """OpenVINO pins its threads to cores without regard to other processes: two 1-thread processes on 2 cores (a
+    cohort's 2 Ray actors) were pinned to the same core and each ran at half speed. A process given fewer threads
+    than the cores it may run on does not pin; one given all of them (or OpenVINO's choice) keeps the default."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core: a process cannot have fewer threads than cores")
+    onnx = model_dir / "model.onnx"
+    _, fewer = ov.compile_onnx(onnx, "fp32", threads=cores - 1)
+    assert fewer.get_property("ENABLE_CPU_PINNING") is False
+    plain = ov._core().compile_model(str(onnx), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    for threads in (None, cores):
+        _, compiled = ov.compile_onnx(onnx, "fp32", threads=threads)
+        assert compiled.get_property("ENABLE_CPU_PINNING") == plain.get_property("ENABLE_CPU_PINNING")

@@ -131,6 +131,40 @@ def test_a_recheck_that_fails_is_an_error_never_the_fast_label(model_dir, images
                 assert "re-check band" in r.error and why in r.error and r.path in r.error
 
 
+def test_open_recheck_opens_the_reference_once_at_start_and_the_first_borderline_field_opens_nothing(
+        model_dir, images_100x, fp32_fields):
+    """What a long-running service does at start (Classifier.open_recheck): the FP32 reference opened once and run on
+    one field (not counted as re-checked); the in-band fields then use it, opening nothing; at FP32 there is nothing
+    to open. A reference that answers that field with NaN stops the start, naming the way out, and is not kept."""
+    offset = 0.5 - float(np.median(fp32_fields))
+    opened = []
+    with Classifier(model_dir, backend="cpu", precision="fp32") as clf:
+        clf.open_recheck()  # FP32: the reference itself, nothing to open
+        assert clf.recheck is None
+        clf.recheck = _with_fast_tier(clf, offset, lambda: opened.append(1) or OrtBackend(ModelDir.open(model_dir)))
+        assert clf.recheck.reference is None  # by default, opened on first need
+        clf.open_recheck()
+        assert opened == [1] and clf.recheck.reference is not None and clf.recheck.fields == 0
+        clf.open_recheck()
+        assert opened == [1]
+        results = clf.classify(images_100x)
+    assert sum(r.rechecked for r in results) > 0 and opened == [1]
+
+    class NaNs(Shifted):
+        def run(self, fields):
+            return {k: np.full(len(fields), np.nan, np.float32) for k in ("logit", "probability")}
+
+    with Classifier(model_dir, backend="cpu", precision="fp32") as clf:
+        clf.recheck = _with_fast_tier(clf, offset, lambda: NaNs(OrtBackend(ModelDir.open(model_dir)), 0.0))
+        with pytest.raises(ModelError, match="cannot re-check.*--recheck off"):
+            clf.open_recheck()
+        assert clf.recheck.reference is None
+    with Classifier(model_dir, backend="cpu", precision="fp16") as clf:  # a real faster tier, its real reference
+        assert clf.recheck is not None and clf.recheck.reference is None
+        clf.open_recheck()
+        assert clf.recheck.reference is not None and clf.recheck.reference.precision == "fp32"
+
+
 def test_gate_judges_labels_outside_the_band_and_counts_the_fields_inside():
     """A flip inside the band is re-checked at run time (counted, not a failure); one outside fails the gate."""
     ref = np.array([0.10, 0.49, 0.51, 0.90])

@@ -313,3 +313,19 @@ def test_hostile_slide_uploads_end_in_a_clear_state(server, small_mosaic, tmp_pa
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 404
+
+
+def test_the_server_opens_its_rechecks_reference_at_start(model_dir):
+    """A long-running service: at a tier that re-checks borderline fields (FP16 here), the app opens the FP32
+    reference of the re-checks when it is made, before any request, instead of on the first borderline image."""
+    from runtime.apps.serve import create_app
+    from runtime.pipeline.classifier import Classifier
+
+    clf = Classifier(model_dir, backend="cpu", precision="fp16")
+    try:
+        assert clf.recheck is not None and clf.recheck.reference is None  # a classifier alone opens it on first need
+        app = create_app(clf)
+        assert clf.recheck.reference is not None and clf.recheck.fields == 0
+        app.state.service.batcher.stop()
+    finally:
+        clf.close()

@@ -194,6 +194,9 @@ def test_without_slides_a_slide_file_is_named_once_and_not_waited_for(model_dir,
 class _Answers:
     """Stands in for the classifier (the watcher's bookkeeping is under test): one answer per input, at once."""
 
+    def open_recheck(self):
+        pass  # nothing is re-checked here
+
     def classify_iter(self, items):
         from runtime.pipeline.results import Result
 
@@ -225,3 +228,15 @@ def test_a_touched_unchanged_file_and_a_vanished_one_leave_nothing_pending(image
         (inbox / f"tmp{i}.png").unlink()
     w.ready()
     assert not w.seen
+
+
+def test_the_watch_opens_its_rechecks_reference_at_start(model_dir, tmp_path):
+    """A long-running service: at a tier that re-checks borderline fields (FP16 here), the watcher opens the FP32
+    reference of the re-checks when it starts, before any capture arrives, instead of on the first borderline one."""
+    from runtime.pipeline.classifier import Classifier
+    from runtime.watchfolder.watcher import Watcher
+
+    with Classifier(model_dir, backend="cpu", precision="fp16") as clf:
+        assert clf.recheck is not None and clf.recheck.reference is None  # a classifier alone opens it on first need
+        Watcher(tmp_path, tmp_path / "out.jsonl", clf, settle=0.05)
+        assert clf.recheck.reference is not None and clf.recheck.fields == 0

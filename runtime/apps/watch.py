@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         clf = open_classifier(args)
+        w = Watcher(args.folder, args.out, clf, args.settle, args.slides)  # opens the re-checks' reference
     except BreakhisError as e:
         return report(e)
-    w = Watcher(args.folder, args.out, clf, args.settle, args.slides)
     print(f"watching {w.folder} -> {args.out} ({len(w.latest)} already done); Ctrl-C to stop", file=sys.stderr)
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

@@ -49,6 +49,14 @@ def native(precision: str) -> tuple[bool, str]:
     return False, f"this CPU has no native {need} (OpenVINO's CPU capabilities: {', '.join(caps)})"
 
 
+def owns_the_cores(threads: int | None) -> bool:
+    """Whether inference with ``threads`` threads (None: OpenVINO's choice, every core) takes every core this
+    process may run on, the one case where pinning threads to cores cannot put two processes on the same core."""
+    import os
+
+    return not threads or threads >= len(os.sched_getaffinity(0))
+
+
 def compile_onnx(path: Path, precision: str, threads: int | None = None) -> tuple[Any, Any]:
     """(model as read, compiled model) for an ONNX file at ``precision`` (fp32 or bf16), latency-tuned; refuses
     BF16 where the CPU lacks it and checks that the hint took effect."""
@@ -62,6 +70,11 @@ def compile_onnx(path: Path, precision: str, threads: int | None = None) -> tupl
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+    if not owns_the_cores(threads):
+        # OpenVINO pins its threads to cores chosen without regard to other processes: two 1-thread processes on a
+        # 2-core machine (a cohort's Ray actors) were pinned to the same core and each ran at half speed
+        # (docs/performance.md). A process given fewer threads than it may run on leaves placement to the OS.
+        config["ENABLE_CPU_PINNING"] = False
     try:
         model = core.read_model(str(path))
         compiled = core.compile_model(model, "CPU", config)

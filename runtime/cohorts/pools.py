@@ -21,6 +21,7 @@ class SlideWorker:
         from runtime.pipeline.classifier import Classifier
 
         self.clf = Classifier(**classifier_kw)
+        self.clf.open_recheck()  # a long-running worker: the re-checks' reference ready before its first slide
 
     def classify(self, unit: Unit, options: dict[str, Any]) -> dict[str, Any]:
         return classify_part(self.clf, unit, options)
@@ -32,7 +33,9 @@ class SlideWorker:
 def run_local(clf: Any, units: list[Unit], options: dict[str, Any],
               field_progress: Callable[[Path], Callable[[int, int], None]] | None = None,
               ) -> Iterator[tuple[Unit, dict[str, Any]]]:
-    """Slides one after another in this process; ``field_progress(path)`` gives each slide's progress callback."""
+    """Slides one after another in this process; ``field_progress(path)`` gives each slide's progress callback. The
+    re-checks' reference is opened before the first slide, as the actors open theirs."""
+    clf.open_recheck()
     for unit in units:
         bar = field_progress(Path(unit.path)) if field_progress else None
         part = classify_part(clf, unit, options, bar)

@@ -145,6 +145,14 @@ class Classifier:
         return prepare(item, self.contract, self.max_pixels, self.model_info, quality=self.qc != "off",
                        stain=self.stain_reference)
 
+    def open_recheck(self) -> None:
+        """Open the FP32 reference of the re-checks now and run one field through it, instead of on the first
+        borderline field: what a long-running service does at start (the server, the watch folder, a cohort), so
+        that its first borderline request does not pay for opening it, and a reference that cannot run stops the
+        start instead of costing a field its verdict. Nothing where nothing is re-checked (FP32, --recheck off)."""
+        if self.recheck is not None:
+            self.recheck.open()
+
     def close(self) -> None:
         self.backend.close()
         self.preprocessor.close()

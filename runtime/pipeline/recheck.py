@@ -1,7 +1,8 @@
 """The borderline re-check: every field a faster precision (FP16, BF16, INT8) puts within its re-check band of the
 threshold (runtime/model/precisions.py: the band is what its gate's logit bound maps to at the threshold) is
 classified again at FP32 and FP32's answer is its result, so every label is FP32's. The FP32 backend is opened on
-first need, on the device that runs the fast tier where that device runs FP32 (a second ONNX Runtime session), else
+first need (or at start, ``open``: what a long-running service does, so that its first borderline field does not
+pay for it), on the device that runs the fast tier where that device runs FP32 (a second ONNX Runtime session), else
 on the CPU (its file is checked when the classifier starts); the re-checked fields are cut again from the decoded
 image on the CPU (``preprocess_fields``: the reference path) and run together, one batch per batch of the fast tier
 (in a thread of their own on the GPU paths: scheduler.py)."""
@@ -13,7 +14,7 @@ import numpy as np
 
 from runtime.backends.base import Backend
 from runtime.model.geometry import FieldPlan
-from runtime.model.manifest import Contract
+from runtime.model.manifest import Contract, ModelError
 from runtime.model.precisions import in_band
 from runtime.model.preprocess import preprocess_fields
 
@@ -22,7 +23,8 @@ RECHECK = ("on", "off")  # --recheck
 
 class Recheck:
     """``select`` the in-band fields of a batch's probabilities; ``run`` them at FP32. ``open_reference`` makes the
-    FP32 backend (called once, on first need; a failure there is the failure of the fields that needed it)."""
+    FP32 backend (called once: on first need, where a failure is the failure of the fields that needed it, or by
+    ``open`` at start, where it is the start's)."""
 
     def __init__(self, band: float, contract: Contract, open_reference: Callable[[], Backend],
                  where: str, batch_size: int) -> None:
@@ -56,6 +58,22 @@ class Recheck:
             raise ValueError(f"the fp32 reference answered {n} fields with {probs.size} probabilities")
         self.fields += n
         return np.asarray(probs, np.float32)
+
+    def open(self) -> None:
+        """Open the FP32 reference now, not on the first in-band field, and run one field through it (a first run's
+        costs, a GPU's kernel choice, stay out of the first re-check); raises where it cannot run: the caller's
+        start fails, not a field. Once: the reference stays open until ``close``. The warm-up field is not counted
+        as re-checked."""
+        if self.reference is not None:
+            return
+        reference = self._open()
+        out = np.asarray(reference.run(np.zeros((1, *self.contract.field_shape), np.float32))["probability"])
+        if out.size != 1 or not np.isfinite(out).all():
+            reference.close()
+            raise ModelError(f"the fp32 reference of the re-checks ({self.where}) answered one field with "
+                             f"{out.reshape(-1)[:4]}: it cannot re-check; export the model again, or give up the "
+                             "re-checks with --recheck off")
+        self.reference = reference
 
     def close(self) -> None:
         if self.reference is not None:

@@ -74,3 +74,8 @@ class Service:
     metrics: Metrics = field(default_factory=Metrics)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(16))  # another site's page cannot read it
     uploads: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_UPLOADS))
+
+    def __post_init__(self) -> None:
+        # a long-running service: the re-checks' FP32 reference opened (and run once) now, before the first request,
+        # so that the first borderline image does not wait for it, and one that cannot run stops the start
+        self.clf.open_recheck()

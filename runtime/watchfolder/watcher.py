@@ -29,6 +29,9 @@ class Watcher:
         self.seen: dict[str, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, first time seen so)
         self.noted: set[str] = set()  # slide files named once as not classified (no --slides)
         self.failed = 0  # records of this run without a verdict (an error, or fields withheld): the exit status
+        # a long-running service: the re-checks' FP32 reference opened (and run once) at start, so that the first
+        # borderline capture does not wait for it, and one that cannot run stops the start
+        classifier.open_recheck()
 
     def accepts(self, name: str) -> bool:
         """Images; slide formats too with --slides (without it, each one is named once on stderr, not waited for,
