@@ -294,6 +294,37 @@ def test_the_server_binds_beyond_loopback_only_locked(monkeypatch, capsys, tmp_p
         assert ("the access token crosses the network in clear text" in err) == clear, (args, err)
 
 
+_ORPHAN = """
+import subprocess, sys, time
+from runtime.triton.server import adopt_orphans, end_descendants
+adopt_orphans()
+orphan = int(subprocess.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True,
+                            check=True).stdout)  # its parent, sh, has ended: an orphan, as a stub is after Triton
+print(orphan, flush=True)
+end_descendants(0.5)
+print("returned", flush=True)
+"""
+
+
+def test_a_process_orphaned_by_its_parent_is_still_ended_by_the_server():
+    """What the Triton server does at its stop (runtime/triton/server.py): a process it started whose own parent has
+    ended (a python-backend stub after tritonserver) is re-parented to it and ended with the rest."""
+    import os
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _ORPHAN], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0 and proc.stdout.split()[1:] == ["returned"], proc.stdout + proc.stderr
+    orphan = int(proc.stdout.split()[0])
+    try:
+        stat = Path(f"/proc/{orphan}/stat").read_text()
+        running = stat[stat.rindex(")") + 2] != "Z" and "sleep" in stat
+    except OSError:
+        running = False
+    if running:
+        os.kill(orphan, 9)
+    assert not running, f"pid {orphan} (sleep 60) outlived the process that started it"
+
+
 def test_sigterm_to_the_process_group_leaves_nothing_and_stale_runs_are_removed(model_dir, tmp_path):
     """Stopped as systemd (KillMode=control-group) and `timeout` stop a service: SIGTERM to every process of its
     group at once. Started without --access-token-file (the random token: in a 0600 file, never printed), with
@@ -350,11 +381,12 @@ def test_sigterm_to_the_process_group_leaves_nothing_and_stale_runs_are_removed(
             assert len(running) >= 3 and folders and shm and workspace.is_dir()  # Triton, its stub, PyTriton's
             os.killpg(proc.pid, signal.SIGTERM)
             assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+            survivors = [f"pid {p}" for p in group(proc.pid)]  # counted before this test's own cleanup ends them
         finally:
             if proc.poll() is None or group(proc.pid):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        left = [f"pid {p}" for p in group(proc.pid)] + [
+        left = survivors + [
             str(p) for p in [workspace, token_file, *folders, *(Path("/dev/shm") / n for n in shm)] if p.exists()]
         assert left == [], (left, log.read_text()[-3000:])
         assert not stale.exists() and not stale_model.exists() and not stale_shm.exists()  # the killed run's

@@ -203,6 +203,9 @@ def serve(args: argparse.Namespace, token: str | None) -> int:
                 finish(made["triton"], args.exit_timeout + STOP_GRACE_S)
         except OSError:
             pass
+        except Exception:  # noqa: BLE001 (a bug in the stop: said, and the exit says it did not stop cleanly)
+            traceback.print_exc()
+            code = code or 1
         finally:
             run.remove()
             for backend in made["backends"]:

@@ -138,7 +138,8 @@ def descendants(pid: int) -> list[int]:
             parent[int(entry.name)] = int(fields[1])
     found, todo = [], [pid]
     while todo:
-        kids = [p for p, pp in parent.items() if pp == todo.pop()]
+        of = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == of]
         found += kids
         todo += kids
     return found
