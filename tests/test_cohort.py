@@ -219,3 +219,18 @@ def test_bands_of_a_slide_on_two_actors_give_the_whole_slides_result(model_dir, 
         assert Path(f"{b}.geojson").read_text() == Path(f"{a}.geojson").read_text()
         assert np.array_equal(cv2.imread(f"{b}.overlay.png"), cv2.imread(f"{a}.overlay.png"))
     assert json.loads((banded / "run.json").read_text())["band_rows"] == 1
+
+
+def test_a_ray_actors_death_is_told_by_the_error_inside_it():
+    """An actor that raised while starting carries the traceback in Ray's message: the cohort says its last error
+    line (here the re-checks' reference that cannot run), not only ActorDiedError."""
+    from runtime.cohorts.pools import why_died
+
+    died = RuntimeError("The actor died because of an error raised in its creation task, ray::SlideWorker.__init__()\n"
+                        "Traceback (most recent call last):\n  File \"pools.py\", line 24, in __init__\n"
+                        "runtime.model.manifest.ModelError: the fp32 reference of the re-checks answered one field "
+                        "with [nan]: it cannot re-check; export the model again, or give up the re-checks with "
+                        "--recheck off")
+    assert why_died(died).startswith("runtime.model.manifest.ModelError: the fp32 reference") and \
+        why_died(died).endswith("--recheck off")
+    assert why_died(ConnectionError("")) == "ConnectionError"

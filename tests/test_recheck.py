@@ -159,6 +159,20 @@ def test_open_recheck_opens_the_reference_once_at_start_and_the_first_borderline
         with pytest.raises(ModelError, match="cannot re-check.*--recheck off"):
             clf.open_recheck()
         assert clf.recheck.reference is None
+
+    class Raises(Shifted):
+        def run(self, fields):
+            raise RuntimeError("Failed to allocate memory (as a runtime says it)")
+
+        def close(self):
+            closed.append(1)
+
+    closed: list[int] = []
+    with Classifier(model_dir, backend="cpu", precision="fp32") as clf:  # a reference that raises: said, and closed
+        clf.recheck = _with_fast_tier(clf, offset, lambda: Raises(OrtBackend(ModelDir.open(model_dir)), 0.0))
+        with pytest.raises(ModelError, match=r"cannot run one field \(RuntimeError: Failed to allocate.*--recheck off"):
+            clf.open_recheck()
+        assert clf.recheck.reference is None and closed == [1]
     with Classifier(model_dir, backend="cpu", precision="fp16") as clf:  # a real faster tier, its real reference
         assert clf.recheck is not None and clf.recheck.reference is None
         clf.open_recheck()

@@ -195,5 +195,5 @@ def reference_for(backend: Backend, model: ModelDir, threads: int | None) -> tup
             except ort.CudaDidNotStart:
                 return cpu()
 
-        return cuda, "onnxruntime-cuda-fp32, a second session made on first need"
-    return cpu, "onnxruntime-cpu-fp32, a second session made on first need"
+        return cuda, "onnxruntime-cuda-fp32, a second session (opened at start by a service, else on first need)"
+    return cpu, "onnxruntime-cpu-fp32, a second session (opened at start by a service, else on first need)"

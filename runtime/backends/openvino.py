@@ -54,7 +54,8 @@ def owns_the_cores(threads: int | None) -> bool:
     process may run on, the one case where pinning threads to cores cannot put two processes on the same core."""
     import os
 
-    return not threads or threads >= len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # Linux
+    return not threads or threads >= cores
 
 
 def compile_onnx(path: Path, precision: str, threads: int | None = None) -> tuple[Any, Any]:

@@ -325,7 +325,7 @@ class TritonBackend:
                                         f"{ref.precision}")
             return ref
 
-        return open_reference, f"{model} on the same Triton server, opened on first need"
+        return open_reference, f"{model} on the same Triton server (opened at start by a service, else on first need)"
 
     def close(self) -> None:
         self.conn.close()

@@ -35,13 +35,21 @@ def run_local(clf: Any, units: list[Unit], options: dict[str, Any],
               ) -> Iterator[tuple[Unit, dict[str, Any]]]:
     """Slides one after another in this process; ``field_progress(path)`` gives each slide's progress callback. The
     re-checks' reference is opened before the first slide, as the actors open theirs."""
-    clf.open_recheck()
+    if units:
+        clf.open_recheck()
     for unit in units:
         bar = field_progress(Path(unit.path)) if field_progress else None
         part = classify_part(clf, unit, options, bar)
         if bar is not None:
             bar(-1, -1)
         yield unit, part
+
+
+def why_died(e: BaseException) -> str:
+    """The reason inside a Ray actor's death, as its last ``SomeError: message`` line says it (an actor that raised
+    while starting carries its traceback in the message), else the error's type."""
+    lines = [ln.strip() for ln in str(e).splitlines() if "Error: " in ln or "Exception: " in ln]
+    return lines[-1][:400] if lines else type(e).__name__
 
 
 class RayPool:
@@ -60,7 +68,11 @@ class RayPool:
         self.kw = classifier_kw | {"threads": classifier_kw.get("threads") or cpus_per_actor}
         self.started = 0
         self.idle = [self._start() for _ in range(n)]
-        infos = ray.get([w.model_info.remote() for w in self.idle])  # each actor's model, loaded once
+        try:
+            infos = ray.get([w.model_info.remote() for w in self.idle])  # each actor's model, loaded once
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+            self.close()
+            raise CohortError(f"the Ray actors could not start: {why_died(e)}") from None
         self.model = {k: v for k, v in infos[0].items() if k != "host"}
         self.info: dict[str, Any] = {"address": address, "actors": n, "cpus_per_actor": cpus_per_actor, "gpus": gpus,
                      "hosts": sorted({i["host"] for i in infos}), "worker_restarts": 0}
@@ -90,7 +102,7 @@ class RayPool:
                     queue.appendleft(u)
                     continue
                 payload = {"result": None, "overlay": b"", "seconds": 0.0,
-                           "error": f"its worker died {MAX_ATTEMPTS} times ({type(e).__name__})"}
+                           "error": f"its worker died {MAX_ATTEMPTS} times (the last: {why_died(e)})"}
             yield u, payload
 
     def close(self) -> None:

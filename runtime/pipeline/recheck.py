@@ -67,12 +67,17 @@ class Recheck:
         if self.reference is not None:
             return
         reference = self._open()
-        out = np.asarray(reference.run(np.zeros((1, *self.contract.field_shape), np.float32))["probability"])
+        what = f"the fp32 reference of the re-checks ({self.where}, {getattr(reference, 'model_file', '?')})"
+        try:
+            out = np.asarray(reference.run(np.zeros((1, *self.contract.field_shape), np.float32))["probability"])
+        except Exception as e:  # each runtime raises its own types: said, with the way out
+            reference.close()
+            raise ModelError(f"{what} cannot run one field ({type(e).__name__}: {str(e)[:300]}); export the model "
+                             "again, or give up the re-checks with --recheck off") from e
         if out.size != 1 or not np.isfinite(out).all():
             reference.close()
-            raise ModelError(f"the fp32 reference of the re-checks ({self.where}) answered one field with "
-                             f"{out.reshape(-1)[:4]}: it cannot re-check; export the model again, or give up the "
-                             "re-checks with --recheck off")
+            raise ModelError(f"{what} answered one field with {out.reshape(-1)[:4]}: it cannot re-check; export the "
+                             "model again, or give up the re-checks with --recheck off")
         self.reference = reference
 
     def close(self) -> None:
