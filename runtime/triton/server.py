@@ -119,7 +119,7 @@ def adopt_orphans() -> None:
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) where there is no C library to name
         pass
 
 
