@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import sys
 import sysconfig
@@ -17,6 +16,7 @@ from typing import Any
 
 from runtime.errors import Unavailable
 from runtime.model.served import Served
+from runtime.triton.workspace import descendants, kill_descendants, running
 
 
 class TritonServerUnavailable(Unavailable):
@@ -123,51 +123,10 @@ def adopt_orphans() -> None:
         pass
 
 
-def descendants(pid: int) -> list[int]:
-    """The live (not zombie) processes started by ``pid``, at any depth, read from /proc (Linux)."""
-    parent: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:  # ended meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
-        if fields[0] != "Z":
-            parent[int(entry.name)] = int(fields[1])
-    found, todo = [], [pid]
-    while todo:
-        of = todo.pop()
-        kids = [p for p, pp in parent.items() if pp == of]
-        found += kids
-        todo += kids
-    return found
-
-
 def end_descendants(grace_s: float) -> None:
     """Nothing of the run outlives this process (a service manager expects its stop to leave nothing): every process
-    it started is given ``grace_s`` to end, then killed, and waited for (up to 5 s more)."""
-    left = descendants(os.getpid())
+    it started is given ``grace_s`` to end, then killed and waited for (workspace.kill_descendants)."""
     deadline = time.monotonic() + grace_s
-    while left and time.monotonic() < deadline:
+    while time.monotonic() < deadline and any(running(p) for p in descendants(os.getpid())):
         time.sleep(0.1)
-        left = [p for p in left if _alive(p)]
-    for p in left:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except OSError:
-            pass
-    deadline = time.monotonic() + 5.0
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = [p for p in left if _alive(p)]
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, ended and waiting to be reaped, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
+    kill_descendants(os.getpid())

@@ -100,7 +100,7 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Whether ``pid`` is a process that has not exited (a zombie has)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
@@ -112,16 +112,16 @@ def _running(pid: int) -> bool:
 def kill_descendants(pid: int, wait_s: float = 5.0) -> None:
     """SIGKILL every descendant of ``pid`` still running, and wait (at most ``wait_s``) until none runs."""
     for _ in range(3):  # a process may start another between the scan and the kill: scan again
-        running = [p for p in descendants(pid) if _running(p)]
-        if not running:
+        alive = [p for p in descendants(pid) if running(p)]
+        if not alive:
             return
-        for p in running:
+        for p in alive:
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + wait_s / 3
-        while any(_running(p) for p in running) and time.monotonic() < deadline:
+        while any(running(p) for p in alive) and time.monotonic() < deadline:
             time.sleep(0.05)
 
 
@@ -166,6 +166,6 @@ def remove_stale(base: Path) -> list[str]:
             pid = int(record["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # no marker (yet): not recognisably ours, left alone
-        if pid != os.getpid() and not _running(pid):
+        if pid != os.getpid() and not running(pid):
             removed += clear(folder, record)
     return removed
