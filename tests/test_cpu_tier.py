@@ -208,7 +208,8 @@ def test_a_process_with_fewer_threads_than_cores_leaves_thread_placement_to_the_
     onnx = model_dir / "model.onnx"
     _, fewer = ov.compile_onnx(onnx, "fp32", threads=cores - 1)
     assert fewer.get_property("ENABLE_CPU_PINNING") is False
-    plain = ov._core().compile_model(str(onnx), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    plain = ov._core().compile_model(str(onnx), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT":
+                                                        PRECISIONS["fp32"].openvino_hint})
     for threads in (None, cores):
         _, compiled = ov.compile_onnx(onnx, "fp32", threads=threads)
         assert compiled.get_property("ENABLE_CPU_PINNING") == plain.get_property("ENABLE_CPU_PINNING")
