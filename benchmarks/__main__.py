@@ -6,9 +6,10 @@ by image (the baseline, each runtime precision), a variant as a folder, then the
 (benchmarks/paths.py: folder, watch-folder burst, slide, cohort in one process and on Ray, the server under 1 and 8
 clients). No phase shares a process with another, so the baseline's OpenMP threads, which keep spinning after each
 image, slow nothing else; each phase's peak RSS is its own. Every row is summarised the same way (mean, p50, p95,
-spread of per-image samples; benchmarks/stats.py) and every ratio is a ratio of means: ``vs_baseline`` against the
-baseline image by image, ``vs_image_by_image`` against the runtime image by image at the same tier. The JSON says
-how each row was taken. docs/performance.md is made from the JSON: python -m benchmarks.report.
+spread of per-image samples; benchmarks/stats.py) and every ratio is paired by round: in each round the ratio of the
+two rows' means, the row's ratio the median of its rounds' (kept beside it): ``vs_baseline`` against the baseline
+image by image, ``vs_image_by_image`` against the runtime image by image at the same tier. The JSON says how each
+row was taken. docs/performance.md is made from the JSON: python -m benchmarks.report.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import numpy as np
 from benchmarks import write_json
 from benchmarks.report import compare_text, second_path, table
 from benchmarks.report import main as report_main
-from benchmarks.stats import NotMeasured, merge, ratio
+from benchmarks.stats import NotMeasured, merge, ratio, round_ratios
 from benchmarks.variants import RUNTIME_AUTO, SUITES
 
 RUN = ("python -m benchmarks --images ../shared/data/breakhis-100x --limit 16 --rounds 4 --runs 2 "
@@ -240,7 +241,9 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
     for name, r in rows.items():
         same_tier = refs.get(name)
         r["vs_baseline"] = ratio(rows[baseline], r)
+        r["vs_baseline_rounds"] = round_ratios(rows[baseline], r)
         r["vs_image_by_image"] = ratio(rows[same_tier], r) if same_tier else None
+        r["vs_image_by_image_rounds"] = round_ratios(rows[same_tier], r) if same_tier else None
         r["image_by_image_row"] = same_tier
         if r["kind"] == "per-image" and name != baseline and "probabilities" in r:
             r["fidelity"] = fidelity(rows[baseline], r, name)

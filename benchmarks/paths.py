@@ -286,7 +286,11 @@ def cohort(ctx: Context) -> Rows:
         how = (f"runtime.cohort's main in its own process {' '.join(extra)} ({OPENS_AT_START}, in the fixed cost): "
                f"{len(rows)} slides, {fields} fields; the wall time less the fixed cost (a one-slide glass cohort "
                "after a warm one), both per round")
-        out[name] = row(how, tier_of_record(model), fields, net_s=wall - fixed, wall_s=wall, fixed_s=fixed,
+        parts: dict[str, float] = {}
+        if "ray" not in name:  # in one process the slides' own time (reading, classifying, the overlay: the table's
+            slides_s = sum(float(r["seconds"] or 0) for r in rows)  # seconds) and the rest (outputs, the table)
+            parts = {"slides_s": slides_s, "rest_s": wall - fixed - slides_s}
+        out[name] = row(how, tier_of_record(model), fields, net_s=wall - fixed, wall_s=wall, fixed_s=fixed, **parts,
                         cpu_s=None if "ray" in name else cpu_full - cpu_fixed,  # Ray's actors: other processes
                         fields={"classified": classified, "rechecked": sum(int(r["rechecked"] or 0) for r in rows)})
         if "ray" in name:

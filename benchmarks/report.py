@@ -54,6 +54,13 @@ def _rechecked(r: dict[str, Any]) -> str:
     return f"{r['recheck_share']:.1%}{count}"
 
 
+def _ratio(r: dict[str, Any], k: str) -> str:
+    """A ratio as the doc shows it: the median of the rounds' paired ratios, and their range where there are several."""
+    rounds = r.get(f"{k}_rounds") or []
+    spread = f" ({min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
+    return _f(r[k], ".2f", "x") + spread
+
+
 def _tier(t: dict[str, Any]) -> str:
     return f"{t.get('backend')} {t.get('precision')}" + (" +recheck" if t.get("recheck") else "")
 
@@ -78,7 +85,8 @@ def table(result: dict) -> str:
     lines += [f"{v:40s} skipped: {why}" for v, why in result["skipped"].items()]
     lines.append("CPU ms: CPU time (all threads) of the process running the product, per image")
     lines.append("vs base: the baseline's mean per image / the row's; vs 1by1: the runtime's mean image by image at "
-                 "the row's own tier (the JSON's image_by_image_row) / the row's (>1: faster)")
+                 "the row's own tier (the JSON's image_by_image_row) / the row's (>1: faster); each the median of "
+                 "the rounds' ratios, paired by round")
     if result.get("note"):
         lines.append(f"note: {result['note']}")
     return "\n".join(lines)
@@ -93,15 +101,14 @@ def markdown(result: dict) -> str:
             f"{result['warmup_images']} warm-up images, {result['threads']} threads; load average "
             f"{result['load_average_1min']['start']:.2f} at the start, {result['load_average_1min']['end']:.2f} at "
             f"the end; {result['wall_s'] / 60:.1f} min. Command: `{result['command']}`.")
-    columns = ("| row | kind | tier | mean ms/image | p50 | p95 | spread | CPU ms/image | vs baseline "
-               "| vs image by image | peak RSS MB | probability max \\|d\\| | labels | re-checked |")
+    columns = ("| row | kind | tier | mean ms/image | p50 | p95 | spread | CPU ms/image | vs baseline (rounds) "
+               "| vs image by image (rounds) | peak RSS MB | probability max \\|d\\| | labels | re-checked |")
     out = [what, "", columns, "|---" * 14 + "|"]
     for name, r in result["rows"].items():
         fid = r.get("fidelity", {})
         out.append(f"| {name} | {r['kind']} | {_tier(r['tier'])} | {r['mean_ms']:.1f} | {_f(r['p50_ms'], '.1f')} | "
                    f"{_f(r['p95_ms'], '.1f')} | {_f(r['spread'], '.1%')} | {_f(r.get('cpu_ms'), '.1f')} | "
-                   f"{_f(r['vs_baseline'], '.2f', 'x')} | "
-                   f"{_f(r['vs_image_by_image'], '.2f', 'x')} | {_f(r.get('peak_rss_mb'), '.0f')} | "
+                   f"{_ratio(r, 'vs_baseline')} | {_ratio(r, 'vs_image_by_image')} | {_f(r.get('peak_rss_mb'), '.0f')} | "
                    f"{_f(fid.get('probability_max_abs'), '.1e')} | {_f(fid.get('label_agreement'), '.0%')} | "
                    f"{_rechecked(r)} |")
     out += [f"| {v} | skipped: {why} |" + " |" * 12 for v, why in result["skipped"].items()]

@@ -1,7 +1,9 @@
 """One way to summarise every row of the benchmark, per-image or folder or server alike: samples are seconds per
 image (an image's own time where images run one by one, the time from one result to the next where a pipeline
-overlaps them), summarised as mean, p50, p95 and the spread (standard deviation / mean). Ratios between rows are
-always ratios of the mean, the statistic that adds up to the wall time of the images."""
+overlaps them), summarised as mean, p50, p95 and the spread (standard deviation / mean). A ratio between two rows is
+paired by round: in each round (every phase once, one after another) the ratio of the two rows' means, the statistic
+that adds up to the wall time of the images; the row's ratio is the median of its rounds' ratios, so that a drift of
+the machine's speed between rounds, or one disturbed round, does not move it (the rounds' ratios are kept beside it)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -31,11 +33,21 @@ def summarise(samples_s: Sequence[float], images: int | None = None, wall_s: flo
             "spread": std / mean if mean > 0 else None, "samples": int(ms.size), "images": images or int(ms.size)}
 
 
-def ratio(reference: dict | None, row: dict) -> float | None:
-    """How many times faster ``row`` is than ``reference`` per image: the ratio of their means (>1: faster)."""
-    if reference is None or not row.get("mean_ms"):
+def round_ratios(reference: dict | None, row: dict) -> list[float] | None:
+    """How many times faster ``row`` is than ``reference`` per image in each round: the ratio of their means in that
+    round (>1: faster); None where either has no rounds' means or their rounds differ in number."""
+    if reference is None:
         return None
-    return reference["mean_ms"] / row["mean_ms"]
+    ref, own = reference.get("round_means_ms") or [], row.get("round_means_ms") or []
+    if not own or len(ref) != len(own):
+        return None
+    return [a / b for a, b in zip(ref, own)]
+
+
+def ratio(reference: dict | None, row: dict) -> float | None:
+    """How many times faster ``row`` is than ``reference`` per image: the median of the rounds' paired ratios."""
+    rounds = round_ratios(reference, row)
+    return float(np.median(rounds)) if rounds else None
 
 
 def merge(rounds: list[dict]) -> dict:
@@ -55,7 +67,12 @@ def merge(rounds: list[dict]) -> dict:
         stats = summarise([], images, sum(net))
     cpu = [r["cpu_s"] for r in rounds]
     rss = [r["peak_rss_mb"] for r in rounds]
+    # each round's own mean per image, for the ratios paired by round
+    if samples and (empty := [k + 1 for k, r in enumerate(rounds) if not r["samples_s"]]):
+        raise NotMeasured(f"no samples in round {', '.join(map(str, empty))}: its rounds cannot be paired")
+    means = [float(np.mean(r["samples_s"])) * 1e3 if samples else r["net_s"] / r["images"] * 1e3 for r in rounds]
     out = {"how": {"method": first["how"], "rounds": len(rounds)}, "tier": first["tier"], **stats,
+           "round_means_ms": means,
            "cpu_ms": sum(cpu) / images * 1e3 if None not in cpu else None,
            "peak_rss_mb": max(rss) if None not in rss else None}
     if "stage_s" in first:

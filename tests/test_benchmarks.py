@@ -11,7 +11,8 @@ from tests.conftest import run_module
 
 def test_benchmark_runs_every_path_each_phase_alone_against_the_same_images(model_dir, shared_data, tmp_path):
     """One small run of the runner (2 images, 1 pass): a row for every path the product runs and for each variant,
-    each taken in its own process and saying how, every ratio a ratio of means against the right row."""
+    each taken in its own process and saying how, every ratio (one round: the ratio of the two means) against the
+    right row; the one-process cohort's net time split into the slides' own and the rest (outputs, table)."""
     import importlib.util
 
     out = tmp_path / "bench.json"
@@ -43,6 +44,9 @@ def test_benchmark_runs_every_path_each_phase_alone_against_the_same_images(mode
             assert abs(r["vs_image_by_image"] - rows[ref]["mean_ms"] / r["mean_ms"]) < 1e-9, name
         if r["samples"]:  # summarised the same way wherever there are per-image samples
             assert r["p95_ms"] >= r["p50_ms"] > 0 and r["spread"] is not None, name
+    if "cohort, one process" in rows:
+        parts = rows["cohort, one process"]["rounds"][0]
+        assert parts["slides_s"] > 0 and abs(parts["slides_s"] + parts["rest_s"] + parts["fixed_s"] - parts["wall_s"]) < 1e-6
     assert rows["slide"]["images"] == 2 and rows["watch burst"]["samples"] == 2  # from the burst in place, 2 images
     for name in ("runtime_onnxruntime_cpu", "folder", "watch burst", "slide", "server, 1 client"):  # timed fields only,
         assert rows[name]["fields_classified"] == 2 and rows[name]["fields_rechecked"] == 0, name  # no warm-up's
@@ -147,6 +151,29 @@ def _raw(samples, net_s=None, images=None):
     """A phase's raw row for one round, as benchmarks/paths.row makes it."""
     return {"how": "h", "tier": {"backend": "b"}, "images": len(samples) if images is None else images,
             "samples_s": samples, "net_s": net_s, "cpu_s": 1.0, "peak_rss_mb": None, "round": {}}
+
+
+def test_ratios_are_paired_by_round_and_one_disturbed_round_does_not_move_them():
+    """Each round's ratio is of that round's two means; the row's ratio is the median of its rounds'. A machine that
+    drifts 2x slower from round to round leaves a steady 2x ratio at 2x; one round where only the baseline was
+    disturbed moves the pooled ratio of means (2.5x here) but not the median (2x); rounds that cannot be paired
+    (different counts, a round without samples) give no ratio rather than a wrong one."""
+    from benchmarks.stats import ratio, round_ratios
+
+    base = merge([_raw([0.2, 0.2]), _raw([0.4, 0.4]), _raw([0.8, 0.8])])
+    row = merge([_raw([0.1, 0.1]), _raw([0.2, 0.2]), _raw([0.4, 0.4])])
+    assert base["round_means_ms"] == pytest.approx([200.0, 400.0, 800.0])
+    assert round_ratios(base, row) == pytest.approx([2.0, 2.0, 2.0]) and ratio(base, row) == pytest.approx(2.0)
+    disturbed = merge([_raw([0.2, 0.2]), _raw([0.2, 0.2]), _raw([0.6, 0.6])])
+    steady = merge([_raw([0.1, 0.1])] * 3)
+    assert disturbed["mean_ms"] / steady["mean_ms"] == pytest.approx(10 / 3)
+    assert round_ratios(disturbed, steady) == pytest.approx([2.0, 2.0, 6.0])
+    assert ratio(disturbed, steady) == pytest.approx(2.0)
+    whole = merge([_raw([], 1.0, 2), _raw([], 3.0, 2)])  # timed whole: a round's net time over its images
+    assert whole["round_means_ms"] == pytest.approx([500.0, 1500.0])
+    assert ratio(merge([_raw([0.2, 0.2])] * 2), row) is None and ratio(None, row) is None
+    with pytest.raises(NotMeasured, match="no samples in round 2"):
+        merge([_raw([0.1]), _raw([], images=1)])
 
 
 def test_watch_burst_is_measured_from_the_burst_in_place_like_the_other_paths(model_dir, shared_data, tmp_path):
