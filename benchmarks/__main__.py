@@ -7,7 +7,7 @@ by image (the baseline, each runtime precision), a variant as a folder, then the
 clients). No phase shares a process with another, so the baseline's OpenMP threads, which keep spinning after each
 image, slow nothing else; each phase's peak RSS is its own. Every row is summarised the same way (mean, p50, p95,
 spread of per-image samples; benchmarks/stats.py) and every ratio is paired by round: in each round the ratio of the
-two rows' means, the row's ratio the median of its rounds' (kept beside it): ``vs_baseline`` against the baseline
+two rows' means, the row's ratio the geometric mean of its rounds' (kept beside it): ``vs_baseline`` against the baseline
 image by image, ``vs_image_by_image`` against the runtime image by image at the same tier. The JSON says how each
 row was taken. docs/performance.md is made from the JSON: python -m benchmarks.report.
 """
@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks import write_json
 from benchmarks.report import compare_text, second_path, table
 from benchmarks.report import main as report_main
-from benchmarks.stats import NotMeasured, merge, ratio, round_ratios
+from benchmarks.stats import RATIO_METHOD, NotMeasured, merge, ratio, round_ratios
 from benchmarks.variants import RUNTIME_AUTO, SUITES
 
 RUN = ("python -m benchmarks --images ../shared/data/breakhis-100x --limit 16 --rounds 4 --runs 2 "
@@ -205,6 +205,12 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
         print(f" round {k + 1} of {args.rounds}", file=sys.stderr)  # of the machine's speed hits every phase alike
         for kind, name in phases if k % 2 == 0 else phases[::-1]:
             run(kind, name)
+        if k == 0 and RUNTIME_AUTO not in raw and paths_without_reference(raw, kinds):
+            # the paths ran a tier no per-image row of the suite has: the runtime image by image at the tier `auto`
+            # picks joins the rounds as their last phase, now (round 1) and in every round after, so that it is
+            # paired with the paths round by round like every other row
+            phases.append(("per-image", RUNTIME_AUTO))
+            run("per-image", RUNTIME_AUTO)
 
     def finished(n: str) -> dict[str, Any]:
         r = merge(raw[n]) | {"kind": kinds[n]}
@@ -225,18 +231,7 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
     if baseline not in rows:
         print(f"error: the baseline {baseline} cannot run here: {skipped.get(baseline)}", file=sys.stderr)
         return {"baseline": baseline, "rows": rows, "skipped": skipped}
-    # each path and folder row against the image-by-image row of its own tier; where a path's tier has none in the
-    # suite, the runtime image by image at the tier `auto` picks (the paths' tier) is run now, its rounds back to back
-    refs = same_tier_rows(rows)
-    if any(ref is None and rows[n]["kind"] == "path" for n, ref in refs.items()) and RUNTIME_AUTO not in rows:
-        for _ in range(args.rounds):
-            run("per-image", RUNTIME_AUTO)
-        if RUNTIME_AUTO in raw and RUNTIME_AUTO not in skipped:
-            try:
-                rows[RUNTIME_AUTO] = finished(RUNTIME_AUTO)
-            except NotMeasured as e:
-                skipped[RUNTIME_AUTO] = f"not measured: {e}"
-        refs = same_tier_rows(rows)
+    refs = same_tier_rows(rows)  # each path and folder row against the image-by-image row of its own tier
     load.append(os.getloadavg()[0])
     for name, r in rows.items():
         same_tier = refs.get(name)
@@ -256,7 +251,7 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
               "suite": args.suite, "model": str(args.model), "images": len(images),
               "format": f"JPEG quality {args.as_jpeg} copies" if args.as_jpeg is not None else "as given",
               "repeats": args.repeats, "rounds": args.rounds, "warmup_images": args.warmup, "threads": args.threads,
-              "baseline": baseline, "rows": rows, "skipped": skipped}
+              "baseline": baseline, "ratio_method": RATIO_METHOD, "rows": rows, "skipped": skipped}
     path_refs = {refs.get(n) for n, r in rows.items() if r["kind"] == "path"}
     result["image_by_image"] = next(iter(path_refs)) if len(path_refs) == 1 else None  # the paths' one reference
     if alone := [n for n, r in rows.items() if r["kind"] != "per-image" and refs.get(n) is None]:
@@ -265,6 +260,12 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
         result["note"] = ("the paths ran different tiers; each is compared with the image-by-image row of its own: "
                           + ", ".join(f"{n} with {refs[n]}" for n, r in rows.items() if r["kind"] == "path"))
     return result
+
+
+def paths_without_reference(raw: dict[str, list[dict[str, Any]]], kinds: dict[str, str]) -> bool:
+    """Whether a path row of the rounds so far ran a tier that no per-image row ran."""
+    per_image = [rs[0]["tier"] for n, rs in raw.items() if kinds[n] == "per-image"]
+    return any(kinds[n] == "path" and rs[0]["tier"] not in per_image for n, rs in raw.items())
 
 
 def same_tier_rows(rows: dict[str, dict[str, Any]]) -> dict[str, str | None]:

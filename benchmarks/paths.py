@@ -287,9 +287,11 @@ def cohort(ctx: Context) -> Rows:
                f"{len(rows)} slides, {fields} fields; the wall time less the fixed cost (a one-slide glass cohort "
                "after a warm one), both per round")
         parts: dict[str, float] = {}
-        if "ray" not in name:  # in one process the slides' own time (reading, classifying, the overlay: the table's
-            slides_s = sum(float(r["seconds"] or 0) for r in rows)  # seconds) and the rest (outputs, the table)
-            parts = {"slides_s": slides_s, "rest_s": wall - fixed - slides_s}
+        if "ray" not in name:  # in one process: the slides' own time (reading, classifying, the overlay: the
+            # table's seconds), and what is left of the net time outside them (the outputs made and written, and
+            # how much the fixed cost differed between the two runs: it can be negative)
+            slides_s = sum(float(r["seconds"] or 0) for r in rows)
+            parts = {"slides_s": slides_s, "outside_slides_s": wall - fixed - slides_s}
         out[name] = row(how, tier_of_record(model), fields, net_s=wall - fixed, wall_s=wall, fixed_s=fixed, **parts,
                         cpu_s=None if "ray" in name else cpu_full - cpu_fixed,  # Ray's actors: other processes
                         fields={"classified": classified, "rechecked": sum(int(r["rechecked"] or 0) for r in rows)})

@@ -55,7 +55,7 @@ def _rechecked(r: dict[str, Any]) -> str:
 
 
 def _ratio(r: dict[str, Any], k: str) -> str:
-    """A ratio as the doc shows it: the median of the rounds' paired ratios, and their range where there are several."""
+    """A ratio as the doc shows it, and the range of the rounds' paired ratios where there are several."""
     rounds = r.get(f"{k}_rounds") or []
     spread = f" ({min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
     return _f(r[k], ".2f", "x") + spread
@@ -85,11 +85,16 @@ def table(result: dict) -> str:
     lines += [f"{v:40s} skipped: {why}" for v, why in result["skipped"].items()]
     lines.append("CPU ms: CPU time (all threads) of the process running the product, per image")
     lines.append("vs base: the baseline's mean per image / the row's; vs 1by1: the runtime's mean image by image at "
-                 "the row's own tier (the JSON's image_by_image_row) / the row's (>1: faster); each the median of "
-                 "the rounds' ratios, paired by round")
+                 "the row's own tier (the JSON's image_by_image_row) / the row's (>1: faster); " + method(result))
     if result.get("note"):
         lines.append(f"note: {result['note']}")
     return "\n".join(lines)
+
+
+def method(result: dict) -> str:
+    """How the run's ratios were computed (runs older than the pairing have no ``ratio_method``: pooled means)."""
+    return (f"ratios {result.get('ratio_method', 'of the means pooled over every round')}; the mean columns pool "
+            "every round")
 
 
 def markdown(result: dict) -> str:
@@ -100,7 +105,8 @@ def markdown(result: dict) -> str:
             f"`{Path(result['model']).name}`, {result['images']} images x {_passes(result)}, "
             f"{result['warmup_images']} warm-up images, {result['threads']} threads; load average "
             f"{result['load_average_1min']['start']:.2f} at the start, {result['load_average_1min']['end']:.2f} at "
-            f"the end; {result['wall_s'] / 60:.1f} min. Command: `{result['command']}`.")
+            f"the end; {result['wall_s'] / 60:.1f} min. Command: `{result['command']}`. {method(result).capitalize()}"
+            ", so two rows' means need not divide exactly into their ratio.")
     columns = ("| row | kind | tier | mean ms/image | p50 | p95 | spread | CPU ms/image | vs baseline (rounds) "
                "| vs image by image (rounds) | peak RSS MB | probability max \\|d\\| | labels | re-checked |")
     out = [what, "", columns, "|---" * 14 + "|"]
@@ -154,7 +160,9 @@ def agreement(a: dict, b: dict) -> tuple[bool, str]:
     why = f"largest difference of a ratio {_f(worst, '.1%')} (the issue asks for ~{AGREE:.0%})"
     if missing:
         why += f"; in one run only, so not compared: {', '.join(missing)}"
-    return not missing and worst is not None and worst <= AGREE, why
+    if (same := method(a) == method(b)) is False:
+        why += f"; the runs' ratios are not computed alike (run 1: {method(a)}; run 2: {method(b)})"
+    return same and not missing and worst is not None and worst <= AGREE, why
 
 
 def compare_text(a: dict, b: dict) -> str:

@@ -1,9 +1,11 @@
 """One way to summarise every row of the benchmark, per-image or folder or server alike: samples are seconds per
 image (an image's own time where images run one by one, the time from one result to the next where a pipeline
 overlaps them), summarised as mean, p50, p95 and the spread (standard deviation / mean). A ratio between two rows is
-paired by round: in each round (every phase once, one after another) the ratio of the two rows' means, the statistic
-that adds up to the wall time of the images; the row's ratio is the median of its rounds' ratios, so that a drift of
-the machine's speed between rounds, or one disturbed round, does not move it (the rounds' ratios are kept beside it)."""
+paired by round: in each round (every phase once, one after another, every other round in reverse order) the ratio of
+the two rows' means, the statistic that adds up to the wall time of the images; the row's ratio is the geometric mean
+of its rounds' ratios, the forward and the reversed rounds weighing half each (symmetric: A against B is 1 / B
+against A; a steady drift of the machine's speed cancels), the rounds' ratios kept beside it. The mean columns pool every round's samples, so two
+rows' means need not divide exactly into their ratio."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -44,10 +46,19 @@ def round_ratios(reference: dict | None, row: dict) -> list[float] | None:
     return [a / b for a, b in zip(ref, own)]
 
 
+RATIO_METHOD = ("paired by round: the geometric mean of the rounds' ratios of means, the forward and the reversed "
+                "rounds weighing half each")
+
+
 def ratio(reference: dict | None, row: dict) -> float | None:
-    """How many times faster ``row`` is than ``reference`` per image: the median of the rounds' paired ratios."""
+    """How many times faster ``row`` is than ``reference`` per image: the geometric mean of the rounds' paired
+    ratios, the runner's forward rounds (1, 3, ...) and reversed rounds (2, 4, ...) weighing half each, so that
+    with an odd number of rounds too a steady drift of the machine's speed cancels."""
     rounds = round_ratios(reference, row)
-    return float(np.median(rounds)) if rounds else None
+    if not rounds:
+        return None
+    logs = np.log(rounds)
+    return float(np.exp(np.mean([logs[0::2].mean(), *([logs[1::2].mean()] if len(logs) > 1 else [])])))
 
 
 def merge(rounds: list[dict]) -> dict:
