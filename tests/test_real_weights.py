@@ -86,13 +86,24 @@ def test_fp16_verified_through_the_runtime(trained_fp16, shared_data):
 
 
 @pytest.fixture(scope="module")
-def failing_dir(trained_checkpoint, shared_data, tmp_path_factory):
-    """The trained model exported without the rescaling: its FP16 variant overflows and must be refused. A stale
-    model.fp16.onnx left in the directory must not survive either."""
-    out = tmp_path_factory.mktemp("failing") / "m"
+def failing_dir(model_dir, shared_data, tmp_path_factory):
+    """A model whose FP16 variant overflows and must be refused: the narrow model's checkpoint with its first
+    convolution's weights and bias scaled up by 2^16 and the second's weights down by as much (ReLU commutes with a
+    positive factor: FP32's answers are unchanged; the first convolution's outputs are far beyond float16's range),
+    exported without the rescaling. What is under test is the refusal's mechanism, not a model's numbers (that the
+    trained model itself overflows float16 without the rescaling: test_every_fp16_convolution_output_stays_within_
+    float16). A stale model.fp16.onnx left in the directory must not survive either."""
+    work = tmp_path_factory.mktemp("failing")
+    ckpt = torch.load(model_dir / "weights.pt", weights_only=True)
+    sd = ckpt["state_dict"]
+    for key, factor in (("encoder.vgg16.layers.0.weight", 2.0**16), ("encoder.vgg16.layers.0.bias", 2.0**16),
+                        ("encoder.vgg16.layers.2.weight", 2.0**-16)):
+        sd[key] = sd[key] * factor
+    torch.save(ckpt, work / "overflowing.pt")
+    out = work / "m"
     out.mkdir()
     (out / "model.fp16.onnx").write_bytes(b"stale file a backend could pick up")
-    proc = run_module("export", "onnx", "--checkpoint", str(trained_checkpoint / "weights.pt"), "-o", str(out),
+    proc = run_module("export", "onnx", "--checkpoint", str(work / "overflowing.pt"), "-o", str(out),
                       "--no-range-safe", "--gate-count", "1", "--parity-count", "1", "--variants", "fp16",
                       "--parity-images", str(shared_data / "breakhis-100x"))
     assert proc.returncode == 0, proc.stderr  # what it wrote (FP32) is sound
