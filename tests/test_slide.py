@@ -20,6 +20,7 @@ from benchmarks.synthetic_slide import FIELD, write_mosaic
 from runtime.io.scale import Scale, resample_factor
 from runtime.io.slide_source import open_source
 from runtime.model.manifest import Contract, sha256_file
+from runtime.model.model_dir import ModelDir
 from runtime.pipeline.classifier import Classifier
 from runtime.slides.aggregate import AGGREGATES, aggregate_verdict
 from runtime.slides.classify import Cancelled, classify_slide
@@ -157,9 +158,13 @@ def test_aggregation_rules_by_hand():
     assert aggregate_verdict([], "max", 3, 0.5, ("B", "M"))["label"] is None
 
 
-def test_slide_cli_writes_every_output(trained_dir, mosaic, tmp_path):
+def test_slide_cli_writes_every_output(model_dir, mosaic, tmp_path):
+    """The slide CLI's outputs, their modes, legend and model tags, on the narrow model: the outputs are under test,
+    not the model's answers (a slide's fields give the same answers as the same pixels given as images:
+    test_blank_fields_are_skipped_and_tissue_fields_equal_the_same_pixels_as_an_image)."""
     path, _ = mosaic
-    proc = run_module("runtime.slide", "--model", str(trained_dir), "--backend", "cpu", "--no-progress",
+    name = ModelDir.open(model_dir).manifest.name
+    proc = run_module("runtime.slide", "--model", str(model_dir), "--backend", "cpu", "--no-progress",
                       "--aggregate", "topk", "--out", str(tmp_path), str(path))
     assert proc.returncode == 0, proc.stderr
     assert "topk" in proc.stdout and "7 classified, 5 background" in proc.stdout
@@ -176,9 +181,9 @@ def test_slide_cli_writes_every_output(trained_dir, mosaic, tmp_path):
     strip = overlay[-LEGEND:]
     assert (strip[6:20, 8] == (0, 200, 0)).all() and (strip[6:20, 167] == (255, 60, 0)).all()
     saved = json.loads((tmp_path / f"{stem}.json").read_text())
-    assert saved["aggregate"]["rule"] == "topk" and saved["model"]["name"] == "breakhis-scratch-v1"
+    assert saved["aggregate"]["rule"] == "topk" and saved["model"]["name"] == name
     # every output names the model that made it (name@sha256 and precision) and carries the region's warnings
-    tag = f"breakhis-scratch-v1@{saved['model']['sha256'][:12]} {saved['model']['precision']}"
+    tag = f"{name}@{saved['model']['sha256'][:12]} {saved['model']['precision']}"
     rows = (tmp_path / f"{stem}.csv").read_text().splitlines()
     assert rows[0].endswith(",model") and all(r.endswith(tag) for r in rows[1:])
     geo = json.loads((tmp_path / f"{stem}.geojson").read_text())["breakhis"]
