@@ -7,9 +7,9 @@ by image (the baseline, each runtime precision), a variant as a folder, then the
 clients). No phase shares a process with another, so the baseline's OpenMP threads, which keep spinning after each
 image, slow nothing else; each phase's peak RSS is its own. Every row is summarised the same way (mean, p50, p95,
 spread of per-image samples; benchmarks/stats.py) and every ratio is paired by round: in each round the ratio of the
-two rows' means, the row's ratio the geometric mean of its rounds' (kept beside it): ``vs_baseline`` against the baseline
-image by image, ``vs_image_by_image`` against the runtime image by image at the same tier. The JSON says how each
-row was taken. docs/performance.md is made from the JSON: python -m benchmarks.report.
+two rows' means, the row's ratio made of their medians (benchmarks/stats.py ``ratio``; the rounds' kept beside it):
+``vs_baseline`` against the baseline image by image, ``vs_image_by_image`` against the runtime image by image at the
+same tier. The JSON says how each row was taken. docs/performance.md is made from the JSON: python -m benchmarks.report.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from benchmarks.report import main as report_main
 from benchmarks.stats import RATIO_METHOD, NotMeasured, merge, ratio, round_ratios
 from benchmarks.variants import RUNTIME_AUTO, SUITES
 
-RUN = ("python -m benchmarks --images ../shared/data/breakhis-100x --limit 16 --rounds 4 --runs 2 "
+RUN = ("python -m benchmarks --images ../shared/data/breakhis-100x --limit 12 --rounds 6 --runs 2 "
        "--json benchmarks/results/cpu-paths.json --doc")
 EPILOG = f"""examples:
   {RUN}   # the full run, twice (about 25 min on 2 cores)

@@ -5,7 +5,7 @@ server (`python -m runtime.serve`) under 1 and 8 clients. All run the tier `auto
 
 Every path gives rows of per-image samples in seconds (benchmarks/stats.py summarises them): the time from one
 result to the next where results are seen one by one (folder, watch, server), a whole pass per field where only the
-pass is seen (slide), or the wall time with the run's fixed cost taken off where the run is a command (cohort). Each
+pass is seen (slide), or the span of the slides' work where the run is a command (cohort). Each
 row says how it was taken. ``PATHS`` is the table the runner (``python -m benchmarks``) goes through, one child
 process per path.
 """
@@ -239,35 +239,42 @@ def slide(ctx: Context) -> Rows:
                          stages_ms_per_field=stages)}
 
 
-def _cohort_run(inputs: Path, out: Path, extra: list[str], ctx: Context) -> tuple[float, float, list[dict], dict]:
-    """(wall s, this process's CPU s, the cohort's table, the model block of its run.json) of one cohort run."""
+def _cohort_run(inputs: Path, out: Path, extra: list[str], ctx: Context) -> tuple[float, float, list[dict], dict,
+                                                                                  float]:
+    """(wall s, this process's CPU s, the cohort's table, the model block of its run.json, the slides' span s) of one
+    cohort run. The span: from the first slide's start to the last slide's record, each slide's record being written
+    last (its outputs before it), its start its record's time less its own seconds (the table's): the slides' work,
+    and none of the run's fixed cost (loading the model, starting the actors, the re-check's start, the table)."""
     import csv
 
     from runtime.cohort import main as cohort
+    from runtime.cohorts.units import RECORD
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     rc = cohort([str(inputs), "--out", str(out), "--model", str(ctx.model), "--no-progress", *extra])
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     with open(out / "cohort.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    if rc not in (0, 1):  # 1: a slide without a verdict, which the glass-only cohort is
+    if rc not in (0, 1):  # 1: a slide without a verdict
         raise RuntimeError(f"runtime.cohort exited {rc}")
-    return seconds, cpu, rows, json.loads((out / "run.json").read_text())["model"]
+    records = [(p.stat().st_mtime, json.loads(p.read_text())["row"]["seconds"]) for p in out.rglob(f"*{RECORD}")]
+    if len(records) != len(rows):
+        raise RuntimeError(f"runtime.cohort wrote {len(records)} slide records for {len(rows)} slides")
+    span = max(t for t, _ in records) - min(t - s for t, s in records)
+    return seconds, cpu, rows, json.loads((out / "run.json").read_text())["model"], span
 
 
 def cohort(ctx: Context) -> Rows:
     """`runtime.cohort` (its main, in this process) on slides made of the images (2 x repeats slides, each half of
-    them), in one process and on Ray (where installed: 2 actors with half the cores each, or 1 with all). The
-    fixed cost of a run (loading the model, starting the actors, writing the table) is measured on a cohort of one
-    glass-only slide, run after an untimed one (imports, Ray's start), and taken off the full run's wall time."""
+    them), in one process and on Ray (where installed: 2 actors with half the cores each, or 1 with all). Timed by
+    the slides' span (``_cohort_run``): the run's fixed cost is left out as it is measured, not taken off a wall time
+    (a fixed cost measured on another run varied by 0.3-0.6 s, several per cent of a round)."""
     halves = [ctx.images[: len(ctx.images) // 2], ctx.images[len(ctx.images) // 2:]]
-    full, glass = ctx.tmp / "cohort", ctx.tmp / "glass"
+    full = ctx.tmp / "cohort"
     full.mkdir()
-    glass.mkdir()
     for rep in range(ctx.repeats):
         for h, half in enumerate(h for h in halves if h):
             write_mosaic(full / f"s{rep}-{h}.tif", [list(half)], levels=2)
-    write_mosaic(glass / "glass.tif", [[None]], levels=1)
     fields = len(ctx.images) * ctx.repeats
     runs = {"cohort, one process": ["--threads", str(ctx.threads)]}
     if importlib.util.find_spec("ray") is not None:
@@ -277,23 +284,15 @@ def cohort(ctx: Context) -> Rows:
     out: Rows = {}
     for name, extra in runs.items():
         tag = name.replace(" ", "-").replace(",", "")
-        _cohort_run(glass, ctx.tmp / f"{tag}-warm", extra, ctx)
-        fixed, cpu_fixed, _, _ = _cohort_run(glass, ctx.tmp / f"{tag}-fixed", extra, ctx)
-        wall, cpu_full, rows, model = _cohort_run(full, ctx.tmp / f"{tag}-full", extra, ctx)
+        wall, _, rows, model, span = _cohort_run(full, ctx.tmp / tag, extra, ctx)
         classified = sum(int(r["classified"] or 0) for r in rows)
         if classified != fields or any(r["status"] == "error" for r in rows):
             raise RuntimeError(f"{name}: {classified} of {fields} fields classified")
-        how = (f"runtime.cohort's main in its own process {' '.join(extra)} ({OPENS_AT_START}, in the fixed cost): "
-               f"{len(rows)} slides, {fields} fields; the wall time less the fixed cost (a one-slide glass cohort "
-               "after a warm one), both per round")
-        parts: dict[str, float] = {}
-        if "ray" not in name:  # in one process: the slides' own time (reading, classifying, the overlay: the
-            # table's seconds), and what is left of the net time outside them (the outputs made and written, and
-            # how much the fixed cost differed between the two runs: it can be negative)
-            slides_s = sum(float(r["seconds"] or 0) for r in rows)
-            parts = {"slides_s": slides_s, "outside_slides_s": wall - fixed - slides_s}
-        out[name] = row(how, tier_of_record(model), fields, net_s=wall - fixed, wall_s=wall, fixed_s=fixed, **parts,
-                        cpu_s=None if "ray" in name else cpu_full - cpu_fixed,  # Ray's actors: other processes
+        how = (f"runtime.cohort's main in its own process {' '.join(extra)} ({OPENS_AT_START}, outside the span): "
+               f"{len(rows)} slides, {fields} fields; the slides' span: from the first slide's start to the last "
+               "slide's record (its outputs written before it), per round")
+        out[name] = row(how, tier_of_record(model), fields, net_s=span, wall_s=wall,
+                        cpu_s=None,  # not of the span alone: the whole run's (here) or other processes' (Ray's)
                         fields={"classified": classified, "rechecked": sum(int(r["rechecked"] or 0) for r in rows)})
         if "ray" in name:
             import ray

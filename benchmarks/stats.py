@@ -2,9 +2,9 @@
 image (an image's own time where images run one by one, the time from one result to the next where a pipeline
 overlaps them), summarised as mean, p50, p95 and the spread (standard deviation / mean). A ratio between two rows is
 paired by round: in each round (every phase once, one after another, every other round in reverse order) the ratio of
-the two rows' means, the statistic that adds up to the wall time of the images; the row's ratio is the geometric mean
-of its rounds' ratios, the forward and the reversed rounds weighing half each (symmetric: A against B is 1 / B
-against A; a steady drift of the machine's speed cancels), the rounds' ratios kept beside it. The mean columns pool every round's samples, so two
+the two rows' means, the statistic that adds up to the wall time of the images; the row's ratio is made of the median
+of the forward rounds' ratios and that of the reversed rounds', weighing half each (``ratio``: symmetric, a steady
+drift of the machine's speed cancels, one slowed phase does not move it), the rounds' ratios kept beside it. The mean columns pool every round's samples, so two
 rows' means need not divide exactly into their ratio."""
 from __future__ import annotations
 
@@ -46,19 +46,22 @@ def round_ratios(reference: dict | None, row: dict) -> list[float] | None:
     return [a / b for a, b in zip(ref, own)]
 
 
-RATIO_METHOD = ("paired by round: the geometric mean of the rounds' ratios of means, the forward and the reversed "
-                "rounds weighing half each")
+RATIO_METHOD = ("paired by round: the rounds' ratios of means, their median among the forward rounds and among the "
+                "reversed rounds, the two weighing half each (geometric)")
 
 
 def ratio(reference: dict | None, row: dict) -> float | None:
-    """How many times faster ``row`` is than ``reference`` per image: the geometric mean of the rounds' paired
-    ratios, the runner's forward rounds (1, 3, ...) and reversed rounds (2, 4, ...) weighing half each, so that
-    with an odd number of rounds too a steady drift of the machine's speed cancels."""
+    """How many times faster ``row`` is than ``reference`` per image, from the rounds' paired ratios: the median of
+    the runner's forward rounds (1, 3, ...) and that of its reversed rounds (2, 4, ...), the two weighing half each
+    (geometric mean). Symmetric (A against B is 1 / B against A); a steady drift of the machine's speed moves the
+    forward and the reversed rounds' ratios in opposite directions and cancels; one round in which a single phase was
+    slowed (what a shared VM does: a phase 20-30 % slower now and then) does not move the median once a direction
+    has 3 rounds or more."""
     rounds = round_ratios(reference, row)
     if not rounds:
         return None
     logs = np.log(rounds)
-    return float(np.exp(np.mean([logs[0::2].mean(), *([logs[1::2].mean()] if len(logs) > 1 else [])])))
+    return float(np.exp(np.mean([np.median(logs[0::2]), *([np.median(logs[1::2])] if len(logs) > 1 else [])])))
 
 
 def merge(rounds: list[dict]) -> dict:
