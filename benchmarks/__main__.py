@@ -183,13 +183,13 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
     load = [os.getloadavg()[0]]
     started = time.time()
 
-    def run(kind: str, name: str) -> None:
+    def run(kind: str, name: str, reverse: bool = False) -> None:
         if name in skipped:
             return
         t0 = time.perf_counter()
         print(f"  {kind} {name} ...", end="", flush=True, file=sys.stderr)
         try:
-            got = run_phase(common | {"kind": kind, "name": name})
+            got = run_phase(common | {"kind": kind, "name": name, "reverse": reverse})
         except Exception as e:  # noqa: BLE001 (a phase that cannot run here is reported, and the run goes on)
             skipped[name] = f"{type(e).__name__}: {e}"
             print(f" skipped: {skipped[name]}", file=sys.stderr)
@@ -204,7 +204,7 @@ def one_run(args: argparse.Namespace, argv: list[str] | None, images: list[Path]
     for k in range(args.rounds):  # round by round, every other round backwards (A B C, C B A, ...): a steady drift
         print(f" round {k + 1} of {args.rounds}", file=sys.stderr)  # of the machine's speed hits every phase alike
         for kind, name in phases if k % 2 == 0 else phases[::-1]:
-            run(kind, name)
+            run(kind, name, reverse=k % 2 == 1)  # a phase of several rows reverses them too
         if k == 0 and RUNTIME_AUTO not in raw and paths_without_reference(raw, kinds):
             # the paths ran a tier no per-image row of the suite has: the runtime image by image at the tier `auto`
             # picks joins the rounds as their last phase, now (round 1) and in every round after, so that it is

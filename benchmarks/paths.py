@@ -44,6 +44,7 @@ class Context:
     repeats: int
     warmup: int
     tmp: Path
+    reverse: bool = False  # a reversed round: a path with several rows takes them in reverse order too
 
 
 Rows = dict[str, dict[str, Any]]
@@ -243,8 +244,10 @@ def _cohort_run(inputs: Path, out: Path, extra: list[str], ctx: Context) -> tupl
                                                                                   float]:
     """(wall s, this process's CPU s, the cohort's table, the model block of its run.json, the slides' span s) of one
     cohort run. The span: from the first slide's start to the last slide's record, each slide's record being written
-    last (its outputs before it), its start its record's time less its own seconds (the table's): the slides' work,
-    and none of the run's fixed cost (loading the model, starting the actors, the re-check's start, the table)."""
+    last (its outputs before it), its start its record's time less its own seconds (the table's, which end before
+    its outputs are made): the slides' work, and none of the run's fixed cost (loading the model, starting the actors,
+    the re-check's start, the table). The first slide's outputs fall outside it (about 25 ms a slide on the 2-core
+    VM, 2026-12-07: the one-process cohort's 2 slides' outputs and table took 53 ms), so the span is short by that."""
     import csv
 
     from runtime.cohort import main as cohort
@@ -282,7 +285,7 @@ def cohort(ctx: Context) -> Rows:
         runs[f"cohort, ray {actors} actor{'s' * (actors > 1)}"] = [
             "--ray", "local", "--actors", str(actors), "--cpus-per-actor", str(max(1, ctx.threads // actors))]
     out: Rows = {}
-    for name, extra in runs.items():
+    for name, extra in list(runs.items())[:: -1 if ctx.reverse else 1]:
         tag = name.replace(" ", "-").replace(",", "")
         wall, _, rows, model, span = _cohort_run(full, ctx.tmp / tag, extra, ctx)
         classified = sum(int(r["classified"] or 0) for r in rows)
@@ -340,8 +343,8 @@ def serve(ctx: Context) -> Rows:
         _wait(lambda: urllib.request.urlopen(url + "/healthz", timeout=1).status == 200, proc, "runtime.serve")
         _http_load(url, ctx.images[: ctx.warmup], 1, max(1, ctx.warmup))
         total = len(ctx.images) * ctx.repeats
-        for clients in CLIENTS:
-            per = max(1, -(-total // clients))  # every image sent at least once (a few twice where 8 do not divide)
+        for clients in CLIENTS[:: -1 if ctx.reverse else 1]:
+            per = max(1, -(-total // clients))  # every image sent at least once
             cpu0 = cpu_s(proc.pid)
             samples, answers = _http_load(url, ctx.images, clients, per)
             cpu = cpu_s(proc.pid) - cpu0

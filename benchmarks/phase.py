@@ -83,7 +83,8 @@ def path(spec: dict[str, Any], images: list[Path]) -> dict[str, Any]:
     from benchmarks.paths import PATHS, Context
 
     with tempfile.TemporaryDirectory(prefix=f"bench-{spec['name']}-") as tmp:
-        ctx = Context(Path(spec["model"]), images, spec["threads"], spec["repeats"], spec["warmup"], Path(tmp))
+        ctx = Context(Path(spec["model"]), images, spec["threads"], spec["repeats"], spec["warmup"], Path(tmp),
+                      spec.get("reverse", False))
         return PATHS[spec["name"]](ctx)
 
 

@@ -106,7 +106,7 @@ def markdown(result: dict) -> str:
             f"{result['warmup_images']} warm-up images, {result['threads']} threads; load average "
             f"{result['load_average_1min']['start']:.2f} at the start, {result['load_average_1min']['end']:.2f} at "
             f"the end; {result['wall_s'] / 60:.1f} min. Command: `{result['command']}`. {method(result).capitalize()}"
-            ", so two rows' means need not divide exactly into their ratio.")
+            + (", so two rows' means need not divide exactly into their ratio." if "ratio_method" in result else "."))
     columns = ("| row | kind | tier | mean ms/image | p50 | p95 | spread | CPU ms/image | vs baseline (rounds) "
                "| vs image by image (rounds) | peak RSS MB | probability max \\|d\\| | labels | re-checked |")
     out = [what, "", columns, "|---" * 14 + "|"]
@@ -181,6 +181,8 @@ def compare_markdown(a: dict, b: dict) -> str:
             for n, k, x, y, d in differences(a, b)]
     if missing := one_run_only(a, b):
         out += ["", f"**The runs do not agree**: in one run only, so not compared: {', '.join(missing)}."]
+    if method(a) != method(b):
+        out += ["", f"**The runs' ratios are not computed alike** (run 1: {method(a)}; run 2: {method(b)})."]
     return "\n".join(out)
 
 

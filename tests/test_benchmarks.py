@@ -182,7 +182,7 @@ def test_ratios_are_paired_by_round_symmetric_and_robust_to_one_slowed_phase():
         merge([_raw([0.1]), _raw([], images=1)])
 
 
-@pytest.mark.parametrize("rounds", [2, 3, 4])
+@pytest.mark.parametrize("rounds", [2, 3, 4, 5, 6])
 def test_a_steady_drift_of_the_machine_leaves_every_ratio_where_it_is(monkeypatch, rounds):
     """The runner's arithmetic with phases standing in for the timed ones (each phase's samples are its true cost
     times the machine's speed, 1 % slower per phase run): every path truly costs what the runtime image by image
