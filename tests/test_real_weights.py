@@ -89,18 +89,16 @@ def test_fp16_verified_through_the_runtime(trained_fp16, shared_data):
 
 @pytest.fixture(scope="module")
 def failing_dir(model_dir, shared_data, tmp_path_factory):
-    """A model whose FP16 variant overflows and must be refused: the narrow model's checkpoint with its first
-    convolution's weights and bias scaled up by 2^16 and the second's weights down by as much (ReLU commutes with a
-    positive factor: FP32's answers are unchanged; the first convolution's outputs are far beyond float16's range),
-    exported without the rescaling. What is under test is the refusal's mechanism, not a model's numbers (that the
-    trained model itself overflows float16 without the rescaling: test_every_fp16_convolution_output_stays_within_
-    float16). A stale model.fp16.onnx left in the directory must not survive either."""
+    """A model whose FP16 variant overflows and must be refused: the narrow model with its last convolution's output
+    scaled by 2^16 and the Dense layer compensating (export/range_safe.py's own ``rescale``, powers of two: FP32's
+    answers are unchanged), exported without the rescaling. Like the trained model, it overflows float16 deep in
+    the chain, where ONNX Runtime's float32 between ops hides it from the outputs: only the range check on every
+    convolution can refuse it. What is under test is the refusal's mechanism; that the trained model itself
+    overflows float16 without the rescaling: test_every_fp16_convolution_output_stays_within_float16. A stale
+    model.fp16.onnx left in the directory must not survive either."""
     work = tmp_path_factory.mktemp("failing")
     ckpt = torch.load(model_dir / "weights.pt", weights_only=True)
-    sd = ckpt["state_dict"]
-    for key, factor in (("encoder.vgg16.layers.0.weight", 2.0**16), ("encoder.vgg16.layers.0.bias", 2.0**16),
-                        ("encoder.vgg16.layers.2.weight", 2.0**-16)):
-        sd[key] = sd[key] * factor
+    ckpt["state_dict"] = rescale(load_checkpoint(model_dir / "weights.pt"), [0] * 12 + [16]).state_dict()
     torch.save(ckpt, work / "overflowing.pt")
     out = work / "m"
     out.mkdir()
@@ -113,11 +111,17 @@ def failing_dir(model_dir, shared_data, tmp_path_factory):
     return out
 
 
-def test_a_variant_that_fails_its_gate_is_not_written_listed_or_loaded(failing_dir, images_100x):
+def test_a_variant_that_fails_its_gate_is_not_written_listed_or_loaded(failing_dir, model_dir, images_100x):
+    report = _report(failing_dir)
+    (doctored,) = report["fp32_reference"]["images"]  # the doctoring kept FP32's answers: the narrow model's own
+    (same,) = [r for r in _report(model_dir)["fp32_reference"]["images"] if r["sha256"] == doctored["sha256"]]
+    assert np.allclose(doctored["logit"], same["logit"], rtol=1e-6, atol=1e-6)  # exact in float32: powers of two
+    # refused by the range check alone, at the last convolution, although its outputs pass the output gate
+    assert report["rejected"]["fp16"].endswith("in encoder.vgg16.layers.28") and report["gates"]["fp16"]["ok"]
     m = ModelDir.open(failing_dir)
     assert "fp16" not in m.manifest.variants and "model.fp16.onnx" not in m.manifest.files
     assert not (failing_dir / "model.fp16.onnx").exists()
-    assert "float16's range" in _report(failing_dir)["rejected"]["fp16"]
+    assert "float16's range" in report["rejected"]["fp16"]
     with pytest.raises(ModelError, match="failed its fidelity gate"):
         Classifier(failing_dir, backend="cpu", precision="fp16")
     for on_gpu in (False, True):  # ONNX Runtime CPU and CUDA and TensorRT resolve precision the same way
