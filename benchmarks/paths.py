@@ -304,19 +304,27 @@ def cohort(ctx: Context) -> Rows:
     return out
 
 
-def _http_load(url: str, images: list[Path], clients: int, requests: int) -> tuple[list[float], list[dict]]:
-    """``clients`` threads each posting ``requests`` images one after another; the completion times and the
-    answers."""
+def shares(images: list[Path], clients: int) -> list[list[Path]]:
+    """What each of ``clients`` sends: the images dealt out in turn, every image equally often (once each where
+    there are at least as many images as clients; else the list repeated until every client has one), so that
+    every row sends the same images as often, its re-checked ones too."""
+    work = images * max(1, -(-clients // len(images)))
+    return [work[k::clients] for k in range(clients)]
+
+
+def _http_load(url: str, images: list[Path], clients: int) -> tuple[list[float], list[dict]]:
+    """``clients`` threads each posting its share of the images (``shares``) one after another; the completion
+    times and the answers."""
     done: list[float] = []
     answers: list[dict] = []
     lock = threading.Lock()
     start = threading.Barrier(clients + 1)
+    dealt = shares(images, clients)
 
     def client(k: int) -> None:
         start.wait()
-        for i in range(requests):
-            data = images[(k * requests + i) % len(images)].read_bytes()
-            req = urllib.request.Request(url + "/v1/classify", data=data, method="POST")
+        for image in dealt[k]:
+            req = urllib.request.Request(url + "/v1/classify", data=image.read_bytes(), method="POST")
             with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
                 answer = json.loads(r.read())
             with lock:
@@ -324,8 +332,8 @@ def _http_load(url: str, images: list[Path], clients: int, requests: int) -> tup
                 answers.append(answer)
 
     t0 = run_clients(clients, client, start)
-    if len(done) != clients * requests:
-        raise RuntimeError(f"the server answered {len(done)} of {clients * requests} requests")
+    if len(done) != sum(map(len, dealt)):
+        raise RuntimeError(f"the server answered {len(done)} of {sum(map(len, dealt))} requests")
     return intervals(t0, done), answers
 
 
@@ -341,21 +349,19 @@ def serve(ctx: Context) -> Rows:
     out: Rows = {}
     try:
         _wait(lambda: urllib.request.urlopen(url + "/healthz", timeout=1).status == 200, proc, "runtime.serve")
-        _http_load(url, ctx.images[: ctx.warmup], 1, max(1, ctx.warmup))
-        total = len(ctx.images) * ctx.repeats
+        _http_load(url, ctx.images[: ctx.warmup], 1)
         for clients in CLIENTS[:: -1 if ctx.reverse else 1]:
-            per = max(1, -(-total // clients))  # every image sent at least once
             cpu0 = cpu_s(proc.pid)
-            samples, answers = _http_load(url, ctx.images, clients, per)
+            samples, answers = _http_load(url, ctx.images * ctx.repeats, clients)
             cpu = cpu_s(proc.pid) - cpu0
             bad = [a for a in answers if a.get("error") or a.get("probability") is None]
             if bad:
                 raise RuntimeError(f"runtime.serve: {len(bad)} answers without a verdict: {bad[0].get('error')}")
             how = (f"python -m runtime.serve in its own process ({OPENS_AT_START}), {clients} client "
-                   f"thread{'s' * (clients > 1)} here x {per} requests (image uploads), after {ctx.warmup} warm-up "
-                   "requests; sample: answer to answer")
+                   f"thread{'s' * (clients > 1)} here sharing {len(samples)} requests (image uploads, every image "
+                   f"equally often), after {ctx.warmup} warm-up requests; sample: answer to answer")
             out[f"server, {clients} client{'s' * (clients > 1)}"] = row(
-                how, tier_of_record(answers[-1].get("model", {})), clients * per, samples, cpu_s=cpu,
+                how, tier_of_record(answers[-1].get("model", {})), len(samples), samples, cpu_s=cpu,
                 peak_rss_mb=peak_rss_mb(proc.pid), fields=counted(answers))
     finally:
         proc.terminate()

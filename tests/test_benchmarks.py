@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -222,6 +223,21 @@ def test_a_steady_drift_of_the_machine_leaves_every_ratio_where_it_is(monkeypatc
             assert r["vs_image_by_image"] == pytest.approx(1.0, rel=5e-3), name
             assert len(r["vs_image_by_image_rounds"]) == rounds
     assert res["ratio_method"] == RATIO_METHOD
+
+
+def test_the_servers_clients_send_every_image_equally_often():
+    """8 clients and 12 images: each image once (4 clients send 2, 4 send 1); 2 images: each 4 times, every client
+    one. Sending some images more often than others (12 // 8 = 1 each sent 8 of the 12) made the 8-client row
+    re-check another share of its fields than the other rows."""
+    from collections import Counter
+
+    from benchmarks.paths import shares
+
+    for n, clients, each in ((12, 8, 1), (2, 8, 4), (16, 8, 1), (12, 1, 1)):
+        images = [Path(f"{i}.png") for i in range(n)]
+        dealt = shares(images, clients)
+        assert len(dealt) == clients and all(dealt), (n, clients)
+        assert Counter(p for d in dealt for p in d) == {p: each for p in images}, (n, clients)
 
 
 def test_watch_burst_is_measured_from_the_burst_in_place_like_the_other_paths(model_dir, shared_data, tmp_path):
