@@ -35,7 +35,7 @@ from benchmarks.variants import RUNTIME_AUTO, SUITES
 RUN = ("python -m benchmarks --images ../shared/data/breakhis-100x --limit 12 --rounds 6 --runs 2 "
        "--json benchmarks/results/cpu-paths.json --doc")
 EPILOG = f"""examples:
-  {RUN}   # the full run, twice (about 25 min on 2 cores)
+  {RUN}   # the full run, twice (about 27 min on 2 cores)
   python -m benchmarks --images DIR --limit 2 --rounds 1 --paths folder    # a quick look
   python -m benchmarks.report --compare A.json B.json                       # do two runs agree?
   python -m benchmarks --suite gpu --images DIR --json benchmarks/results/gpu.json --fp16-tflops 989

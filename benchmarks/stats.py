@@ -4,8 +4,8 @@ overlaps them), summarised as mean, p50, p95 and the spread (standard deviation 
 paired by round: in each round (every phase once, one after another, every other round in reverse order) the ratio of
 the two rows' means, the statistic that adds up to the wall time of the images; the row's ratio is made of the median
 of the forward rounds' ratios and that of the reversed rounds', weighing half each (``ratio``: symmetric, a steady
-drift of the machine's speed cancels, one slowed phase does not move it), the rounds' ratios kept beside it. The mean columns pool every round's samples, so two
-rows' means need not divide exactly into their ratio."""
+drift of the machine's speed cancels, one slowed phase does not move it), the rounds' ratios kept beside it. The mean
+columns pool every round's samples, so two rows' means need not divide exactly into their ratio."""
 from __future__ import annotations
 
 from collections.abc import Sequence
