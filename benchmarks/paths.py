@@ -204,7 +204,7 @@ def _grid(n: int) -> tuple[int, int]:
 def slide(ctx: Context) -> Rows:
     """An all-tissue mosaic of the images' fields (each image's top-left field, as the image itself is classified)
     through the slide path, ``repeats`` passes after a warm-up on a one-field mosaic; sample: a pass, per field."""
-    from benchmarks.variants import tier_of
+    from benchmarks.variants import RECHECK_WARMED, tier_of
     from runtime.pipeline.classifier import Classifier
     from runtime.slides.classify import classify_slide
 
@@ -232,18 +232,15 @@ def slide(ctx: Context) -> Rows:
                 stages[k] += res.timings_ms[k] / (len(ctx.images) * ctx.repeats)
         tier = tier_of(clf)
         cpu = time.process_time() - cpu0
-    warmed = "; then the re-checks' FP32 reference opened and run on one field (Classifier.open_recheck)" \
-        if tier["recheck"] else ""
+    warmed = RECHECK_WARMED if tier["recheck"] else ""
     how = (f"in its own process: classify_slide on a {rows}x{cols}-field all-tissue mosaic (tissue mask on), a "
            f"one-field warm-up{warmed}, {ctx.repeats} passes; sample: a pass, per field")
     return {"slide": row(how, tier, len(ctx.images) * ctx.repeats, samples, cpu_s=cpu, fields=fields,
                          stages_ms_per_field=stages)}
 
 
-def _cohort_run(inputs: Path, out: Path, extra: list[str], ctx: Context) -> tuple[float, float, list[dict], dict,
-                                                                                  float]:
-    """(wall s, this process's CPU s, the cohort's table, the model block of its run.json, the slides' span s) of one
-    cohort run. The span: from the first slide's start to the last slide's record, each slide's record being written
+def _cohort_run(inputs: Path, out: Path, extra: list[str], ctx: Context) -> tuple[float, list[dict], dict, float]:
+    """(wall s, the cohort's table, the model block of its run.json, the slides' span s) of one cohort run. The span: from the first slide's start to the last slide's record, each slide's record being written
     last (its outputs before it), its start its record's time less its own seconds (the table's, which end before
     its outputs are made): the slides' work, and none of the run's fixed cost (loading the model, starting the actors,
     the re-check's start, the table). The first slide's outputs fall outside it (about 25 ms a slide on the 2-core
@@ -253,9 +250,9 @@ def _cohort_run(inputs: Path, out: Path, extra: list[str], ctx: Context) -> tupl
     from runtime.cohort import main as cohort
     from runtime.cohorts.units import RECORD
 
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     rc = cohort([str(inputs), "--out", str(out), "--model", str(ctx.model), "--no-progress", *extra])
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    seconds = time.perf_counter() - t0
     with open(out / "cohort.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     if rc not in (0, 1):  # 1: a slide without a verdict
@@ -264,7 +261,7 @@ def _cohort_run(inputs: Path, out: Path, extra: list[str], ctx: Context) -> tupl
     if len(records) != len(rows):
         raise RuntimeError(f"runtime.cohort wrote {len(records)} slide records for {len(rows)} slides")
     span = max(t for t, _ in records) - min(t - s for t, s in records)
-    return seconds, cpu, rows, json.loads((out / "run.json").read_text())["model"], span
+    return seconds, rows, json.loads((out / "run.json").read_text())["model"], span
 
 
 def cohort(ctx: Context) -> Rows:
@@ -287,7 +284,7 @@ def cohort(ctx: Context) -> Rows:
     out: Rows = {}
     for name, extra in list(runs.items())[:: -1 if ctx.reverse else 1]:
         tag = name.replace(" ", "-").replace(",", "")
-        wall, _, rows, model, span = _cohort_run(full, ctx.tmp / tag, extra, ctx)
+        wall, rows, model, span = _cohort_run(full, ctx.tmp / tag, extra, ctx)
         classified = sum(int(r["classified"] or 0) for r in rows)
         if classified != fields or any(r["status"] == "error" for r in rows):
             raise RuntimeError(f"{name}: {classified} of {fields} fields classified")

@@ -102,6 +102,9 @@ def _runtime(model_dir: Path, threads: int, **kw: Any) -> Variant:
     return Variant(run, stream, clf, clf.backend.precision, fields, tier=tier_of(clf))
 
 
+RECHECK_WARMED = "; then the re-checks' FP32 reference opened and run on one field (Classifier.open_recheck)"
+
+
 def warm_recheck(v: Variant) -> str:
     """After a variant's warm-up images: the product's own warm-up of the re-checks where the variant re-checks
     (Classifier.open_recheck: the FP32 reference opened and run on one field, as the server, the watch folder and
@@ -111,7 +114,7 @@ def warm_recheck(v: Variant) -> str:
     if not v.tier.get("recheck"):
         return ""
     v.keep.open_recheck()
-    return "; then the re-checks' FP32 reference opened and run on one field (Classifier.open_recheck)"
+    return RECHECK_WARMED
 
 
 def tier_of(clf: Any) -> dict[str, Any]:
